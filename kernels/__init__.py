@@ -1,0 +1,1 @@
+"""Triton kernels of sftplug (installed as sftplug.kernels)."""

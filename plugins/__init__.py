@@ -1,0 +1,14 @@
+"""Built-in plugins, registered through the same path as third-party entry points."""
+
+# (plugin name, "module:attribute") in registration order.
+BUILTIN_PLUGINS = [
+    ("flash", "sftplug.plugins.sdpa:flash"),
+    ("efficient", "sftplug.plugins.sdpa:efficient"),
+    ("cudnn", "sftplug.plugins.sdpa:cudnn"),
+    ("math", "sftplug.plugins.sdpa:math"),
+    ("triton", "sftplug.plugins.triton_attention:triton"),
+    ("precision", "sftplug.plugins.precision:precision"),
+    ("presets", "sftplug.plugins.loaders:presets"),
+    ("sftplug-checkpoint", "sftplug.plugins.loaders:sftplug_checkpoint"),
+    ("resume", "sftplug.plugins.resume:resume"),
+]

@@ -1,0 +1,67 @@
+"""Built-in loaders: the model presets (random init) and sftplug's own checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from sftplug import checkpoint, hookimpl
+from sftplug.config import ASSETS
+from sftplug.errors import SftplugError
+from sftplug.loading import LoadedModel
+from sftplug.lora import apply_lora
+from sftplug.model import PRESETS, ModelConfig, Transformer
+from sftplug.tokenizer import Tokenizer
+
+BASE_SEED = 1234  # presets are a fixed random init, so every run starts from the same base
+
+
+class Presets:
+    @hookimpl(trylast=True)
+    def load_state(self, source, dtype, device):
+        if source not in PRESETS:
+            return None
+        config = ModelConfig.preset(source)
+        model = Transformer(config)
+        model.init_weights(BASE_SEED)
+        model.to(device=device, dtype=dtype or torch.float32)
+        params = sum(p.numel() for p in model.parameters())
+        return LoadedModel(model, Tokenizer(ASSETS), source, f"built-in preset '{source}' ({params / 1e6:.1f}M params)")
+
+
+class SftplugCheckpoint:
+    @hookimpl
+    def load_state(self, source, dtype, device, load_model):
+        if not checkpoint.is_checkpoint(source):
+            return None
+        folder = checkpoint.resolve(source)
+        manifest = checkpoint.verify(folder)
+        base = load_model(manifest["base_model"])
+        model = base.model
+        lora = manifest.get("lora")
+        if lora:
+            model = apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
+        weights = checkpoint.load_weights(folder)
+        missing, unexpected = _load_into(model, weights, partial=bool(lora))
+        if missing or unexpected:
+            raise SftplugError(
+                f"{folder / checkpoint.WEIGHTS}: does not match the model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        model.eval()
+        info = {"base_model": manifest["base_model"], "lora": lora, "step": manifest["step"]}
+        return LoadedModel(model, base.tokenizer, str(folder), f"sftplug checkpoint {folder}", info)
+
+
+def _load_into(model, weights: dict, partial: bool):
+    own = model.state_dict()
+    missing = [] if partial else sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if name in own:
+                own[name].copy_(tensor)
+    return missing, unexpected
+
+
+presets = Presets()
+sftplug_checkpoint = SftplugCheckpoint()

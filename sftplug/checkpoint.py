@@ -1,0 +1,138 @@
+"""Checkpoints: OUT/checkpoints/step-<N>/ written atomically, OUT/checkpoints/latest last.
+
+A checkpoint is written under a temporary name, each file flushed to disk, then renamed;
+only then does ``latest`` move (itself replaced atomically). ``run.json`` lists every file
+with its size, so a truncated or missing file is caught before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sftplug.errors import SftplugError
+
+FORMAT = "sftplug-checkpoint"
+MANIFEST = "run.json"
+WEIGHTS = "model.safetensors"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(out: str | Path, step: int, weights: dict, meta: dict, writers: dict | None = None) -> Path:
+    """Write step-<step> with the weights, extra files (name -> fn(path)) and the manifest."""
+    root = Path(out) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    for name, write in (writers or {}).items():
+        write(tmp / name)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for name in files:
+        _fsync_file(tmp / name)
+    manifest = {"format": FORMAT, "version": 1, "step": step, "files": files, **meta}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step: the old copy goes only after the new one is in place
+        old = root / f".old-step-{step}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    _fsync_file(latest_tmp)
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    return final
+
+
+def verify(folder: Path) -> dict:
+    """The manifest of a complete checkpoint, or SftplugError naming what is wrong."""
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise SftplugError(f"{folder}: incomplete checkpoint ({MANIFEST} is missing)") from None
+    except json.JSONDecodeError as exc:
+        raise SftplugError(f"{manifest_path}: corrupt ({exc.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise SftplugError(f"{manifest_path}: not an sftplug checkpoint")
+    for name, size in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise SftplugError(f"{folder}: incomplete checkpoint ({name} is missing)")
+        if path.stat().st_size != size:
+            raise SftplugError(f"{path}: truncated or altered ({path.stat().st_size} bytes, expected {size})")
+    return manifest
+
+
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """Complete step-<N> folders of a run, newest first."""
+    root = Path(out) / "checkpoints"
+    found = []
+    for path in root.glob("step-*"):
+        suffix = path.name[len("step-") :]
+        if suffix.isdigit():
+            try:
+                verify(path)
+            except SftplugError:
+                continue
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run folder, a checkpoints folder, `latest` or a step folder."""
+    path = Path(path)
+    for candidate in (path / "checkpoints" / "latest", path / "latest", path):
+        if candidate.is_file() and candidate.name == "latest":
+            return candidate.parent / candidate.read_text().strip()
+    return path
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    folder = resolve(path)
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load_weights(folder: Path) -> dict:
+    path = folder / WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise SftplugError(f"{path}: cannot be read ({exc}); the file is corrupt") from None
+
+
+def prune(out: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(out)[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,210 @@
+"""The sftplug command line: a click group, options grouped as reusable decorators."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from sftplug import __version__
+from sftplug.config import DEFAULT_LORA_TARGETS, DTYPES, SCHEDULES, TrainConfig
+from sftplug.errors import SftplugError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def user_errors(fn):
+    """Turn SftplugError into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SftplugError as exc:
+            raise UserError(str(exc)) from None
+
+    return wrapper
+
+
+def _options(*decorators):
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+model_options = _options(
+    click.option("--model", default="tiny", show_default=True, help="Preset name, HF folder or sftplug checkpoint."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+)
+
+data_options = _options(
+    click.option("--data", type=click.Path(dir_okay=False), help="Training records (JSONL or JSON array)."),
+    click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out records for eval loss."),
+    click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed row."),
+    click.option("--pack/--no-pack", default=True, show_default=True, help="Pack several documents per row."),
+    click.option("--train-on-prompt", is_flag=True, help="Also train on prompt tokens."),
+)
+
+optim_options = _options(
+    click.option("--steps", type=int, default=200, show_default=True, help="Optimizer updates."),
+    click.option("--micro-bsz", type=int, default=8, show_default=True, help="Rows per micro-batch."),
+    click.option("--accum", type=int, default=1, show_default=True, help="Micro-batches per update."),
+    click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate."),
+    click.option("--warmup", type=int, default=10, show_default=True, help="Warmup updates."),
+    click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True),
+    click.option("--weight-decay", type=float, default=0.0, show_default=True),
+    click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="0 disables clipping."),
+    click.option("--seed", type=int, default=0, show_default=True),
+)
+
+lora_options = _options(
+    click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA."),
+    click.option("--lora-r", type=int, default=16, show_default=True),
+    click.option("--lora-alpha", type=float, default=32.0, show_default=True),
+    click.option("--lora-dropout", type=float, default=0.0, show_default=True),
+    click.option(
+        "--lora-targets",
+        default=",".join(DEFAULT_LORA_TARGETS),
+        show_default=True,
+        help="Comma-separated linear layers of the blocks.",
+    ),
+)
+
+runtime_options = _options(
+    click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True, help="Training precision."),
+    click.option("--tf32", is_flag=True, help="TF32 matmuls for fp32 on Ampere+ GPUs."),
+    click.option("--attention", default="auto", show_default=True, help="Attention backend (see `sftplug plugins`)."),
+    click.option("--grad-ckpt", is_flag=True, help="Activation checkpointing per block."),
+    click.option("--profile", is_flag=True, help="Print forward/backward/optimizer ms per update."),
+)
+
+run_options = _options(
+    click.option("--out", default="runs/default", show_default=True, help="Run folder."),
+    click.option("--log-every", type=int, default=10, show_default=True),
+    click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only."),
+    click.option("--save-every", type=int, default=0, show_default=True, help="0: at the end only."),
+    click.option("--keep-last", type=int, default=0, show_default=True, help="0 keeps every checkpoint."),
+    click.option("--resume", help="auto, or a checkpoint folder."),
+    click.option("--sample-prompt", help="Prompt answered before and after training."),
+)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", "-V", prog_name="sftplug")
+def cli():
+    """sftplug: supervised fine-tuning for Llama-family models, built from plugins.
+
+    \b
+    Examples:
+      sftplug train                          # the built-in demo run on the CPU
+      sftplug train --attention efficient --dtype bf16 --model ./Llama-3.2-1B --data chat.jsonl
+      sftplug plugins --json
+      sftplug generate runs/default "Count from 4 to 9."
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@model_options
+@data_options
+@optim_options
+@lora_options
+@runtime_options
+@run_options
+@user_errors
+def train(**options):
+    """Fine-tune a model (LoRA by default).
+
+    With no options it fine-tunes the built-in tiny model on the bundled SFT data.
+
+    \b
+    Examples:
+      sftplug train
+      sftplug train --steps 500 --micro-bsz 4 --accum 4 --out runs/long
+      sftplug train --full --dtype bf16 --attention flash --device cuda
+    """
+    from sftplug.registry import build_registry
+    from sftplug.trainer import train as run_training
+
+    options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
+    for key in ("data", "eval_data"):
+        if options[key] is None:
+            options.pop(key)
+    config = TrainConfig(**options)
+    summary = run_training(config, build_registry(), echo=click.echo)
+    click.echo(_summary_text(summary))
+
+
+def _summary_text(s: dict) -> str:
+    lines = [
+        f"done: {s['steps']} updates in {s['seconds']:.1f}s ({s['tokens_per_second']:,.0f} tok/s)",
+        f"checkpoint: {s['checkpoint']}",
+    ]
+    if s["eval_loss_before"] is not None:
+        drop = 100 * (1 - s["eval_loss_after"] / s["eval_loss_before"])
+        lines.append(
+            f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({drop:.0f}% lower)"
+        )
+    if s.get("peak_memory_gib") is not None:
+        lines.append(f"peak GPU memory: {s['peak_memory_gib']:.2f} GiB")
+    if s["sample_prompt"]:
+        lines += [
+            f"sample prompt: {s['sample_prompt']}",
+            f"  answer before: {s['answer_before']!r}",
+            f"  answer after:  {s['answer_after']!r}",
+        ]
+    return "\n".join(lines)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json):
+    """List every plugin, its hooks, and why it is unavailable if it is."""
+    from sftplug.registry import build_registry
+
+    registry = build_registry()
+    if as_json:
+        click.echo(json.dumps([p.as_dict() for p in registry.plugins], indent=2))
+        return
+    for p in registry.plugins:
+        status = "ok" if p.available else "unavailable"
+        hooks = ", ".join(p.hooks) or "-"
+        click.echo(f"{p.name:<20} {status:<12} {p.source:<16} {hooks}")
+        if not p.available:
+            click.echo(f"{'':<20} reason: {p.reason}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("checkpoint")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def generate(checkpoint, prompt, max_new_tokens, device):
+    """Answer PROMPT greedily with a trained CHECKPOINT (run folder or checkpoint folder).
+
+    \b
+    Example:
+      sftplug generate runs/default "Count from 4 to 9."
+    """
+    from sftplug.generate import answer
+    from sftplug.loading import load_model, resolve_device
+
+    loaded = load_model(checkpoint, device=resolve_device(device))
+    click.echo(answer(loaded.model, loaded.tokenizer, prompt, max_new_tokens))
+
+
+def main():
+    try:
+        cli.main(prog_name="sftplug")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,97 @@
+"""TrainConfig: every setting of a run, validated once, saved with each checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from sftplug.errors import SftplugError
+
+DTYPES = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    data: str = str(ASSETS / "default_train.jsonl")
+    eval_data: str | None = str(ASSETS / "default_eval.jsonl")
+    out: str = "runs/default"
+    steps: int = 200
+    micro_bsz: int = 8
+    accum: int = 1
+    seq_len: int = 256
+    pack: bool = True
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    full: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    dtype: str = "fp32"
+    tf32: bool = False
+    attention: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    grad_ckpt: bool = False
+    profile: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0: only before and after training
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 0  # 0: keep all
+    resume: str | None = None
+    train_on_prompt: bool = False
+    sample_prompt: str | None = None  # None: the first eval record's prompt
+    extra: dict = field(default_factory=dict)  # options added by plugins
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        positive = ("steps", "micro_bsz", "accum", "seq_len", "lora_r", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SftplugError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise SftplugError(f"--{name.replace('_', '-')} must not be negative")
+        if self.dtype not in DTYPES:
+            raise SftplugError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.schedule not in SCHEDULES:
+            raise SftplugError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise SftplugError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            raise SftplugError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def tokens_per_update(self) -> int:
+        return self.micro_bsz * self.accum * self.seq_len
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def check_output_dir(out: str) -> Path:
+    """Create the run folder, or say in one line why it cannot be written."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SftplugError(f"--out {out}: cannot create the folder ({exc.strerror}); choose a writable path") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise SftplugError(f"--out {out}: the folder is not writable; choose a writable path")
+    return path

@@ -1,0 +1,35 @@
+"""Greedy decoding with a KV cache: see what a fine-tuned model answers."""
+
+from __future__ import annotations
+
+import torch
+
+from sftplug.model import KVCache
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    caches = [KVCache() for _ in model.layers]
+    ids = torch.tensor([prompt_ids], device=device)  # [1, T]
+    positions = torch.arange(len(prompt_ids), device=device)[None]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        hidden = model.hidden_states(ids, positions, caches=caches)  # [1, T, C]
+        next_id = int(model.lm_head(hidden[:, -1]).argmax(-1))
+        if next_id == eos_id:
+            break
+        out.append(next_id)
+        positions = positions[:, -1:] + 1
+        ids = torch.tensor([[next_id]], device=device)
+    model.train(was_training)
+    return out
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to one user prompt, rendered with the chat template."""
+    text = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.eos_id)
+    return tokenizer.decode(new).strip()

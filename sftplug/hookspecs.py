@@ -1,0 +1,75 @@
+"""The hook contract between the core and every plugin, built-in or third-party.
+
+Hooks are called with keyword arguments only. A plugin implements any subset of them
+with ``@sftplug.hookimpl``; parameters it does not need may be left out.
+"""
+
+import pluggy
+
+PROJECT = "sftplug"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def select_attention(request):
+    """Offer this plugin's attention backend for a run, or return None.
+
+    Every plugin is asked; the core then takes the backend whose name was requested,
+    or for ``--attention auto`` the highest ``priority`` among the offered backends
+    whose ``check(request)`` passes. Not firstresult: all offers are collected.
+
+    :param request: an :class:`sftplug.attention.AttentionRequest` (name asked for,
+        device, dtype, head dim, query and key/value heads, whether rows are packed).
+    :returns: an :class:`sftplug.attention.AttentionBackend`, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def configure_precision(dtype, device, tf32):
+    """Return the precision policy for a run.
+
+    Stops at the first non-None result.
+
+    :param dtype: "bf16", "fp16" or "fp32", as given by ``--dtype``.
+    :param device: the :class:`torch.device` the run trains on.
+    :param tf32: whether ``--tf32`` asked for TF32 matmuls in fp32.
+    :returns: an :class:`sftplug.precision.PrecisionPolicy`, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def load_state(source, dtype, device, load_model):
+    """Load the model and tokenizer that ``source`` names.
+
+    Stops at the first non-None result.
+
+    :param source: a built-in preset name, an HF checkpoint folder or an sftplug
+        checkpoint folder, as given by ``--model`` or ``sftplug generate``.
+    :param dtype: the :class:`torch.dtype` for the weights, or None for the source's own.
+    :param device: the :class:`torch.device` to load onto.
+    :param load_model: the core's loader, callable as ``load_model(source)``, for
+        formats that build on another model (an adapter on its base).
+    :returns: an :class:`sftplug.loading.LoadedModel`, or None when this plugin does not
+        handle the source.
+    """
+
+
+@hookspec
+def resume_state(run):
+    """Return this plugin's part of the training state to save in a checkpoint.
+
+    :param run: the :class:`sftplug.trainer.Run` being checkpointed.
+    :returns: a dict ``{namespace: value}`` (tensors, numbers, strings, nested dicts
+        and lists of those), or None. Namespaces must be unique across plugins.
+    """
+
+
+@hookspec
+def on_resume(run, state):
+    """Restore this plugin's part of a saved training state.
+
+    :param run: the :class:`sftplug.trainer.Run` being resumed, already built.
+    :param state: the merged dict of every plugin's :func:`resume_state` at save time;
+        take your own namespace from it.
+    """

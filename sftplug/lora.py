@@ -1,0 +1,41 @@
+"""LoRA through PEFT, injected into the model in place (module names stay ours)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from sftplug.errors import SftplugError
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(targets) - names)
+    if unknown:
+        raise SftplugError(
+            f"--lora-targets: no linear layer named {', '.join(unknown)}; this model has {', '.join(sorted(names))}"
+        )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    model = inject_adapter_in_model(config, model)
+    model.lora_config = config
+    return model
+
+
+def lora_settings(model: nn.Module) -> dict | None:
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        return None
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "targets": sorted(config.target_modules),
+    }
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """The weights a checkpoint must keep: the adapter for LoRA, else every parameter."""
+    if getattr(model, "lora_config", None) is not None:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach() for n, t in model.state_dict().items()}

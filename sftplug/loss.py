@@ -1,0 +1,65 @@
+"""Cross-entropy on target positions only, the LM head applied in chunks.
+
+Prompt positions (label -100) never reach the LM head. The forward pass computes the
+gradients of each chunk right away, so logits never exist for more than one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sftplug.data import IGNORE
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) with gradients for h (and W when it trains)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+        # hidden: [N, C]; weight: [V, C]; targets: [N]
+        w = weight.to(compute_dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size].to(compute_dtype)  # [n, C]
+            y = targets[start : start + chunk_size]  # [n]
+            logits = (h @ w.t()).float()  # [n, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [n]
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(y), device=y.device), y] -= 1  # d(loss)/d(logits)
+            g = probs.to(compute_dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = (g @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (g.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_out if grad_hidden is not None else None
+        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None
+
+
+def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096):
+    """(sum of token losses, number of targets) for hidden [B, T, C] and labels [B, T]."""
+    mask = labels != IGNORE
+    h = hidden[mask]  # [N, C]
+    y = labels[mask]  # [N]
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    with torch.autocast(device_type, enabled=False):
+        total = ChunkedLinearCrossEntropy.apply(h, weight, y, chunk_size, compute_dtype)
+    return total, y.numel()
+
+
+def reference_loss_sum(hidden, labels, weight):
+    """The same sum computed the plain way (full logits); used by tests."""
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -1,0 +1,294 @@
+"""The training loop: micro-batches, exact accumulation, optimizer, schedule, metrics.
+
+The loss of an update is the sum of token losses over all its micro-batches divided by
+the update's total number of target tokens, so ``--micro-bsz 2 --accum 4`` and
+``--micro-bsz 8 --accum 1`` train identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from sftplug import checkpoint, data
+from sftplug.attention import AttentionRequest, choose_backend, steering_env
+from sftplug.config import TrainConfig, check_output_dir
+from sftplug.errors import SftplugError
+from sftplug.generate import answer
+from sftplug.loading import load_model, resolve_device
+from sftplug.lora import apply_lora, lora_settings, trainable_state_dict
+from sftplug.loss import target_loss_sum
+from sftplug.schedule import Schedule
+
+STATE_FILE = "state.pt"
+
+
+class Run:
+    """Everything one training run holds; plugins receive it in resume_state / on_resume."""
+
+    def __init__(self, config: TrainConfig, registry, echo=print):
+        self.config, self.registry, self.echo = config, registry, echo
+        self.step = 0  # updates done
+        self.tokens_seen = 0
+        self.out = check_output_dir(config.out)
+        self.device = resolve_device(config.device)
+        hook = registry.hook
+        self.precision = hook.configure_precision(dtype=config.dtype, device=self.device, tf32=config.tf32)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        loaded = load_model(config.model, dtype=torch.float32, device=self.device, registry=registry)
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.model.checkpoint_blocks = config.grad_ckpt
+        if config.full:
+            self.model.requires_grad_(True)
+        else:
+            self.model.requires_grad_(False)
+            apply_lora(self.model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.load_data()
+        self.choose_attention(loaded.description)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, eps=1e-8
+        )
+        self.schedule = Schedule(config.schedule, config.lr, config.warmup, config.steps, config.min_lr_ratio)
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    # -- set-up ---------------------------------------------------------------------
+    def load_data(self) -> None:
+        c = self.config
+        started = time.perf_counter()
+        docs = data.tokenize_file(c.data, self.tokenizer, train_on_prompt=c.train_on_prompt)
+        self.eval_docs = data.tokenize_file(c.eval_data, self.tokenizer) if c.eval_data else []
+        seconds = time.perf_counter() - started
+        self.rows = data.pack(docs, c.seq_len, self.tokenizer.pad_id, packed=c.pack)
+        self.eval_rows = data.pack(self.eval_docs, c.seq_len, self.tokenizer.pad_id) if self.eval_docs else None
+        self.batches = data.Batches(self.rows, c.micro_bsz, c.seed)
+        rate = (len(docs) + len(self.eval_docs)) / max(seconds, 1e-9)
+        self.echo(
+            f"data: {len(docs):,} records -> {len(self.rows):,} rows of {c.seq_len} "
+            f"({self.rows.target_tokens:,} target tokens; tokenised at {rate:,.0f} records/s)"
+        )
+
+    def choose_attention(self, model_description: str) -> None:
+        cfg = self.model.config
+        dtype = self.precision.autocast_dtype or torch.float32
+        packed = bool(int(self.rows.docs_per_row.max()) > 1)
+        request = AttentionRequest(
+            self.config.attention, self.device, dtype, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, packed
+        )
+        skipped = {p.name: p.reason for p in self.registry.skipped()}
+        self.attention = choose_backend(self.registry.hook, request, skipped)
+        self.model.set_attention(self.attention.backend)
+        trainable = sum(p.numel() for p in self.params)
+        mode = "full fine-tune" if self.config.full else f"LoRA r={self.config.lora_r}"
+        self.echo(f"model: {model_description}; {mode}, {trainable:,} trainable params on {self.device}")
+        self.echo(f"precision: {self.precision.name}; attention: {self.attention.reason}")
+        for key, value in steering_env().items():
+            self.echo(f"environment: {key}={value} found and ignored: attention runs only in the chosen kernel")
+
+    # -- one update ---------------------------------------------------------------
+    def update(self) -> dict:
+        c, device = self.config, self.device
+        lr = self.schedule.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [self.batches.next() for _ in range(c.accum)]
+        n_targets = sum(int((mb["labels"] != data.IGNORE).sum()) for mb in micro)
+        n_tokens = sum(int((mb["labels"] != data.IGNORE).numel()) for mb in micro)
+        scaler = self.precision.scaler
+        timer = _Timer(device, c.profile)
+        loss_sum = torch.zeros((), device=device)
+        for mb in micro:
+            mb = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
+            with timer("fwd"), self.precision.autocast(device):
+                hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
+                total, _ = target_loss_sum(hidden, mb["labels"], self.model.lm_head.weight)
+                loss = total / n_targets
+            with timer("bwd"):
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += total.detach()
+        with timer("opt"):
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30)
+            skipped = False
+            if scaler is not None:
+                scale = scaler.get_scale()
+                scaler.step(self.optimizer)
+                scaler.update()
+                skipped = scaler.get_scale() < scale
+            else:
+                loss_value = float(loss_sum) / n_targets
+                if not math.isfinite(loss_value):
+                    raise SftplugError(
+                        f"loss is {loss_value} at step {self.step + 1}: training stopped, the last checkpoint "
+                        "is kept; lower --lr or use --dtype fp32"
+                    )
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = timer.elapsed()
+        self.step += 1
+        self.tokens_seen += n_tokens
+        record = {
+            "step": self.step,
+            "loss": float(loss_sum) / n_targets,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": n_tokens,
+            "target_tokens": n_targets,
+            "tps": n_tokens / seconds,
+            "s_per_update": seconds,
+        }
+        if scaler is not None:
+            record["skipped"] = skipped
+        if c.profile:
+            record.update(fwd_ms=timer.ms("fwd"), bwd_ms=timer.ms("bwd"), opt_ms=timer.ms("opt"))
+        return record
+
+    # -- evaluation and checkpoints ------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        if self.eval_rows is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_rows), self.config.micro_bsz):
+            mb = data.batch_of(self.eval_rows, list(range(start, min(start + self.config.micro_bsz, len(self.eval_rows)))))
+            mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
+            with self.precision.autocast(self.device):
+                hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
+                loss, n = target_loss_sum(hidden, mb["labels"], self.model.lm_head.weight)
+            total += float(loss)
+            count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    def sample_prompt(self) -> str | None:
+        if self.config.sample_prompt:
+            return self.config.sample_prompt
+        if not self.config.eval_data:
+            return None
+        _, record = data.read_records(self.config.eval_data)[0]
+        fmt = data.detect_format(record)
+        if fmt in (None, "text"):
+            return None
+        messages = data.to_messages(record, fmt)
+        return next(m["content"] for m in messages if m["role"] == "user")
+
+    def save(self) -> Path:
+        state: dict = {}
+        for part in self.registry.hook.resume_state(run=self):
+            if part:
+                state.update(part)
+        meta = {
+            "base_model": self.config.model,
+            "model_config": self.model.config.to_dict(),
+            "lora": lora_settings(self.model),
+            "config": self.config.to_dict(),
+            "tokens_seen": self.tokens_seen,
+        }
+        writers = {STATE_FILE: lambda path: torch.save(state, path)}
+        folder = checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, writers)
+        checkpoint.prune(self.out, self.config.keep_last)
+        return folder
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _Timer:
+    """Wall-clock sections of an update; synchronises the GPU only when profiling."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self._name = None
+
+    def __call__(self, name: str):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.totals[self._name] = self.totals.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+    def ms(self, name: str) -> float:
+        return 1000 * self.totals.get(name, 0.0)
+
+    def elapsed(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.started
+
+
+def train(config: TrainConfig, registry, echo=print) -> dict:
+    """Run a whole training job; returns the summary."""
+    run = Run(config, registry, echo)
+    if config.resume:
+        from sftplug.resume import resume_run
+
+        resume_run(run, config.resume)
+    prompt = run.sample_prompt()
+    before_loss = run.eval_loss()
+    before_answer = answer(run.model, run.tokenizer, prompt) if prompt else None
+    if before_loss is not None:
+        echo(f"held-out loss before: {before_loss:.4f}")
+    started = time.perf_counter()
+    while run.step < config.steps:
+        record = run.update()
+        if config.eval_every and run.step % config.eval_every == 0:
+            record["eval_loss"] = run.eval_loss()
+        run.log(record)
+        if config.profile:
+            echo(
+                f"[profile] forward {record['fwd_ms']:.0f} ms  backward {record['bwd_ms']:.0f} ms  "
+                f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s | {record['s_per_update']:.2f} s/upd"
+            )
+        if run.step % config.log_every == 0 or run.step == config.steps:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / run.step * (config.steps - run.step) if run.step else 0
+            echo(
+                f"step {run.step:>{len(str(config.steps))}}/{config.steps}  loss {record['loss']:.4f}  "
+                f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  | {record['tps']:,.0f} tok/s  "
+                f"eta {eta:.0f}s"
+            )
+        if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
+            run.save()
+    seconds = time.perf_counter() - started
+    folder = run.save()
+    after_loss = run.eval_loss()
+    summary = {
+        "steps": run.step,
+        "seconds": seconds,
+        "tokens_per_second": run.tokens_seen / max(seconds, 1e-9),
+        "eval_loss_before": before_loss,
+        "eval_loss_after": after_loss,
+        "checkpoint": str(folder),
+        "sample_prompt": prompt,
+        "answer_before": before_answer,
+        "answer_after": answer(run.model, run.tokenizer, prompt) if prompt else None,
+    }
+    if run.device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _environ_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
