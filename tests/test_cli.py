@@ -1,0 +1,95 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import sftplug
+from sftplug.cli import cli
+
+SMALL = ["--steps", "4", "--micro-bsz", "2", "--seq-len", "64", "--log-every", "2"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_help_and_version():
+    result = invoke("-h")
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and "train" in result.output
+    assert invoke("--version").output.strip().endswith(sftplug.__version__)
+    assert "--attention" in invoke("train", "-h").output
+
+
+def test_plugins_json_lists_builtins_with_availability():
+    result = invoke("plugins", "--json")
+    assert result.exit_code == 0
+    plugins = {p["name"]: p for p in json.loads(result.output)}
+    assert plugins["math"]["available"] and plugins["math"]["source"] == "builtin"
+    for p in plugins.values():
+        assert set(p) == {"name", "source", "hooks", "available", "reason"}
+        assert p["available"] or p["reason"]
+
+
+def test_plugins_table():
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    assert "math" in result.output and "select_attention" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attention", "warp-drive"], "unknown attention backend 'warp-drive'"),
+        (["--dtype", "fp8"], "'fp8' is not one of"),
+        (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl: data file not found"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--lora-targets", "qkv,wq"], "no linear layer named wq"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    result = invoke("train", "--out", str(tmp_path / "run"), *SMALL, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith(("Error", "Usage"))]) >= 1
+
+
+def test_non_writable_out_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = invoke("train", "--out", str(blocker / "run"), *SMALL)
+    assert result.exit_code == 2
+    assert f"--out {blocker / 'run'}: cannot create the folder" in result.output
+    assert blocker.read_text() == "not a folder"
+
+
+def test_train_then_generate(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--out", str(out), *SMALL)
+    assert result.exit_code == 0, result.output
+    assert "attention: flash (auto" in result.output
+    assert "held-out loss:" in result.output and "answer after:" in result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tps"} <= set(r)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert (out / "checkpoints" / "step-4" / "model.safetensors").is_file()
+    generated = invoke("generate", str(out), "Count from 4 to 9.", "--max-new-tokens", "5")
+    assert generated.exit_code == 0, generated.output
+    assert generated.output.strip()
+
+
+def test_generate_on_a_folder_that_is_no_checkpoint(tmp_path):
+    result = invoke("generate", str(tmp_path), "hello")
+    assert result.exit_code == 2
+    assert "not a built-in preset" in result.output
+
+
+def test_python_dash_m_works():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "sftplug", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and sftplug.__version__ in result.stdout
