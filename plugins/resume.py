@@ -4,36 +4,53 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from sftplug import hookimpl
+from sftplug.schedule import Schedule
 
 
 class Resume:
     @hookimpl
     def resume_state(self, run):
+        np_state = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "trainer": {
                 "step": run.step,
                 "tokens_seen": run.tokens_seen,
                 "data": run.batches.state(),
-                "total_steps": run.schedule.total,
+                "schedule": {"total": run.schedule.total, "anchor_step": run.schedule.anchor_step,
+                             "anchor_lr": run.schedule.anchor_lr},
             },
             "optimizer": run.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "rng": rng,
         }
 
     @hookimpl
     def on_resume(self, run, state):
-        trainer = state["trainer"]
+        trainer, rng = state["trainer"], state["rng"]
         run.step, run.tokens_seen = int(trainer["step"]), int(trainer["tokens_seen"])
         run.batches.restore(trainer["data"])
         run.optimizer.load_state_dict(state["optimizer"])
-        if int(trainer["total_steps"]) != run.config.steps:
-            saved = run.schedule.__class__(**{**run.schedule.__dict__, "total": int(trainer["total_steps"])})
-            run.schedule = saved.resized(run.config.steps, run.step)
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate((3, tuple(state["rng"]["python"]), None))
+        s, saved = run.schedule, trainer["schedule"]
+        # The schedule as it was saved, then stretched or shrunk to the new --steps.
+        as_saved = Schedule(s.kind, s.peak, s.warmup, int(saved["total"]), s.end_ratio,
+                            int(saved["anchor_step"]), saved["anchor_lr"])
+        run.schedule = as_saved.resized(run.config.steps, run.step)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(rng["python"].tolist()), None))
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 resume = Resume()

@@ -93,7 +93,14 @@ run_options = _options(
     click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only."),
     click.option("--save-every", type=int, default=0, show_default=True, help="0: at the end only."),
     click.option("--keep-last", type=int, default=0, show_default=True, help="0 keeps every checkpoint."),
-    click.option("--resume", help="auto, or a checkpoint folder."),
+    click.option("--resume", help="auto (newest complete checkpoint of --out), or a checkpoint folder."),
+    click.option(
+        "--on-nonfinite",
+        type=click.Choice(["stop", "skip"]),
+        default="stop",
+        show_default=True,
+        help="A NaN/inf loss stops the run (keeping the last checkpoint) or skips the update.",
+    ),
     click.option("--sample-prompt", help="Prompt answered before and after training."),
 )
 

@@ -48,6 +48,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 0  # 0: keep all
     resume: str | None = None
+    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss does (bf16/fp32)
     train_on_prompt: bool = False
     sample_prompt: str | None = None  # None: the first eval record's prompt
     extra: dict = field(default_factory=dict)  # options added by plugins
@@ -65,6 +66,8 @@ class TrainConfig:
             raise SftplugError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.schedule not in SCHEDULES:
             raise SftplugError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise SftplugError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if not self.lr > 0:
             raise SftplugError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.lora_dropout < 1:

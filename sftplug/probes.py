@@ -2,6 +2,11 @@
 
 Plugins ask these before they register, so a plugin that cannot run is listed with
 its reason instead of failing at import or, worse, silently falling back.
+
+The SDPA probes ask PyTorch itself: :func:`sdpa_refusal` runs a tiny forward *and*
+backward with only one kernel enabled (``sdpa_kernel([backend])``), so the answer is
+what really runs, not what a table says; when PyTorch refuses, the reason is its own
+text (the ``can_use_*_attention(SDPAParams, debug=True)`` warnings on CUDA).
 """
 
 from __future__ import annotations
@@ -9,8 +14,20 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import platform
+import warnings
 
 import torch
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+# -- versions and devices ------------------------------------------------------------
 
 
 def torch_version() -> tuple[int, int]:
@@ -23,8 +40,12 @@ def cuda_available() -> bool:
 
 
 def cuda_version() -> str | None:
-    """The CUDA version this wheel was built for (None for a CPU wheel)."""
+    """The CUDA version this wheel was built for (None for a CPU or ROCm wheel)."""
     return torch.version.cuda
+
+
+def hip_version() -> str | None:
+    return getattr(torch.version, "hip", None)
 
 
 def gpu_capability() -> tuple[int, int] | None:
@@ -37,8 +58,38 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if cuda_available() else None
 
 
+def gpu_label() -> str | None:
+    """'NVIDIA H100 80GB HBM3 (sm_90)', or None without a GPU."""
+    if not cuda_available():
+        return None
+    major, minor = gpu_capability()
+    return f"{gpu_name()} (sm_{major}{minor})"
+
+
 def cudnn_version() -> int | None:
     return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+
+
+def cudnn_version_text() -> str | None:
+    """cuDNN's version as 'major.minor.patch' (9.10.2 for 91002), or None."""
+    v = cudnn_version()
+    if v is None:
+        return None
+    major, rest = divmod(v, 10000) if v >= 90000 else divmod(v, 1000)
+    minor, patch = divmod(rest, 100)
+    return f"{major}.{minor}.{patch}"
+
+
+def cpu_capability() -> str:
+    """The SIMD level PyTorch's CPU kernels use here (AVX512, AVX2, DEFAULT...)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        return "unknown"
+
+
+def cpu_name() -> str:
+    return platform.processor() or platform.machine()
 
 
 def module_available(name: str) -> bool:
@@ -49,8 +100,10 @@ def module_available(name: str) -> bool:
 def triton_version() -> str | None:
     if not module_available("triton"):
         return None
-    import triton
-
+    try:
+        import triton
+    except Exception:  # a broken triton install must not break the probes
+        return None
     return triton.__version__
 
 
@@ -58,25 +111,147 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def no_gpu_reason() -> str:
+    """Why there is no CUDA GPU to run on, in the words a user can act on."""
+    if cuda_version() is None and hip_version() is None:
+        return f"this torch build is CPU-only (torch {torch.__version__})"
+    return f"no CUDA GPU is visible (torch {torch.__version__}; torch.cuda.is_available() is False)"
+
+
+# -- SDPA kernels ----------------------------------------------------------------------
+
+
+def sdpa_backends() -> dict:
+    """sftplug's names for PyTorch's SDPA kernels."""
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+
 def flash_built() -> bool:
     """Whether this torch build has the CUDA flash-attention kernel compiled in."""
     return bool(getattr(torch.backends.cuda, "is_flash_attention_available", lambda: False)())
 
 
+def flash_impl() -> str:
+    """Which flash implementation SDPA's flash kernel dispatches to (FA3/FA4 if activated)."""
+    try:
+        from torch.nn.attention import current_flash_attention_impl
+
+        return current_flash_attention_impl() or "built-in"
+    except ImportError:  # torch < 2.10
+        return "built-in"
+
+
+def sdpa_global_flags() -> dict[str, bool]:
+    """PyTorch's process-wide SDPA switches (``torch.backends.cuda.enable_*_sdp``).
+
+    Code may turn these off behind a trainer's back; sftplug's SDPA backends run inside
+    ``sdpa_kernel([one])``, which overrides them for the duration of each call.
+    """
+    c = torch.backends.cuda
+    flags = {
+        "flash": c.flash_sdp_enabled(),
+        "efficient": c.mem_efficient_sdp_enabled(),
+        "math": c.math_sdp_enabled(),
+    }
+    if hasattr(c, "cudnn_sdp_enabled"):
+        flags["cudnn"] = c.cudnn_sdp_enabled()
+    return flags
+
+
 def sdpa_cpu_flash_supported() -> bool:
     """CPU SDPA ships a flash-style kernel since torch 2.2; probe it by running it."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_refusal("flash", "cpu", torch.float32, 64) is None
 
-    q = torch.randn(1, 1, 4, 8)
+
+@functools.cache
+def sdpa_refusal(
+    backend: str, device_type: str, dtype: torch.dtype, head_dim: int, gqa: bool = False, causal: bool = True
+) -> str | None:
+    """Run a tiny forward+backward in one SDPA kernel alone: None if it ran, else why not.
+
+    The reason is PyTorch's own (the ``... not used because`` warnings it emits, or the
+    error), prefixed with what was asked.
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    kernel = sdpa_backends()[backend]
+    if device_type == "cuda" and not cuda_available():
+        return no_gpu_reason()
+    h_kv = 1 if gqa else 2
+    shape_q, shape_kv = (1, 2, 64, head_dim), (1, h_kv, 64, head_dim)
     try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    except RuntimeError:
-        return False
-    return True
+        q = torch.randn(shape_q, device=device_type, dtype=dtype, requires_grad=True)
+        k = torch.randn(shape_kv, device=device_type, dtype=dtype, requires_grad=True)
+        v = torch.randn(shape_kv, device=device_type, dtype=dtype, requires_grad=True)
+    except (RuntimeError, TypeError) as exc:
+        return f"cannot make {dtype_name(dtype)} tensors on {device_type}: {_first_line(exc)}"
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel([kernel]):
+        warnings.simplefilter("always")
+        try:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            out.sum().backward()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+        except (RuntimeError, NotImplementedError) as exc:
+            why = "; ".join(_torch_reasons(caught)) or _first_line(exc)
+            return why
+    return None
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return True
+def sdpa_can_use(backend: str, q, k, v, *, causal: bool = True, gqa: bool = False) -> tuple[bool, list[str]]:
+    """PyTorch's ``can_use_*_attention(SDPAParams, debug=True)`` for CUDA tensors: (ok, reasons).
+
+    These are PyTorch's own dispatch checks (dtype, head dim, GPU architecture, strides,
+    GQA...), answered without running a kernel. CPU tensors and the math kernel have no
+    such check here: (True, []) means "ask by running it" (:func:`sdpa_refusal`).
+    """
+    from torch.backends import cuda
+
+    check = {
+        "flash": getattr(cuda, "can_use_flash_attention", None),
+        "efficient": getattr(cuda, "can_use_efficient_attention", None),
+        "cudnn": getattr(cuda, "can_use_cudnn_attention", None),
+    }.get(backend)
+    params_type = getattr(cuda, "SDPAParams", None)
+    if check is None or params_type is None or q.device.type != "cuda":
+        return True, []
+    try:
+        params = params_type(q, k, v, None, 0.0, causal, gqa)
+    except TypeError:  # torch < 2.5: no enable_gqa argument
+        params = params_type(q, k, v, None, 0.0, causal)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = bool(check(params, True))
+    return ok, _torch_reasons(caught)
+
+
+def _torch_reasons(caught) -> list[str]:
+    """PyTorch's reason lines from caught warnings, without the 'X not used because:' headers."""
+    reasons = []
+    for w in caught:
+        text = str(w.message).strip()
+        line = text.split("\n")[0].strip()
+        if not line or line.endswith("because:") or "not used because" in line:
+            continue
+        # C++ warnings carry a source location after the text: keep the text only.
+        line = line.split(" (Triggered internally at")[0].strip()
+        if line not in reasons:
+            reasons.append(line)
+    return reasons
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().split("\n")[0]

@@ -2,36 +2,66 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from sftplug import checkpoint
 from sftplug.errors import SftplugError
 
+# Settings a resumed run must share with the checkpoint: they define the model or the data.
+FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz")
+
 
 def find_checkpoint(out, resume: str):
+    """The checkpoint to resume: `auto` takes the newest complete one of this run."""
     if resume != "auto":
         return checkpoint.resolve(resume)
     complete = checkpoint.complete_checkpoints(out)
     return complete[0] if complete else None
 
 
+def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, folder) -> None:
+    for key in FROZEN:
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, list):
+            old = list(old)
+            new = list(new)
+        if old != new:
+            flag = "--" + key.replace("_", "-")
+            raise SftplugError(f"{flag} is {new!r} but {folder} was trained with {old!r}; it cannot change on resume")
+    if saved_sha256 and current_sha256 and saved_sha256 != current_sha256:
+        raise SftplugError(f"--data {current['data']}: the file changed since {folder} was saved; it cannot change on resume")
+
+
 def resume_run(run, resume: str) -> None:
     folder = find_checkpoint(run.out, resume)
     if folder is None:
-        run.echo("resume: no checkpoint yet, starting fresh")
+        run.echo("resume: no complete checkpoint yet, starting from step 0")
         return
     manifest = checkpoint.verify(folder)
+    check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"), run.data_sha256, folder)
     weights = checkpoint.load_weights(folder)
-    params = dict(run.model.named_parameters())
     own = run.model.state_dict()
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise SftplugError(f"{folder}: the checkpoint lacks trainable weights such as {missing[0]}")
+    missing = [n for n, p in run.model.named_parameters() if p.requires_grad and n not in weights]
+    unexpected = [n for n in weights if n not in own]
+    if missing or unexpected:
+        raise SftplugError(f"{folder}: weights do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():
         for name, tensor in weights.items():
-            if name not in own:
-                raise SftplugError(f"{folder}: unexpected weight {name}; was the run started with other settings?")
             own[name].copy_(tensor)
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     run.registry.hook.on_resume(run=run, state=state)
-    run.echo(f"resume: continuing from {folder} at step {manifest['step']}")
+    run.tokens_at_start = run.tokens_seen
+    _truncate_metrics(run.metrics_path, run.step)
+    run.echo(f"resume: continuing from {folder} at step {run.step}")
+
+
+def _truncate_metrics(path, step: int) -> None:
+    """Drop metrics of updates after the checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)

@@ -1,18 +1,96 @@
 """A model folder's tokenizer: tokenizer.json, its special tokens and chat template.
 
 The chat template is rendered in a sandboxed Jinja environment. Which characters an
-assistant wrote is known while rendering (each turn's text is the difference between
-the conversation rendered up to it and the prompt before it), so the loss mask never
-depends on searching for marker tokens afterwards.
+assistant wrote is known while rendering: each assistant turn's text is the difference
+between the conversation rendered up to and including it and the prompt rendered before
+it (with the generation prompt). Those character spans become token masks through the
+tokenizer's offsets (:meth:`Tokenizer.encode_masked`), so the loss mask never depends on
+searching for marker tokens afterwards.
+
+When the model's tokenizer_config.json has no chat template, the built-in ``sftplug``
+template is used; ``--chat-template NAME|FILE`` overrides either
+(:func:`resolve_chat_template`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sftplug.errors import SftplugError
+
+# Built-in chat templates, by name. "sftplug" is the fallback for models without one: it
+# ends every assistant turn with the model's own EOS token, so generation learns to stop.
+BUILTIN_TEMPLATES = {
+    "sftplug": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+        "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
+    # ChatML as Qwen and others use it; the turn ends with <|im_end|>, which should be the
+    # model's EOS token for generation to stop.
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+DEFAULT_TEMPLATE = "sftplug"
+
+
+class ChatTemplateError(SftplugError):
+    """The chat template refused or could not render one conversation."""
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """The template source for ``--chat-template``: a built-in name, a file, or None.
+
+    value: None (use the model's own template), a built-in name (see BUILTIN_TEMPLATES),
+    a Jinja file, a tokenizer_config.json whose ``chat_template`` is taken, or an inline
+    template (a string containing ``{{`` or ``{%``).
+    """
+    if value is None or value == "":
+        return None
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer_config.json"
+    if not path.is_file():
+        raise SftplugError(
+            f"--chat-template {value}: no such file and not a built-in template "
+            f"(built-ins: {', '.join(BUILTIN_TEMPLATES)})"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SftplugError(f"--chat-template {value}: cannot be read ({exc})") from None
+    if path.suffix == ".json":
+        try:
+            template = _named_template(json.loads(text).get("chat_template"))
+        except (json.JSONDecodeError, AttributeError):
+            template = None
+        if not template:
+            raise SftplugError(f"--chat-template {value}: the JSON file has no chat_template")
+        return template
+    if not text.strip():
+        raise SftplugError(f"--chat-template {value}: the file is empty")
+    return text
+
+
+def _named_template(template):
+    if isinstance(template, list):  # HF allows named templates
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()), None)
+    return template
 
 
 def _token_text(value) -> str | None:
@@ -40,22 +118,30 @@ class Tokenizer:
         except Exception as exc:
             raise SftplugError(f"{path}: cannot be read as a tokenizer ({exc})") from None
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SftplugError(f"{config_path}: not valid JSON ({exc})") from None
         self.folder = folder
         self.config = config
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token")) or self.eos_token
-        self.chat_template = chat_template or config.get("chat_template")
-        if isinstance(self.chat_template, list):  # HF allows named templates
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()))
+        own = _named_template(config.get("chat_template"))
+        if chat_template:
+            self.chat_template = BUILTIN_TEMPLATES.get(chat_template, chat_template)
+            self.template_source = f"built-in '{chat_template}'" if chat_template in BUILTIN_TEMPLATES else "--chat-template"
+        elif own:
+            self.chat_template, self.template_source = own, "tokenizer_config.json"
+        else:
+            self.chat_template = BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
+            self.template_source = f"built-in '{DEFAULT_TEMPLATE}' (the model has none)"
         self.eos_id = self.token_id(self.eos_token)
         self.bos_id = self.token_id(self.bos_token)
         self.pad_id = self.token_id(self.pad_token)
         if self.pad_id is None:
             self.pad_id = 0
-        self._template = None
+        self._fingerprint = None
 
     @property
     def vocab_size(self) -> int:
@@ -64,6 +150,16 @@ class Tokenizer:
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
+    def fingerprint(self) -> str:
+        """A hash of everything that decides tokens and masks: tokenizer.json, template, specials."""
+        if self._fingerprint is None:
+            h = hashlib.sha256((self.folder / "tokenizer.json").read_bytes())
+            extra = [self.chat_template, self.bos_token, self.eos_token, self.pad_token, self.pad_id]
+            h.update(json.dumps(extra).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    # -- encoding ------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
@@ -71,51 +167,152 @@ class Tokenizer:
         """Encodings (ids and character offsets) for many texts at once."""
         return self.backend.encode_batch(texts, add_special_tokens=False)
 
+    def encode_masked(self, texts: list[str], spans: list[list[tuple[int, int]]]):
+        """Token ids and per-token trained flags for many texts, from trained character spans.
+
+        texts: the rendered documents; spans: per text, sorted disjoint (start, end)
+        character spans whose tokens are trained. A token is trained when it covers any
+        trained character (the tokenizer's offsets decide, as HF's assistant masks do).
+        Returns (ids int32 [total], trained bool [total], lengths int64 [len(texts)]).
+        """
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+        total = int(lengths.sum())
+        ids = np.fromiter(
+            (i for e in encodings for i in e.ids), dtype=np.int32, count=total
+        )
+        trained = np.zeros(total, dtype=bool)
+        base = 0
+        for encoding, text_spans, n in zip(encodings, spans, lengths.tolist()):
+            for a, b in text_spans:
+                first = _covering_token(encoding, range(a, b))
+                if first is None:
+                    continue
+                last = _covering_token(encoding, range(b - 1, a - 1, -1))
+                while last + 1 < n and (encoding.token_to_chars(last + 1) or (b, b))[0] < b:
+                    last += 1  # a character split over several tokens (byte-level BPE)
+                trained[base + first : base + last + 1] = True
+            base += n
+        return ids, trained, lengths
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    # -- chat template -----------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if not self.chat_template:
-            raise SftplugError(
-                f"{self.folder}: the tokenizer has no chat_template; pass --chat-template FILE or use text records"
+        template = _compile_template(self.chat_template)
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                pad_token=self.pad_token or "",
             )
-        if self._template is None:
-            self._template = _compile_template(self.chat_template)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            pad_token=self.pad_token or "",
-        )
+        except Exception as exc:  # TemplateError, raise_exception(), SecurityError, TypeError ...
+            raise ChatTemplateError(f"the chat template failed: {exc}") from None
+
+    def render_spans(self, messages: list[dict], train_on_prompt: bool = False) -> tuple[str, list[tuple[int, int]], int]:
+        """The rendered conversation, its trained character spans, and turns lacking EOS.
+
+        Each assistant turn spans from the end of the prompt before it (rendered with the
+        generation prompt) to the end of the conversation rendered through it; whitespace
+        the template puts after the turn's EOS token is not trained. With
+        train_on_prompt the whole text is trained. Two renders per assistant turn.
+        """
+        if train_on_prompt:
+            text = self.render(messages)
+            return text, [(0, len(text))], 0
+        spans, done, without_eos = [], "", 0
+        eos = self.eos_token
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (prompt.startswith(done) and upto.startswith(done)):
+                raise ChatTemplateError(
+                    f"the chat template renders earlier turns differently once assistant turn {i + 1} is added "
+                    "(not prefix-stable), so its loss mask cannot be derived; pass --chat-template"
+                )
+            start = len(prompt) if upto.startswith(prompt) else _common_prefix(prompt, upto)
+            start, end = max(start, len(done)), len(upto)
+            if eos:
+                k = upto.rfind(eos, start, end)
+                if k >= 0 and not upto[k + len(eos) : end].strip():
+                    end = k + len(eos)  # the template's separator after EOS is not a target
+                else:
+                    without_eos += 1
+            if end > start:
+                spans.append((start, end))
+            done = upto
+        if messages and messages[-1]["role"] == "assistant":
+            return done, spans, without_eos
+        text = self.render(messages)
+        if not text.startswith(done):
+            raise ChatTemplateError("the chat template renders earlier turns differently once later turns are added")
+        return text, spans, without_eos
 
     def render_segments(self, messages: list[dict], train_on_prompt: bool = False) -> list[Segment]:
         """The rendered conversation as segments, assistant turns marked as trained."""
-        segments, done = [], ""
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = self.render(messages[:i], add_generation_prompt=True)
-                if not prompt.startswith(done):
-                    raise SftplugError("the chat template does not render conversations prefix-stably; cannot mask")
-                segments.append(Segment(prompt[len(done) :], train_on_prompt))
-                done = prompt
-            upto = self.render(messages[: i + 1])
-            if not upto.startswith(done):
-                raise SftplugError("the chat template does not render conversations prefix-stably; cannot mask")
-            segments.append(Segment(upto[len(done) :], message["role"] == "assistant" or train_on_prompt))
-            done = upto
+        text, spans, _ = self.render_spans(messages, train_on_prompt)
+        segments, at = [], 0
+        for a, b in spans:
+            segments += [Segment(text[at:a], False), Segment(text[a:b], True)]
+            at = b
+        segments.append(Segment(text[at:], False))
         return [s for s in segments if s.text]
 
 
+def _covering_token(encoding, chars) -> int | None:
+    for c in chars:
+        t = encoding.char_to_token(c)
+        if t is not None:
+            return t
+    return None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # largest n with a[:n] == b[:n]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@functools.lru_cache(maxsize=16)
 def _compile_template(source: str):
+    """A template compiled in HF's sandbox (loopcontrols, tojson, raise_exception, generation tags)."""
+    from datetime import datetime
+
+    from jinja2 import nodes
     from jinja2.exceptions import TemplateError
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTags(Extension):
+        # HF's {% generation %} ... {% endgeneration %} marks assistant text; sftplug finds
+        # assistant text by rendering, so the block renders its body unchanged.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTags, loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
     except TemplateError as exc:

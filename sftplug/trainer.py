@@ -7,10 +7,13 @@ the update's total number of target tokens, so ``--micro-bsz 2 --accum 4`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from sftplug.generate import answer
 from sftplug.loading import load_model, resolve_device
 from sftplug.lora import apply_lora, lora_settings, trainable_state_dict
 from sftplug.loss import target_loss_sum
+from sftplug.resume import resume_run
 from sftplug.schedule import Schedule
 
 STATE_FILE = "state.pt"
@@ -35,7 +39,7 @@ class Run:
     def __init__(self, config: TrainConfig, registry, echo=print):
         self.config, self.registry, self.echo = config, registry, echo
         self.step = 0  # updates done
-        self.tokens_seen = 0
+        self.tokens_seen = self.tokens_at_start = 0
         self.out = check_output_dir(config.out)
         self.device = resolve_device(config.device)
         hook = registry.hook
@@ -65,6 +69,7 @@ class Run:
     def load_data(self) -> None:
         c = self.config
         started = time.perf_counter()
+        self.data_sha256 = hashlib.sha256(Path(c.data).read_bytes()).hexdigest() if Path(c.data).is_file() else None
         docs = data.tokenize_file(c.data, self.tokenizer, train_on_prompt=c.train_on_prompt)
         self.eval_docs = data.tokenize_file(c.eval_data, self.tokenizer) if c.eval_data else []
         seconds = time.perf_counter() - started
@@ -122,16 +127,17 @@ class Run:
             skipped = False
             if scaler is not None:
                 scale = scaler.get_scale()
-                scaler.step(self.optimizer)
+                scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
                 scaler.update()
                 skipped = scaler.get_scale() < scale
-            else:
-                loss_value = float(loss_sum) / n_targets
-                if not math.isfinite(loss_value):
+            elif not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+                if c.on_nonfinite == "stop":
                     raise SftplugError(
-                        f"loss is {loss_value} at step {self.step + 1}: training stopped, the last checkpoint "
-                        "is kept; lower --lr or use --dtype fp32"
+                        f"loss is {float(loss_sum)} at step {self.step + 1}: training stopped and the last checkpoint "
+                        "kept; lower --lr, or pass --on-nonfinite skip to skip such updates"
                     )
+                skipped = True
+            else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         seconds = timer.elapsed()
@@ -147,7 +153,7 @@ class Run:
             "tps": n_tokens / seconds,
             "s_per_update": seconds,
         }
-        if scaler is not None:
+        if skipped or scaler is not None:
             record["skipped"] = skipped
         if c.profile:
             record.update(fwd_ms=timer.ms("fwd"), bwd_ms=timer.ms("bwd"), opt_ms=timer.ms("opt"))
@@ -194,6 +200,7 @@ class Run:
             "lora": lora_settings(self.model),
             "config": self.config.to_dict(),
             "tokens_seen": self.tokens_seen,
+            "data_sha256": self.data_sha256,
         }
         writers = {STATE_FILE: lambda path: torch.save(state, path)}
         folder = checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, writers)
@@ -241,42 +248,32 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
     """Run a whole training job; returns the summary."""
     run = Run(config, registry, echo)
     if config.resume:
-        from sftplug.resume import resume_run
-
         resume_run(run, config.resume)
     prompt = run.sample_prompt()
     before_loss = run.eval_loss()
     before_answer = answer(run.model, run.tokenizer, prompt) if prompt else None
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")
-    started = time.perf_counter()
-    while run.step < config.steps:
-        record = run.update()
-        if config.eval_every and run.step % config.eval_every == 0:
-            record["eval_loss"] = run.eval_loss()
-        run.log(record)
-        if config.profile:
-            echo(
-                f"[profile] forward {record['fwd_ms']:.0f} ms  backward {record['bwd_ms']:.0f} ms  "
-                f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s | {record['s_per_update']:.2f} s/upd"
-            )
-        if run.step % config.log_every == 0 or run.step == config.steps:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / run.step * (config.steps - run.step) if run.step else 0
-            echo(
-                f"step {run.step:>{len(str(config.steps))}}/{config.steps}  loss {record['loss']:.4f}  "
-                f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  | {record['tps']:,.0f} tok/s  "
-                f"eta {eta:.0f}s"
-            )
-        if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
-            run.save()
+    started, first_step = time.perf_counter(), run.step
+    with _StopOnSignal(echo) as stop:
+        while run.step < config.steps and not stop.requested:
+            record = run.update()
+            if config.eval_every and run.step % config.eval_every == 0:
+                record["eval_loss"] = run.eval_loss()
+            run.log(record)
+            _report(run, record, started, first_step, echo)
+            if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
+                run.save()
     seconds = time.perf_counter() - started
     folder = run.save()
+    if stop.requested:
+        echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
     after_loss = run.eval_loss()
     summary = {
         "steps": run.step,
+        "interrupted": stop.requested,
         "seconds": seconds,
-        "tokens_per_second": run.tokens_seen / max(seconds, 1e-9),
+        "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(seconds, 1e-9),
         "eval_loss_before": before_loss,
         "eval_loss_after": after_loss,
         "checkpoint": str(folder),
@@ -290,5 +287,45 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
     return summary
 
 
-def _environ_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
+def _report(run: Run, record: dict, started: float, first_step: int, echo) -> None:
+    c = run.config
+    if c.profile:
+        echo(
+            f"[profile] forward {record['fwd_ms']:.0f} ms  backward {record['bwd_ms']:.0f} ms  "
+            f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s | {record['s_per_update']:.2f} s/upd"
+        )
+    if run.step % c.log_every == 0 or run.step == c.steps:
+        done = run.step - first_step
+        eta = (time.perf_counter() - started) / done * (c.steps - run.step)
+        skipped = "  (skipped: inf/NaN grads)" if record.get("skipped") else ""
+        echo(
+            f"step {run.step:>{len(str(c.steps))}}/{c.steps}  loss {record['loss']:.4f}  "
+            f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  | {record['tps']:,.0f} tok/s  "
+            f"eta {eta:.0f}s{skipped}"
+        )
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: finish the update, save, exit 0. Second: exit at once."""
+
+    def __init__(self, echo):
+        self.echo, self.requested, self._previous = echo, False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.echo("second signal: exiting now without saving")
+            os._exit(130)
+        self.requested = True
+        self.echo(f"{signal.Signals(signum).name}: finishing this update, then saving (signal again to quit now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+

@@ -1,6 +1,6 @@
 import pytest
 
-from sftplug.config import ASSETS, TrainConfig
+from sftplug.config import TrainConfig
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def small_config(tmp_path):
             accum=1,
             seq_len=64,
             log_every=100,
-            eval_data=str(ASSETS / "default_eval.jsonl"),
+            eval_data=None,
             lr=3e-3,
             warmup=2,
         )
@@ -23,7 +23,3 @@ def small_config(tmp_path):
         return TrainConfig(**base)
 
     return make
-
-
-def quiet(*args, **kwargs):
-    pass

@@ -1,0 +1,97 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+from sftplug import checkpoint
+from sftplug.errors import SftplugError
+from sftplug.registry import build_registry
+from sftplug.trainer import train
+
+
+def quiet(*args):
+    pass
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def lrs(out):
+    return [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out, step):
+    return load_file(str(out / "checkpoints" / f"step-{step}" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_resume_continues_bitwise(small_config, tmp_path, full):
+    straight = small_config(out=str(tmp_path / "a"), steps=12, save_every=6, accum=2, lora_dropout=0.1, full=full)
+    train(straight, build_registry(), echo=quiet)
+    # A second run that has only the step-6 checkpoint, as if the first had died after it.
+    resumed_out = tmp_path / "b"
+    (resumed_out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-6", resumed_out / "checkpoints" / "step-6")
+    resumed = small_config(out=str(resumed_out), steps=12, save_every=6, accum=2, lora_dropout=0.1, full=full,
+                           resume="auto")
+    train(resumed, build_registry(), echo=quiet)
+    assert losses(resumed_out) == losses(tmp_path / "a")[6:]
+    a, b = final_weights(tmp_path / "a", 12), final_weights(resumed_out, 12)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_longer_resume_keeps_the_lr_curve_continuous(small_config, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(out=str(out), steps=8, warmup=2), build_registry(), echo=quiet)
+    train(small_config(out=str(out), steps=16, warmup=2, resume="auto"), build_registry(), echo=quiet)
+    curve = lrs(out)
+    assert len(curve) == 16
+    steps = [b - a for a, b in zip(curve[7:], curve[8:])]
+    assert curve[8] < curve[7]  # no jump back up, no second warmup
+    assert all(d <= 1e-12 for d in steps)
+    assert max(abs(d) for d in steps) < 2 * abs(curve[7] - curve[6]) + 1e-9
+    assert curve[-1] == pytest.approx(3e-4, rel=0.05)  # still decays to the configured end
+
+
+def test_changed_setting_is_refused(small_config, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(out=str(out), steps=2), build_registry(), echo=quiet)
+    with pytest.raises(SftplugError, match="--lora-r is 8 but .* trained with 16; it cannot change on resume"):
+        train(small_config(out=str(out), steps=4, lora_r=8, resume="auto"), build_registry(), echo=quiet)
+    # settings that may change: steps, save interval, profile
+    train(small_config(out=str(out), steps=3, save_every=1, profile=True, resume="auto"), build_registry(), echo=quiet)
+
+
+def test_truncated_checkpoint_is_refused_and_auto_falls_back(small_config, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(out=str(out), steps=4, save_every=2), build_registry(), echo=quiet)
+    broken = out / "checkpoints" / "step-4"
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(SftplugError, match="step-4/model.safetensors: truncated or altered"):
+        checkpoint.verify(broken)
+    assert checkpoint.complete_checkpoints(out) == [out / "checkpoints" / "step-2"]
+    messages = []
+    train(small_config(out=str(out), steps=4, save_every=2, resume="auto"), build_registry(), echo=messages.append)
+    assert any("continuing from" in m and "step-2" in m for m in messages)
+    (out / "checkpoints" / "step-4" / "state.pt").unlink()
+    with pytest.raises(SftplugError, match="incomplete checkpoint \\(state.pt is missing\\)"):
+        train(small_config(out=str(out), steps=6, resume=str(out / "checkpoints" / "step-4")), build_registry(),
+              echo=quiet)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(small_config(out=str(out), steps=2), build_registry(), echo=quiet)
+    saved = (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes()
+    monkeypatch.setattr("sftplug.trainer.target_loss_sum", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), 1))
+    with pytest.raises(SftplugError, match="loss is nan at step 3"):
+        train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == saved
