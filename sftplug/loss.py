@@ -19,13 +19,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
         # hidden: [N, C]; weight: [V, C]; targets: [N]
         w = weight.to(compute_dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 at least
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].to(compute_dtype)  # [n, C]
             y = targets[start : start + chunk_size]  # [n]
-            logits = (h @ w.t()).float()  # [n, V]
+            logits = (h @ w.t()).to(acc_dtype)  # [n, V]
             lse = torch.logsumexp(logits, dim=-1)  # [n]
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
@@ -34,7 +35,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (g.t() @ h).float()
+                grad_weight += (g.t() @ h).to(acc_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -61,5 +62,6 @@ def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096):
 
 def reference_loss_sum(hidden, labels, weight):
     """The same sum computed the plain way (full logits); used by tests."""
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from sftplug.data import IGNORE
+from sftplug.loss import reference_loss_sum, target_loss_sum
+
+
+@pytest.mark.parametrize("chunk_size", [3, 7, 4096])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_chunked_loss_equals_plain_cross_entropy(chunk_size, train_head):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=train_head)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = IGNORE  # a masked prompt
+    labels[1, -2:] = IGNORE  # padding
+    total, count = target_loss_sum(hidden, labels, weight, chunk_size=chunk_size)
+    expected = reference_loss_sum(hidden, labels, weight)
+    assert count == int((labels != IGNORE).sum())
+    torch.testing.assert_close(total.double(), expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(3 * total, [hidden] + ([weight] if train_head else []))
+    expected_grads = torch.autograd.grad(3 * expected, [hidden] + ([weight] if train_head else []))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_masked_positions_never_reach_the_head():
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    weight = torch.randn(20, 8)
+    labels = torch.full((1, 6), IGNORE)
+    labels[0, 3] = 5
+    total, count = target_loss_sum(hidden, labels, weight)
+    total.backward()
+    assert count == 1
+    assert hidden.grad[0, [0, 1, 2, 4, 5]].abs().sum() == 0
+    assert hidden.grad[0, 3].abs().sum() > 0
+
+
+def test_bf16_autocast_matches_fp32_closely():
+    torch.manual_seed(1)
+    hidden = torch.randn(3, 5, 32)
+    weight = torch.randn(64, 32) * 0.1
+    labels = torch.randint(0, 64, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = target_loss_sum(hidden, labels, weight)
+    high, _ = target_loss_sum(hidden, labels, weight)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, high, rtol=2e-2, atol=0)

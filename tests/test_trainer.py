@@ -1,0 +1,78 @@
+import json
+import re
+
+import pytest
+import torch
+
+from sftplug.registry import build_registry
+from sftplug.trainer import Run, train
+
+
+def quiet(*args):
+    pass
+
+
+def first_update_grads(config):
+    """Loss and gradients of the first update of a run (the optimizer step is skipped)."""
+    run = Run(config, build_registry(), echo=quiet)
+    grads = {}
+
+    def record():
+        grads.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.requires_grad})
+
+    run.optimizer.step = record
+    return run.update(), grads
+
+
+def test_accumulation_is_exact(small_config, tmp_path):
+    # Rows of the bundled data hold different numbers of target tokens, so averaging
+    # per-micro-batch means would differ; the sum / total-targets rule must not.
+    one, grads_one = first_update_grads(small_config(out=str(tmp_path / "a"), micro_bsz=8, accum=1))
+    four, grads_four = first_update_grads(small_config(out=str(tmp_path / "b"), micro_bsz=2, accum=4))
+    assert one["target_tokens"] == four["target_tokens"]
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for name in grads_one:
+        torch.testing.assert_close(grads_four[name], grads_one[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_never_constructs_a_grad_scaler(small_config, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("GradScaler constructed in a bf16 run")
+
+    monkeypatch.setattr(torch.amp, "GradScaler", forbidden)
+    summary = train(small_config(dtype="bf16", steps=2), build_registry(), echo=quiet)
+    assert summary["steps"] == 2
+
+
+def test_fp16_skips_exactly_the_step_with_an_inf_gradient(small_config, tmp_path):
+    run = Run(small_config(dtype="fp16", steps=4), build_registry(), echo=quiet)
+    param = next(p for n, p in run.model.named_parameters() if "lora_B" in n)  # lora_A has no grad at step 0
+    poison = {"step": 2}
+    param.register_hook(lambda g: torch.full_like(g, float("inf")) if run.step == poison["step"] else g)
+    records, snapshots = [], []
+    for _ in range(4):
+        before = param.detach().clone()
+        records.append(run.update())
+        snapshots.append(torch.equal(before, param.detach()))
+    assert [r["skipped"] for r in records] == [False, False, True, False]
+    assert snapshots == [False, False, True, False]  # the skipped update left the weights alone
+
+
+def test_profile_lines_and_metrics_fields(small_config, tmp_path):
+    lines = []
+    train(small_config(profile=True, steps=2), build_registry(), echo=lines.append)
+    pattern = re.compile(
+        r"^\[profile\] forward \d+ ms  backward \d+ ms  optimizer \d+ ms \| [\d,]+ tok/s \| [\d.]+ s/upd$"
+    )
+    assert sum(bool(pattern.match(line)) for line in lines) == 2
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert {"fwd_ms", "bwd_ms", "opt_ms", "tps", "s_per_update"} <= set(r)
+        assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
+
+
+def test_short_run_loss_falls(small_config):
+    summary = train(small_config(steps=25, micro_bsz=4, lr=5e-3, eval_data=None), build_registry(), echo=quiet)
+    records = [json.loads(x) for x in open(summary["checkpoint"].rsplit("/checkpoints", 1)[0] + "/metrics.jsonl")]
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.8 * first
