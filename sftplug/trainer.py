@@ -36,7 +36,8 @@ STATE_FILE = "state.pt"
 class Run:
     """Everything one training run holds; plugins receive it in resume_state / on_resume."""
 
-    def __init__(self, config: TrainConfig, registry, echo=print):
+    def __init__(self, config: TrainConfig, registry, echo=print, rows: data.Rows | None = None):
+        """Build the run; ``rows`` replaces the data files (benchmarks feed synthetic rows)."""
         self.config, self.registry, self.echo = config, registry, echo
         self.step = 0  # updates done
         self.tokens_seen = self.tokens_at_start = 0
@@ -57,7 +58,11 @@ class Run:
             apply_lora(self.model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.load_data()
+        if rows is None:
+            self.load_data()
+        else:
+            self.rows, self.eval_rows, self.data_sha256 = rows, None, None
+            self.batches = data.Batches(rows, config.micro_bsz, config.seed)
         self.choose_attention(loaded.description)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, eps=1e-8
