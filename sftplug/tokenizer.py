@@ -128,20 +128,31 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token")) or self.eos_token
         own = _named_template(config.get("chat_template"))
-        if chat_template:
-            self.chat_template = BUILTIN_TEMPLATES.get(chat_template, chat_template)
-            self.template_source = f"built-in '{chat_template}'" if chat_template in BUILTIN_TEMPLATES else "--chat-template"
-        elif own:
+        if own:
             self.chat_template, self.template_source = own, "tokenizer_config.json"
         else:
             self.chat_template = BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
             self.template_source = f"built-in '{DEFAULT_TEMPLATE}' (the model has none)"
+        if chat_template:  # a template string or a built-in name
+            self.chat_template = BUILTIN_TEMPLATES.get(chat_template, chat_template)
+            self.template_source = f"built-in '{chat_template}'" if chat_template in BUILTIN_TEMPLATES else "given"
         self.eos_id = self.token_id(self.eos_token)
         self.bos_id = self.token_id(self.bos_token)
         self.pad_id = self.token_id(self.pad_token)
         if self.pad_id is None:
             self.pad_id = 0
-        self._fingerprint = None
+        self._file_hash = None
+        self._template_for = None  # the template source _compiled() last compiled
+
+    def set_chat_template(self, value: str | None) -> None:
+        """Apply ``--chat-template``: a built-in name, a file or an inline template; None keeps the current one."""
+        source = resolve_chat_template(value)
+        if source is not None:
+            self.chat_template = source
+            if value in BUILTIN_TEMPLATES:
+                self.template_source = f"built-in '{value}'"
+            else:
+                self.template_source = "--chat-template " + (value if source != value else "(inline)")
 
     @property
     def vocab_size(self) -> int:
@@ -152,12 +163,10 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """A hash of everything that decides tokens and masks: tokenizer.json, template, specials."""
-        if self._fingerprint is None:
-            h = hashlib.sha256((self.folder / "tokenizer.json").read_bytes())
-            extra = [self.chat_template, self.bos_token, self.eos_token, self.pad_token, self.pad_id]
-            h.update(json.dumps(extra).encode())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+        if self._file_hash is None:
+            self._file_hash = hashlib.sha256((self.folder / "tokenizer.json").read_bytes()).hexdigest()
+        parts = [self._file_hash, self.chat_template, self.bos_token, self.eos_token, self.pad_token, self.pad_id]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     # -- encoding ------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -175,15 +184,18 @@ class Tokenizer:
         trained character (the tokenizer's offsets decide, as HF's assistant masks do).
         Returns (ids int32 [total], trained bool [total], lengths int64 [len(texts)]).
         """
-        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-        total = int(lengths.sum())
-        ids = np.fromiter(
-            (i for e in encodings for i in e.ids), dtype=np.int32, count=total
-        )
-        trained = np.zeros(total, dtype=bool)
-        base = 0
-        for encoding, text_spans, n in zip(encodings, spans, lengths.tolist()):
+        return self.masked_ids(self.encode_batch(texts), spans)
+
+    def masked_ids(self, encodings, spans: list[list[tuple[int, int]]]):
+        """:meth:`encode_masked` for texts already encoded with :meth:`encode_batch`."""
+        flat: list[int] = []
+        lengths: list[int] = []
+        marks: list[tuple[int, int]] = []  # trained token ranges, in flat positions
+        for encoding, text_spans in zip(encodings, spans):
+            base, ids = len(flat), encoding.ids
+            n = len(ids)
+            flat += ids
+            lengths.append(n)
             for a, b in text_spans:
                 first = _covering_token(encoding, range(a, b))
                 if first is None:
@@ -191,28 +203,43 @@ class Tokenizer:
                 last = _covering_token(encoding, range(b - 1, a - 1, -1))
                 while last + 1 < n and (encoding.token_to_chars(last + 1) or (b, b))[0] < b:
                     last += 1  # a character split over several tokens (byte-level BPE)
-                trained[base + first : base + last + 1] = True
-            base += n
-        return ids, trained, lengths
+                marks.append((base + first, base + last + 1))
+        trained = np.zeros(len(flat), dtype=bool)
+        for a, b in marks:
+            trained[a:b] = True
+        return np.array(flat, dtype=np.int32), trained, np.array(lengths, dtype=np.int64)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # -- chat template -----------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        template = _compile_template(self.chat_template)
+        from jinja2.runtime import new_context
+
+        template, base = self._compiled()
+        # Template.render() merges the environment's globals into a new dict on every call,
+        # which is most of its cost for short conversations; the merged dict is built once
+        # (``base``) and shared instead. The output is the same.
+        variables = dict(base, messages=messages, add_generation_prompt=add_generation_prompt)
+        context = new_context(template.environment, template.name, template.blocks, variables, shared=True)
         try:
-            return template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                pad_token=self.pad_token or "",
-            )
+            return "".join(template.root_render_func(context))
         except Exception as exc:  # TemplateError, raise_exception(), SecurityError, TypeError ...
             raise ChatTemplateError(f"the chat template failed: {exc}") from None
 
-    def render_spans(self, messages: list[dict], train_on_prompt: bool = False) -> tuple[str, list[tuple[int, int]], int]:
+    def _compiled(self):
+        if self._template_for != self.chat_template:
+            template = _compile_template(self.chat_template)
+            self._template_base = (template, {
+                **template.globals,
+                "bos_token": self.bos_token or "",
+                "eos_token": self.eos_token or "",
+                "pad_token": self.pad_token or "",
+            })  # fmt: skip
+            self._template_for = self.chat_template
+        return self._template_base
+
+    def render_spans(self, messages: list[dict], train_on_prompt: bool = False) -> tuple[str, list, int]:
         """The rendered conversation, its trained character spans, and turns lacking EOS.
 
         Each assistant turn spans from the end of the prompt before it (rendered with the
