@@ -51,6 +51,13 @@ data_options = _options(
     click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out records for eval loss."),
     click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed row."),
     click.option("--pack/--no-pack", default=True, show_default=True, help="Pack several documents per row."),
+    click.option("--eval-split", type=float, default=0.0, show_default=True, help="Fraction of --data held out."),
+    click.option(
+        "--format", type=click.Choice(["auto", "chat", "prompt", "alpaca", "text"]), default="auto", show_default=True
+    ),
+    click.option("--chat-template", help="Built-in template name (sftplug, chatml) or a Jinja file."),
+    click.option("--overlong", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True),
+    click.option("--skip-bad-records", is_flag=True, help="Skip and count bad records instead of stopping."),
     click.option("--train-on-prompt", is_flag=True, help="Also train on prompt tokens."),
 )
 

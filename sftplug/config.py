@@ -12,19 +12,26 @@ DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
 ASSETS = Path(__file__).parent / "assets"
+DEFAULT_DATA = ASSETS / "default_train.jsonl"
+DEFAULT_EVAL = ASSETS / "default_eval.jsonl"
 
 
 @dataclass
 class TrainConfig:
     model: str = "tiny"
-    data: str = str(ASSETS / "default_train.jsonl")
-    eval_data: str | None = str(ASSETS / "default_eval.jsonl")
+    data: str = str(DEFAULT_DATA)
+    eval_data: str | None = "auto"  # auto: the bundled held-out file with the bundled data, else none
     out: str = "runs/default"
     steps: int = 200
     micro_bsz: int = 8
     accum: int = 1
     seq_len: int = 256
     pack: bool = True
+    format: str = "auto"  # auto | chat | prompt | alpaca | text
+    chat_template: str | None = None  # built-in name or file; None: the model's own
+    overlong: str = "truncate"  # truncate | drop
+    skip_bad_records: bool = False
+    eval_split: float = 0.0
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 10
@@ -55,6 +62,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
+        if self.eval_data == "auto":
+            bundled = Path(self.data) == DEFAULT_DATA and not self.eval_split
+            self.eval_data = str(DEFAULT_EVAL) if bundled else None
         positive = ("steps", "micro_bsz", "accum", "seq_len", "lora_r", "log_every")
         for name in positive:
             if getattr(self, name) < 1:

@@ -49,6 +49,8 @@ class Run:
         random.seed(config.seed)
         loaded = load_model(config.model, dtype=torch.float32, device=self.device, registry=registry)
         self.tokenizer = loaded.tokenizer
+        if config.chat_template:
+            self.tokenizer.set_chat_template(config.chat_template)
         self.model = loaded.model
         self.model.checkpoint_blocks = config.grad_ckpt
         if config.full:
@@ -61,7 +63,7 @@ class Run:
         if rows is None:
             self.load_data()
         else:
-            self.rows, self.eval_rows, self.data_sha256 = rows, None, None
+            self.rows, self.eval_rows, self.data_sha256, self.data_stats = rows, None, None, {}
             self.batches = data.Batches(rows, config.micro_bsz, config.seed)
         self.choose_attention(loaded.description)
         self.optimizer = torch.optim.AdamW(
@@ -73,19 +75,15 @@ class Run:
     # -- set-up ---------------------------------------------------------------------
     def load_data(self) -> None:
         c = self.config
-        started = time.perf_counter()
         self.data_sha256 = hashlib.sha256(Path(c.data).read_bytes()).hexdigest() if Path(c.data).is_file() else None
-        docs = data.tokenize_file(c.data, self.tokenizer, train_on_prompt=c.train_on_prompt)
-        self.eval_docs = data.tokenize_file(c.eval_data, self.tokenizer) if c.eval_data else []
-        seconds = time.perf_counter() - started
-        self.rows = data.pack(docs, c.seq_len, self.tokenizer.pad_id, packed=c.pack)
-        self.eval_rows = data.pack(self.eval_docs, c.seq_len, self.tokenizer.pad_id) if self.eval_docs else None
+        prepared = data.prepare_data(
+            self.tokenizer, data=c.data, eval_data=c.eval_data, eval_split=c.eval_split, seq_len=c.seq_len,
+            pack=c.pack, fmt=c.format, train_on_prompt=c.train_on_prompt, overlong=c.overlong,
+            skip_bad_records=c.skip_bad_records, cache_dir=self.out / "cache", seed=c.seed,
+        )  # fmt: skip
+        self.rows, self.eval_rows, self.data_stats = prepared.train, prepared.eval, prepared.stats
         self.batches = data.Batches(self.rows, c.micro_bsz, c.seed)
-        rate = (len(docs) + len(self.eval_docs)) / max(seconds, 1e-9)
-        self.echo(
-            f"data: {len(docs):,} records -> {len(self.rows):,} rows of {c.seq_len} "
-            f"({self.rows.target_tokens:,} target tokens; tokenised at {rate:,.0f} records/s)"
-        )
+        self.echo(prepared.describe())
 
     def choose_attention(self, model_description: str) -> None:
         cfg = self.model.config
@@ -185,9 +183,8 @@ class Run:
     def sample_prompt(self) -> str | None:
         if self.config.sample_prompt:
             return self.config.sample_prompt
-        if not self.config.eval_data:
-            return None
-        _, record = data.read_records(self.config.eval_data)[0]
+        source = self.config.eval_data or self.config.data
+        _, record = data.read_records(source)[0]
         fmt = data.detect_format(record)
         if fmt in (None, "text"):
             return None
@@ -285,6 +282,7 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
         "sample_prompt": prompt,
         "answer_before": before_answer,
         "answer_after": answer(run.model, run.tokenizer, prompt) if prompt else None,
+        "data": {k: run.data_stats.get(k, 0) for k in ("records", "skipped_bad", "truncated", "dropped")},
     }
     if run.device.type == "cuda":
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

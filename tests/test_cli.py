@@ -76,9 +76,11 @@ def test_train_then_generate(tmp_path):
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tps"} <= set(r)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
     assert (out / "checkpoints" / "step-4" / "model.safetensors").is_file()
-    generated = invoke("generate", str(out), "Count from 4 to 9.", "--max-new-tokens", "5")
+    # the checkpoint, loaded again, answers exactly as the trained model did
+    summary = json.loads((out / "summary.json").read_text())
+    generated = invoke("generate", str(out), summary["sample_prompt"])
     assert generated.exit_code == 0, generated.output
-    assert generated.output.strip()
+    assert generated.output.strip() == summary["answer_after"]
 
 
 def test_generate_on_a_folder_that_is_no_checkpoint(tmp_path):
