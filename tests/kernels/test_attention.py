@@ -1,0 +1,311 @@
+"""The Triton attention kernel on the CPU, under the Triton interpreter.
+
+Forward and every gradient are compared with a float64 plain-PyTorch reference: the
+kernel's error may be at most twice the error of the same-dtype PyTorch implementation
+(plus a small floor). Shapes are tiny: the interpreter runs each program in Python.
+"""
+
+import os
+import sys
+
+# @triton.jit chooses interpreter or compiler when it decorates: triton's own library
+# functions when triton is first imported, the kernels when their module is imported.
+# So TRITON_INTERPRET must be set before triton is imported. That is only done in this
+# process when nothing imported triton yet and there is no GPU (a GPU session must keep
+# compiled kernels for test_attention_gpu.py); otherwise these tests run in a child
+# pytest that has TRITON_INTERPRET=1 from its start. The variable is put back after the
+# imports so other test modules do not see it; a fixture sets it for each test here.
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+_TRITON_IMPORTED_BEFORE = "triton" in sys.modules
+
+import subprocess  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+IN_PROCESS = _PREVIOUS_INTERPRET == "1" or not (_TRITON_IMPORTED_BEFORE or torch.cuda.is_available())
+if IN_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import sftplug.kernels.attention as attention_module  # noqa: E402
+from sftplug.kernels.attention import (  # noqa: E402
+    attention_reference,
+    triton_attention,
+    triton_attention_available,
+)
+
+if _PREVIOUS_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request, monkeypatch):
+    if request.node.name == "test_in_a_child_process":
+        return
+    if not IN_PROCESS:
+        pytest.skip("triton was imported without the interpreter here: test_in_a_child_process runs this")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the interpreter tests run in this process")
+def test_in_a_child_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# Allowed error beyond twice torch's, relative to the largest reference value.
+FLOOR = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps}
+
+
+def _inputs(B, HQ, HKV, T, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, HQ, T, D, generator=g)
+    k = torch.randn(B, HKV, T, D, generator=g)
+    v = torch.randn(B, HKV, T, D, generator=g)
+    do = torch.randn(B, HQ, T, D, generator=g)
+    return q, k, v, do
+
+
+def _run(fn, q, k, v, do, dtype, **kw):
+    """Output and (dq, dk, dv) of fn on copies of q, k, v in dtype."""
+    x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*x, **kw)
+    grads = torch.autograd.grad(out, x, do.to(dtype))
+    return [out.detach(), *grads]
+
+
+def _assert_within_twice_torch_error(got, ref64, same, dtype, what):
+    for name, a, r, s in zip(("out", "dq", "dk", "dv"), got, ref64, same):
+        assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}"
+        assert torch.isfinite(a).all(), f"{what} {name}: not finite"
+        err = (a.double() - r).abs().max().item()
+        base = (s.double() - r).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, r.abs().max().item())
+        assert err <= 2 * base + floor, f"{what} {name}: error {err:.3g} > 2 x torch's {base:.3g} + {floor:.3g}"
+
+
+CASES = [
+    # B, Hq, Hkv, T, D, causal, dtype
+    (1, 2, 1, 1, 32, True, torch.float32),
+    (1, 2, 1, 1, 64, False, torch.float16),
+    (2, 4, 1, 17, 32, True, torch.float32),
+    (1, 8, 2, 17, 64, False, torch.float16),
+    (1, 8, 2, 17, 16, True, torch.float16),
+    (1, 8, 2, 40, 32, True, torch.float32),
+    (1, 2, 2, 97, 32, True, torch.float16),
+    (1, 4, 1, 97, 64, False, torch.float32),
+    (1, 2, 1, 130, 64, True, torch.float32),
+    (1, 2, 2, 130, 32, False, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,HQ,HKV,T,D,causal,dtype", CASES)
+def test_matches_reference(B, HQ, HKV, T, D, causal, dtype):
+    q, k, v, do = _inputs(B, HQ, HKV, T, D, seed=T * 31 + D)
+    got = _run(triton_attention, q, k, v, do, dtype, causal=causal)
+    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal)
+    same = _run(attention_reference, q, k, v, do, dtype, causal=causal)
+    _assert_within_twice_torch_error(got, ref64, same, dtype, f"T={T} D={D} {HQ}:{HKV} causal={causal}")
+
+
+def test_custom_scale():
+    q, k, v, do = _inputs(1, 4, 2, 23, 32, seed=5)
+    got = _run(triton_attention, q, k, v, do, torch.float32, causal=True, scale=0.3)
+    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=True, scale=0.3)
+    same = _run(attention_reference, q, k, v, do, torch.float32, causal=True, scale=0.3)
+    _assert_within_twice_torch_error(got, ref64, same, torch.float32, "scale=0.3")
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_gqa_group_split_across_programs(split, monkeypatch):
+    # On a GPU with few kv heads and a small batch the dK/dV kernel splits each group's
+    # query heads over several programs and adds fp32 partial sums; force that here.
+    monkeypatch.setattr(attention_module, "_dkdv_split", lambda *args: split)
+    q, k, v, do = _inputs(1, 8, 2, 37, 32, seed=split)
+    doc_ids = _doc_ids([20, 17])[None]
+    got = _run(triton_attention, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
+    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=True, doc_ids=doc_ids)
+    same = _run(attention_reference, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
+    _assert_within_twice_torch_error(got, ref64, same, torch.float32, f"split={split}")
+
+
+def _doc_ids(lengths, pad_before=0, pad_after=0):
+    ids = [-1] * pad_before
+    for i, n in enumerate(lengths):
+        ids += [i] * n
+    return torch.tensor(ids + [-1] * pad_after)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", [[45], [13, 30], [1, 9, 17, 3, 20]], ids=["1doc", "2docs", "5docs"])
+def test_packed_documents_equal_separate_runs(lengths, causal):
+    T = sum(lengths)
+    q, k, v, do = _inputs(1, 4, 2, T, 32, seed=len(lengths))
+    doc_ids = _doc_ids(lengths)[None]
+    packed = _run(triton_attention, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
+
+    # The same documents run one by one through the kernel, on slices of the same leaves.
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    outs, s = [], 0
+    for n in lengths:
+        outs.append(triton_attention(*(t[:, :, s:s + n] for t in x), causal=causal))
+        s += n
+    out = torch.cat(outs, dim=2)
+    separate = [out.detach(), *torch.autograd.grad(out, x, do)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), packed, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
+    same = _run(attention_reference, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
+    _assert_within_twice_torch_error(packed, ref64, same, torch.float32, f"docs {lengths}")
+
+
+@pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (False, torch.float16)])
+def test_padding_rows_are_zero(causal, dtype):
+    T = 64
+    doc_ids = torch.stack([
+        _doc_ids([40], pad_after=24),  # padding shares blocks with a long document
+        _doc_ids([20, 30], pad_before=6, pad_after=8),
+        torch.full((T,), -1),  # a row of nothing but padding
+    ])
+    q, k, v, do = _inputs(3, 2, 1, T, 32, seed=11)
+    got = _run(triton_attention, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
+    pad = doc_ids < 0  # [B, T]
+    out, dq, dk, dv = got
+    for name, t in zip(("out", "dq", "dk", "dv"), got):
+        assert not torch.isnan(t).any() and torch.isfinite(t).all(), name
+    assert (out.permute(0, 2, 1, 3)[pad] == 0).all()
+    assert (dq.permute(0, 2, 1, 3)[pad] == 0).all()
+    assert (dk.permute(0, 2, 1, 3)[pad] == 0).all()
+    assert (dv.permute(0, 2, 1, 3)[pad] == 0).all()
+    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
+    same = _run(attention_reference, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
+    _assert_within_twice_torch_error(got, ref64, same, dtype, "padding")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN poison
+def test_blocks_outside_the_ranges_are_skipped():
+    # The interpreter uses 16 x 16 blocks. Poison what a program must never visit: a
+    # visited block would turn the result into NaN even where its mask is all false.
+    T, nan = 64, float("nan")
+    q, k, v, do = _inputs(1, 2, 1, T, 32, seed=3)
+    doc_ids = _doc_ids([32, 32])[None]
+
+    v_bad = v.clone()
+    v_bad[:, :, :32] = nan  # document 0's values
+    out = triton_attention(q, k, v_bad, causal=False, doc_ids=doc_ids)
+    assert torch.isfinite(out[:, :, 32:]).all()
+
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, 16:] = nan  # keys after the first block: causal rows 0..15 never see them
+    v_bad[:, :, 16:] = nan
+    out = triton_attention(q, k_bad, v_bad, causal=True)
+    assert torch.isfinite(out[:, :, :16]).all()
+
+    # Backward: dK/dV of document 1 never read document 0's queries, dQ of document 1
+    # never reads document 0's keys.
+    x = [t.clone() for t in (q, k, v)]
+    x[0][:, :, :32] = nan
+    x[1][:, :, :32] = nan
+    x = [t.requires_grad_() for t in x]
+    out = triton_attention(*x, causal=True, doc_ids=doc_ids)
+    dq, dk, dv = torch.autograd.grad(out, x, do)
+    for name, g in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(g[:, :, 32:]).all(), name
+
+
+def test_non_contiguous_inputs():
+    B, T, HQ, HKV, D = 2, 33, 4, 2, 32
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, T, (HQ + 2 * HKV) * D, generator=g)  # fused projection output
+    q, k, v = qkv.view(B, T, HQ + 2 * HKV, D).transpose(1, 2).split([HQ, HKV, HKV], dim=1)
+    do = torch.randn(B, T, HQ, D, generator=g).transpose(1, 2)  # [B, HQ, T, D], strided
+    assert not (q.is_contiguous() or k.is_contiguous() or do.is_contiguous())
+    strided = _run(triton_attention, q, k, v, do, torch.float32, causal=True)
+    dense = _run(triton_attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(),
+                 torch.float32, causal=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    ref = _run(attention_reference, q, k, v, do, torch.float64, causal=True)
+    for a, r in zip(strided, ref):
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-5)
+
+
+def test_bf16_is_computed_in_fp32_under_the_interpreter():
+    q, k, v, do = _inputs(1, 2, 1, 19, 32, seed=2)
+    got = _run(triton_attention, q, k, v, do, torch.bfloat16, causal=True)
+    ref = _run(attention_reference, q, k, v, do, torch.float64, causal=True)
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=3e-2)
+
+
+def test_input_checks():
+    q, k, v, _ = _inputs(1, 4, 2, 8, 32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        triton_attention(q, k[:, :1].expand(1, 3, 8, 32), v[:, :1].expand(1, 3, 8, 32))
+    with pytest.raises(ValueError, match="head dim"):
+        triton_attention(q[..., :24], k[..., :24], v[..., :24])
+    with pytest.raises(ValueError, match="dtype"):
+        triton_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="doc_ids"):
+        triton_attention(q, k, v, doc_ids=torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_available_under_the_interpreter(monkeypatch):
+    ok, why = triton_attention_available()
+    assert ok and "interpreter" in why
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the no-GPU message cannot be checked here")
+    ok, why = triton_attention_available()
+    assert not ok and "no CUDA GPU" in why and "TRITON_INTERPRET=1" in why
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        triton_attention(*_inputs(1, 1, 1, 4, 16)[:3])
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_interpreter_set_too_late_is_reported():
+    result = _python("""
+        import os, torch
+        import sftplug.kernels.attention as attn
+        os.environ["TRITON_INTERPRET"] = "1"
+        ok, why = attn.triton_attention_available()
+        assert not ok and "before the first import" in why, why
+        try:
+            attn.triton_attention(*torch.randn(3, 1, 1, 4, 16))
+        except RuntimeError as exc:
+            assert "before the first import" in str(exc)
+            print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_import_without_triton():
+    result = _python("""
+        import sys
+        sys.modules["triton"] = None  # as if it were not installed
+        import torch
+        from sftplug.kernels.attention import triton_attention, triton_attention_available
+        ok, why = triton_attention_available()
+        assert not ok and "triton" in why, why
+        try:
+            triton_attention(torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16))
+        except RuntimeError as exc:
+            assert "triton" in str(exc)
+            print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
