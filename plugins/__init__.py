@@ -8,6 +8,7 @@ BUILTIN_PLUGINS = [
     ("math", "sftplug.plugins.sdpa:math"),
     ("triton", "sftplug.plugins.triton_attention:triton"),
     ("precision", "sftplug.plugins.precision:precision"),
+    ("hf", "sftplug.plugins.hf:hf_checkpoint"),
     ("presets", "sftplug.plugins.loaders:presets"),
     ("sftplug-checkpoint", "sftplug.plugins.loaders:sftplug_checkpoint"),
     ("resume", "sftplug.plugins.resume:resume"),

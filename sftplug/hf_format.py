@@ -102,7 +102,7 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
         return theta, None
     if kind not in ("llama3", "linear"):
         raise SftplugError(f"{where}: rope type {kind!r} is not supported (supported: default, llama3, linear)")
-    return theta, dict(scaling)
+    return theta, {k: v for k, v in scaling.items() if k != "rope_theta"}
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dict:
@@ -110,7 +110,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
     arch = config.architecture if config.architecture in ARCHITECTURES else "llama"
     if config.qkv_bias != (arch == "qwen2"):
         raise SftplugError(
-            f"cannot export a {arch} model with qkv_bias={config.qkv_bias}: only Qwen2 has q/k/v biases without an o bias"
+            f"cannot export a {arch} model with qkv_bias={config.qkv_bias}: "
+            "only Qwen2 has q/k/v biases without an o bias"
         )
     hf = {k: v for k, v in config.extra.items() if k not in ("transformers_version", "_name_or_path")}
     hf.update(

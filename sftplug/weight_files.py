@@ -187,13 +187,18 @@ def _read_exact(f, array, path: Path) -> None:
         done += n
 
 
-def save_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, metadata=None) -> list[str]:
-    """Write HF-style weights: model.safetensors, or shards plus model.safetensors.index.json."""
+def save_weights(
+    folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, dtype=None, metadata=None
+) -> list[str]:
+    """Write HF-style weights: model.safetensors, or shards plus model.safetensors.index.json.
+
+    Tensors are cast to ``dtype`` (None: as they are) one shard at a time.
+    """
     metadata = {"format": "pt", **(metadata or {})}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = total = 0
     for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.numel() * (dtype or t.dtype).itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
@@ -207,7 +212,9 @@ def save_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
     weight_map = {}
     for name, shard in zip(names, shards):
         # Own storage per tensor: the split q/k/v rows are views of one fused parameter.
-        save_file({k: t.detach().to("cpu").contiguous().clone() for k, t in shard.items()}, str(folder / name), metadata)
+        own = {k: t.detach().to(device="cpu", dtype=dtype or t.dtype, copy=True).contiguous() for k, t in shard.items()}
+        save_file(own, str(folder / name), metadata)
+        del own
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

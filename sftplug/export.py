@@ -1,0 +1,185 @@
+"""Export a model to HF format: a folder transformers loads, or a base folder plus a PEFT adapter.
+
+Output layout (``out_dir`` must not exist or be empty; it is written under a temporary name
+and renamed when complete):
+
+* merge=True, or a model without LoRA (full fine-tune, HF folder, preset) ->
+  ``out_dir/`` is one HF model folder: config.json, model.safetensors (or
+  model-0000i-of-0000n.safetensors + model.safetensors.index.json), tokenizer files,
+  generation_config.json when the base had one.
+  Load with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+* merge=False with LoRA ->
+  ``out_dir/base/``    the HF model folder of the base weights (as above), and
+  ``out_dir/adapter/`` adapter_config.json + adapter_model.safetensors with HF module names.
+  Load with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"base"), out_dir/"adapter")``.
+
+sftplug fuses q/k/v and gate/up; HF keeps them apart. A LoRA on the fused ``qkv`` is exactly
+three LoRAs on q_proj / k_proj / v_proj that share A: lora_A is copied to each and lora_B is
+split by rows (gate_up -> gate_proj / up_proj likewise), since B @ A split by rows is
+B[rows] @ A. Merging adds scaling * B @ A to the base weight in fp32 before casting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from sftplug import checkpoint as ckpt
+from sftplug.errors import SftplugError
+from sftplug.hf_format import as_dtype, config_to_hf, hf_pieces, map_names_to_model, to_hf_state_dict
+from sftplug.model import ModelConfig, Transformer
+
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def export_checkpoint(
+    checkpoint,
+    out_dir,
+    merge: bool = True,
+    *,
+    dtype=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    registry=None,
+) -> dict[str, Path]:
+    """Write ``checkpoint`` as HF-format folder(s) under ``out_dir``; see the module docstring.
+
+    :param checkpoint: an sftplug checkpoint (run folder, step folder, ``latest``), an HF
+        folder or a preset name: anything ``sftplug.loading.load_model`` accepts.
+    :param out_dir: the folder to create (must not exist, or be empty).
+    :param merge: merge a LoRA into the base weights (True) or write base + adapter (False).
+    :param dtype: the dtype of the written weights ("bf16", "fp16", "fp32" or a torch dtype);
+        None keeps the base model's own (config.json's dtype, float32 for presets).
+    :param max_shard_bytes: largest safetensors file before the weights are sharded.
+    :returns: ``{"model": out_dir}``, or ``{"base": out_dir/"base", "adapter": out_dir/"adapter"}``.
+    """
+    from sftplug.loading import load_model
+    from sftplug.plugins.hf import source_dtype
+
+    out = Path(out_dir)
+    wanted_dtype = as_dtype(dtype)  # a bad dtype fails before anything is loaded
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SftplugError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    folder = ckpt.resolve(checkpoint)
+    if folder.is_dir() and (folder / ckpt.MANIFEST).exists():
+        manifest = ckpt.verify(folder)  # a precise message for an incomplete or corrupt checkpoint
+        if not isinstance(manifest.get("base_model"), str):
+            raise SftplugError(f"{folder / ckpt.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
+    loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config: ModelConfig = model.config
+    lora = getattr(model, "lora_config", None)
+    out_dtype = wanted_dtype or source_dtype(config)
+    as_adapter = lora is not None and not merge
+
+    plain = plain_weights(model, merge=lora is not None and merge)
+    export_config = config
+    if config.tie_embeddings and not torch.equal(plain["lm_head.weight"], plain["embed_tokens.weight"]):
+        export_config = ModelConfig(**{**config.to_dict(), "tie_embeddings": False})  # a merged LoRA on lm_head
+    hf_weights = to_hf_state_dict(plain, export_config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_dir = tmp / "base" if as_adapter else tmp
+    try:
+        model_dir.mkdir(parents=True)
+        write_hf_model(model_dir, hf_weights, export_config, out_dtype, tokenizer, max_shard_bytes)
+        if as_adapter:
+            write_adapter(tmp / "adapter", model, config, base_path=(out / "base").resolve())
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"base": out / "base", "adapter": out / "adapter"} if as_adapter else {"model": out}
+
+
+def plain_weights(model: torch.nn.Module, merge: bool) -> dict[str, torch.Tensor]:
+    """The base weights under plain sftplug names (``qkv.weight``), LoRA merged in if ``merge``."""
+    from peft.tuners.lora import LoraLayer
+
+    state = model.state_dict()
+    with torch.device("meta"):
+        reference = Transformer(model.config)
+    mapping = map_names_to_model(state.keys(), reference)
+    plain, stray = {}, []
+    for key, target in mapping.items():
+        if target is not None:
+            plain[target] = state[key]
+        elif ".lora_" not in key:
+            stray.append(key)
+    if stray:
+        raise SftplugError(f"cannot export: weights {stray[:3]} belong to no layer of the model")
+    if merge:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                    weight = f"{name}.weight"
+                    plain[weight] = plain[weight].float() + module.get_delta_weight("default").float()
+    return plain
+
+
+def write_hf_model(folder: Path, weights, config: ModelConfig, dtype, tokenizer, max_shard_bytes: int) -> None:
+    from sftplug.weight_files import save_weights
+
+    save_weights(folder, weights, max_shard_bytes, dtype=dtype)
+    hf_config = config_to_hf(config, dtype, tokenizer)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    source = Path(tokenizer.folder)
+    if (source / "generation_config.json").is_file():
+        shutil.copy(source / "generation_config.json", folder)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, folder)
+
+
+def adapter_weights(model: torch.nn.Module, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PEFT adapter tensors under HF module names, and the HF target module names."""
+    from peft.tuners.lora import LoraLayer
+
+    pieces = hf_pieces(config)
+    tensors, targets = {}, set()
+    for name, module in model.named_modules():
+        if not (isinstance(module, LoraLayer) and "default" in module.lora_A):
+            continue
+        a, b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+        parts = pieces.get(f"{name}.weight") or [(f"{name}.weight", 0, b.shape[0])]  # lm_head, even when tied
+        for hf_name, start, end in parts:
+            hf_module = hf_name.removesuffix(".weight")
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a  # shared A: copied to each
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b[start:end]  # B split by rows
+            targets.add(hf_module.rsplit(".", 1)[-1])
+    return tensors, sorted(targets)
+
+
+def write_adapter(folder: Path, model: torch.nn.Module, config: ModelConfig, base_path: Path) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    lora = model.lora_config
+    tensors, targets = adapter_weights(model, config)
+    folder.mkdir(parents=True)
+    save_file({k: t.float().contiguous().clone() for k, t in tensors.items()}, str(folder / ADAPTER_WEIGHTS))
+    LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        use_rslora=lora.use_rslora,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base_path),
+    ).save_pretrained(str(folder))

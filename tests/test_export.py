@@ -1,0 +1,204 @@
+"""Export to HF format: merged models and PEFT adapters that transformers and peft load exactly."""
+
+import copy
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sftplug import checkpoint
+from sftplug.config import ASSETS, TrainConfig
+from sftplug.errors import SftplugError
+from sftplug.export import export_checkpoint
+from sftplug.loading import load_model
+from sftplug.plugins.hf import set_default_attention
+from sftplug.registry import build_registry
+from sftplug.trainer import train
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(3))
+
+
+def make_hf_folder(folder, config_class="LlamaConfig", **overrides):
+    """A tiny random HF checkpoint with the bundled tokenizer (as in tests/plugins/test_hf.py)."""
+    options = dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    config = getattr(transformers, config_class)(**copy.deepcopy({**options, **overrides}))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSETS / name, folder)
+    return folder
+
+
+def relative_error(got, ref) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def sftplug_logits(source):
+    model = load_model(str(source)).model
+    if model.layers[0].attn.backend is None:  # presets get no backend at load (HF folders do)
+        set_default_attention(model, "cpu", torch.float32)
+    with torch.no_grad():
+        return model(IDS)
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")
+
+
+def train_lora(model, out, targets=("qkv", "o", "gate_up", "down")):
+    config = TrainConfig(
+        model=str(model), out=str(out), steps=3, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2, warmup=0,
+        log_every=100, lora_targets=targets,
+    )  # fmt: skip
+    folder = train(config, build_registry(), echo=lambda *a: None)["checkpoint"]
+    # Training moves B off zero; perturb every B as well so no LoRA (lm_head included) is trivial.
+    path = checkpoint.resolve(folder) / checkpoint.WEIGHTS
+    weights = load_file(str(path))
+    generator = torch.Generator().manual_seed(0)
+    for name, t in weights.items():
+        if ".lora_B." in name:
+            weights[name] = t + 0.05 * torch.randn(t.shape, generator=generator)
+    save_file(weights, str(path))  # same names and shapes: the manifest's sizes still hold
+    return folder
+
+
+@pytest.mark.parametrize(
+    "config_class, overrides, targets",
+    [
+        ("LlamaConfig", {}, ("qkv", "o", "gate_up", "down")),
+        ("Qwen2Config", {"tie_word_embeddings": True}, ("qkv", "o", "gate_up", "down", "lm_head")),
+    ],
+    ids=["llama", "qwen2-tied-lm_head"],
+)
+def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, overrides, targets):
+    base = make_hf_folder(tmp_path / "hf", config_class, **overrides)
+    run = train_lora(base, tmp_path / "run", targets)
+    ours = sftplug_logits(tmp_path / "run")
+    assert relative_error(ours, hf_logits(hf_model(base))) > 1e-2  # the LoRA changes the model
+
+    merged = export_checkpoint(tmp_path / "run", tmp_path / "merged", merge=True)
+    assert merged == {"model": tmp_path / "merged"}
+    assert relative_error(hf_logits(hf_model(tmp_path / "merged")), ours) <= 1e-4
+    assert relative_error(sftplug_logits(tmp_path / "merged"), ours) <= 1e-4  # and sftplug reads it back
+
+    parts = export_checkpoint(run, tmp_path / "split", merge=False)
+    assert parts == {"base": tmp_path / "split" / "base", "adapter": tmp_path / "split" / "adapter"}
+    adapter_config = json.loads((parts["adapter"] / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 16
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(adapter_config["target_modules"])
+    adapter = load_file(str(parts["adapter"] / "adapter_model.safetensors"))
+    a = "base_model.model.model.layers.0.self_attn.{}_proj.lora_A.weight"
+    assert torch.equal(adapter[a.format("q")], adapter[a.format("v")])  # one shared A, copied
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that a LoRA on a tied lm_head complicates merging
+        wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
+    assert relative_error(hf_logits(wrapped), ours) <= 1e-4
+    assert relative_error(hf_logits(hf_model(parts["base"])), hf_logits(hf_model(base))) <= 1e-4
+
+
+def test_full_fine_tune_exports_as_one_model(tmp_path):
+    base = make_hf_folder(tmp_path / "hf", "MistralConfig", head_dim=16)
+    config = TrainConfig(
+        model=str(base), out=str(tmp_path / "run"), steps=2, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2,
+        warmup=0, full=True, log_every=100,
+    )  # fmt: skip
+    train(config, build_registry(), echo=lambda *a: None)
+    ours = sftplug_logits(tmp_path / "run")
+    assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3  # the weights changed
+    out = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)["model"]  # no LoRA: one model
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["architectures"] == ["MistralForCausalLM"] and exported["model_type"] == "mistral"
+    assert relative_error(hf_logits(hf_model(out)), ours) <= 1e-4
+
+
+def test_tiny_preset_exports_with_its_tokenizer(tmp_path):
+    out = export_checkpoint("tiny", tmp_path / "tiny", max_shard_bytes=2 * 2**20)["model"]
+    assert (out / "model.safetensors.index.json").is_file()  # ~8 MB of weights in 2 MB shards
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
+    assert relative_error(hf_logits(hf_model(out)), sftplug_logits("tiny")) <= 1e-4
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours = load_model("tiny").tokenizer
+    text = "<|user|>\nWrite the word truck 3 times."
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+
+    half = export_checkpoint("tiny", tmp_path / "tiny-bf16", dtype="bf16")["model"]
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    weights = load_file(str(half / "model.safetensors"))
+    assert weights["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16
+    assert torch.equal(
+        load_model(str(half)).model.layers[0].attn.qkv.weight,
+        load_model("tiny").model.layers[0].attn.qkv.weight.bfloat16(),
+    )
+
+
+def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path):
+    config = TrainConfig(
+        out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0, log_every=100,
+        lora_targets=("qkv", "down"),
+    )  # fmt: skip
+    train(config, build_registry(), echo=lambda *a: None)
+    parts = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)
+    assert sorted(json.loads((parts["adapter"] / "adapter_config.json").read_text())["target_modules"]) == [
+        "down_proj", "k_proj", "q_proj", "v_proj",
+    ]  # fmt: skip
+    wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
+    assert relative_error(hf_logits(wrapped), sftplug_logits(tmp_path / "run")) <= 1e-4
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SftplugError, match="not a built-in preset, an HF checkpoint folder or an sftplug"):
+        export_checkpoint(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(SftplugError):
+        export_checkpoint(tmp_path / "does-not-exist", tmp_path / "out")
+
+    fake = tmp_path / "fake" / "checkpoints" / "step-1"
+    fake.mkdir(parents=True)
+    manifest = {"format": "sftplug-checkpoint", "files": {"model.safetensors": 10}}
+    (fake / "run.json").write_text(json.dumps(manifest))
+    (fake.parent / "latest").write_text("step-1\n")
+    with pytest.raises(SftplugError, match="incomplete checkpoint .model.safetensors is missing"):
+        export_checkpoint(tmp_path / "fake", tmp_path / "out")
+    (fake / "model.safetensors").write_bytes(b"0123456789")
+    with pytest.raises(SftplugError, match="names no base_model"):
+        export_checkpoint(tmp_path / "fake", tmp_path / "out")
+    manifest.update(step=1, base_model="tiny", lora=None)
+    (fake / "run.json").write_text(json.dumps(manifest))
+    # model.safetensors has the listed size, but is not safetensors
+    with pytest.raises(SftplugError, match=f"{fake / 'model.safetensors'}: cannot be read"):
+        export_checkpoint(tmp_path / "fake", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+    with pytest.raises(SftplugError, match="dtype 'int8' is not supported"):
+        export_checkpoint("tiny", tmp_path / "out", dtype="int8")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    with pytest.raises(SftplugError, match="already exists and is not an empty folder"):
+        export_checkpoint("tiny", tmp_path / "taken")
