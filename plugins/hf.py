@@ -27,7 +27,7 @@ from sftplug.hf_format import (
     map_names_to_model,
     mismatch_error,
 )
-from sftplug.loading import LoadedModel
+from sftplug.loading import LoadedModel, set_default_attention
 from sftplug.model import ModelConfig, Transformer, rope_inv_freq
 from sftplug.tokenizer import Tokenizer
 from sftplug.weight_files import WeightFiles, has_weight_files, open_weights, read_into
@@ -45,7 +45,7 @@ class HFCheckpoint:
             if has_weight_files(folder):
                 raise SftplugError(f"{folder}: has weights but no {CONFIG}; an HF checkpoint folder needs both")
             return None
-        return load_hf_folder(folder, dtype=dtype, device=device)
+        return load_hf_folder(folder, dtype=dtype, device=device, attention=False)  # load_model sets it
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -93,7 +93,7 @@ def load_hf_folder(folder, dtype=None, device="cpu", attention: bool = True) -> 
     if window and (config.architecture == "mistral" or config.extra.get("use_sliding_window")):
         notes.append(f"sliding_window {window} not applied: exact for sequences up to {window} tokens")
     if attention:
-        info["attention"] = set_default_attention(model, device, dtype)
+        info["attention"] = set_default_attention(model, device, next(model.parameters()).dtype)
     params = sum(p.numel() for p in model.parameters())
     description = (
         f"HF {config.architecture} checkpoint {folder} ({params / 1e6:.1f}M params, {dtype_name(dtype)}, "
@@ -170,23 +170,6 @@ def _layer_note(missing: list[str], plan: dict, config: ModelConfig) -> str:
         return ""
     shown = ", ".join(map(str, whole[:5])) + (" ..." if len(whole) > 5 else "")
     return f" (layer {shown} entirely missing; config.json says num_hidden_layers={config.n_layers})"
-
-
-def set_default_attention(model: Transformer, device, dtype: torch.dtype, registry=None) -> str:
-    """Give every block the backend ``--attention auto`` picks for this device and dtype; returns why.
-
-    :param registry: the plugin registry to ask (default: a fresh ``build_registry()``).
-    """
-    from sftplug.attention import AttentionRequest, choose_backend
-    from sftplug.registry import build_registry
-
-    registry = registry or build_registry()
-    device = torch.device(device)
-    c = model.config
-    request = AttentionRequest("auto", device, dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed=False)
-    choice = choose_backend(registry.hook, request, {p.name: p.reason for p in registry.skipped()})
-    model.set_attention(choice.backend)
-    return choice.reason
 
 
 hf_checkpoint = HFCheckpoint()

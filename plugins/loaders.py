@@ -7,6 +7,7 @@ import torch
 from sftplug import checkpoint, hookimpl
 from sftplug.config import ASSETS
 from sftplug.errors import SftplugError
+from sftplug.hf_format import load_state_dict_exact
 from sftplug.loading import LoadedModel
 from sftplug.lora import apply_lora
 from sftplug.model import PRESETS, ModelConfig, Transformer
@@ -35,32 +36,22 @@ class SftplugCheckpoint:
             return None
         folder = checkpoint.resolve(source)
         manifest = checkpoint.verify(folder)
+        if "base_model" not in manifest:
+            raise SftplugError(f"{folder / checkpoint.MANIFEST}: no base_model; the checkpoint cannot be loaded")
         base = load_model(manifest["base_model"])
         model = base.model
+        template = manifest.get("config", {}).get("chat_template")
+        if template:  # the run trained with this template; answer with it too
+            base.tokenizer.set_chat_template(template)
         lora = manifest.get("lora")
         if lora:
             model = apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
         weights = checkpoint.load_weights(folder)
-        missing, unexpected = _load_into(model, weights, partial=bool(lora))
-        if missing or unexpected:
-            raise SftplugError(
-                f"{folder / checkpoint.WEIGHTS}: does not match the model "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad] if lora else None
+        load_state_dict_exact(model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
         model.eval()
         info = {"base_model": manifest["base_model"], "lora": lora, "step": manifest["step"]}
         return LoadedModel(model, base.tokenizer, str(folder), f"sftplug checkpoint {folder}", info)
-
-
-def _load_into(model, weights: dict, partial: bool):
-    own = model.state_dict()
-    missing = [] if partial else sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            if name in own:
-                own[name].copy_(tensor)
-    return missing, unexpected
 
 
 presets = Presets()

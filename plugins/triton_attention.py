@@ -12,7 +12,7 @@ import torch
 from sftplug import hookimpl
 from sftplug.attention import AttentionBackend, AttentionRequest
 
-HEAD_DIMS = (32, 64, 128, 256)
+HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 class Triton(AttentionBackend):

@@ -45,4 +45,20 @@ def load_model(source: str, *, dtype=None, device="cpu", registry=None) -> Loade
         raise SftplugError(
             f"--model {source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint"
         )
+    if loaded.model.layers[0].attn.backend is None:  # callable as loaded; a training run picks its own
+        dtype = next(loaded.model.parameters()).dtype
+        loaded.info["attention"] = set_default_attention(loaded.model, device, dtype, registry)
     return loaded
+
+
+def set_default_attention(model, device, dtype: torch.dtype, registry=None) -> str:
+    """Give every block the backend ``--attention auto`` picks for this device and dtype; returns why."""
+    from sftplug.attention import AttentionRequest, choose_backend
+    from sftplug.registry import build_registry
+
+    registry = registry or build_registry()
+    c = model.config
+    request = AttentionRequest("auto", torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed=False)
+    choice = choose_backend(registry.hook, request, {p.name: p.reason for p in registry.skipped()})
+    model.set_attention(choice.backend)
+    return choice.reason

@@ -38,4 +38,19 @@ def trainable_state_dict(model: nn.Module) -> dict:
     """The weights a checkpoint must keep: the adapter for LoRA, else every parameter."""
     if getattr(model, "lora_config", None) is not None:
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach() for n, t in model.state_dict().items()}
+    weights = {n: t.detach() for n, t in model.state_dict().items()}
+    if model.config.tie_embeddings:  # one tensor under two names; safetensors keeps it once
+        weights.pop("lm_head.weight", None)
+    return weights
+
+
+def lm_head_weight(model: nn.Module):
+    """The LM head's effective weight, a LoRA on the head (PEFT) included."""
+    head = model.lm_head
+    if not hasattr(head, "lora_A"):
+        return head.weight
+    weight = head.base_layer.weight
+    for name in head.active_adapters:
+        if name in head.lora_A:
+            weight = weight + (head.lora_B[name].weight @ head.lora_A[name].weight) * head.scaling[name]
+    return weight

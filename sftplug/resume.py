@@ -8,6 +8,7 @@ import torch
 
 from sftplug import checkpoint
 from sftplug.errors import SftplugError
+from sftplug.hf_format import load_state_dict_exact
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz")
@@ -42,14 +43,8 @@ def resume_run(run, resume: str) -> None:
     manifest = checkpoint.verify(folder)
     check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"), run.data_sha256, folder)
     weights = checkpoint.load_weights(folder)
-    own = run.model.state_dict()
-    missing = [n for n, p in run.model.named_parameters() if p.requires_grad and n not in weights]
-    unexpected = [n for n in weights if n not in own]
-    if missing or unexpected:
-        raise SftplugError(f"{folder}: weights do not match this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            own[name].copy_(tensor)
+    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    load_state_dict_exact(run.model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     run.registry.hook.on_resume(run=run, state=state)
     run.tokens_at_start = run.tokens_seen

@@ -25,7 +25,7 @@ from sftplug.config import TrainConfig, check_output_dir
 from sftplug.errors import SftplugError
 from sftplug.generate import answer
 from sftplug.loading import load_model, resolve_device
-from sftplug.lora import apply_lora, lora_settings, trainable_state_dict
+from sftplug.lora import apply_lora, lm_head_weight, lora_settings, trainable_state_dict
 from sftplug.loss import target_loss_sum
 from sftplug.resume import resume_run
 from sftplug.schedule import Schedule
@@ -118,7 +118,7 @@ class Run:
             mb = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
             with timer("fwd"), self.precision.autocast(device):
                 hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
-                total, _ = target_loss_sum(hidden, mb["labels"], self.model.lm_head.weight)
+                total, _ = target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
                 loss = total / n_targets
             with timer("bwd"):
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -174,7 +174,7 @@ class Run:
             mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
             with self.precision.autocast(self.device):
                 hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
-                loss, n = target_loss_sum(hidden, mb["labels"], self.model.lm_head.weight)
+                loss, n = target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
             total += float(loss)
             count += n
         self.model.train()
@@ -197,7 +197,7 @@ class Run:
             if part:
                 state.update(part)
         meta = {
-            "base_model": self.config.model,
+            "base_model": str(Path(self.config.model).resolve()) if Path(self.config.model).exists() else self.config.model,
             "model_config": self.model.config.to_dict(),
             "lora": lora_settings(self.model),
             "config": self.config.to_dict(),

@@ -14,7 +14,7 @@ from sftplug.config import ASSETS, TrainConfig
 from sftplug.errors import SftplugError
 from sftplug.export import export_checkpoint
 from sftplug.loading import load_model
-from sftplug.plugins.hf import set_default_attention
+from sftplug.loading import set_default_attention
 from sftplug.registry import build_registry
 from sftplug.trainer import train
 
