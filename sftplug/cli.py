@@ -123,6 +123,7 @@ def cli():
       sftplug train --attention efficient --dtype bf16 --model ./Llama-3.2-1B --data chat.jsonl
       sftplug plugins --json
       sftplug generate runs/default "Count from 4 to 9."
+      sftplug export runs/default --out exported/
     """
 
 
@@ -214,6 +215,28 @@ def generate(checkpoint, prompt, max_new_tokens, device):
 
     loaded = load_model(checkpoint, device=resolve_device(device))
     click.echo(answer(loaded.model, loaded.tokenizer, prompt, max_new_tokens))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("checkpoint")
+@click.option("--out", "out_dir", required=True, help="New or empty folder to write.")
+@click.option("--merge/--adapter", default=True, show_default=True,
+              help="LoRA runs: merge into the base weights, or write base/ + adapter/ for PEFT.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Weight dtype of the export (default: the base's).")
+@user_errors
+def export(checkpoint, out_dir, merge, dtype):
+    """Write CHECKPOINT as an HF folder that transformers (and peft) load.
+
+    \b
+    Examples:
+      sftplug export runs/default --out exported/            # merged, one HF folder
+      sftplug export runs/default --out exported/ --adapter  # exported/base + exported/adapter
+    """
+    from sftplug.export import export_checkpoint
+
+    written = export_checkpoint(checkpoint, out_dir, merge=merge, dtype=dtype)
+    for kind, path in written.items():
+        click.echo(f"{kind}: {path}")
 
 
 def main():

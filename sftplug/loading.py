@@ -43,7 +43,7 @@ def load_model(source: str, *, dtype=None, device="cpu", registry=None) -> Loade
     loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_model=load_nested)
     if loaded is None:
         raise SftplugError(
-            f"--model {source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint"
+            f"{source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint"
         )
     if loaded.model.layers[0].attn.backend is None:  # callable as loaded; a training run picks its own
         dtype = next(loaded.model.parameters()).dtype

@@ -95,3 +95,16 @@ def test_python_dash_m_works():
 
     result = subprocess.run([sys.executable, "-m", "sftplug", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and sftplug.__version__ in result.stdout
+
+
+def test_export_command(tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", "--out", str(out), *SMALL).exit_code == 0
+    merged = invoke("export", str(out), "--out", str(tmp_path / "merged"))
+    assert merged.exit_code == 0, merged.output
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "model.safetensors").is_file()
+    split = invoke("export", str(out), "--out", str(tmp_path / "split"), "--adapter")
+    assert split.exit_code == 0, split.output
+    assert (tmp_path / "split" / "adapter" / "adapter_config.json").is_file()
+    again = invoke("export", str(out), "--out", str(tmp_path / "merged"))
+    assert again.exit_code == 2 and "Traceback" not in again.output
