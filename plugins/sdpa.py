@@ -1,14 +1,25 @@
-"""PyTorch SDPA attention backends: flash, efficient (memory-efficient), math, cudnn.
+"""PyTorch SDPA attention backends: flash, efficient (memory-efficient), cudnn, math.
 
-Each runs every call inside ``sdpa_kernel([its backend])``, so PyTorch can never fall
-back to another kernel silently (and global flags or shell overrides do not matter).
-Packed rows run one kernel call per document: exact, and no T x T mask is ever built.
+Each plugin probes before it registers (is the kernel in this wheel, is there a GPU it
+runs on, does a tiny forward+backward run in it alone) and checks every request
+(dtype, head dim) the same way, so "flash needs fp16/bf16" is said before a run starts.
+
+Every call runs inside ``sdpa_kernel([its kernel])``: PyTorch cannot fall back to
+another kernel silently, and neither global ``enable_*_sdp`` flags nor shell variables
+such as ``PYTORCH_SDP_KERNEL`` change what runs. If the kernel refuses the inputs the
+call raises, naming the kernel and PyTorch's reason.
+
+GQA: K/V are passed with their own head count (``enable_gqa=True``) where the kernel
+takes that natively (probed); otherwise they are repeated, and ``sftplug doctor`` says so.
+
+Packed rows (``doc_ids``): documents are gathered into batches of equal (causal: padded)
+length and each batch is one SDPA call with ``is_causal``; no T x T mask is ever built,
+extra memory is O(T), and the output is exactly the per-document attention. Causal
+padding is exact because a query never sees the padded keys after it; non-causal
+batches use exact lengths.
 """
 
 from __future__ import annotations
-
-import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -16,150 +27,287 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sftplug import hookimpl, probes
 from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.errors import SftplugError
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# auto's order, fastest first, by device generation: causal fwd+bwd at the DESIGN.md
+# shapes (FA2 ~335 TFLOP/s vs cuDNN 500-740 on H100; PyTorch's own default order on
+# Ampere/Ada). `sftplug bench attention` measures it on the GPU at hand. The Triton
+# plugin's 28 (40 for packed rows) sits between these.
+PRIORITIES = {
+    "cpu": {"flash": 30, "math": 0},
+    "sm90+": {"cudnn": 35, "flash": 30, "efficient": 20, "math": 0},
+    "sm80": {"flash": 30, "cudnn": 25, "efficient": 20, "math": 0},
+    "older": {"efficient": 20, "flash": 15, "cudnn": 10, "math": 0},
+}
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def gpu_generation(device: torch.device) -> str:
+    """The key of :data:`PRIORITIES` for a device."""
+    if device.type != "cuda":
+        return "cpu"
+    cap = probes.gpu_capability() or (0, 0)
+    if cap >= (9, 0):
+        return "sm90+"
+    return "sm80" if cap >= (8, 0) else "older"
 
 
 class SdpaBackend(AttentionBackend):
-    sdp_backend: SDPBackend
-    cuda_only = True
+    """One SDPA kernel, run alone. Subclasses set ``name`` and ``cuda_only``."""
 
+    cuda_only = True
+    packed_documents = True  # bucketed per-document calls, see the module docstring
+
+    @property
+    def sdp_backend(self) -> SDPBackend:
+        return probes.sdpa_backends()[self.name]
+
+    # -- availability and checks ---------------------------------------------------
     def why_unavailable(self) -> str | None:
-        if self.cuda_only and not probes.cuda_available():
-            return f"{self.name} attention needs a CUDA GPU (torch.cuda.is_available() is False)"
+        """Machine-level: judged for the GPU when there is one, else for the CPU."""
+        if not probes.cuda_available():
+            if self.cuda_only:
+                return f"{self.name} attention runs only on CUDA GPUs; {probes.no_gpu_reason()}"
+            return self._first_refusal("cpu")
+        reason = self.cuda_rule(None)
+        return reason or self._first_refusal("cuda")
+
+    def _first_refusal(self, device_type: str) -> str | None:
+        """None if some training dtype runs here, else why the preferred one does not."""
+        dtypes = (torch.float32,) if device_type == "cpu" else (torch.bfloat16, torch.float16, torch.float32)
+        reasons = []
+        for dtype in dtypes:
+            request = AttentionRequest(self.name, torch.device(device_type), dtype, 64, 2, 2)
+            why = self.check(request)
+            if why is None:
+                return None
+            reasons.append(why)
+        return reasons[0]
+
+    def cuda_rule(self, request: AttentionRequest | None) -> str | None:
+        """Known CUDA limits, worded for people; PyTorch's probe has the last word."""
         return None
 
     @hookimpl
     def select_attention(self, request: AttentionRequest):
         return self
 
+    def priority_for(self, request: AttentionRequest) -> int:
+        return PRIORITIES[gpu_generation(request.device)].get(self.name, self.priority)
+
     def check(self, request: AttentionRequest) -> str | None:
-        if self.cuda_only and request.device.type != "cuda":
-            return f"{self.name} attention runs on CUDA only, not {request.device.type}"
-        ok, why, _ = _probe(self.sdp_backend, request.device.type, request.dtype, request.head_dim, gqa=False)
-        return None if ok else why
+        device = request.device.type
+        if device not in ("cpu", "cuda"):
+            return f"{self.name} attention runs on CUDA GPUs or the CPU, not {device}"
+        if device == "cpu" and self.cuda_only:
+            return f"{self.name} attention runs only on CUDA GPUs, not the CPU"
+        if device == "cuda":
+            if not probes.cuda_available():
+                return probes.no_gpu_reason()
+            rule = self.cuda_rule(request)
+            if rule:
+                return rule
+        refusal = probes.sdpa_refusal(self.name, device, request.dtype, request.head_dim)
+        if refusal:
+            what = f"{probes.dtype_name(request.dtype)}, head dim {request.head_dim} on {device}"
+            return f"PyTorch's {self.name} kernel refuses {what}: {refusal}"
+        if request.n_heads != request.n_kv_heads:
+            self.gqa_mode(request.device, request.dtype, request.head_dim)  # probe now, not mid-step
+        return None
 
-    def native_gqa(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-        return _probe(self.sdp_backend, device.type, dtype, head_dim, gqa=True)[0]
+    def gqa_mode(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+        """'native': K/V keep their own heads; 'repeat': K/V heads are copied per query group."""
+        if self.name == "math":
+            return "repeat"  # PyTorch's math kernel expands K/V itself
+        ok = probes.sdpa_refusal(self.name, device.type, dtype, head_dim, gqa=True) is None
+        return "native" if ok else "repeat"
 
+    # -- the call ------------------------------------------------------------------
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
+        # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; doc_ids: [B, T] or None
+        kv_shape = tuple(k.shape)
         gqa = q.shape[1] != k.shape[1]
-        if gqa and not self.native_gqa(q.device, q.dtype, q.shape[-1]):
-            k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        if gqa and self.name != "math" and self.gqa_mode(q.device, q.dtype, q.shape[-1]) == "repeat":
+            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
             gqa = False
-        with sdpa_kernel([self.sdp_backend]):
-            if doc_ids is None:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-            return _per_document(q, k, v, doc_ids, causal, gqa)
+        try:
+            with sdpa_kernel([self.sdp_backend]):
+                plan = None if doc_ids is None else pack_plan(doc_ids, causal)
+                if plan is None:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                return plan.attend(q, k, v, causal, gqa)
+        except RuntimeError as exc:
+            if not _no_kernel(exc):
+                raise
+            raise SftplugError(self.refusal_message(q, k, kv_shape, causal, gqa, exc)) from None
+
+    def refusal_message(self, q, k, kv_shape, causal: bool, gqa: bool, exc: BaseException) -> str:
+        """One line: this kernel, the inputs, PyTorch's reason, and that nothing fell back."""
+        request = AttentionRequest(self.name, q.device, q.dtype, q.shape[-1], q.shape[1], kv_shape[1])
+        reason = self.check(request)
+        if reason is None:
+            reasons = probes.sdpa_can_use(self.name, q, k, k, causal=causal, gqa=gqa)[1]
+            reason = "; ".join(reasons) or str(exc).strip().split("\n")[0]
+        return (
+            f"{self.name} attention cannot run q {tuple(q.shape)}, k/v {kv_shape} "
+            f"{probes.dtype_name(q.dtype)} on {q.device}: {reason} "
+            "(sftplug never falls back to another kernel; choose one with --attention, see `sftplug doctor`)"
+        )
+
+
+def _no_kernel(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "No available kernel" in text or "No viable backend" in text
 
 
 class Flash(SdpaBackend):
     name = "flash"
-    description = "SDPA FlashAttention-2 (CUDA sm80+, fp16/bf16; CPU flash kernel on CPU)"
-    sdp_backend = SDPBackend.FLASH_ATTENTION
+    description = "SDPA FlashAttention-2 (CUDA sm80+, fp16/bf16; PyTorch's flash kernel on the CPU)"
     priority = 30
     cuda_only = False
 
-    def why_unavailable(self) -> str | None:
-        if probes.cuda_available():
-            if not probes.flash_built():
-                return "this torch build has no flash attention (upgrade to a wheel built with it)"
-            major, minor = probes.gpu_capability()
-            if major < 8 and not probes.sdpa_cpu_flash_supported():
-                return f"flash attention needs compute capability 8.0+, this GPU is {major}.{minor}"
+    def cuda_rule(self, request):
+        if not probes.flash_built():
+            return f"this torch build has no flash attention (torch {torch.__version__}, CUDA {probes.cuda_version()})"
+        cap = probes.gpu_capability()
+        if probes.hip_version() is None and cap < (8, 0):
+            return f"flash needs compute capability 8.0+ (Ampere or newer); {probes.gpu_name()} is {cap[0]}.{cap[1]}"
+        if request is None:
             return None
-        if not probes.sdpa_cpu_flash_supported():
-            return "this torch build has no CPU flash attention kernel"
+        if request.dtype not in _HALF:
+            dtype = probes.dtype_name(request.dtype)
+            return f"flash needs fp16/bf16, not {dtype} (use --dtype bf16, or efficient for fp32)"
+        if request.head_dim % 8 or request.head_dim > 256:
+            return f"flash needs a head dim that is a multiple of 8 and at most 256, not {request.head_dim}"
         return None
 
 
 class Efficient(SdpaBackend):
     name = "efficient"
-    description = "SDPA memory-efficient attention (xFormers-style, CUDA)"
-    sdp_backend = SDPBackend.EFFICIENT_ATTENTION
+    description = "SDPA memory-efficient attention (CUDA; fp32, fp16, bf16)"
     priority = 20
+
+    def cuda_rule(self, request):
+        if request is None:
+            return None
+        if request.dtype not in (*_HALF, torch.float32):
+            return f"efficient needs fp16, bf16 or fp32, not {probes.dtype_name(request.dtype)}"
+        cap = probes.gpu_capability()
+        if request.dtype == torch.bfloat16 and cap < (8, 0) and probes.hip_version() is None:
+            return f"efficient needs compute capability 8.0+ for bf16; {probes.gpu_name()} is {cap[0]}.{cap[1]}"
+        return None
 
 
 class Cudnn(SdpaBackend):
     name = "cudnn"
-    description = "SDPA cuDNN attention (CUDA, cuDNN 9+)"
-    sdp_backend = SDPBackend.CUDNN_ATTENTION
+    description = "SDPA cuDNN fused attention (CUDA sm80+, cuDNN 9+, fp16/bf16)"
     priority = 25
 
-    def why_unavailable(self) -> str | None:
-        reason = super().why_unavailable()
-        if reason:
-            return reason
-        if probes.cudnn_version() is None:
+    def cuda_rule(self, request):
+        version = probes.cudnn_version()
+        if version is None:
             return "this torch build has no cuDNN"
-        return None
-
-    def priority_for(self, request: AttentionRequest) -> int:
-        # cuDNN's fused attention is the fastest SDPA kernel on Hopper.
+        if version < 90000:
+            return f"cudnn attention needs cuDNN 9+, this build has {probes.cudnn_version_text()}"
         cap = probes.gpu_capability()
-        return 35 if cap and cap[0] >= 9 else self.priority
+        if cap < (8, 0):
+            return f"cudnn attention needs compute capability 8.0+; {probes.gpu_name()} is {cap[0]}.{cap[1]}"
+        if request is None:
+            return None
+        if request.dtype not in _HALF:
+            return f"cudnn needs fp16/bf16, not {probes.dtype_name(request.dtype)}"
+        return None
 
 
 class Math(SdpaBackend):
     name = "math"
-    description = "SDPA reference math kernel (slow, materialises T x T scores)"
-    sdp_backend = SDPBackend.MATH
+    description = "SDPA reference math kernel (slow: materialises the scores of each document)"
     priority = 0
     cuda_only = False
 
 
-def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, n_heads, T, D], each K/V head repeated for its query group."""
     b, h_kv, t, d = x.shape
     return x[:, :, None].expand(b, h_kv, n_heads // h_kv, t, d).reshape(b, n_heads, t, d)
 
 
-def _per_document(q, k, v, doc_ids, causal, gqa):
-    rows = []
-    for b, lengths in enumerate(document_lengths(doc_ids)):
-        parts = []
-        start = 0
-        for length in lengths:
-            sl = slice(start, start + length)
-            parts.append(
-                F.scaled_dot_product_attention(
-                    q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], is_causal=causal, enable_gqa=gqa
-                )
-            )
-            start += length
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
-
-
-_lengths_cache: tuple[torch.Tensor, list[list[int]]] | None = None
+# -- packed rows ---------------------------------------------------------------------------
 
 
 def document_lengths(doc_ids: torch.Tensor) -> list[list[int]]:
-    """Lengths of the runs of equal ids in each row; cached for the layers of one forward."""
-    global _lengths_cache
-    if _lengths_cache is not None and _lengths_cache[0] is doc_ids:
-        return _lengths_cache[1]
-    lengths = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in doc_ids]
-    _lengths_cache = (doc_ids, lengths)
-    return lengths
+    """Lengths of the runs of equal ids in each row (one host sync)."""
+    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in doc_ids.cpu()]
 
 
-@functools.cache
-def _probe(backend: SDPBackend, device_type: str, dtype: torch.dtype, head_dim: int, gqa: bool):
-    """Run a tiny causal forward+backward in this backend alone; (ok, reason, warnings)."""
-    h_kv = 1 if gqa else 2
-    q = torch.randn(1, 2, 16, head_dim, device=device_type, dtype=dtype, requires_grad=True)
-    k = torch.randn(1, h_kv, 16, head_dim, device=device_type, dtype=dtype, requires_grad=True)
-    v = torch.randn(1, h_kv, 16, head_dim, device=device_type, dtype=dtype, requires_grad=True)
-    with warnings.catch_warnings(record=True) as caught, sdpa_kernel([backend]):
-        warnings.simplefilter("always")
-        try:
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
-        except RuntimeError as exc:
-            hints = [str(w.message).split("\n")[0] for w in caught]
-            why = hints[0] if hints else str(exc).split("\n")[0]
-            dtype_name = _DTYPE_NAMES.get(dtype, str(dtype))
-            return False, f"PyTorch refuses {dtype_name}, head dim {head_dim} on {device_type}: {why}", ()
-    return True, "", tuple(str(w.message) for w in caught)
+def bucket_length(length: int, limit: int) -> int:
+    """Causal padding target: at most 25% longer, so a row's documents share few calls."""
+    granule = max(8, (1 << (length.bit_length() - 1)) // 4)
+    return min(-(-length // granule) * granule, limit)
+
+
+class PackPlan:
+    """How one packed ``doc_ids`` batch maps to a few dense SDPA calls.
+
+    ``buckets``: (padded length L, number of documents n, flat gather index [n * L]);
+    ``take``: for every flat position b * T + t, its row in the concatenated outputs.
+    """
+
+    def __init__(self, doc_ids: torch.Tensor, causal: bool):
+        B, T = doc_ids.shape
+        groups: dict[int, list[tuple[int, int]]] = {}  # L -> [(flat start, length)]
+        for b, lengths in enumerate(document_lengths(doc_ids)):
+            start = b * T
+            for length in lengths:
+                L = bucket_length(length, T) if causal else length
+                groups.setdefault(L, []).append((start, length))
+                start += length
+        take = torch.empty(B * T, dtype=torch.long)
+        self.buckets = []
+        self.calls = len(groups)
+        offset = 0
+        for L, docs in sorted(groups.items()):
+            starts = torch.tensor([s for s, _ in docs])[:, None]  # [n, 1]
+            lengths = torch.tensor([n for _, n in docs])[:, None]  # [n, 1]
+            row_end = (starts // T + 1) * T  # [n, 1]
+            j = torch.arange(L)[None, :]  # [1, L]
+            index = torch.minimum(starts + j, row_end - 1)  # [n, L] padded keys: never seen
+            valid = j < lengths  # [n, L]
+            slots = offset + torch.arange(len(docs) * L).view(len(docs), L)
+            take[index[valid]] = slots[valid]
+            self.buckets.append((L, len(docs), index.flatten().to(doc_ids.device, non_blocking=True)))
+            offset += len(docs) * L
+        self.take = take.to(doc_ids.device, non_blocking=True)
+        self.shape = (B, T)
+
+    def attend(self, q, k, v, causal: bool, gqa: bool):
+        # q: [B, Hq, T, D] -> flat [B*T, Hq, D]; same for k, v with Hkv heads
+        B, T = self.shape
+        flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (q, k, v)]
+        outs = []
+        for L, n, index in self.buckets:
+            qb, kb, vb = (x.index_select(0, index).view(n, L, *x.shape[1:]).transpose(1, 2) for x in flat)
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, enable_gqa=gqa)  # [n, Hq, L, D]
+            outs.append(ob.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[3]))
+        out = torch.cat(outs).index_select(0, self.take)  # [B*T, Hq, D]
+        return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]
+
+
+_plan_cache: tuple[torch.Tensor, bool, PackPlan | None] | None = None
+
+
+def pack_plan(doc_ids: torch.Tensor, causal: bool) -> PackPlan | None:
+    """The plan for ``doc_ids`` (None when every row is one document), cached across layers."""
+    global _plan_cache
+    if _plan_cache is not None and _plan_cache[0] is doc_ids and _plan_cache[1] == causal:
+        return _plan_cache[2]
+    if doc_ids.shape[1] == 0 or bool((doc_ids[:, :1] == doc_ids).all()):
+        plan = None
+    else:
+        plan = PackPlan(doc_ids, causal)
+    _plan_cache = (doc_ids, causal, plan)
+    return plan
 
 
 flash, efficient, cudnn, math = Flash(), Efficient(), Cudnn(), Math()

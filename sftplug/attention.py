@@ -15,9 +15,20 @@ import torch
 
 from sftplug.errors import SftplugError
 
-# Environment variables that steer attention kernels behind a trainer's back.
-STEERING_ENV_PREFIXES = ("PYTORCH_SDP", "SDPA_", "TORCH_CUDNN_SDPA", "TORCH_SDPA")
-STEERING_ENV_NAMES = ("PYTORCH_SDP_KERNEL", "SDPA_BACKEND", "FLASH_ATTENTION_DISABLE", "ATTN_BACKEND")
+# Environment variables that steer attention kernels behind a trainer's back: PyTorch's
+# own (TORCH_CUDNN_SDPA_*), and the ones scripts and other libraries read to flip
+# torch.backends.cuda.enable_*_sdp (PYTORCH_SDP_KERNEL, SDPA_BACKEND, ...).
+STEERING_ENV_PREFIXES = (
+    "PYTORCH_SDP",
+    "SDPA_",
+    "TORCH_SDP",
+    "TORCH_CUDNN_SDPA",
+    "TORCH_FLASH",
+    "FLASH_ATTENTION",
+    "FLASH_ATTN",
+    "XFORMERS_",
+)
+STEERING_ENV_NAMES = ("ATTN_BACKEND", "ATTENTION_BACKEND", "ATTN_IMPLEMENTATION", "ATTENTION_IMPLEMENTATION")
 
 
 @dataclass(frozen=True)
@@ -32,11 +43,19 @@ class AttentionRequest:
 
 
 class AttentionBackend:
-    """Base class: subclasses set ``name`` and ``priority`` and implement ``__call__``."""
+    """Base class: subclasses set ``name`` and ``priority`` and implement ``__call__``.
+
+    ``__call__(q, k, v, *, causal=True, doc_ids=None)``: q [B, Hq, T, D], k and v
+    [B, Hkv, T, D] (Hq a multiple of Hkv), ``doc_ids`` [B, T] non-decreasing along T or
+    None; returns [B, Hq, T, D]. With ``doc_ids`` a query attends only to keys of its own
+    document. A backend that cannot do that sets ``packed_documents = False`` and is
+    never chosen for packed rows (its reason is shown instead).
+    """
 
     name = ""
     priority = 0  # "auto" picks the highest priority whose check passes
     description = ""
+    packed_documents = True  # honours doc_ids (attends within documents only)
 
     def priority_for(self, request: AttentionRequest) -> int:
         return self.priority
@@ -65,31 +84,75 @@ def steering_env(environ=None) -> dict[str, str]:
     return {
         key: value
         for key, value in sorted(environ.items())
-        if key in STEERING_ENV_NAMES or key.startswith(STEERING_ENV_PREFIXES)
+        if key.upper() in STEERING_ENV_NAMES or key.upper().startswith(STEERING_ENV_PREFIXES)
+    }
+
+
+def steering_notes(environ=None) -> list[str]:
+    """One line per steering variable: what it is and that sftplug's choice stands."""
+    return [
+        f"{key}={value} found and ignored: attention runs only in the chosen kernel "
+        "(sdpa_kernel([backend]) around every call)"
+        for key, value in steering_env(environ).items()
+    ]
+
+
+def attention_skipped(registry) -> dict[str, str]:
+    """Skipped plugins that offer attention (or failed to load): name -> reason."""
+    return {
+        p.name: p.reason
+        for p in registry.skipped()
+        if "select_attention" in p.hooks or not p.hooks
     }
 
 
 def offered_backends(hook, request: AttentionRequest) -> list[AttentionBackend]:
+    """Every backend the plugins offer for ``request``, fastest first."""
     offers = [b for b in hook.select_attention(request=request) if b is not None]
     # pluggy calls later-registered plugins first; order by priority, then name.
     return sorted(offers, key=lambda b: (-b.priority_for(request), b.name))
 
 
+def why_not(backend: AttentionBackend, request: AttentionRequest) -> str | None:
+    """None when ``backend`` can run ``request``, else why; a raising check is a reason too."""
+    if request.packed and not getattr(backend, "packed_documents", True):
+        return (
+            f"{backend.name} cannot keep packed documents apart (it ignores doc_ids); "
+            "train with --no-pack or pick a backend that can"
+        )
+    try:
+        return backend.check(request)
+    except Exception as exc:  # a third-party check must not break the choice
+        return f"its check raised {type(exc).__name__}: {exc}"
+
+
 def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | None = None) -> AttentionChoice:
-    """Pick the backend for a run, or raise an error that says why and what would work."""
+    """Pick the backend for a run, or raise an error that says why and what would work.
+
+    ``auto`` takes the fastest backend whose check passes (the order is each backend's
+    ``priority_for(request)``: measured per GPU generation for the built-ins); a name
+    takes that backend or fails with one line: which, why, and what is usable here.
+    ``skipped``: plugins that did not register, name -> reason (see
+    :func:`attention_skipped`).
+    """
     skipped = skipped or {}
     offers = offered_backends(hook, request)
-    rejected = {b.name: b.check(request) for b in offers}
-    working = [b for b in offers if rejected[b.name] is None]
-    rejected = {name: why for name, why in rejected.items() if why is not None}
-    what = f"{_dtype_name(request.dtype)} on {request.device.type}"
+    verdicts = {b.name: why_not(b, request) for b in offers}
+    working = [b for b in offers if verdicts[b.name] is None]
+    rejected = {name: why for name, why in verdicts.items() if why is not None}
+    what = describe_request(request)
     works = ", ".join(b.name for b in working) or "none"
     if request.name == "auto":
         if not working:
             raise SftplugError(f"no attention backend can run {what}: " + _reasons(rejected | skipped))
         best = working[0]
-        others = f"; also usable: {', '.join(b.name for b in working[1:])}" if len(working) > 1 else ""
-        return AttentionChoice(best, f"{best.name} (auto: highest-priority backend that runs {what}{others})", rejected)
+        order = " > ".join(b.name for b in working)
+        reason = f"{best.name} (auto: the fastest that runs {what} here; usable in order: {order}"
+        if rejected:
+            reason += f"; not usable: {', '.join(rejected)}"
+        if best.name == "math":
+            reason += "; math is the slow reference kernel: no fused kernel runs this request"
+        return AttentionChoice(best, reason + ")", rejected)
     chosen = next((b for b in offers if b.name == request.name), None)
     if chosen is None:
         if request.name in skipped:
@@ -104,7 +167,17 @@ def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | No
         raise SftplugError(
             f"attention backend '{request.name}' cannot run {what}: {rejected[request.name]}; usable here: {works}"
         )
-    return AttentionChoice(chosen, f"{chosen.name} (requested)", rejected)
+    note = "; math is the slow reference kernel" if chosen.name == "math" else ""
+    return AttentionChoice(chosen, f"{chosen.name} (requested; runs {what}{note})", rejected)
+
+
+def describe_request(request: AttentionRequest) -> str:
+    """'bf16, head dim 64, 32/4 heads, packed rows on cuda'."""
+    heads = f"{request.n_heads}/{request.n_kv_heads} heads" if request.n_kv_heads != request.n_heads else (
+        f"{request.n_heads} heads"
+    )
+    packed = ", packed rows" if request.packed else ""
+    return f"{_dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed} on {request.device.type}"
 
 
 def _reasons(reasons: dict[str, str]) -> str:
@@ -112,4 +185,6 @@ def _reasons(reasons: dict[str, str]) -> str:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}.get(
+        dtype, str(dtype)
+    )

@@ -88,7 +88,15 @@ def cpu_capability() -> str:
         return "unknown"
 
 
+@functools.cache
 def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
@@ -183,19 +191,27 @@ def sdpa_refusal(
     """Run a tiny forward+backward in one SDPA kernel alone: None if it ran, else why not.
 
     The reason is PyTorch's own (the ``... not used because`` warnings it emits, or the
-    error), prefixed with what was asked.
+    error). Safe to call anywhere: it uses its own random generator (the run's RNG stream
+    is untouched) and runs with autograd on and autocast off, whatever the caller's mode.
     """
     from torch.nn.attention import sdpa_kernel
 
     kernel = sdpa_backends()[backend]
     if device_type == "cuda" and not cuda_available():
         return no_gpu_reason()
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        return _run_probe(kernel, device_type, dtype, head_dim, gqa, causal, sdpa_kernel)
+
+
+def _run_probe(kernel, device_type, dtype, head_dim, gqa, causal, sdpa_kernel) -> str | None:
     h_kv = 1 if gqa else 2
     shape_q, shape_kv = (1, 2, 64, head_dim), (1, h_kv, 64, head_dim)
     try:
-        q = torch.randn(shape_q, device=device_type, dtype=dtype, requires_grad=True)
-        k = torch.randn(shape_kv, device=device_type, dtype=dtype, requires_grad=True)
-        v = torch.randn(shape_kv, device=device_type, dtype=dtype, requires_grad=True)
+        gen = torch.Generator(device=device_type).manual_seed(0)
+        q, k, v = (
+            torch.randn(shape, device=device_type, generator=gen).to(dtype).requires_grad_()
+            for shape in (shape_q, shape_kv, shape_kv)
+        )
     except (RuntimeError, TypeError) as exc:
         return f"cannot make {dtype_name(dtype)} tensors on {device_type}: {_first_line(exc)}"
     with warnings.catch_warnings(record=True) as caught, sdpa_kernel([kernel]):

@@ -1,0 +1,181 @@
+"""Click commands for attention: ``sftplug doctor`` and ``sftplug bench attention``.
+
+Also runnable on their own: ``python -m sftplug.cli_attention doctor [--json]`` and
+``python -m sftplug.cli_attention bench attention [--json]``.
+
+Wire them into the main group with::
+
+    from sftplug.cli_attention import bench, doctor
+    cli.add_command(doctor)
+    cli.add_command(bench)          # gives `sftplug bench attention`
+    # or, if cli.py already has a `bench` group:
+    # bench_group.add_command(bench_attention, "attention")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+
+from sftplug.errors import SftplugError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _UserError(click.ClickException):
+    exit_code = 2
+
+
+def _user_errors(fn):
+    """SftplugError -> one clear line and exit code 2 (as in sftplug.cli)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SftplugError as exc:
+            raise _UserError(str(exc)) from None
+
+    return wrapper
+
+
+def _device(name: str):
+    import torch
+
+    from sftplug import probes
+
+    if name == "auto":
+        return torch.device("cuda") if probes.cuda_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SftplugError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r} ({exc})") from None
+    if device.type == "cuda" and not probes.cuda_available():
+        raise SftplugError(f"--device {name}: {probes.no_gpu_reason()}")
+    return device
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise SftplugError(f"--shape takes B,H,S,D or B,H,H_kv,S,D, not {text!r}") from None
+    if len(shape) not in (4, 5) or min(shape) < 1:
+        raise SftplugError(f"--shape takes B,H,S,D or B,H,H_kv,S,D (positive), not {text!r}")
+    return shape
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--device", default="auto", show_default=True, help="Judge attention for auto, cpu or cuda[:N].")
+@click.option("--head-dim", type=int, default=64, show_default=True, help="Head dim to check backends for.")
+@click.option("--heads", type=int, default=32, show_default=True, help="Query heads.")
+@click.option("--kv-heads", type=int, default=4, show_default=True, help="Key/value heads (GQA).")
+@_user_errors
+def doctor(as_json, device, head_dim, heads, kv_heads):
+    """Show what this machine can run and what is steering it.
+
+    Prints the torch, CUDA, cuDNN and Triton versions; the GPU and its compute
+    capability; for every attention backend whether it runs bf16, fp16 and fp32 here
+    (and PyTorch's reason where it does not), whether GQA avoids K/V copies and packed
+    rows are kept apart; what `--attention auto` picks per dtype; and the environment
+    variables (PYTORCH_SDP_KERNEL, SDPA_BACKEND, TORCH_CUDNN_SDPA_* ...) and global SDPA
+    switches that try to steer attention kernels (sftplug ignores them).
+
+    \b
+    Examples:
+      sftplug doctor
+      sftplug doctor --json
+      sftplug doctor --head-dim 128 --heads 32 --kv-heads 8
+    """
+    from sftplug.doctor import doctor_report, format_doctor
+    from sftplug.registry import build_registry
+
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise SftplugError(f"--heads must be a positive multiple of --kv-heads, got {heads} and {kv_heads}")
+    report = doctor_report(build_registry(), _device(device), head_dim, heads, kv_heads)
+    click.echo(json.dumps(report, indent=2) if as_json else format_doctor(report))
+
+
+@click.command("attention", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a list of rows).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(("bf16", "fp16", "fp32")),
+              help="Repeatable. Default: bf16 and fp16 on CUDA, fp32 on the CPU.")
+@click.option("--shape", "shapes", multiple=True, help="Repeatable B,H,S,D or B,H,H_kv,S,D. Default: DESIGN.md's.")
+@click.option("--packed/--no-packed", default=True, show_default=True, help="Also time a packed-documents case.")
+@click.option("--causal/--no-causal", default=True, show_default=True)
+@click.option("--repeats", type=int, help="Timed iterations per row (default 10 on CUDA, 3 on the CPU).")
+@click.option("--budget", type=float, default=150.0, show_default=True,
+              help="Seconds after which remaining rows are skipped.")
+@_user_errors
+def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, budget):
+    """Time forward and backward of every attention backend.
+
+    Prints a table: backend, dtype, case (B, H[/H_kv], S, D, or packed), forward and
+    backward ms (median), TFLOP/s (4*B*H*S^2*D, x0.5 causal, backward x2.5) and the first
+    call's ms (compilation); then the fastest backend per case and why others were not
+    timed. On CUDA the cases are DESIGN.md's causal shapes (8,32,2048,64), (4,32,2048,128),
+    (2,32,8192,128) plus S=4096, the W1 GQA shape and a packed case, in bf16 and fp16
+    (under 3 minutes on an H100; math is skipped beyond S=4096); on the CPU small fp32 ones.
+
+    \b
+    Examples:
+      sftplug bench attention
+      sftplug bench attention --json > attention.json
+      sftplug bench attention --dtype bf16 --shape 8,32,2048,64 --shape 8,32,4,2048,64
+    """
+    from sftplug.bench_attention import format_table, run_attention_bench
+    from sftplug.registry import build_registry
+
+    if repeats is not None and repeats < 1:
+        raise SftplugError("--repeats must be at least 1")
+    target = _device(device)
+    rows = run_attention_bench(
+        build_registry(),
+        shapes=[_shape(s) for s in shapes] or None,
+        dtypes=list(dtypes) or None,
+        device=target,
+        packed=packed,
+        repeats=repeats,
+        causal=causal,
+        budget_s=budget,
+        echo=None if as_json else _progress,
+    )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(format_table(rows))
+
+
+def _progress(row: dict) -> None:
+    if row["status"] == "ok":
+        click.echo(f"  {row['backend']} {row['dtype']} {row['case']}: "
+                   f"{row['fwd_ms']:.3f} + {row['bwd_ms']:.3f} ms", err=True)
+
+
+@click.group(context_settings=CONTEXT)
+def bench():
+    """Benchmarks.
+
+    \b
+    Examples:
+      sftplug bench attention
+    """
+
+
+bench.add_command(bench_attention)
+
+
+@click.group(context_settings=CONTEXT)
+def main():
+    """`python -m sftplug.cli_attention doctor | bench attention` (until the main CLI has them)."""
+
+
+main.add_command(doctor)
+main.add_command(bench)
+
+if __name__ == "__main__":
+    main(prog_name="sftplug")

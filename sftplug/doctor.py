@@ -1,0 +1,208 @@
+"""`sftplug doctor`: what this machine can run, and what is steering it.
+
+:func:`doctor_report` gathers versions (torch, CUDA, cuDNN, Triton), the GPU and its
+compute capability, which attention backends run bf16, fp16 and fp32 here (and PyTorch's
+reason for each that does not), what ``auto`` would pick per dtype, and the environment
+variables and global SDPA switches that try to steer attention kernels.
+:func:`format_doctor` renders it for people; the dict itself is the ``--json`` output.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from sftplug import __version__, probes
+from sftplug.attention import (
+    AttentionRequest,
+    attention_skipped,
+    choose_backend,
+    offered_backends,
+    steering_env,
+    why_not,
+)
+from sftplug.errors import SftplugError
+
+DOCTOR_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def doctor_report(registry, device: torch.device | str | None = None, head_dim: int = 64,
+                  n_heads: int = 32, n_kv_heads: int = 4) -> dict:
+    """Everything `sftplug doctor` shows, as plain JSON-ready data.
+
+    :param registry: a built :class:`sftplug.registry.Registry` (built-ins + entry points).
+    :param device: the device to judge attention for; default the GPU if any, else the CPU.
+    :param head_dim, n_heads, n_kv_heads: the attention shape asked about (default: the
+        TinyLlama / W1 shape, 32 query heads sharing 4 K/V heads, head dim 64).
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    gpu = None
+    if probes.cuda_available():
+        props = torch.cuda.get_device_properties(0)
+        major, minor = probes.gpu_capability()
+        gpu = {
+            "name": props.name,
+            "capability": f"{major}.{minor}",
+            "count": torch.cuda.device_count(),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+        }
+    report = {
+        "sftplug": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "torch": torch.__version__,
+        "cuda": probes.cuda_version(),
+        "hip": probes.hip_version(),
+        "cudnn": probes.cudnn_version_text(),
+        "triton": probes.triton_version(),
+        "triton_interpreter": probes.triton_interpreter(),
+        "device": str(device),
+        "gpu": gpu,
+        "no_gpu_reason": None if gpu else probes.no_gpu_reason(),
+        "cpu": {"name": probes.cpu_name(), "capability": probes.cpu_capability(), "threads": torch.get_num_threads()},
+        "flash_compiled": probes.flash_built(),
+        "flash_impl": probes.flash_impl(),
+        "shape": {"head_dim": head_dim, "n_heads": n_heads, "n_kv_heads": n_kv_heads},
+        "attention": _attention_rows(registry, device, head_dim, n_heads, n_kv_heads),
+        "auto": _auto_picks(registry, device, head_dim, n_heads, n_kv_heads),
+        "environment": steering_env(),
+        "sdpa_global_flags": probes.sdpa_global_flags(),
+    }
+    return report
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if probes.cuda_available() else torch.device("cpu")
+
+
+def _request(name, device, dtype_name, head_dim, n_heads, n_kv_heads, packed=False) -> AttentionRequest:
+    return AttentionRequest(name, device, probes.DTYPES_BY_NAME[dtype_name], head_dim, n_heads, n_kv_heads, packed)
+
+
+def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dict]:
+    rows = []
+    probe = _request("auto", device, "fp32", head_dim, n_heads, n_kv_heads)
+    infos = {p.name: p for p in registry.plugins}
+    for backend in offered_backends(registry.hook, probe):
+        dtypes = {}
+        for name in DOCTOR_DTYPES:
+            dtypes[name] = why_not(backend, _request("auto", device, name, head_dim, n_heads, n_kv_heads))
+        working = [probes.DTYPES_BY_NAME[n] for n, why in dtypes.items() if why is None]
+        gqa = None
+        if working and hasattr(backend, "gqa_mode"):
+            gqa = backend.gqa_mode(device, working[0], head_dim)
+        info = infos.get(backend.name)
+        rows.append({
+            "name": backend.name,
+            "source": info.source if info else "?",
+            "available": True,
+            "reason": "",
+            "description": backend.description,
+            "priority": backend.priority_for(probe),
+            "dtypes": dtypes,  # dtype -> None (runs) or why not
+            "gqa": gqa,  # "native" (no K/V copies), "repeat", or None (unknown / nothing runs)
+            "packed": bool(getattr(backend, "packed_documents", True)),
+        })
+    for name, reason in attention_skipped(registry).items():
+        info = infos.get(name)
+        rows.append({
+            "name": name,
+            "source": info.source if info else "?",
+            "available": False,
+            "reason": reason,
+            "description": "",
+            "priority": None,
+            "dtypes": {n: reason for n in DOCTOR_DTYPES},
+            "gqa": None,
+            "packed": None,
+        })
+    return rows
+
+
+def _auto_picks(registry, device, head_dim, n_heads, n_kv_heads) -> dict:
+    picks = {}
+    skipped = attention_skipped(registry)
+    for name in DOCTOR_DTYPES:
+        for packed in (False, True):
+            key = f"{name} packed" if packed else name
+            request = _request("auto", device, name, head_dim, n_heads, n_kv_heads, packed)
+            order = [b.name for b in offered_backends(registry.hook, request) if why_not(b, request) is None]
+            try:
+                choice = choose_backend(registry.hook, request, skipped)
+                picks[key] = {"backend": choice.backend.name, "order": order, "reason": choice.reason}
+            except SftplugError as exc:
+                picks[key] = {"backend": None, "order": order, "reason": str(exc)}
+    return picks
+
+
+def format_doctor(report: dict) -> str:
+    """The human-readable doctor report (what `sftplug doctor` prints without --json)."""
+    r = report
+    lines = [
+        f"sftplug {r['sftplug']}  python {r['python']}  {r['platform']}",
+        f"torch {r['torch']}  CUDA {r['cuda'] or '-'}"
+        + (f"  ROCm {r['hip']}" if r.get("hip") else "")
+        + f"  cuDNN {r['cudnn'] or '-'}  triton {r['triton'] or '-'}"
+        + ("  (TRITON_INTERPRET=1: Triton kernels run in the CPU interpreter)" if r["triton_interpreter"] else ""),
+    ]
+    if r["gpu"]:
+        g = r["gpu"]
+        count = f" x{g['count']}" if g["count"] > 1 else ""
+        lines.append(f"GPU: {g['name']}{count}, compute capability {g['capability']}, {g['memory_gib']} GiB")
+    else:
+        lines.append(f"GPU: none; {r['no_gpu_reason']}")
+    cpu = r["cpu"]
+    lines.append(f"CPU: {cpu['name']} ({cpu['capability']}, {cpu['threads']} threads)")
+    impl = "" if r["flash_impl"] == "built-in" else f", flash implementation: {r['flash_impl']}"
+    lines.append(f"CUDA flash attention compiled into this torch: {'yes' if r['flash_compiled'] else 'no'}{impl}")
+
+    s = r["shape"]
+    lines += ["", f"attention on {r['device']} (head dim {s['head_dim']}, {s['n_heads']}/{s['n_kv_heads']} heads):"]
+    width = max([len(a["name"]) for a in r["attention"]] + [7])
+    lines.append(f"  {'backend':<{width}}  " + "  ".join(f"{d:<4}" for d in DOCTOR_DTYPES) + "  gqa     packed  source")
+    why_not_lines = []
+    for a in r["attention"]:
+        if not a["available"]:
+            lines.append(f"  {a['name']:<{width}}  unavailable: {a['reason']}")
+            continue
+        cells = "  ".join(f"{'ok' if a['dtypes'][d] is None else 'no':<4}" for d in DOCTOR_DTYPES)
+        gqa = a["gqa"] or "-"
+        packed = "yes" if a["packed"] else "no"
+        lines.append(f"  {a['name']:<{width}}  {cells}  {gqa:<7} {packed:<7} {a['source']}")
+        for d in DOCTOR_DTYPES:
+            if a["dtypes"][d] is not None:
+                why_not_lines.append(f"  {a['name']} {d}: {a['dtypes'][d]}")
+    if why_not_lines:
+        lines += ["why not:"] + why_not_lines
+    lines.append("auto picks:")
+    for key, pick in r["auto"].items():
+        if pick["backend"]:
+            lines.append(f"  {key:<11} {pick['backend']:<10} (usable, fastest first: {' > '.join(pick['order'])})")
+        else:
+            lines.append(f"  {key:<11} nothing: {pick['reason']}")
+
+    lines.append("")
+    if r["environment"]:
+        lines.append("environment overrides found (ignored: every call runs in sdpa_kernel([chosen backend])):")
+        lines += [f"  {k}={v}" for k, v in r["environment"].items()]
+    else:
+        lines.append("environment overrides: none found")
+    off = [name for name, on in r["sdpa_global_flags"].items() if not on]
+    if off:
+        lines.append(
+            f"global SDPA switches turned off in this process: {', '.join(off)} "
+            "(overridden per call by sdpa_kernel)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:  # pragma: no cover - `python -m sftplug.doctor` before the CLI wires it
+    from sftplug.registry import build_registry
+
+    print(format_doctor(doctor_report(build_registry())))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Choosing an attention backend out loud; shell overrides that cannot steer it;
+`sftplug doctor` and `sftplug bench attention`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.profiler import profile
+
+import sftplug
+from sftplug import probes
+from sftplug.attention import (
+    AttentionBackend,
+    AttentionRequest,
+    attention_skipped,
+    choose_backend,
+    steering_env,
+    steering_notes,
+)
+from sftplug.bench_attention import attention_flops, format_table, run_attention_bench
+from sftplug.cli_attention import bench, doctor
+from sftplug.doctor import doctor_report, format_doctor
+from sftplug.errors import SftplugError
+from sftplug.registry import Registry, build_registry
+
+CPU_ONLY = not torch.cuda.is_available()
+FLASH_CPU_OP = "aten::_scaled_dot_product_flash_attention_for_cpu"
+MATH_OP = "aten::_scaled_dot_product_attention_math"
+
+
+def request(name="auto", packed=False, device="cpu"):
+    return AttentionRequest(name, torch.device(device), torch.float32, 64, 8, 2, packed)
+
+
+class Fake(AttentionBackend):
+    def __init__(self, name, priority=0, reason=None, packed_documents=True, raises=False):
+        self.name, self.priority, self.reason = name, priority, reason
+        self.packed_documents, self.raises = packed_documents, raises
+
+    @sftplug.hookimpl
+    def select_attention(self, request):
+        return self
+
+    def check(self, request):
+        if self.raises:
+            raise ValueError("probe exploded")
+        return self.reason
+
+
+def registry_of(*backends) -> Registry:
+    registry = Registry()
+    for backend in backends:
+        registry.add(backend.name, lambda b=backend: b, source="test")
+    return registry
+
+
+# -- the choice ---------------------------------------------------------------------------
+
+
+def test_auto_takes_the_fastest_usable_and_says_why():
+    registry = registry_of(Fake("slow", 1), Fake("fast", 50, reason="needs a bigger GPU"), Fake("mid", 10))
+    choice = choose_backend(registry.hook, request())
+    assert choice.backend.name == "mid"
+    assert choice.reason.startswith("mid (auto: the fastest that runs fp32, head dim 64, 8/2 heads on cpu")
+    assert "usable in order: mid > slow" in choice.reason and "not usable: fast" in choice.reason
+    assert choice.rejected == {"fast": "needs a bigger GPU"}
+
+
+def test_a_third_party_backend_wins_auto_by_declaring_itself_best():
+    registry = build_registry(entrypoints=False)
+    registry.add("warp", lambda: Fake("warp", 1000), source="warp-attention 1.0")
+    assert choose_backend(registry.hook, request()).backend.name == "warp"
+
+
+def test_math_is_never_chosen_silently():
+    registry = registry_of(Fake("math", 0), Fake("flash", 30, reason="flash needs fp16/bf16"))
+    choice = choose_backend(registry.hook, request())
+    assert choice.backend.name == "math" and "slow reference kernel" in choice.reason
+
+
+def test_unknown_backend_names_the_known_and_the_usable():
+    registry = build_registry(entrypoints=False)
+    with pytest.raises(SftplugError) as err:
+        choose_backend(registry.hook, request("warp-drive"), attention_skipped(registry))
+    message = str(err.value)
+    assert message.startswith("unknown attention backend 'warp-drive'; known: ")
+    assert "math" in message and "(or auto)" in message and "usable here: " in message
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="describes a CPU-only machine")
+def test_unavailable_backend_says_why_and_what_works_here():
+    registry = build_registry(entrypoints=False)
+    with pytest.raises(SftplugError) as err:
+        choose_backend(registry.hook, request("efficient"), attention_skipped(registry))
+    assert str(err.value) == (
+        "attention backend 'efficient' is unavailable: efficient attention runs only on CUDA GPUs; "
+        f"this torch build is CPU-only (torch {torch.__version__}); usable here: flash, math"
+    )
+
+
+def test_a_backend_whose_check_fails_says_why_and_what_works():
+    registry = registry_of(Fake("fussy", 9, reason="fussy needs fp16/bf16"), Fake("plain", 1))
+    with pytest.raises(SftplugError, match=r"^attention backend 'fussy' cannot run fp32, head dim 64, 8/2 heads on "
+                                           r"cpu: fussy needs fp16/bf16; usable here: plain$"):
+        choose_backend(registry.hook, request("fussy"))
+
+
+def test_a_backend_that_cannot_keep_documents_apart_is_refused_for_packed_rows():
+    registry = registry_of(Fake("blind", 99, packed_documents=False), Fake("careful", 1))
+    assert choose_backend(registry.hook, request()).backend.name == "blind"
+    choice = choose_backend(registry.hook, request(packed=True))
+    assert choice.backend.name == "careful"
+    assert "cannot keep packed documents apart" in choice.rejected["blind"]
+    with pytest.raises(SftplugError, match="blind cannot keep packed documents apart.*--no-pack"):
+        choose_backend(registry.hook, request("blind", packed=True))
+
+
+def test_a_crashing_check_is_a_reason_not_a_crash():
+    registry = registry_of(Fake("shaky", 99, raises=True), Fake("solid", 1))
+    choice = choose_backend(registry.hook, request())
+    assert choice.backend.name == "solid"
+    assert choice.rejected["shaky"] == "its check raised ValueError: probe exploded"
+
+
+def test_nothing_usable_lists_every_reason():
+    registry = registry_of(Fake("a", reason="needs A"), Fake("b", reason="needs B"))
+    with pytest.raises(SftplugError, match=r"^no attention backend can run .*a: needs A; b: needs B; gone: broken$"):
+        choose_backend(registry.hook, request(), {"gone": "broken"})
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="describes a CPU-only machine")
+def test_the_cpu_machine_offers_flash_then_math():
+    registry = build_registry(entrypoints=False)
+    by_name = {p.name: p for p in registry.plugins}
+    assert by_name["flash"].available and by_name["math"].available
+    for name in ("efficient", "cudnn"):
+        assert not by_name[name].available and "runs only on CUDA GPUs" in by_name[name].reason
+    choice = choose_backend(registry.hook, request(packed=True))
+    assert choice.backend.name == "flash" and "usable in order: flash > math" in choice.reason
+
+
+def tiny_data(tmp_path, n=24, text=False):
+    """The first n default records; as plain text there is no sample prompt to generate for."""
+    src = (sftplug.config.ASSETS / "default_train.jsonl").read_text().splitlines()[:n]
+    if text:
+        records = (json.loads(line) for line in src)
+        src = [json.dumps({"text": f"{r['prompt']} {r['completion']}"}) for r in records]
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(src) + "\n")
+    return str(path)
+
+
+def test_cli_refuses_an_unusable_backend_in_one_line_with_exit_2(tmp_path):
+    from sftplug.cli import cli
+
+    args = ["train", "--attention", "efficient", "--device", "cpu", "--full", "--steps", "1", "--seq-len", "32",
+            "--micro-bsz", "2", "--data", tiny_data(tmp_path), "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1
+    assert "attention backend 'efficient'" in errors[0] and "runs only on CUDA GPUs" in errors[0]
+    assert errors[0].endswith("usable here: flash, math")
+
+
+# -- shell overrides ------------------------------------------------------------------------
+
+
+def test_steering_variables_are_found():
+    env = {
+        "PYTORCH_SDP_KERNEL": "math", "SDPA_BACKEND": "math", "TORCH_CUDNN_SDPA_ENABLED": "1",
+        "FLASH_ATTENTION_DISABLE": "1", "ATTN_BACKEND": "xformers", "PATH": "/bin", "SFTPLUG_X": "1",
+    }
+    found = steering_env(env)
+    assert set(found) == {"PYTORCH_SDP_KERNEL", "SDPA_BACKEND", "TORCH_CUDNN_SDPA_ENABLED",
+                          "FLASH_ATTENTION_DISABLE", "ATTN_BACKEND"}
+    assert steering_notes({"PYTORCH_SDP_KERNEL": "math"}) == [
+        "PYTORCH_SDP_KERNEL=math found and ignored: attention runs only in the chosen kernel "
+        "(sdpa_kernel([backend]) around every call)"
+    ]
+
+
+@pytest.mark.parametrize("attention", ["auto", "flash"])
+def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, monkeypatch, tmp_path, attention):
+    """PYTORCH_SDP_KERNEL=math (and a script that acted on it by switching flash off
+    globally) must not push training onto the math kernel: the profiler shows which ran."""
+    from sftplug.trainer import Run, train
+
+    monkeypatch.setenv("PYTORCH_SDP_KERNEL", "math")
+    monkeypatch.setenv("SDPA_BACKEND", "math")
+    ops: set[str] = set()
+    real_update = Run.update
+
+    def profiled_update(run):  # the training steps only (not the sample generation)
+        with profile() as prof:
+            record = real_update(run)
+        ops.update(e.name for e in prof.events())
+        return record
+
+    monkeypatch.setattr(Run, "update", profiled_update)
+    flags = probes.sdpa_global_flags()
+    torch.backends.cuda.enable_flash_sdp(False)
+    lines = []
+    try:
+        config = small_config(steps=1, attention=attention, data=tiny_data(tmp_path, 48, text=True), full=True,
+                              device="cpu")  # the CPU flash kernel's op names, on any machine
+        train(config, build_registry(entrypoints=False), echo=lines.append)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flags["flash"])
+    header = "\n".join(lines)
+    assert "attention: flash (" in header
+    assert "PYTORCH_SDP_KERNEL=math" in header and "SDPA_BACKEND=math" in header
+    assert FLASH_CPU_OP in ops and FLASH_CPU_OP + "_backward" in ops
+    assert MATH_OP not in ops
+
+
+# -- doctor ---------------------------------------------------------------------------------
+
+
+def test_doctor_reports_versions_backends_and_overrides(monkeypatch):
+    monkeypatch.setenv("PYTORCH_SDP_KERNEL", "math")
+    report = doctor_report(build_registry(entrypoints=False))
+    json.dumps(report)  # --json must work
+    assert report["torch"] == torch.__version__ and report["triton"] == probes.triton_version()
+    assert report["environment"] == {"PYTORCH_SDP_KERNEL": "math"}
+    rows = {a["name"]: a for a in report["attention"]}
+    assert {"flash", "efficient", "cudnn", "math", "triton"} <= set(rows)
+    assert all(set(a["dtypes"]) == {"bf16", "fp16", "fp32"} for a in rows.values())
+    text = format_doctor(report)
+    assert "PYTORCH_SDP_KERNEL=math" in text and "attention on " in text
+    if CPU_ONLY:
+        assert report["gpu"] is None and "CPU-only" in report["no_gpu_reason"]
+        assert rows["flash"]["dtypes"] == {"bf16": None, "fp16": None, "fp32": None}
+        assert rows["flash"]["gqa"] == "native" and rows["math"]["gqa"] == "repeat"
+        assert not rows["efficient"]["available"] and "runs only on CUDA GPUs" in rows["efficient"]["reason"]
+        assert report["auto"]["bf16"]["backend"] == "flash" and report["auto"]["fp32 packed"]["backend"] == "flash"
+        assert "efficient  unavailable: efficient attention runs only on CUDA GPUs" in text
+
+
+# -- bench ----------------------------------------------------------------------------------
+
+
+def test_flops_follow_design_md():
+    assert attention_flops(8, 32, 2048, 64) == 4 * 8 * 32 * 2048**2 * 64 * 0.5
+    assert attention_flops(8, 32, 2048, 64, causal=False) == 2 * attention_flops(8, 32, 2048, 64)
+    doc_ids = torch.tensor([[0] * 3 + [1] * 5])
+    assert attention_flops(1, 2, 8, 4, True, doc_ids) == 4 * 2 * (9 + 25) * 4 * 0.5
+
+
+def test_bench_times_every_usable_backend_and_says_why_not_the_others():
+    rows = run_attention_bench(build_registry(entrypoints=False), shapes=[(1, 2, 64, 16), (1, 4, 2, 64, 16)],
+                               dtypes=["fp32"], device="cpu", repeats=1, packed_shape=(2, 4, 2, 128, 16))
+    json.dumps(rows)
+    timed = {(r["backend"], r["case"]) for r in rows if r["status"] == "ok"}
+    for backend in ("flash", "math"):
+        assert {(backend, "B1 H2 S64 D16"), (backend, "B1 H4/2 S64 D16")} <= timed
+        assert any(r["backend"] == backend and r["packed"] and r["status"] == "ok" for r in rows)
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_tflops"] > 0 and r["bwd_tflops"] > 0
+        else:
+            assert r["status"].startswith("skipped: ")
+    table = format_table(rows)
+    assert "fwd TFLOP/s" in table and "fastest forward+backward per case" in table and "not timed:" in table
+
+
+def test_bench_respects_its_time_budget():
+    rows = run_attention_bench(build_registry(entrypoints=False), shapes=[(1, 2, 32, 16)], dtypes=["fp32"],
+                               device="cpu", repeats=1, packed=False, budget_s=0)
+    assert rows and all(r["status"] != "ok" for r in rows)
+    assert any("time budget" in r["status"] for r in rows)
+
+
+# -- the click commands the lead wires in ----------------------------------------------------
+
+
+@pytest.fixture
+def local_cli():
+    @click.group()
+    def group():
+        """A stand-in for sftplug's main group."""
+
+    group.add_command(doctor)
+    group.add_command(bench)
+    return lambda *args: CliRunner().invoke(group, list(args))
+
+
+def test_doctor_command(local_cli, monkeypatch):
+    monkeypatch.setenv("SDPA_BACKEND", "math")
+    text = local_cli("doctor")
+    assert text.exit_code == 0, text.output
+    assert "torch " in text.output and "SDPA_BACKEND=math" in text.output
+    as_json = local_cli("doctor", "--json", "--head-dim", "128")
+    assert as_json.exit_code == 0
+    assert json.loads(as_json.stdout)["shape"]["head_dim"] == 128
+    bad = local_cli("doctor", "--heads", "6", "--kv-heads", "4")
+    assert bad.exit_code == 2 and "multiple of --kv-heads" in bad.output
+
+
+def test_bench_attention_command(local_cli):
+    result = local_cli("bench", "attention", "--json", "--device", "cpu", "--shape", "1,2,32,16", "--repeats", "1",
+                       "--no-packed")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["backend"] for r in rows if r["status"] == "ok"} >= {"flash", "math"}
+    table = local_cli("bench", "attention", "--device", "cpu", "--shape", "1x2x32x16", "--repeats", "1",
+                      "--no-packed")
+    assert table.exit_code == 0 and "fwd ms" in table.output
+    bad = local_cli("bench", "attention", "--shape", "1,2,3")
+    assert bad.exit_code == 2 and "--shape takes B,H,S,D" in bad.output
