@@ -31,6 +31,8 @@ class Triton(AttentionBackend):
         return self
 
     def priority_for(self, request: AttentionRequest) -> int:
+        if request.device.type != "cuda":
+            return -10  # the CPU interpreter is for tests: only when asked for by name
         return 40 if request.packed else self.priority
 
     def check(self, request: AttentionRequest) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -10,43 +9,15 @@ import click
 
 from sftplug import __version__
 from sftplug.config import DEFAULT_LORA_TARGETS, DTYPES, SCHEDULES, TrainConfig
-from sftplug.errors import SftplugError
+from sftplug.cli_attention import bench, doctor
+from sftplug.clitools import CONTEXT, options, user_errors
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class UserError(click.ClickException):
-    exit_code = 2
-
-
-def user_errors(fn):
-    """Turn SftplugError into one clear line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SftplugError as exc:
-            raise UserError(str(exc)) from None
-
-    return wrapper
-
-
-def _options(*decorators):
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
-
-    return apply
-
-
-model_options = _options(
+model_options = options(
     click.option("--model", default="tiny", show_default=True, help="Preset name, HF folder or sftplug checkpoint."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
 )
 
-data_options = _options(
+data_options = options(
     click.option("--data", type=click.Path(dir_okay=False), help="Training records (JSONL or JSON array)."),
     click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out records for eval loss."),
     click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed row."),
@@ -61,7 +32,7 @@ data_options = _options(
     click.option("--train-on-prompt", is_flag=True, help="Also train on prompt tokens."),
 )
 
-optim_options = _options(
+optim_options = options(
     click.option("--steps", type=int, default=200, show_default=True, help="Optimizer updates."),
     click.option("--micro-bsz", type=int, default=8, show_default=True, help="Rows per micro-batch."),
     click.option("--accum", type=int, default=1, show_default=True, help="Micro-batches per update."),
@@ -73,7 +44,7 @@ optim_options = _options(
     click.option("--seed", type=int, default=0, show_default=True),
 )
 
-lora_options = _options(
+lora_options = options(
     click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA."),
     click.option("--lora-r", type=int, default=16, show_default=True),
     click.option("--lora-alpha", type=float, default=32.0, show_default=True),
@@ -86,7 +57,7 @@ lora_options = _options(
     ),
 )
 
-runtime_options = _options(
+runtime_options = options(
     click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True, help="Training precision."),
     click.option("--tf32", is_flag=True, help="TF32 matmuls for fp32 on Ampere+ GPUs."),
     click.option("--attention", default="auto", show_default=True, help="Attention backend (see `sftplug plugins`)."),
@@ -94,7 +65,7 @@ runtime_options = _options(
     click.option("--profile", is_flag=True, help="Print forward/backward/optimizer ms per update."),
 )
 
-run_options = _options(
+run_options = options(
     click.option("--out", default="runs/default", show_default=True, help="Run folder."),
     click.option("--log-every", type=int, default=10, show_default=True),
     click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only."),
@@ -237,6 +208,37 @@ def export(checkpoint, out_dir, merge, dtype):
     written = export_checkpoint(checkpoint, out_dir, merge=merge, dtype=dtype)
     for kind, path in written.items():
         click.echo(f"{kind}: {path}")
+
+
+@bench.command("step", context_settings=CONTEXT)
+@click.option("--workload", type=click.Choice(["W0", "W1"]), default="W0", show_default=True,
+              help="W0: CPU, fp32, 6 layers; W1: GPU, bf16, TinyLlama-1.1B shape (DESIGN.md).")
+@click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
+@click.option("--rounds", type=int, default=2, show_default=True, help="Alternating rounds of both sides.")
+@click.option("--steps", type=int, default=5, show_default=True, help="Timed updates per side and round.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed updates first.")
+@click.option("--attention", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def bench_step(workload, full, rounds, steps, warmup, attention, as_json):
+    """Time sftplug against HF transformers + PEFT on the same workload.
+
+    Each side runs in its own process, in rounds that alternate the order; prints
+    tokens/s, forward / backward / optimizer ms and peak memory for both, and the ratios.
+
+    \b
+    Examples:
+      sftplug bench step --workload W0
+      sftplug bench step --workload W1 --rounds 1 --json
+    """
+    from sftplug.bench_step import bench_step as run_bench, format_step_table
+
+    result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention)
+    click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))
+
+
+cli.add_command(doctor)
+cli.add_command(bench)
 
 
 def main():

@@ -1,60 +1,18 @@
-"""Click commands for attention: ``sftplug doctor`` and ``sftplug bench attention``.
-
-Also runnable on their own: ``python -m sftplug.cli_attention doctor [--json]`` and
-``python -m sftplug.cli_attention bench attention [--json]``.
-
-Wire them into the main group with::
-
-    from sftplug.cli_attention import bench, doctor
-    cli.add_command(doctor)
-    cli.add_command(bench)          # gives `sftplug bench attention`
-    # or, if cli.py already has a `bench` group:
-    # bench_group.add_command(bench_attention, "attention")
-"""
+"""``sftplug doctor`` and the ``sftplug bench`` group with ``bench attention``."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import click
 
+from sftplug.clitools import CONTEXT, user_errors
 from sftplug.errors import SftplugError
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-class _UserError(click.ClickException):
-    exit_code = 2
-
-
-def _user_errors(fn):
-    """SftplugError -> one clear line and exit code 2 (as in sftplug.cli)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SftplugError as exc:
-            raise _UserError(str(exc)) from None
-
-    return wrapper
-
-
 def _device(name: str):
-    import torch
+    from sftplug.loading import resolve_device
 
-    from sftplug import probes
-
-    if name == "auto":
-        return torch.device("cuda") if probes.cuda_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SftplugError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r} ({exc})") from None
-    if device.type == "cuda" and not probes.cuda_available():
-        raise SftplugError(f"--device {name}: {probes.no_gpu_reason()}")
-    return device
+    return resolve_device(name)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -73,7 +31,7 @@ def _shape(text: str) -> tuple[int, ...]:
 @click.option("--head-dim", type=int, default=64, show_default=True, help="Head dim to check backends for.")
 @click.option("--heads", type=int, default=32, show_default=True, help="Query heads.")
 @click.option("--kv-heads", type=int, default=4, show_default=True, help="Key/value heads (GQA).")
-@_user_errors
+@user_errors
 def doctor(as_json, device, head_dim, heads, kv_heads):
     """Show what this machine can run and what is steering it.
 
@@ -110,7 +68,7 @@ def doctor(as_json, device, head_dim, heads, kv_heads):
 @click.option("--repeats", type=int, help="Timed iterations per row (default 10 on CUDA, 3 on the CPU).")
 @click.option("--budget", type=float, default=150.0, show_default=True,
               help="Seconds after which remaining rows are skipped.")
-@_user_errors
+@user_errors
 def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, budget):
     """Time forward and backward of every attention backend.
 
@@ -163,19 +121,8 @@ def bench():
     \b
     Examples:
       sftplug bench attention
+      sftplug bench step --workload W0
     """
 
 
 bench.add_command(bench_attention)
-
-
-@click.group(context_settings=CONTEXT)
-def main():
-    """`python -m sftplug.cli_attention doctor | bench attention` (until the main CLI has them)."""
-
-
-main.add_command(doctor)
-main.add_command(bench)
-
-if __name__ == "__main__":
-    main(prog_name="sftplug")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sftplug import checkpoint, data
-from sftplug.attention import AttentionRequest, choose_backend, steering_env
+from sftplug.attention import AttentionRequest, attention_skipped, choose_backend, steering_notes
 from sftplug.config import TrainConfig, check_output_dir
 from sftplug.errors import SftplugError
 from sftplug.generate import answer
@@ -92,15 +92,14 @@ class Run:
         request = AttentionRequest(
             self.config.attention, self.device, dtype, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, packed
         )
-        skipped = {p.name: p.reason for p in self.registry.skipped()}
-        self.attention = choose_backend(self.registry.hook, request, skipped)
+        self.attention = choose_backend(self.registry.hook, request, attention_skipped(self.registry))
         self.model.set_attention(self.attention.backend)
         trainable = sum(p.numel() for p in self.params)
         mode = "full fine-tune" if self.config.full else f"LoRA r={self.config.lora_r}"
         self.echo(f"model: {model_description}; {mode}, {trainable:,} trainable params on {self.device}")
         self.echo(f"precision: {self.precision.name}; attention: {self.attention.reason}")
-        for key, value in steering_env().items():
-            self.echo(f"environment: {key}={value} found and ignored: attention runs only in the chosen kernel")
+        for note in steering_notes():
+            self.echo(f"environment: {note}")
 
     # -- one update ---------------------------------------------------------------
     def update(self) -> dict:
