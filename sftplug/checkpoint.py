@@ -39,6 +39,7 @@ def write_checkpoint(out: str | Path, step: int, weights: dict, meta: dict, writ
     """Write step-<step> with the weights, extra files (name -> fn(path)) and the manifest."""
     root = Path(out) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    recover(root)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     if tmp.exists():
@@ -68,6 +69,18 @@ def write_checkpoint(out: str | Path, step: int, weights: dict, meta: dict, writ
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
     return final
+
+
+def recover(root: Path) -> None:
+    """Clean up after a writer that died: drop half-written folders, restore a displaced one."""
+    for path in root.glob(".tmp-step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".old-step-*"):
+        final = root / ("step-" + path.name.split("-")[2])
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:  # died between moving the old copy aside and putting the new one in place
+            path.rename(final)
 
 
 def verify(folder: Path) -> dict:

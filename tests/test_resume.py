@@ -95,3 +95,32 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_pa
         train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
     assert (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == saved
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_whole(small_config, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(small_config(out=str(out), steps=2), build_registry(), echo=quiet)
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step-2").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")  # dies after the weights were written, before the rename
+
+    monkeypatch.setattr("sftplug.trainer.torch.save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints" / "step-2").iterdir()} == before
+    assert checkpoint.complete_checkpoints(out) == [out / "checkpoints" / "step-2"]
+    monkeypatch.undo()
+    (out / "checkpoints" / ".tmp-step-4-99999").mkdir()  # as left by a writer that was killed
+    train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_checkpoint_displaced_by_a_dead_writer_is_restored(tmp_path):
+    root = tmp_path / "checkpoints"
+    checkpoint.write_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {})
+    (root / "step-2").rename(root / ".old-step-2-12345")  # the writer died right after this rename
+    checkpoint.write_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {})
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-4", "step-2"]
