@@ -8,7 +8,7 @@ import sys
 import click
 
 from sftplug import __version__
-from sftplug.config import DEFAULT_LORA_TARGETS, DTYPES, SCHEDULES, TrainConfig
+from sftplug.config import COMPILE_MODES, DEFAULT_LORA_TARGETS, DTYPES, SCHEDULES, TrainConfig
 from sftplug.cli_attention import bench, doctor
 from sftplug.clitools import CONTEXT, options, user_errors
 
@@ -62,6 +62,9 @@ runtime_options = options(
     click.option("--tf32", is_flag=True, help="TF32 matmuls for fp32 on Ampere+ GPUs."),
     click.option("--attention", default="auto", show_default=True, help="Attention backend (see `sftplug plugins`)."),
     click.option("--grad-ckpt", is_flag=True, help="Activation checkpointing per block."),
+    click.option("--torch-compile", is_flag=True, help="Compile each transformer block (time reported apart)."),
+    click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True),
+    click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers prefetching batches."),
     click.option("--profile", is_flag=True, help="Print forward/backward/optimizer ms per update."),
 )
 

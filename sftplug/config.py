@@ -10,6 +10,7 @@ from sftplug.errors import SftplugError
 
 DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
@@ -49,6 +50,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     grad_ckpt: bool = False
+    torch_compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
+    workers: int = 0
     profile: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: only before and after training
@@ -69,7 +73,9 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise SftplugError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "save_every", "keep_last"):
+        if self.compile_mode not in COMPILE_MODES:
+            raise SftplugError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        for name in ("warmup", "eval_every", "save_every", "keep_last", "workers"):
             if getattr(self, name) < 0:
                 raise SftplugError(f"--{name.replace('_', '-')} must not be negative")
         if self.dtype not in DTYPES:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -708,32 +709,76 @@ def _widen(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 # -- batches -----------------------------------------------------------------------
-class Batches:
-    """Micro-batches of rows in a seeded order per epoch; its position is resumable."""
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch ``m`` of a run as a pure function of ``m``: rows in a seeded order per epoch.
+
+    Being a pure function makes the data position one integer (exact resume) and lets
+    DataLoader workers prefetch without owning any state.
+    """
 
     def __init__(self, rows: Rows, micro_bsz: int, seed: int):
         self.rows, self.micro_bsz, self.seed = rows, micro_bsz, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._epoch_order()
+        self.per_epoch = -(-len(rows) // micro_bsz)  # the last one wraps around
+        self._cached: tuple[int, list[int]] | None = None
 
-    def _epoch_order(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(len(self.rows), generator=generator).tolist()
+    def __len__(self) -> int:
+        return 2**62  # endless: epochs follow each other
+
+    def order(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._cached = (epoch, torch.randperm(len(self.rows), generator=generator).tolist())
+        return self._cached[1]
+
+    def picks(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        order = self.order(epoch)
+        return [order[(j * self.micro_bsz + i) % len(order)] for i in range(self.micro_bsz)]
+
+    def __getitem__(self, m: int) -> dict:
+        return batch_of(self.rows, self.picks(m))
+
+
+class _CountFrom(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class Batches:
+    """The run's stream of micro-batches; ``workers`` > 0 prefetches them in DataLoader workers."""
+
+    def __init__(self, rows: Rows, micro_bsz: int, seed: int, workers: int = 0, pin_memory: bool = False):
+        self.dataset = MicroBatches(rows, micro_bsz, seed)
+        self.workers, self.pin_memory = workers, pin_memory
+        self.position = 0  # micro-batches handed out so far
+        self._stream = None
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"micro_batches": self.position}
 
     def restore(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._epoch_order()
+        self.position = int(state["micro_batches"])
+        self._stream = None
 
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.index >= len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        picked = [self._order[(self.index + j) % len(self._order)] for j in range(self.micro_bsz)]
-        self.index += self.micro_bsz
-        return batch_of(self.rows, picked)
+    def next(self) -> dict:
+        if self.workers == 0:
+            batch = self.dataset[self.position]
+        else:
+            if self._stream is None:
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_size=None, sampler=_CountFrom(self.position), num_workers=self.workers,
+                    pin_memory=self.pin_memory, persistent_workers=True, prefetch_factor=4,
+                )  # fmt: skip
+                self._stream = iter(loader)
+            batch = next(self._stream)
+        self.position += 1
+        return batch
+
+    def close(self) -> None:
+        self._stream = None  # ends the workers
 
 
 def batch_of(rows: Rows, picked) -> dict[str, torch.Tensor]:

@@ -64,8 +64,10 @@ class Run:
             self.load_data()
         else:
             self.rows, self.eval_rows, self.data_sha256, self.data_stats = rows, None, None, {}
-            self.batches = data.Batches(rows, config.micro_bsz, config.seed)
+            self.batches = self.make_batches(rows)
         self.choose_attention(loaded.description)
+        if config.torch_compile:
+            self.compile_blocks()
         self.optimizer = torch.optim.AdamW(
             self.params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay, eps=1e-8
         )
@@ -82,8 +84,18 @@ class Run:
             skip_bad_records=c.skip_bad_records, cache_dir=self.out / "cache", seed=c.seed,
         )  # fmt: skip
         self.rows, self.eval_rows, self.data_stats = prepared.train, prepared.eval, prepared.stats
-        self.batches = data.Batches(self.rows, c.micro_bsz, c.seed)
+        self.batches = self.make_batches(self.rows)
         self.echo(prepared.describe())
+
+    def make_batches(self, rows: data.Rows) -> data.Batches:
+        c = self.config
+        return data.Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda")
+
+    def compile_blocks(self) -> None:
+        """Compile each block once its attention is set; compilation happens in the first update."""
+        mode = None if self.config.compile_mode == "default" else self.config.compile_mode
+        for block in self.model.layers:
+            block.compile(mode=mode, dynamic=False)  # packed rows have one fixed shape: no recompiles
 
     def choose_attention(self, model_description: str) -> None:
         cfg = self.model.config
@@ -256,9 +268,15 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")
     started, first_step = time.perf_counter(), run.step
+    compile_seconds = None
     with _StopOnSignal(echo) as stop:
         while run.step < config.steps and not stop.requested:
             record = run.update()
+            if config.torch_compile and compile_seconds is None:
+                compile_seconds = record["s_per_update"]  # the first update compiles every block
+                record["includes_compile"] = True
+                echo(f"torch.compile: first update took {compile_seconds:.1f}s (compilation included)")
+                started, first_step, run.tokens_at_start = time.perf_counter(), run.step, run.tokens_seen
             if config.eval_every and run.step % config.eval_every == 0:
                 record["eval_loss"] = run.eval_loss()
             run.log(record)
@@ -266,6 +284,7 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
             if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
                 run.save()
     seconds = time.perf_counter() - started
+    run.batches.close()
     folder = run.save()
     if stop.requested:
         echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
@@ -274,6 +293,7 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
         "steps": run.step,
         "interrupted": stop.requested,
         "seconds": seconds,
+        "compile_seconds": compile_seconds,
         "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(seconds, 1e-9),
         "eval_loss_before": before_loss,
         "eval_loss_after": after_loss,
@@ -298,7 +318,7 @@ def _report(run: Run, record: dict, started: float, first_step: int, echo) -> No
         )
     if run.step % c.log_every == 0 or run.step == c.steps:
         done = run.step - first_step
-        eta = (time.perf_counter() - started) / done * (c.steps - run.step)
+        eta = (time.perf_counter() - started) / done * (c.steps - run.step) if done else 0.0
         skipped = "  (skipped: inf/NaN grads)" if record.get("skipped") else ""
         echo(
             f"step {run.step:>{len(str(c.steps))}}/{c.steps}  loss {record['loss']:.4f}  "

@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -76,3 +77,32 @@ def test_short_run_loss_falls(small_config):
     records = [json.loads(x) for x in open(summary["checkpoint"].rsplit("/checkpoints", 1)[0] + "/metrics.jsonl")]
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.8 * first
+
+
+def metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_workers_change_nothing_but_speed(small_config, tmp_path):
+    plain = tmp_path / "plain"
+    train(small_config(out=str(plain), steps=6, save_every=3), build_registry(), echo=quiet)
+    prefetched = tmp_path / "workers"
+    train(small_config(out=str(prefetched), steps=6, workers=2), build_registry(), echo=quiet)
+    assert [r["loss"] for r in metrics(prefetched)] == [r["loss"] for r in metrics(plain)]
+    # resumed with workers from a checkpoint saved without them: the same stream of batches
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(plain / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
+    train(small_config(out=str(resumed), steps=6, workers=2, resume="auto"), build_registry(), echo=quiet)
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(plain)][3:]
+
+
+def test_torch_compile_matches_eager(small_config, tmp_path):
+    lines = []
+    summary = train(small_config(out=str(tmp_path / "compiled"), steps=3, torch_compile=True), build_registry(),
+                    echo=lines.append)
+    train(small_config(out=str(tmp_path / "eager"), steps=3), build_registry(), echo=quiet)
+    compiled, eager = metrics(tmp_path / "compiled"), metrics(tmp_path / "eager")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
+    assert compiled[0]["includes_compile"] and summary["compile_seconds"] > 0
+    assert any(line.startswith("torch.compile: first update took") for line in lines)
