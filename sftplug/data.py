@@ -716,8 +716,8 @@ class MicroBatches(torch.utils.data.Dataset):
     DataLoader workers prefetch without owning any state.
     """
 
-    def __init__(self, rows: Rows, micro_bsz: int, seed: int):
-        self.rows, self.micro_bsz, self.seed = rows, micro_bsz, seed
+    def __init__(self, rows: Rows, micro_bsz: int, seed: int, trim: bool = False):
+        self.rows, self.micro_bsz, self.seed, self.trim = rows, micro_bsz, seed, trim
         self.per_epoch = -(-len(rows) // micro_bsz)  # the last one wraps around
         self._cached: tuple[int, list[int]] | None = None
 
@@ -736,7 +736,12 @@ class MicroBatches(torch.utils.data.Dataset):
         return [order[(j * self.micro_bsz + i) % len(order)] for i in range(self.micro_bsz)]
 
     def __getitem__(self, m: int) -> dict:
-        return batch_of(self.rows, self.picks(m))
+        batch = batch_of(self.rows, self.picks(m))
+        if self.trim and batch["doc_ids"] is None:
+            # one document per row: cut the columns that are padding in every row
+            longest = int((self.rows.doc_ids[self.picks(m)] == 0).sum(1).max())
+            batch = {k: v[:, :longest] if v is not None else None for k, v in batch.items()}
+        return batch
 
 
 class _CountFrom(torch.utils.data.Sampler):
@@ -750,8 +755,9 @@ class _CountFrom(torch.utils.data.Sampler):
 class Batches:
     """The run's stream of micro-batches; ``workers`` > 0 prefetches them in DataLoader workers."""
 
-    def __init__(self, rows: Rows, micro_bsz: int, seed: int, workers: int = 0, pin_memory: bool = False):
-        self.dataset = MicroBatches(rows, micro_bsz, seed)
+    def __init__(self, rows: Rows, micro_bsz: int, seed: int, workers: int = 0, pin_memory: bool = False,
+                 trim: bool = False):
+        self.dataset = MicroBatches(rows, micro_bsz, seed, trim)
         self.workers, self.pin_memory = workers, pin_memory
         self.position = 0  # micro-batches handed out so far
         self._stream = None

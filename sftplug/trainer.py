@@ -89,7 +89,10 @@ class Run:
 
     def make_batches(self, rows: data.Rows) -> data.Batches:
         c = self.config
-        return data.Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda")
+        # Unpacked rows are cut to the longest document of each micro-batch, except when
+        # compiled blocks want one fixed shape.
+        return data.Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda",
+                            trim=not c.pack and not c.torch_compile)
 
     def compile_blocks(self) -> None:
         """Compile each block once its attention is set; compilation happens in the first update."""

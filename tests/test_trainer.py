@@ -106,3 +106,18 @@ def test_torch_compile_matches_eager(small_config, tmp_path):
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
     assert compiled[0]["includes_compile"] and summary["compile_seconds"] > 0
     assert any(line.startswith("torch.compile: first update took") for line in lines)
+
+
+def test_unpacked_batches_are_cut_to_their_longest_document(small_config):
+    run = Run(small_config(pack=False, seq_len=128), build_registry(), echo=quiet)
+    batch = run.batches.next()
+    real = (batch["labels"] != -100).sum(1)
+    assert batch["doc_ids"] is None
+    assert batch["input_ids"].shape[1] < 128
+    assert batch["input_ids"].shape[1] >= int(real.max())
+
+
+def test_keep_last_prunes_old_checkpoints(small_config, tmp_path):
+    train(small_config(steps=6, save_every=1, keep_last=2), build_registry(), echo=quiet)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["latest", "step-5", "step-6"]
