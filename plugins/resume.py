@@ -7,7 +7,8 @@ import random
 import numpy as np
 import torch
 
-from sftplug import hookimpl
+from sftplug import distributed, hookimpl
+from sftplug.errors import SftplugError
 from sftplug.schedule import Schedule
 
 
@@ -32,12 +33,17 @@ class Resume:
                              "anchor_lr": run.schedule.anchor_lr},
             },
             "optimizer": run.optimizer.state_dict(),
-            "rng": rng,
+            "rng": distributed.gather(run.world, rng),  # one entry per rank: dropout differs by rank
         }
 
     @hookimpl
     def on_resume(self, run, state):
-        trainer, rng = state["trainer"], state["rng"]
+        if len(state["rng"]) != run.world.size:
+            raise SftplugError(
+                f"the checkpoint was saved by {len(state['rng'])} process(es); resume it with the same number "
+                f"(torchrun --nproc-per-node {len(state['rng'])}), not {run.world.size}"
+            )
+        trainer, rng = state["trainer"], state["rng"][run.world.rank]
         run.step, run.tokens_seen = int(trainer["step"]), int(trainer["tokens_seen"])
         run.batches.restore(trainer["data"])
         run.optimizer.load_state_dict(state["optimizer"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -129,7 +130,8 @@ def train(**options):
             options.pop(key)
     config = TrainConfig(**options)
     summary = run_training(config, build_registry(), echo=click.echo)
-    click.echo(_summary_text(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        click.echo(_summary_text(summary))
 
 
 def _summary_text(s: dict) -> str:

@@ -716,9 +716,10 @@ class MicroBatches(torch.utils.data.Dataset):
     DataLoader workers prefetch without owning any state.
     """
 
-    def __init__(self, rows: Rows, micro_bsz: int, seed: int, trim: bool = False):
+    def __init__(self, rows: Rows, micro_bsz: int, seed: int, trim: bool = False, rank: int = 0, world: int = 1):
         self.rows, self.micro_bsz, self.seed, self.trim = rows, micro_bsz, seed, trim
-        self.per_epoch = -(-len(rows) // micro_bsz)  # the last one wraps around
+        self.rank, self.global_bsz = rank, micro_bsz * world  # each rank takes its slice of a global batch
+        self.per_epoch = -(-len(rows) // self.global_bsz)  # the last one wraps around
         self._cached: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
@@ -733,7 +734,8 @@ class MicroBatches(torch.utils.data.Dataset):
     def picks(self, m: int) -> list[int]:
         epoch, j = divmod(m, self.per_epoch)
         order = self.order(epoch)
-        return [order[(j * self.micro_bsz + i) % len(order)] for i in range(self.micro_bsz)]
+        first = j * self.global_bsz + self.rank * self.micro_bsz
+        return [order[(first + i) % len(order)] for i in range(self.micro_bsz)]
 
     def __getitem__(self, m: int) -> dict:
         batch = batch_of(self.rows, self.picks(m))
@@ -756,8 +758,8 @@ class Batches:
     """The run's stream of micro-batches; ``workers`` > 0 prefetches them in DataLoader workers."""
 
     def __init__(self, rows: Rows, micro_bsz: int, seed: int, workers: int = 0, pin_memory: bool = False,
-                 trim: bool = False):
-        self.dataset = MicroBatches(rows, micro_bsz, seed, trim)
+                 trim: bool = False, rank: int = 0, world: int = 1):
+        self.dataset = MicroBatches(rows, micro_bsz, seed, trim, rank, world)
         self.workers, self.pin_memory = workers, pin_memory
         self.position = 0  # micro-batches handed out so far
         self._stream = None

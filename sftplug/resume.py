@@ -48,7 +48,8 @@ def resume_run(run, resume: str) -> None:
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     run.registry.hook.on_resume(run=run, state=state)
     run.tokens_at_start = run.tokens_seen
-    _truncate_metrics(run.metrics_path, run.step)
+    if run.world.is_main:
+        _truncate_metrics(run.metrics_path, run.step)
     run.echo(f"resume: continuing from {folder} at step {run.step}")
 
 

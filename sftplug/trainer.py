@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sftplug import checkpoint, data
+from sftplug import checkpoint, data, distributed
 from sftplug.attention import AttentionRequest, attention_skipped, choose_backend, steering_notes
 from sftplug.config import TrainConfig, check_output_dir
 from sftplug.errors import SftplugError
@@ -38,11 +38,15 @@ class Run:
 
     def __init__(self, config: TrainConfig, registry, echo=print, rows: data.Rows | None = None):
         """Build the run; ``rows`` replaces the data files (benchmarks feed synthetic rows)."""
-        self.config, self.registry, self.echo = config, registry, echo
+        self.world = distributed.init_world(config.device)
+        self.config, self.registry = config, registry
+        self.echo = echo if self.world.is_main else _silent
         self.step = 0  # updates done
         self.tokens_seen = self.tokens_at_start = 0
         self.out = check_output_dir(config.out)
         self.device = resolve_device(config.device)
+        if self.world.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
         hook = registry.hook
         self.precision = hook.configure_precision(dtype=config.dtype, device=self.device, tf32=config.tf32)
         torch.manual_seed(config.seed)
@@ -78,11 +82,14 @@ class Run:
     def load_data(self) -> None:
         c = self.config
         self.data_sha256 = hashlib.sha256(Path(c.data).read_bytes()).hexdigest() if Path(c.data).is_file() else None
-        prepared = data.prepare_data(
-            self.tokenizer, data=c.data, eval_data=c.eval_data, eval_split=c.eval_split, seq_len=c.seq_len,
-            pack=c.pack, fmt=c.format, train_on_prompt=c.train_on_prompt, overlong=c.overlong,
-            skip_bad_records=c.skip_bad_records, cache_dir=self.out / "cache", seed=c.seed,
-        )  # fmt: skip
+        for turn in ("main", "others"):  # rank 0 tokenises and fills the cache; the others read it
+            if (turn == "main") == self.world.is_main:
+                prepared = data.prepare_data(
+                    self.tokenizer, data=c.data, eval_data=c.eval_data, eval_split=c.eval_split, seq_len=c.seq_len,
+                    pack=c.pack, fmt=c.format, train_on_prompt=c.train_on_prompt, overlong=c.overlong,
+                    skip_bad_records=c.skip_bad_records, cache_dir=self.out / "cache", seed=c.seed,
+                )  # fmt: skip
+            distributed.barrier(self.world)
         self.rows, self.eval_rows, self.data_stats = prepared.train, prepared.eval, prepared.stats
         self.batches = self.make_batches(self.rows)
         self.echo(prepared.describe())
@@ -92,7 +99,7 @@ class Run:
         # Unpacked rows are cut to the longest document of each micro-batch, except when
         # compiled blocks want one fixed shape.
         return data.Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda",
-                            trim=not c.pack and not c.torch_compile)
+                            trim=not c.pack and not c.torch_compile, rank=self.world.rank, world=self.world.size)
 
     def compile_blocks(self) -> None:
         """Compile each block once its attention is set; compilation happens in the first update."""
@@ -123,8 +130,9 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = [self.batches.next() for _ in range(c.accum)]
-        n_targets = sum(int((mb["labels"] != data.IGNORE).sum()) for mb in micro)
-        n_tokens = sum(int((mb["labels"] != data.IGNORE).numel()) for mb in micro)
+        # Every rank divides by the target tokens of the whole update, all ranks together.
+        n_targets = distributed.sum_int(self.world, sum(int((mb["labels"] != data.IGNORE).sum()) for mb in micro), device)
+        n_tokens = distributed.sum_int(self.world, sum(mb["labels"].numel() for mb in micro), device)
         scaler = self.precision.scaler
         timer = _Timer(device, c.profile)
         loss_sum = torch.zeros((), device=device)
@@ -138,6 +146,8 @@ class Run:
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += total.detach()
         with timer("opt"):
+            distributed.sum_gradients(self.world, self.params)
+            distributed.sum_tensor_(self.world, loss_sum)
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30)
@@ -179,7 +189,7 @@ class Run:
     # -- evaluation and checkpoints ------------------------------------------------
     @torch.no_grad()
     def eval_loss(self) -> float | None:
-        if self.eval_rows is None:
+        if self.eval_rows is None or not self.world.is_main:
             return None
         self.model.eval()
         total, count = 0.0, 0
@@ -218,12 +228,17 @@ class Run:
             "tokens_seen": self.tokens_seen,
             "data_sha256": self.data_sha256,
         }
-        writers = {STATE_FILE: lambda path: torch.save(state, path)}
-        folder = checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, writers)
-        checkpoint.prune(self.out, self.config.keep_last)
+        folder = Path(self.out) / "checkpoints" / f"step-{self.step}"
+        if self.world.is_main:  # every rank's part was gathered by the hooks above
+            writers = {STATE_FILE: lambda path: torch.save(state, path)}
+            checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, writers)
+            checkpoint.prune(self.out, self.config.keep_last)
+        distributed.barrier(self.world)
         return folder
 
     def log(self, record: dict) -> None:
+        if not self.world.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -260,20 +275,38 @@ class _Timer:
         return time.perf_counter() - self.started
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def train(config: TrainConfig, registry, echo=print) -> dict:
     """Run a whole training job; returns the summary."""
     run = Run(config, registry, echo)
+    try:
+        return _train(run)
+    finally:
+        distributed.close(run.world)
+
+
+def _train(run: Run) -> dict:
+    config, echo = run.config, run.echo
     if config.resume:
         resume_run(run, config.resume)
     prompt = run.sample_prompt()
     before_loss = run.eval_loss()
+    prompt = prompt if run.world.is_main else None
     before_answer = answer(run.model, run.tokenizer, prompt) if prompt else None
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")
     started, first_step = time.perf_counter(), run.step
     compile_seconds = None
+    interrupted = False
     with _StopOnSignal(echo) as stop:
-        while run.step < config.steps and not stop.requested:
+        while run.step < config.steps:
+            # all ranks stop together, even if the signal reached them at different updates
+            if distributed.sum_int(run.world, int(stop.requested), run.device):
+                interrupted = True
+                break
             record = run.update()
             if config.torch_compile and compile_seconds is None:
                 compile_seconds = record["s_per_update"]  # the first update compiles every block
@@ -289,12 +322,12 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
     seconds = time.perf_counter() - started
     run.batches.close()
     folder = run.save()
-    if stop.requested:
+    if interrupted:
         echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
     after_loss = run.eval_loss()
     summary = {
         "steps": run.step,
-        "interrupted": stop.requested,
+        "interrupted": interrupted,
         "seconds": seconds,
         "compile_seconds": compile_seconds,
         "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(seconds, 1e-9),
@@ -308,7 +341,8 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
     }
     if run.device.type == "cuda":
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.world.is_main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,0 +1,91 @@
+"""Several processes under torchrun: each rank trains on its share of every micro-batch.
+
+Gradients are summed across ranks once per update (one all-reduce of the flattened
+trainable gradients), and the loss is normalised by the target tokens of the whole
+update on all ranks, so N processes with --micro-bsz B train exactly like one process
+with --micro-bsz N*B. Rank 0 alone prints, logs, evaluates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device_name: str) -> World:
+    """Join the process group torchrun describes in the environment, if any."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return world
+
+
+def sum_int(world: World, value: int, device: torch.device) -> int:
+    if not world.active:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def sum_tensor_(world: World, t: torch.Tensor) -> torch.Tensor:
+    if world.active:
+        dist.all_reduce(t)
+    return t
+
+
+def sum_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
+    """Sum every trainable gradient across ranks, in one flat buffer."""
+    if not world.active:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def gather(world: World, obj):
+    """Every rank's ``obj`` as a list on every rank (a list of one without torchrun)."""
+    if not world.active:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def close(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
