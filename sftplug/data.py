@@ -568,12 +568,14 @@ def prepare_data(
         seq_len=seq_len, pack=bool(pack), fmt=fmt, train_on_prompt=bool(train_on_prompt), overlong=overlong,
         eval_split=float(eval_split), seed=int(seed), skip_bad_records=bool(skip_bad_records),
     )  # fmt: skip
-    key = _cache_key(raw, eval_raw, tokenizer, options)
+    data_sha256 = hashlib.sha256(raw).hexdigest()
+    key = _cache_key(data_sha256, eval_raw, tokenizer, options)
     cache = _Cache(cache_dir, key) if cache_dir else None
     if cache is not None:
         hit = cache.load()
         if hit is not None:
-            hit.stats.update(cache="hit", load_seconds=time.perf_counter() - started, data=str(data))
+            hit.stats.update(cache="hit", load_seconds=time.perf_counter() - started, data=str(data),
+                             data_sha256=data_sha256)
             return hit
 
     bad = _BadLog(skip_bad_records)
@@ -633,6 +635,7 @@ def prepare_data(
     for name in ("truncated", "dropped", "untrainable"):
         stats[name] = counts[name] + eval_counts.get(name, 0)
         stats[name + "_lines"] = (counts[name + "_lines"] + eval_counts.get(name + "_lines", []))[:SHOW_LINES]
+    stats["data_sha256"] = data_sha256
     prepared = Prepared(train_rows, eval_rows, stats)
     if cache is not None:
         stats["cache_file"] = str(cache.tensors)
@@ -641,10 +644,10 @@ def prepare_data(
 
 
 # -- the cache ---------------------------------------------------------------------
-def _cache_key(raw: bytes, eval_raw: bytes | None, tokenizer: Tokenizer, options: dict) -> str:
+def _cache_key(data_sha256: str, eval_raw: bytes | None, tokenizer: Tokenizer, options: dict) -> str:
     material = {
         "version": DATA_FORMAT_VERSION,
-        "data": hashlib.sha256(raw).hexdigest(),
+        "data": data_sha256,
         "eval_data": hashlib.sha256(eval_raw).hexdigest() if eval_raw is not None else None,
         "tokenizer": tokenizer.fingerprint(),
         **options,

@@ -7,7 +7,6 @@ the update's total number of target tokens, so ``--micro-bsz 2 --accum 4`` and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -81,7 +80,6 @@ class Run:
     # -- set-up ---------------------------------------------------------------------
     def load_data(self) -> None:
         c = self.config
-        self.data_sha256 = hashlib.sha256(Path(c.data).read_bytes()).hexdigest() if Path(c.data).is_file() else None
         for turn in ("main", "others"):  # rank 0 tokenises and fills the cache; the others read it
             if (turn == "main") == self.world.is_main:
                 prepared = data.prepare_data(
@@ -91,6 +89,7 @@ class Run:
                 )  # fmt: skip
             distributed.barrier(self.world)
         self.rows, self.eval_rows, self.data_stats = prepared.train, prepared.eval, prepared.stats
+        self.data_sha256 = prepared.stats["data_sha256"]
         self.batches = self.make_batches(self.rows)
         self.echo(prepared.describe())
 
@@ -124,6 +123,13 @@ class Run:
             self.echo(f"environment: {note}")
 
     # -- one update ---------------------------------------------------------------
+    def loss_sum(self, mb: dict) -> tuple[torch.Tensor, int]:
+        """(sum of target-token losses, number of targets) of one micro-batch."""
+        mb = {k: (v.to(self.device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
+        with self.precision.autocast(self.device):
+            hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
+            return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
+
     def update(self) -> dict:
         c, device = self.config, self.device
         lr = self.schedule.lr(self.step)
@@ -137,10 +143,8 @@ class Run:
         timer = _Timer(device, c.profile)
         loss_sum = torch.zeros((), device=device)
         for mb in micro:
-            mb = {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
-            with timer("fwd"), self.precision.autocast(device):
-                hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
-                total, _ = target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
+            with timer("fwd"):
+                total, _ = self.loss_sum(mb)
                 loss = total / n_targets
             with timer("bwd"):
                 (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -193,12 +197,9 @@ class Run:
             return None
         self.model.eval()
         total, count = 0.0, 0
-        for start in range(0, len(self.eval_rows), self.config.micro_bsz):
-            mb = data.batch_of(self.eval_rows, list(range(start, min(start + self.config.micro_bsz, len(self.eval_rows)))))
-            mb = {k: (v.to(self.device) if v is not None else None) for k, v in mb.items()}
-            with self.precision.autocast(self.device):
-                hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
-                loss, n = target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
+        n_rows, bsz = len(self.eval_rows), self.config.micro_bsz
+        for start in range(0, n_rows, bsz):
+            loss, n = self.loss_sum(data.batch_of(self.eval_rows, list(range(start, min(start + bsz, n_rows)))))
             total += float(loss)
             count += n
         self.model.train()

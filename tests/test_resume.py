@@ -124,3 +124,20 @@ def test_a_checkpoint_displaced_by_a_dead_writer_is_restored(tmp_path):
     (root / "step-2").rename(root / ".old-step-2-12345")  # the writer died right after this rename
     checkpoint.write_checkpoint(tmp_path, 4, {"w": torch.zeros(2)}, {})
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-4", "step-2"]
+
+
+def test_fp16_scaler_state_comes_back(small_config, tmp_path):
+    from sftplug.resume import resume_run
+    from sftplug.trainer import Run
+
+    first = Run(small_config(steps=4, dtype="fp16"), build_registry(), echo=quiet)
+    param = next(p for n, p in first.model.named_parameters() if "lora_B" in n)
+    param.register_hook(lambda g: torch.full_like(g, float("inf")) if first.step == 1 else g)
+    first.update()
+    first.update()  # the inf step halves the scale
+    assert first.update() and first.precision.scaler.get_scale() == 32768.0
+    first.save()
+    second = Run(small_config(steps=4, dtype="fp16"), build_registry(), echo=quiet)
+    assert second.precision.scaler.get_scale() == 65536.0
+    resume_run(second, "auto")
+    assert second.precision.scaler.get_scale() == 32768.0 and second.step == 3
