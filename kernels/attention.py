@@ -154,6 +154,24 @@ if triton is not None:
         return lo, hi, valid
 
     @triton.jit
+    def _load_kv_block(
+        k_base,  # K of this (batch, kv head), row 0
+        v_base,  # V of this (batch, kv head), row 0
+        offs_n, offs_d, stride_kt, stride_vt, T,
+        MASKED: tl.constexpr,  # the block may run past T
+    ):
+        """K and V rows offs_n of one head, [BLOCK_N, D] each (zeros past T)."""
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        return k, v
+
+    @triton.jit
     def _attn_schedule(lo, hi, valid, BLOCK: tl.constexpr):
         """Reduce per-row ranges to [start, a) masked, [a, b) unmasked, [b, end) masked."""
         span_lo = tl.min(tl.where(valid, lo, _RANGE_INF), axis=0)  # first position any row sees
@@ -183,14 +201,7 @@ if triton is not None:
         offs_n0 = tl.arange(0, BLOCK_N)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + offs_n0
-            k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-            v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-            if MASKED:
-                k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+            k, v = _load_kv_block(k_base, v_base, offs_n, offs_d, stride_kt, stride_vt, T, MASKED)
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
             if MASKED:
                 seen = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
@@ -433,14 +444,7 @@ if triton is not None:
         offs_n0 = tl.arange(0, BLOCK_N)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + offs_n0
-            k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-            v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-            if MASKED:
-                k = tl.load(k_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=(offs_n < T)[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+            k, v = _load_kv_block(k_base, v_base, offs_n, offs_d, stride_kt, stride_vt, T, MASKED)
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
             p = tl.exp2(qk * qk_scale - lse[:, None])
             if MASKED:
