@@ -74,7 +74,10 @@ class Registry:
             reason = f"availability check raised {type(exc).__name__}: {exc}"
         if reason:
             return _skip(info, reason)
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+        except ValueError as exc:  # the same name or object twice (e.g. two entry points)
+            return _skip(info, f"not registered: {exc}")
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:

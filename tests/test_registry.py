@@ -136,3 +136,10 @@ def test_plugins_cli_survives_a_broken_entry_point(monkeypatch):
     assert listed["exploding"]["available"] is False
     assert "boom" in listed["exploding"]["reason"]
     assert listed["math"]["available"] is True
+
+
+def test_a_second_plugin_of_the_same_name_is_skipped_not_fatal():
+    registry = Registry()
+    assert registry.add("doubling", lambda: Doubling).available
+    again = registry.add("doubling", lambda: Doubling)
+    assert not again.available and "not registered" in again.reason
