@@ -144,6 +144,11 @@ def write_hf_model(folder: Path, weights, config: ModelConfig, dtype, tokenizer,
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, folder)
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if tokenizer.chat_template and tokenizer_config.get("chat_template") != tokenizer.chat_template:
+        tokenizer_config["chat_template"] = tokenizer.chat_template  # the template the run trained with
+        config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def adapter_weights(model: torch.nn.Module, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:

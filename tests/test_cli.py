@@ -108,3 +108,13 @@ def test_export_command(tmp_path):
     assert (tmp_path / "split" / "adapter" / "adapter_config.json").is_file()
     again = invoke("export", str(out), "--out", str(tmp_path / "merged"))
     assert again.exit_code == 2 and "Traceback" not in again.output
+
+
+def test_export_keeps_the_chat_template_the_run_trained_with(tmp_path):
+    from sftplug.tokenizer import BUILTIN_TEMPLATES
+
+    out = tmp_path / "run"
+    assert invoke("train", "--out", str(out), *SMALL, "--chat-template", "chatml").exit_code == 0
+    assert invoke("export", str(out), "--out", str(tmp_path / "hf")).exit_code == 0
+    exported = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert exported["chat_template"] == BUILTIN_TEMPLATES["chatml"]
