@@ -14,42 +14,65 @@ from sftplug.cli_attention import bench, doctor
 from sftplug.clitools import CONTEXT, options, user_errors
 
 model_options = options(
-    click.option("--model", default="tiny", show_default=True, help="Preset name, HF folder or sftplug checkpoint."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option(
+        "--model", default=TrainConfig.model, show_default=True, help="Preset name, HF folder or sftplug checkpoint."
+    ),
+    click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu, cuda or cuda:N."),
 )
 
 data_options = options(
     click.option("--data", type=click.Path(dir_okay=False), help="Training records (JSONL or JSON array)."),
     click.option("--eval-data", type=click.Path(dir_okay=False), help="Held-out records for eval loss."),
-    click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed row."),
-    click.option("--pack/--no-pack", default=True, show_default=True, help="Pack several documents per row."),
-    click.option("--eval-split", type=float, default=0.0, show_default=True, help="Fraction of --data held out."),
+    click.option("--seq-len", type=int, default=TrainConfig.seq_len, show_default=True, help="Tokens per packed row."),
     click.option(
-        "--format", type=click.Choice(["auto", "chat", "prompt", "alpaca", "text"]), default="auto", show_default=True
+        "--pack/--no-pack", default=TrainConfig.pack, show_default=True, help="Pack several documents per row."
+    ),
+    click.option(
+        "--eval-split",
+        type=float,
+        default=TrainConfig.eval_split,
+        show_default=True,
+        help="Fraction of --data held out.",
+    ),
+    click.option(
+        "--format",
+        type=click.Choice(["auto", "chat", "prompt", "alpaca", "text"]),
+        default=TrainConfig.format,
+        show_default=True,
     ),
     click.option("--chat-template", help="Built-in template name (sftplug, chatml) or a Jinja file."),
-    click.option("--overlong", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True),
+    click.option(
+        "--overlong", type=click.Choice(["truncate", "drop"]), default=TrainConfig.overlong, show_default=True
+    ),
     click.option("--skip-bad-records", is_flag=True, help="Skip and count bad records instead of stopping."),
     click.option("--train-on-prompt", is_flag=True, help="Also train on prompt tokens."),
 )
 
 optim_options = options(
-    click.option("--steps", type=int, default=200, show_default=True, help="Optimizer updates."),
-    click.option("--micro-bsz", type=int, default=8, show_default=True, help="Rows per micro-batch."),
-    click.option("--accum", type=int, default=1, show_default=True, help="Micro-batches per update."),
-    click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate."),
-    click.option("--warmup", type=int, default=10, show_default=True, help="Warmup updates."),
-    click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine", show_default=True),
-    click.option("--weight-decay", type=float, default=0.0, show_default=True),
-    click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="0 disables clipping."),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--steps", type=int, default=TrainConfig.steps, show_default=True, help="Optimizer updates."),
+    click.option(
+        "--micro-bsz", type=int, default=TrainConfig.micro_bsz, show_default=True, help="Rows per micro-batch."
+    ),
+    click.option("--accum", type=int, default=TrainConfig.accum, show_default=True, help="Micro-batches per update."),
+    click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Peak learning rate."),
+    click.option("--warmup", type=int, default=TrainConfig.warmup, show_default=True, help="Warmup updates."),
+    click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True),
+    click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True),
+    click.option(
+        "--max-grad-norm",
+        type=float,
+        default=TrainConfig.max_grad_norm,
+        show_default=True,
+        help="0 disables clipping.",
+    ),
+    click.option("--seed", type=int, default=TrainConfig.seed, show_default=True),
 )
 
 lora_options = options(
     click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA."),
-    click.option("--lora-r", type=int, default=16, show_default=True),
-    click.option("--lora-alpha", type=float, default=32.0, show_default=True),
-    click.option("--lora-dropout", type=float, default=0.0, show_default=True),
+    click.option("--lora-r", type=int, default=TrainConfig.lora_r, show_default=True),
+    click.option("--lora-alpha", type=float, default=TrainConfig.lora_alpha, show_default=True),
+    click.option("--lora-dropout", type=float, default=TrainConfig.lora_dropout, show_default=True),
     click.option(
         "--lora-targets",
         default=",".join(DEFAULT_LORA_TARGETS),
@@ -59,27 +82,48 @@ lora_options = options(
 )
 
 runtime_options = options(
-    click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True, help="Training precision."),
+    click.option(
+        "--dtype", type=click.Choice(DTYPES), default=TrainConfig.dtype, show_default=True, help="Training precision."
+    ),
     click.option("--tf32", is_flag=True, help="TF32 matmuls for fp32 on Ampere+ GPUs."),
-    click.option("--attention", default="auto", show_default=True, help="Attention backend (see `sftplug plugins`)."),
+    click.option(
+        "--attention",
+        default=TrainConfig.attention,
+        show_default=True,
+        help="Attention backend (see `sftplug plugins`).",
+    ),
     click.option("--grad-ckpt", is_flag=True, help="Activation checkpointing per block."),
     click.option("--torch-compile", is_flag=True, help="Compile each transformer block (time reported apart)."),
-    click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default="default", show_default=True),
-    click.option("--workers", type=int, default=0, show_default=True, help="DataLoader workers prefetching batches."),
+    click.option(
+        "--compile-mode", type=click.Choice(COMPILE_MODES), default=TrainConfig.compile_mode, show_default=True
+    ),
+    click.option(
+        "--workers",
+        type=int,
+        default=TrainConfig.workers,
+        show_default=True,
+        help="DataLoader workers prefetching batches.",
+    ),
     click.option("--profile", is_flag=True, help="Print forward/backward/optimizer ms per update."),
 )
 
 run_options = options(
-    click.option("--out", default="runs/default", show_default=True, help="Run folder."),
-    click.option("--log-every", type=int, default=10, show_default=True),
-    click.option("--eval-every", type=int, default=0, show_default=True, help="0: before and after only."),
-    click.option("--save-every", type=int, default=0, show_default=True, help="0: at the end only."),
-    click.option("--keep-last", type=int, default=0, show_default=True, help="0 keeps every checkpoint."),
+    click.option("--out", default=TrainConfig.out, show_default=True, help="Run folder."),
+    click.option("--log-every", type=int, default=TrainConfig.log_every, show_default=True),
+    click.option(
+        "--eval-every", type=int, default=TrainConfig.eval_every, show_default=True, help="0: before and after only."
+    ),
+    click.option(
+        "--save-every", type=int, default=TrainConfig.save_every, show_default=True, help="0: at the end only."
+    ),
+    click.option(
+        "--keep-last", type=int, default=TrainConfig.keep_last, show_default=True, help="0 keeps every checkpoint."
+    ),
     click.option("--resume", help="auto (newest complete checkpoint of --out), or a checkpoint folder."),
     click.option(
         "--on-nonfinite",
         type=click.Choice(["stop", "skip"]),
-        default="stop",
+        default=TrainConfig.on_nonfinite,
         show_default=True,
         help="A NaN/inf loss stops the run (keeping the last checkpoint) or skips the update.",
     ),
@@ -141,9 +185,7 @@ def _summary_text(s: dict) -> str:
     ]
     if s["eval_loss_before"] is not None:
         drop = 100 * (1 - s["eval_loss_after"] / s["eval_loss_before"])
-        lines.append(
-            f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({drop:.0f}% lower)"
-        )
+        lines.append(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({drop:.0f}% lower)")
     if s.get("peak_memory_gib") is not None:
         lines.append(f"peak GPU memory: {s['peak_memory_gib']:.2f} GiB")
     if s["sample_prompt"]:
@@ -196,8 +238,12 @@ def generate(checkpoint, prompt, max_new_tokens, device):
 @cli.command(context_settings=CONTEXT)
 @click.argument("checkpoint")
 @click.option("--out", "out_dir", required=True, help="New or empty folder to write.")
-@click.option("--merge/--adapter", default=True, show_default=True,
-              help="LoRA runs: merge into the base weights, or write base/ + adapter/ for PEFT.")
+@click.option(
+    "--merge/--adapter",
+    default=True,
+    show_default=True,
+    help="LoRA runs: merge into the base weights, or write base/ + adapter/ for PEFT.",
+)
 @click.option("--dtype", type=click.Choice(DTYPES), help="Weight dtype of the export (default: the base's).")
 @user_errors
 def export(checkpoint, out_dir, merge, dtype):
@@ -216,8 +262,13 @@ def export(checkpoint, out_dir, merge, dtype):
 
 
 @bench.command("step", context_settings=CONTEXT)
-@click.option("--workload", type=click.Choice(["W0", "W1"]), default="W0", show_default=True,
-              help="W0: CPU, fp32, 6 layers; W1: GPU, bf16, TinyLlama-1.1B shape (DESIGN.md).")
+@click.option(
+    "--workload",
+    type=click.Choice(["W0", "W1"]),
+    default="W0",
+    show_default=True,
+    help="W0: CPU, fp32, 6 layers; W1: GPU, bf16, TinyLlama-1.1B shape (DESIGN.md).",
+)
 @click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Alternating rounds of both sides.")
 @click.option("--steps", type=int, default=5, show_default=True, help="Timed updates per side and round.")
