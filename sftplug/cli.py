@@ -98,6 +98,13 @@ runtime_options = options(
         "--compile-mode", type=click.Choice(COMPILE_MODES), default=TrainConfig.compile_mode, show_default=True
     ),
     click.option(
+        "--strategy",
+        type=click.Choice(["ddp", "fsdp"]),
+        default=TrainConfig.strategy,
+        show_default=True,
+        help="Under torchrun: replicate the model (ddp) or shard it with FSDP2 (fsdp, with --full).",
+    ),
+    click.option(
         "--workers",
         type=int,
         default=TrainConfig.workers,

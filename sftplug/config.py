@@ -53,6 +53,7 @@ class TrainConfig:
     torch_compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead | max-autotune
     workers: int = 0
+    strategy: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2-sharded, full fine-tuning)
     profile: bool = False
     log_every: int = 10
     eval_every: int = 0  # 0: only before and after training
@@ -82,6 +83,10 @@ class TrainConfig:
             raise SftplugError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.schedule not in SCHEDULES:
             raise SftplugError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise SftplugError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.strategy == "fsdp" and not self.full:
+            raise SftplugError("--strategy fsdp shards full fine-tuning; add --full, or use --strategy ddp for LoRA")
         if self.on_nonfinite not in ("stop", "skip"):
             raise SftplugError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if not self.lr > 0:

@@ -72,6 +72,50 @@ def sum_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: shard each block and the root across ranks (FSDP averages their gradients)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Full tensors on rank 0 (empty elsewhere) for a sharded model; a collective call."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Every rank hands in the full tensors; each keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def gather(world: World, obj):
     """Every rank's ``obj`` as a list on every rank (a list of one without torchrun)."""
     if not world.active:

@@ -220,6 +220,11 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, doc_ids)
         return self.norm(x)
 
-    def forward(self, input_ids, positions=None, doc_ids=None):
-        """Logits [B, T, vocab] for input_ids [B, T]."""
-        return self.lm_head(self.hidden_states(input_ids, positions, doc_ids))
+    def forward(self, input_ids, positions=None, doc_ids=None, hidden_only: bool = False):
+        """Logits [B, T, vocab] for input_ids [B, T]; the final hidden states with ``hidden_only``.
+
+        Training asks for hidden states (its loss applies the LM head to target positions
+        only) through forward, so wrappers that hook forward (FSDP) see the call.
+        """
+        hidden = self.hidden_states(input_ids, positions, doc_ids)
+        return hidden if hidden_only else self.lm_head(hidden)

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from sftplug import checkpoint
+from sftplug import checkpoint, distributed
 from sftplug.errors import SftplugError
 from sftplug.hf_format import load_state_dict_exact
 
@@ -43,8 +43,11 @@ def resume_run(run, resume: str) -> None:
     manifest = checkpoint.verify(folder)
     check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"), run.data_sha256, folder)
     weights = checkpoint.load_weights(folder)
-    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
-    load_state_dict_exact(run.model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
+    if run.sharded:
+        distributed.load_full_model_state(run.model, weights)
+    else:
+        trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+        load_state_dict_exact(run.model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
     run.registry.hook.on_resume(run=run, state=state)
     run.tokens_at_start = run.tokens_seen

@@ -58,11 +58,14 @@ class Run:
         self.model.checkpoint_blocks = config.grad_ckpt
         if config.full:
             self.model.requires_grad_(True)
+            if config.strategy == "fsdp":
+                distributed.shard(self.model)
         else:
             self.model.requires_grad_(False)
             apply_lora(self.model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sharded = distributed.is_sharded(self.model)
         if rows is None:
             self.load_data()
         else:
@@ -127,7 +130,7 @@ class Run:
         """(sum of target-token losses, number of targets) of one micro-batch."""
         mb = {k: (v.to(self.device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
         with self.precision.autocast(self.device):
-            hidden = self.model.hidden_states(mb["input_ids"], mb["positions"], mb["doc_ids"])
+            hidden = self.model(mb["input_ids"], mb["positions"], mb["doc_ids"], hidden_only=True)
             return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
 
     def update(self) -> dict:
@@ -145,16 +148,20 @@ class Run:
         for mb in micro:
             with timer("fwd"):
                 total, _ = self.loss_sum(mb)
-                loss = total / n_targets
+                # FSDP averages gradients over ranks; the update needs their sum
+                loss = total / n_targets * (self.world.size if self.sharded else 1)
             with timer("bwd"):
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += total.detach()
         with timer("opt"):
-            distributed.sum_gradients(self.world, self.params)
+            if not self.sharded:  # FSDP2 has reduce-scattered them already
+                distributed.sum_gradients(self.world, self.params)
             distributed.sum_tensor_(self.world, loss_sum)
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30)
+            if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a sharded norm
+                grad_norm = grad_norm.full_tensor()
             skipped = False
             if scaler is not None:
                 scale = scaler.get_scale()
@@ -193,7 +200,8 @@ class Run:
     # -- evaluation and checkpoints ------------------------------------------------
     @torch.no_grad()
     def eval_loss(self) -> float | None:
-        if self.eval_rows is None or not self.world.is_main:
+        # a sharded model needs every rank in each forward; else rank 0 evaluates alone
+        if self.eval_rows is None or not (self.world.is_main or self.sharded):
             return None
         self.model.eval()
         total, count = 0.0, 0
@@ -230,9 +238,10 @@ class Run:
             "data_sha256": self.data_sha256,
         }
         folder = Path(self.out) / "checkpoints" / f"step-{self.step}"
+        weights = distributed.full_model_state(self.model) if self.sharded else trainable_state_dict(self.model)
         if self.world.is_main:  # every rank's part was gathered by the hooks above
             writers = {STATE_FILE: lambda path: torch.save(state, path)}
-            checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, writers)
+            checkpoint.write_checkpoint(self.out, self.step, weights, meta, writers)
             checkpoint.prune(self.out, self.config.keep_last)
         distributed.barrier(self.world)
         return folder
@@ -295,7 +304,7 @@ def _train(run: Run) -> dict:
         resume_run(run, config.resume)
     prompt = run.sample_prompt()
     before_loss = run.eval_loss()
-    prompt = prompt if run.world.is_main else None
+    prompt = prompt if run.world.is_main and not run.sharded else None  # generation needs the whole model
     before_answer = answer(run.model, run.tokenizer, prompt) if prompt else None
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")

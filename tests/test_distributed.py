@@ -48,10 +48,12 @@ def weights(out, step=4):
     return load_file(str(out / "checkpoints" / f"step-{step}" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("mode", [[], ["--full"]], ids=["lora", "full"])
+@pytest.mark.parametrize(
+    "mode", [[], ["--full"], ["--full", "--strategy", "fsdp"]], ids=["ddp-lora", "ddp-full", "fsdp-full"]
+)
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
     data = data_file(tmp_path)
-    single(tmp_path / "one", data, "--micro-bsz", "4", *mode)
+    single(tmp_path / "one", data, "--micro-bsz", "4", *[m for m in mode if m not in ("--strategy", "fsdp")])
     output = two_processes(tmp_path / "two", data, "--micro-bsz", "2", *mode)
     assert output.count("precision:") == 1 and output.count("done:") == 1  # only rank 0 prints
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
@@ -62,13 +64,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)
 
 
-def test_resume_in_two_processes(tmp_path):
+@pytest.mark.parametrize(
+    "mode", [["--lora-dropout", "0.1"], ["--full", "--strategy", "fsdp"]], ids=["ddp-lora", "fsdp-full"]
+)
+def test_resume_in_two_processes(tmp_path, mode):
     data = data_file(tmp_path)
-    two_processes(tmp_path / "a", data, "--micro-bsz", "2", "--save-every", "2", "--lora-dropout", "0.1")
+    two_processes(tmp_path / "a", data, "--micro-bsz", "2", "--save-every", "2", *mode)
     resumed = tmp_path / "b"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    two_processes(resumed, data, "--micro-bsz", "2", "--save-every", "2", "--lora-dropout", "0.1", "--resume", "auto")
+    two_processes(resumed, data, "--micro-bsz", "2", "--save-every", "2", *mode, "--resume", "auto")
     assert losses(resumed) == losses(tmp_path / "a")[2:]
     a, b = weights(tmp_path / "a"), weights(resumed)
     for name in a:
