@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sftplug import hookimpl
+from sftplug import hookimpl, probes
 from sftplug.errors import SftplugError
 from sftplug.precision import PrecisionPolicy
 
@@ -13,7 +13,7 @@ class Precision:
     @hookimpl(trylast=True)
     def configure_precision(self, dtype, device, tf32):
         if dtype == "bf16":
-            if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            if not probes.bf16_supported(device):
                 raise SftplugError("--dtype bf16: this GPU has no bf16 support; use --dtype fp16")
             return PrecisionPolicy("bf16", torch.bfloat16, None)
         if dtype == "fp16":

@@ -511,11 +511,6 @@ def pack(documents: list[Document], seq_len: int, pad_id: int, packed: bool = Tr
     return _pack(Tokenized.from_documents(documents, "data"), seq_len, pad_id, packed, "truncate")[0]
 
 
-def split_eval(documents: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
-    order, n_eval = _split_order(len(documents), fraction, seed)
-    return [documents[i] for i in order[n_eval:]], [documents[i] for i in order[:n_eval]]
-
-
 def _split_order(n: int, fraction: float, seed: int) -> tuple[list[int], int]:
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).tolist()

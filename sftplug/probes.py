@@ -30,11 +30,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 # -- versions and devices ------------------------------------------------------------
 
 
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
-
-
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -177,11 +172,6 @@ def sdpa_global_flags() -> dict[str, bool]:
     if hasattr(c, "cudnn_sdp_enabled"):
         flags["cudnn"] = c.cudnn_sdp_enabled()
     return flags
-
-
-def sdpa_cpu_flash_supported() -> bool:
-    """CPU SDPA ships a flash-style kernel since torch 2.2; probe it by running it."""
-    return sdpa_refusal("flash", "cpu", torch.float32, 64) is None
 
 
 @functools.cache
