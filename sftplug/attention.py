@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sftplug.errors import SftplugError
+from sftplug.probes import dtype_name
 
 # Environment variables that steer attention kernels behind a trainer's back: PyTorch's
 # own (TORCH_CUDNN_SDPA_*), and the ones scripts and other libraries read to flip
@@ -171,20 +172,23 @@ def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | No
     return AttentionChoice(chosen, f"{chosen.name} (requested; runs {what}{note})", rejected)
 
 
+def attach(model, registry, name: str, device, dtype: torch.dtype, packed: bool = False) -> AttentionChoice:
+    """Choose the backend ``name`` (or auto) for ``model`` and set it on every block."""
+    c = model.config
+    request = AttentionRequest(name, torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed)
+    choice = choose_backend(registry.hook, request, attention_skipped(registry))
+    model.set_attention(choice.backend)
+    return choice
+
+
 def describe_request(request: AttentionRequest) -> str:
     """'bf16, head dim 64, 32/4 heads, packed rows on cuda'."""
     heads = f"{request.n_heads}/{request.n_kv_heads} heads" if request.n_kv_heads != request.n_heads else (
         f"{request.n_heads} heads"
     )
     packed = ", packed rows" if request.packed else ""
-    return f"{_dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed} on {request.device.type}"
+    return f"{dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed} on {request.device.type}"
 
 
 def _reasons(reasons: dict[str, str]) -> str:
     return "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "no backend offered"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}.get(
-        dtype, str(dtype)
-    )

@@ -53,12 +53,7 @@ def load_model(source: str, *, dtype=None, device="cpu", registry=None) -> Loade
 
 def set_default_attention(model, device, dtype: torch.dtype, registry=None) -> str:
     """Give every block the backend ``--attention auto`` picks for this device and dtype; returns why."""
-    from sftplug.attention import AttentionRequest, attention_skipped, choose_backend
+    from sftplug.attention import attach
     from sftplug.registry import build_registry
 
-    registry = registry or build_registry()
-    c = model.config
-    request = AttentionRequest("auto", torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed=False)
-    choice = choose_backend(registry.hook, request, attention_skipped(registry))
-    model.set_attention(choice.backend)
-    return choice.reason
+    return attach(model, registry or build_registry(), "auto", device, dtype).reason

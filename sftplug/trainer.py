@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sftplug import checkpoint, data, distributed
-from sftplug.attention import AttentionRequest, attention_skipped, choose_backend, steering_notes
+from sftplug.attention import attach, steering_notes
 from sftplug.config import TrainConfig, check_output_dir
 from sftplug.errors import SftplugError
 from sftplug.generate import answer
@@ -110,14 +110,9 @@ class Run:
             block.compile(mode=mode, dynamic=False)  # packed rows have one fixed shape: no recompiles
 
     def choose_attention(self, model_description: str) -> None:
-        cfg = self.model.config
         dtype = self.precision.autocast_dtype or torch.float32
         packed = bool(int(self.rows.docs_per_row.max()) > 1)
-        request = AttentionRequest(
-            self.config.attention, self.device, dtype, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, packed
-        )
-        self.attention = choose_backend(self.registry.hook, request, attention_skipped(self.registry))
-        self.model.set_attention(self.attention.backend)
+        self.attention = attach(self.model, self.registry, self.config.attention, self.device, dtype, packed)
         trainable = sum(p.numel() for p in self.params)
         mode = "full fine-tune" if self.config.full else f"LoRA r={self.config.lora_r}"
         self.echo(f"model: {model_description}; {mode}, {trainable:,} trainable params on {self.device}")
