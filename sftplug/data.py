@@ -266,6 +266,14 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return out
 
 
+def first_record(path: str | Path) -> dict:
+    """The first record of a data file, without parsing the rest."""
+    found = next(_iter_records(path, _read_bytes(path), _BadLog(skip=False)), None)
+    if found is None:
+        raise SftplugError(f"{path}: no records (the file is empty)")
+    return found[1]
+
+
 def detect_format(record) -> str | None:
     if not isinstance(record, dict):
         return None

@@ -212,7 +212,7 @@ class Run:
         if self.config.sample_prompt:
             return self.config.sample_prompt
         source = self.config.eval_data or self.config.data
-        _, record = data.read_records(source)[0]
+        record = data.first_record(source)
         fmt = data.detect_format(record)
         if fmt in (None, "text"):
             return None
