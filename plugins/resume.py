@@ -32,7 +32,8 @@ class Resume:
                 "schedule": {"total": run.schedule.total, "anchor_step": run.schedule.anchor_step,
                              "anchor_lr": run.schedule.anchor_lr},
             },
-            "optimizer": distributed.optimizer_state(run.model, run.optimizer),
+            # a sharded run saves its optimizer state with the weight shards
+            "optimizer": None if run.sharded else run.optimizer.state_dict(),
             "rng": distributed.gather(run.world, rng),  # one entry per rank: dropout differs by rank
         }
 
@@ -46,7 +47,8 @@ class Resume:
         trainer, rng = state["trainer"], state["rng"][run.world.rank]
         run.step, run.tokens_seen = int(trainer["step"]), int(trainer["tokens_seen"])
         run.batches.restore(trainer["data"])
-        distributed.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+        if state["optimizer"] is not None:
+            run.optimizer.load_state_dict(state["optimizer"])
         s, saved = run.schedule, trainer["schedule"]
         # The schedule as it was saved, then stretched or shrunk to the new --steps.
         as_saved = Schedule(s.kind, s.peak, s.warmup, int(saved["total"]), s.end_ratio,

@@ -3,6 +3,10 @@
 A checkpoint is written under a temporary name, each file flushed to disk, then renamed;
 only then does ``latest`` move (itself replaced atomically). ``run.json`` lists every file
 with its size, so a truncated or missing file is caught before anything is loaded.
+
+A run sharded with FSDP writes ``shards/`` instead of ``model.safetensors``: each rank saves
+its own part of the weights and optimizer state there (torch.distributed.checkpoint), rank 0
+adds the small files, and ``load_weights`` reassembles full tensors in one process.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -20,6 +25,7 @@ from sftplug.errors import SftplugError
 FORMAT = "sftplug-checkpoint"
 MANIFEST = "run.json"
 WEIGHTS = "model.safetensors"
+SHARDS = "shards"
 
 
 def _fsync_file(path: Path) -> None:
@@ -37,24 +43,41 @@ def _fsync_dir(path: Path) -> None:
 
 def write_checkpoint(out: str | Path, step: int, weights: dict, meta: dict, writers: dict | None = None) -> Path:
     """Write step-<step> with the weights, extra files (name -> fn(path)) and the manifest."""
-    root = Path(out) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    recover(root)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = begin(out, step)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
     for name, write in (writers or {}).items():
         write(tmp / name)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    for name in files:
-        _fsync_file(tmp / name)
+    return commit(out, step, meta)
+
+
+def staging(out: str | Path, step: int) -> Path:
+    """The folder a checkpoint is written in before it is complete (the same on every rank)."""
+    return Path(out) / "checkpoints" / f".tmp-step-{step}"
+
+
+def begin(out: str | Path, step: int) -> Path:
+    """An empty staging folder for step-<step>, after cleaning up any writer that died."""
+    root = Path(out) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    recover(root)
+    tmp = staging(out, step)
+    tmp.mkdir()
+    return tmp
+
+
+def commit(out: str | Path, step: int, meta: dict) -> Path:
+    """Flush the staged files, add the manifest, rename to step-<step>, then move ``latest``."""
+    root, tmp = Path(out) / "checkpoints", staging(out, step)
+    final = root / f"step-{step}"
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in paths}
+    for path in paths:
+        _fsync_file(path)
     manifest = {"format": FORMAT, "version": 1, "step": step, "files": files, **meta}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
+    for folder in {p.parent for p in paths} | {tmp}:
+        _fsync_dir(folder)
     if final.exists():  # re-saving the same step: the old copy goes only after the new one is in place
         old = root / f".old-step-{step}-{os.getpid()}"
         final.rename(old)
@@ -136,11 +159,35 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def load_weights(folder: Path) -> dict:
+    """The saved weights by name, as full tensors (also from a sharded checkpoint)."""
+    if (folder / SHARDS).is_dir():
+        return _load_sharded_weights(folder / SHARDS)
     path = folder / WEIGHTS
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise SftplugError(f"{path}: cannot be read ({exc}); the file is corrupt") from None
+
+
+def _load_sharded_weights(folder: Path) -> dict:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        reader = dcp.FileSystemReader(str(folder))
+        entries = reader.read_metadata().state_dict_metadata
+        weights = {
+            key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in entries.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    except Exception as exc:  # DCP reports damage as assorted exception types
+        raise SftplugError(f"{folder}: the sharded weights cannot be read ({exc}); the checkpoint is corrupt") from None
+    return weights
 
 
 def prune(out: str | Path, keep_last: int) -> None:

@@ -11,7 +11,8 @@ from sftplug.errors import SftplugError
 from sftplug.hf_format import load_state_dict_exact
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
-FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz")
+FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz",
+          "strategy")
 
 
 def find_checkpoint(out, resume: str):
@@ -42,10 +43,10 @@ def resume_run(run, resume: str) -> None:
         return
     manifest = checkpoint.verify(folder)
     check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"), run.data_sha256, folder)
-    weights = checkpoint.load_weights(folder)
-    if run.sharded:
-        distributed.load_full_model_state(run.model, weights)
+    if run.sharded:  # weights and optimizer state, each rank its own shards
+        distributed.load_shards(run.model, run.optimizer, folder / checkpoint.SHARDS)
     else:
+        weights = checkpoint.load_weights(folder)
         trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
         load_state_dict_exact(run.model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")

@@ -233,10 +233,20 @@ class Run:
             "data_sha256": self.data_sha256,
         }
         folder = Path(self.out) / "checkpoints" / f"step-{self.step}"
-        weights = distributed.full_model_state(self.model) if self.sharded else trainable_state_dict(self.model)
-        if self.world.is_main:  # every rank's part was gathered by the hooks above
-            writers = {STATE_FILE: lambda path: torch.save(state, path)}
-            checkpoint.write_checkpoint(self.out, self.step, weights, meta, writers)
+        write_state = {STATE_FILE: lambda path: torch.save(state, path)}  # every rank's part gathered by the hooks
+        if self.sharded:  # each rank writes its own shards; rank 0 the small files, once all are written
+            if self.world.is_main:
+                checkpoint.begin(self.out, self.step)
+            distributed.barrier(self.world)
+            staging = checkpoint.staging(self.out, self.step)
+            distributed.save_shards(self.model, self.optimizer, staging / checkpoint.SHARDS)
+            distributed.barrier(self.world)
+            if self.world.is_main:
+                write_state[STATE_FILE](staging / STATE_FILE)
+                checkpoint.commit(self.out, self.step, meta)
+        elif self.world.is_main:
+            checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, write_state)
+        if self.world.is_main:
             checkpoint.prune(self.out, self.config.keep_last)
         distributed.barrier(self.world)
         return folder

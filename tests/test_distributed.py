@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from sftplug import checkpoint
 from sftplug.config import DEFAULT_DATA
 
 COMMON = ["--steps", "4", "--seq-len", "64", "--log-every", "1", "--sample-prompt", "Hi", "--accum", "2"]
@@ -45,7 +45,7 @@ def losses(out):
 
 
 def weights(out, step=4):
-    return load_file(str(out / "checkpoints" / f"step-{step}" / "model.safetensors"))
+    return checkpoint.load_weights(out / "checkpoints" / f"step-{step}")
 
 
 @pytest.mark.parametrize(
@@ -78,3 +78,35 @@ def test_resume_in_two_processes(tmp_path, mode):
     a, b = weights(tmp_path / "a"), weights(resumed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
+    data = data_file(tmp_path)
+    out = tmp_path / "run"
+    two_processes(out, data, "--micro-bsz", "2", "--full", "--strategy", "fsdp")
+    folder = out / "checkpoints" / "step-4"
+    shards = sorted(p.name for p in (folder / checkpoint.SHARDS).iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank, nothing gathered
+    assert not (folder / checkpoint.WEIGHTS).exists()
+    manifest = checkpoint.verify(folder)
+    assert set(manifest["files"]) == {"state.pt"} | {f"shards/{name}" for name in shards}
+
+    # No process group here: export reassembles full tensors from the shards.
+    exported = tmp_path / "hf"
+    subprocess.run([sys.executable, "-m", "sftplug", "export", str(out), "--out", str(exported)], check=True, capture_output=True)
+    from transformers import AutoModelForCausalLM
+
+    from sftplug.loading import load_model
+
+    trained = load_model(str(folder)).model.eval()
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
+
+    # A damaged shard is caught by the manifest before anything is read.
+    victim = folder / checkpoint.SHARDS / "__1_0.distcp"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    done = subprocess.run([sys.executable, "-m", "sftplug", "export", str(out), "--out", str(tmp_path / "hf2")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "__1_0.distcp: truncated" in done.stderr and "Traceback" not in done.stderr
