@@ -112,6 +112,13 @@ runtime_options = options(
         help="DataLoader workers prefetching batches.",
     ),
     click.option("--profile", is_flag=True, help="Print forward/backward/optimizer ms per update."),
+    click.option(
+        "--nproc",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Start N local processes (torchrun --standalone); see --strategy.",
+    ),
 )
 
 run_options = options(
@@ -171,10 +178,16 @@ def train(**options):
       sftplug train
       sftplug train --steps 500 --micro-bsz 4 --accum 4 --out runs/long
       sftplug train --full --dtype bf16 --attention flash --device cuda
+      sftplug train --nproc 4 --full --strategy fsdp --dtype bf16
     """
     from sftplug.registry import build_registry
     from sftplug.trainer import train as run_training
 
+    nproc = options.pop("nproc")
+    if nproc > 1:
+        from sftplug.launch import launch, train_args
+
+        return launch(nproc, train_args(sys.argv))
     options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
     for key in ("data", "eval_data"):
         if options[key] is None:

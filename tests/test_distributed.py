@@ -1,10 +1,14 @@
 """torchrun with 2 CPU processes (gloo) trains exactly like one process with the same global batch."""
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +114,44 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sftplug", "export", str(out), "--out", str(tmp_path / "hf2")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "__1_0.distcp: truncated" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_nproc_starts_torchrun_and_a_bad_input_ends_every_process_in_one_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "there"}\nnot json\n')
+    cmd = [sys.executable, "-m", "sftplug", "train", "--nproc", "2", "--out", str(tmp_path / "run"), "--data", str(data)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"process 0 of 2: {data}:2: invalid JSON" in done.stderr
+    assert "Error: process 0 of 2 failed (exit code 2)" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_killed_process_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    data, out = data_file(tmp_path), tmp_path / "run"
+    cmd = [sys.executable, "-m", "sftplug", "train", "--nproc", "2", "--out", str(out), "--data", str(data),
+           "--seq-len", "64", "--steps", "100000", "--save-every", "2", "--eval-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victim = worker_pid(proc.pid, rank=1)
+    os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer would
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "Error: process 1 of 2 failed (killed by SIGKILL)" in stderr
+    assert "process 0 of 2: stopped: another process of this run failed" in stderr
+    assert "Traceback" not in stdout + stderr
+    kept = checkpoint.resolve(out)
+    checkpoint.verify(kept)  # complete; nothing half-written took its place
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def worker_pid(launcher: int, rank: int) -> int:
+    """The pid of the torchrun worker with RANK=rank among the launcher's children."""
+    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher}")
