@@ -1,13 +1,16 @@
 """Several processes under torchrun: each rank trains on its share of every micro-batch.
 
-Gradients are summed across ranks once per update (one all-reduce of the flattened
-trainable gradients), and the loss is normalised by the target tokens of the whole
-update on all ranks, so N processes with --micro-bsz B train exactly like one process
-with --micro-bsz N*B. Rank 0 alone prints, logs, evaluates and writes checkpoints.
+With ``--strategy ddp`` gradients are all-reduced by torch's DistributedDataParallel in
+buckets while the backward of an update's last micro-batch still runs; with ``fsdp`` FSDP2
+reduce-scatters them. The loss is normalised by the target tokens of the whole update on
+all ranks (times the world size, as both average), so N processes with --micro-bsz B
+train exactly like one process with --micro-bsz N*B. Rank 0 alone prints, logs,
+evaluates and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -58,18 +61,24 @@ def sum_tensor_(world: World, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def sum_gradients(world: World, params: list[torch.nn.Parameter]) -> None:
-    """Sum every trainable gradient across ranks, in one flat buffer."""
-    if not world.active:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
+def replicate(model: torch.nn.Module, world: World):
+    """A DDP view of ``model`` for training forwards; ``model`` itself stays the plain module."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # RoPE tables are computed alike on every rank
+        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
+    )
+
+
+def gradient_sync(replicated, enabled: bool):
+    """Inside, DDP skips its all-reduce (gradients only accumulate), unless ``enabled``."""
+    if replicated is None or enabled:
+        return contextlib.nullcontext()
+    return replicated.no_sync()
 
 
 def shard(model: torch.nn.Module) -> None:

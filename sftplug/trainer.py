@@ -66,6 +66,8 @@ class Run:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sharded = distributed.is_sharded(self.model)
+        # DDP all-reduces gradient buckets while backward still runs; FSDP2 reduce-scatters
+        self.replicated = distributed.replicate(self.model, self.world) if self.world.active and not self.sharded else None
         if rows is None:
             self.load_data()
         else:
@@ -121,11 +123,11 @@ class Run:
             self.echo(f"environment: {note}")
 
     # -- one update ---------------------------------------------------------------
-    def loss_sum(self, mb: dict) -> tuple[torch.Tensor, int]:
+    def loss_sum(self, mb: dict, model=None) -> tuple[torch.Tensor, int]:
         """(sum of target-token losses, number of targets) of one micro-batch."""
         mb = {k: (v.to(self.device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
         with self.precision.autocast(self.device):
-            hidden = self.model(mb["input_ids"], mb["positions"], mb["doc_ids"], hidden_only=True)
+            hidden = (model or self.model)(mb["input_ids"], mb["positions"], mb["doc_ids"], hidden_only=True)
             return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
 
     def update(self) -> dict:
@@ -140,17 +142,17 @@ class Run:
         scaler = self.precision.scaler
         timer = _Timer(device, c.profile)
         loss_sum = torch.zeros((), device=device)
-        for mb in micro:
-            with timer("fwd"):
-                total, _ = self.loss_sum(mb)
-                # FSDP averages gradients over ranks; the update needs their sum
-                loss = total / n_targets * (self.world.size if self.sharded else 1)
-            with timer("bwd"):
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+        for i, mb in enumerate(micro):
+            # DDP all-reduces during the backward of the update's last micro-batch only
+            with distributed.gradient_sync(self.replicated, enabled=i == len(micro) - 1):
+                with timer("fwd"):
+                    total, _ = self.loss_sum(mb, self.replicated)
+                    # DDP and FSDP average gradients over ranks; the update needs their sum
+                    loss = total / n_targets * self.world.size
+                with timer("bwd"):
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += total.detach()
         with timer("opt"):
-            if not self.sharded:  # FSDP2 has reduce-scattered them already
-                distributed.sum_gradients(self.world, self.params)
             distributed.sum_tensor_(self.world, loss_sum)
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
