@@ -33,7 +33,9 @@ def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, fol
             flag = "--" + key.replace("_", "-")
             raise SftplugError(f"{flag} is {new!r} but {folder} was trained with {old!r}; it cannot change on resume")
     if saved_sha256 and current_sha256 and saved_sha256 != current_sha256:
-        raise SftplugError(f"--data {current['data']}: the file changed since {folder} was saved; it cannot change on resume")
+        raise SftplugError(
+            f"--data {current['data']}: the file changed since {folder} was saved; it cannot change on resume"
+        )
 
 
 def resume_run(run, resume: str) -> None:

@@ -67,7 +67,8 @@ class Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sharded = distributed.is_sharded(self.model)
         # DDP all-reduces gradient buckets while backward still runs; FSDP2 reduce-scatters
-        self.replicated = distributed.replicate(self.model, self.world) if self.world.active and not self.sharded else None
+        replicate = self.world.active and not self.sharded
+        self.replicated = distributed.replicate(self.model, self.world) if replicate else None
         if rows is None:
             self.load_data()
         else:
@@ -137,7 +138,8 @@ class Run:
             group["lr"] = lr
         micro = [self.batches.next() for _ in range(c.accum)]
         # Every rank divides by the target tokens of the whole update, all ranks together.
-        n_targets = distributed.sum_int(self.world, sum(int((mb["labels"] != data.IGNORE).sum()) for mb in micro), device)
+        targets_here = sum(int((mb["labels"] != data.IGNORE).sum()) for mb in micro)
+        n_targets = distributed.sum_int(self.world, targets_here, device)
         n_tokens = distributed.sum_int(self.world, sum(mb["labels"].numel() for mb in micro), device)
         scaler = self.precision.scaler
         timer = _Timer(device, c.profile)
@@ -226,8 +228,9 @@ class Run:
         for part in self.registry.hook.resume_state(run=self):
             if part:
                 state.update(part)
+        model_path = Path(self.config.model)
         meta = {
-            "base_model": str(Path(self.config.model).resolve()) if Path(self.config.model).exists() else self.config.model,
+            "base_model": str(model_path.resolve()) if model_path.exists() else self.config.model,
             "model_config": self.model.config.to_dict(),
             "lora": lora_settings(self.model),
             "config": self.config.to_dict(),

@@ -97,7 +97,8 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
 
     # No process group here: export reassembles full tensors from the shards.
     exported = tmp_path / "hf"
-    subprocess.run([sys.executable, "-m", "sftplug", "export", str(out), "--out", str(exported)], check=True, capture_output=True)
+    export = [sys.executable, "-m", "sftplug", "export", str(out), "--out", str(exported)]
+    subprocess.run(export, check=True, capture_output=True)
     from transformers import AutoModelForCausalLM
 
     from sftplug.loading import load_model
@@ -119,7 +120,8 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
 def test_nproc_starts_torchrun_and_a_bad_input_ends_every_process_in_one_line(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi", "completion": "there"}\nnot json\n')
-    cmd = [sys.executable, "-m", "sftplug", "train", "--nproc", "2", "--out", str(tmp_path / "run"), "--data", str(data)]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sftplug", "train", "--nproc", "2", "--out", str(out), "--data", str(data)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"process 0 of 2: {data}:2: invalid JSON" in done.stderr

@@ -1,6 +1,5 @@
 """A run killed at any moment (SIGKILL, even mid-save) resumes to the same final weights."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -90,7 +90,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_pa
     out = tmp_path / "run"
     train(small_config(out=str(out), steps=2), build_registry(), echo=quiet)
     saved = (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes()
-    monkeypatch.setattr("sftplug.trainer.target_loss_sum", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), 1))
+    nan_loss = lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), 1)  # noqa: E731
+    monkeypatch.setattr("sftplug.trainer.target_loss_sum", nan_loss)
     with pytest.raises(SftplugError, match="loss is nan at step 3"):
         train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"

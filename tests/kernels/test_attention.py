@@ -161,7 +161,7 @@ def test_packed_documents_equal_separate_runs(lengths, causal):
     out = torch.cat(outs, dim=2)
     separate = [out.detach(), *torch.autograd.grad(out, x, do)]
     for name, a, b in zip(("out", "dq", "dk", "dv"), packed, separate):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
     ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
     same = _run(attention_reference, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
@@ -233,7 +233,7 @@ def test_non_contiguous_inputs():
     dense = _run(triton_attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(),
                  torch.float32, causal=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     ref = _run(attention_reference, q, k, v, do, torch.float64, causal=True)
     for a, r in zip(strided, ref):
         torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-5)
