@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from sftplug.errors import SftplugError
+from sftplug.lora_linear import use_merged_forward
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets) -> nn.Module:
@@ -19,6 +20,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets) 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
     model = inject_adapter_in_model(config, model)
     model.lora_config = config
+    use_merged_forward(model)
     return model
 
 
