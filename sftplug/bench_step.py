@@ -21,6 +21,8 @@ WORKLOADS = {
     "W1": dict(preset="w1", seq_len=2048, micro_bsz=8, dtype="bf16", device="cuda"),
 }
 LORA = dict(r=16, alpha=32.0, dropout=0.0)
+# sftplug with one option on (`--variant`), timed as a side of its own
+VARIANTS = {"compile": {"torch_compile": True}, "workers2": {"workers": 2}}
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_FRACTION = 0.25  # labels masked on the first 25% of each row
 
@@ -67,7 +69,7 @@ class _Clock:
         return time.perf_counter()
 
 
-def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: str) -> SideResult:
+def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: str, variant: str = "") -> SideResult:
     from sftplug.config import TrainConfig
     from sftplug.data import IGNORE, Rows
     from sftplug.registry import build_registry
@@ -86,10 +88,11 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
     config = TrainConfig(model=w["preset"], out="/tmp/sftplug-bench", steps=steps + warmup, micro_bsz=w["micro_bsz"],
                          seq_len=w["seq_len"], dtype=w["dtype"], device=w["device"], full=full, attention=attention,
                          lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], profile=True,
-                         eval_data=None, warmup=1)
+                         eval_data=None, warmup=1, **VARIANTS.get(variant, {}))
     run = Run(config, build_registry(), echo=lambda *a: None, rows=rows)
-    records = [run.update() for _ in range(steps + warmup)][warmup:]
-    return _summarise("sftplug", records, _peak_mib(run.device, base_rss))
+    records = [run.update() for _ in range(steps + warmup)][warmup:]  # compilation happens in warm-up
+    run.batches.close()
+    return _summarise("+".join(filter(None, ["sftplug", variant])), records, _peak_mib(run.device, base_rss))
 
 
 def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
@@ -153,16 +156,19 @@ def run_side_in_child(side: str, workload: str, steps: int, warmup: int, full: b
 
 
 def bench_step(workload: str, rounds: int = 2, steps: int = 5, warmup: int = 2, full: bool = False,
-               attention: str = "auto") -> dict:
-    """Alternate sftplug and the peer for ``rounds`` rounds; medians and the ratios."""
-    results: dict[str, list[SideResult]] = {"sftplug": [], "hf+peft": []}
+               attention: str = "auto", variants: tuple[str, ...] = ()) -> dict:
+    """Alternate sftplug (and its variants) and the peer for ``rounds`` rounds; medians and ratios."""
+    sides = ["sftplug", *(f"sftplug+{v}" for v in variants), "hf+peft"]
+    results: dict[str, list[SideResult]] = {side: [] for side in sides}
     for r in range(rounds):
-        order = ["sftplug", "hf+peft"] if r % 2 == 0 else ["hf+peft", "sftplug"]
-        for side in order:
+        for side in sides if r % 2 == 0 else sides[::-1]:
             results[side].append(run_side_in_child(side, workload, steps, warmup, full, attention))
     med = {side: {k: statistics.median(getattr(x, k) for x in rs) for k in ("tps", "fwd_ms", "bwd_ms", "opt_ms",
                                                                            "peak_mem_mib")}
            for side, rs in results.items()}
+    peer = med["hf+peft"]
+    ratios = {side: {"tps": m["tps"] / peer["tps"], "memory": m["peak_mem_mib"] / max(peer["peak_mem_mib"], 1e-9)}
+              for side, m in med.items() if side != "hf+peft"}
     return {
         "workload": workload,
         "mode": "full" if full else "lora",
@@ -171,8 +177,9 @@ def bench_step(workload: str, rounds: int = 2, steps: int = 5, warmup: int = 2, 
         "device": _device_name(WORKLOADS[workload]["device"]),
         "torch": torch.__version__,
         "sides": med,
-        "tps_ratio": med["sftplug"]["tps"] / med["hf+peft"]["tps"],
-        "memory_ratio": med["sftplug"]["peak_mem_mib"] / max(med["hf+peft"]["peak_mem_mib"], 1e-9),
+        "ratios": ratios,
+        "tps_ratio": ratios["sftplug"]["tps"],
+        "memory_ratio": ratios["sftplug"]["memory"],
     }
 
 
@@ -185,18 +192,19 @@ def _device_name(device: str) -> str:
 def format_step_table(result: dict) -> str:
     lines = [f"bench step {result['workload']} ({result['mode']}) on {result['device']}, torch {result['torch']}, "
              f"median of {result['rounds']} rounds x {result['steps']} updates",
-             f"{'side':<10}{'tok/s':>10}{'fwd ms':>10}{'bwd ms':>10}{'opt ms':>10}{'peak MiB':>10}"]
+             f"{'side':<18}{'tok/s':>10}{'fwd ms':>10}{'bwd ms':>10}{'opt ms':>10}{'peak MiB':>10}"]
     for side, m in result["sides"].items():
-        lines.append(f"{side:<10}{m['tps']:>10,.0f}{m['fwd_ms']:>10.0f}{m['bwd_ms']:>10.0f}{m['opt_ms']:>10.0f}"
+        lines.append(f"{side:<18}{m['tps']:>10,.0f}{m['fwd_ms']:>10.0f}{m['bwd_ms']:>10.0f}{m['opt_ms']:>10.0f}"
                      f"{m['peak_mem_mib']:>10.0f}")
-    lines.append(f"sftplug / hf+peft: {result['tps_ratio']:.2f}x tokens/s, {result['memory_ratio']:.2f}x peak memory")
+    for side, r in result["ratios"].items():
+        lines.append(f"{side} / hf+peft: {r['tps']:.2f}x tokens/s, {r['memory']:.2f}x peak memory")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # one side in a child process: prints one JSON line
     side, workload, steps, warmup, full, attention = sys.argv[1:7]
-    if side == "sftplug":
-        out = run_sftplug(workload, int(steps), int(warmup), bool(int(full)), attention)
+    if side.startswith("sftplug"):
+        out = run_sftplug(workload, int(steps), int(warmup), bool(int(full)), attention, side.partition("+")[2])
     else:
         out = run_peer(workload, int(steps), int(warmup), bool(int(full)))
     print(json.dumps(out.as_dict()))

@@ -294,9 +294,16 @@ def export(checkpoint, out_dir, merge, dtype):
 @click.option("--steps", type=int, default=5, show_default=True, help="Timed updates per side and round.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed updates first.")
 @click.option("--attention", default="auto", show_default=True)
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    type=click.Choice(["compile", "workers2"]),
+    help="Also time sftplug with --torch-compile or --workers 2 (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def bench_step(workload, full, rounds, steps, warmup, attention, as_json):
+def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_json):
     """Time sftplug against HF transformers + PEFT on the same workload.
 
     Each side runs in its own process, in rounds that alternate the order; prints
@@ -306,10 +313,12 @@ def bench_step(workload, full, rounds, steps, warmup, attention, as_json):
     Examples:
       sftplug bench step --workload W0
       sftplug bench step --workload W1 --rounds 1 --json
+      sftplug bench step --workload W1 --variant compile --variant workers2
     """
     from sftplug.bench_step import bench_step as run_bench, format_step_table
 
-    result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention)
+    result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
+                       variants=variants)
     click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))
 
 
