@@ -19,6 +19,10 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets) 
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
     model = inject_adapter_in_model(config, model)
+    for module in model.modules():  # PEFT gives adapters the base's dtype; they train in fp32
+        if hasattr(module, "lora_A"):
+            module.lora_A.float()
+            module.lora_B.float()
     model.lora_config = config
     use_merged_forward(model)
     return model

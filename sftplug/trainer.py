@@ -50,7 +50,11 @@ class Run:
         self.precision = hook.configure_precision(dtype=config.dtype, device=self.device, tf32=config.tf32)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        loaded = load_model(config.model, dtype=torch.float32, device=self.device, registry=registry)
+        # LoRA under bf16/fp16 keeps the frozen base in that dtype: half the memory and no
+        # per-step weight casts; trainable weights and optimizer state stay fp32 either way.
+        half = self.precision.autocast_dtype
+        base_dtype = half if half is not None and not config.full else torch.float32
+        loaded = load_model(config.model, dtype=base_dtype, device=self.device, registry=registry)
         self.tokenizer = loaded.tokenizer
         if config.chat_template:
             self.tokenizer.set_chat_template(config.chat_template)

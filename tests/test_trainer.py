@@ -121,3 +121,17 @@ def test_keep_last_prunes_old_checkpoints(small_config, tmp_path):
     train(small_config(steps=6, save_every=1, keep_last=2), build_registry(), echo=quiet)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["latest", "step-5", "step-6"]
+
+
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_config, tmp_path):
+    run = Run(small_config(dtype="bf16", steps=3, out=str(tmp_path / "bf16")), build_registry(), echo=quiet)
+    frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for p in run.params} == {torch.float32} and len(run.params) > 0
+    records = [run.update() for _ in range(3)]
+    states = [s for s in run.optimizer.state.values()]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    # The same first update with an fp32 base (full-precision weights, bf16 autocast) gives
+    # the same loss to bf16 rounding.
+    full_base, _ = first_update_grads(small_config(dtype="fp32", out=str(tmp_path / "fp32")))
+    assert records[0]["loss"] == pytest.approx(full_base["loss"], rel=2e-2)
