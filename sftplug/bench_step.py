@@ -71,7 +71,7 @@ class _Clock:
 
 def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: str, variant: str = "") -> SideResult:
     from sftplug.config import TrainConfig
-    from sftplug.data import IGNORE, Rows
+    from sftplug.packing import IGNORE, Rows
     from sftplug.registry import build_registry
     from sftplug.trainer import Run
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftplug.data import IGNORE
+from sftplug.packing import IGNORE
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import torch
 
-from sftplug import checkpoint, data, distributed
+from sftplug import checkpoint, data, distributed, records
 from sftplug.attention import attach, steering_notes
+from sftplug.batches import Batches, batch_of
 from sftplug.config import TrainConfig, check_output_dir
 from sftplug.errors import SftplugError
 from sftplug.generate import answer
 from sftplug.loading import load_model, resolve_device
 from sftplug.lora import apply_lora, lm_head_weight, lora_settings, trainable_state_dict
 from sftplug.loss import target_loss_sum
+from sftplug.packing import IGNORE, Rows
 from sftplug.resume import resume_run
 from sftplug.schedule import Schedule
 
@@ -35,7 +37,7 @@ STATE_FILE = "state.pt"
 class Run:
     """Everything one training run holds; plugins receive it in resume_state / on_resume."""
 
-    def __init__(self, config: TrainConfig, registry, echo=print, rows: data.Rows | None = None):
+    def __init__(self, config: TrainConfig, registry, echo=print, rows: Rows | None = None):
         """Build the run; ``rows`` replaces the data files (benchmarks feed synthetic rows)."""
         self.world = distributed.init_world(config.device)
         self.config, self.registry = config, registry
@@ -103,11 +105,11 @@ class Run:
         self.batches = self.make_batches(self.rows)
         self.echo(prepared.describe())
 
-    def make_batches(self, rows: data.Rows) -> data.Batches:
+    def make_batches(self, rows: Rows) -> Batches:
         c = self.config
         # Unpacked rows are cut to the longest document of each micro-batch, except when
         # compiled blocks want one fixed shape.
-        return data.Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda",
+        return Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda",
                             trim=not c.pack and not c.torch_compile, rank=self.world.rank, world=self.world.size)
 
     def compile_blocks(self) -> None:
@@ -142,7 +144,7 @@ class Run:
             group["lr"] = lr
         micro = [self.batches.next() for _ in range(c.accum)]
         # Every rank divides by the target tokens of the whole update, all ranks together.
-        targets_here = sum(int((mb["labels"] != data.IGNORE).sum()) for mb in micro)
+        targets_here = sum(int((mb["labels"] != IGNORE).sum()) for mb in micro)
         n_targets = distributed.sum_int(self.world, targets_here, device)
         n_tokens = distributed.sum_int(self.world, sum(mb["labels"].numel() for mb in micro), device)
         scaler = self.precision.scaler
@@ -210,7 +212,7 @@ class Run:
         total, count = 0.0, 0
         n_rows, bsz = len(self.eval_rows), self.config.micro_bsz
         for start in range(0, n_rows, bsz):
-            loss, n = self.loss_sum(data.batch_of(self.eval_rows, list(range(start, min(start + bsz, n_rows)))))
+            loss, n = self.loss_sum(batch_of(self.eval_rows, list(range(start, min(start + bsz, n_rows)))))
             total += float(loss)
             count += n
         self.model.train()
@@ -220,11 +222,11 @@ class Run:
         if self.config.sample_prompt:
             return self.config.sample_prompt
         source = self.config.eval_data or self.config.data
-        record = data.first_record(source)
-        fmt = data.detect_format(record)
+        record = records.first_record(source)
+        fmt = records.detect_format(record)
         if fmt in (None, "text"):
             return None
-        messages = data.to_messages(record, fmt)
+        messages = records.to_messages(record, fmt)
         return next(m["content"] for m in messages if m["role"] == "user")
 
     def save(self) -> Path:

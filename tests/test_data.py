@@ -18,7 +18,9 @@ import torch.nn.functional as F
 import sftplug.plugins.sdpa as sdpa
 from sftplug import data
 from sftplug.config import ASSETS
-from sftplug.data import IGNORE, Document, pack, prepare_data, tokenize_file
+from sftplug.batches import batch_of
+from sftplug.data import prepare_data, tokenize_file
+from sftplug.packing import IGNORE, Document, Rows, pack
 from sftplug.errors import SftplugError
 from sftplug.model import ModelConfig, Transformer
 from sftplug.tokenizer import Tokenizer
@@ -219,10 +221,10 @@ def test_no_pack_one_document_per_row(tok):
     docs = synthetic([5, 9, 17])
     rows = pack(docs, 32, pad_id=0, packed=False)
     assert len(rows) == 3 and rows.docs_per_row.tolist() == [1, 1, 1]
-    batch = data.batch_of(rows, [0, 1, 2])
+    batch = batch_of(rows, [0, 1, 2])
     assert batch["doc_ids"] is None  # one document and trailing padding: plain causal attention
     packed = pack(docs, 32, pad_id=0)
-    assert data.batch_of(packed, [0])["doc_ids"] is not None
+    assert batch_of(packed, [0])["doc_ids"] is not None
 
 
 def test_overlong_truncate_and_drop(tok, tmp_path):
@@ -317,7 +319,7 @@ def test_changing_one_document_leaves_its_neighbours_alone(tok, model, small_dat
     rows = prepare_data(tok, data=small_data, seq_len=96).train
     r = int(torch.argmax(rows.docs_per_row))
     (s0, e0, _), *rest = segments(rows, r)
-    changed = data.Rows(rows.input_ids.clone(), rows.labels, rows.positions, rows.doc_ids, rows.docs_per_row)
+    changed = Rows(rows.input_ids.clone(), rows.labels, rows.positions, rows.doc_ids, rows.docs_per_row)
     changed.input_ids[r, s0:e0] = torch.randint(10, 1000, (e0 - s0,), generator=torch.Generator().manual_seed(0))
     before, after = token_losses(model, rows), token_losses(model, changed)
     assert not torch.allclose(before[r, s0:e0], after[r, s0:e0])

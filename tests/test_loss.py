@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sftplug.data import IGNORE
+from sftplug.packing import IGNORE
 from sftplug.loss import reference_loss_sum, target_loss_sum
 
 

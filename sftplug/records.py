@@ -1,0 +1,238 @@
+"""Training records: JSONL or a JSON array read with line numbers, their formats, bad records.
+
+A record is chat (``messages``), prompt/completion, Alpaca (``instruction``/``output``) or
+``text``; the format is detected once per file or given. A bad record is an error naming
+the file, the line and the problem, or is skipped and counted (:class:`BadLog`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from sftplug.errors import SftplugError
+
+FORMATS = ("chat", "prompt", "alpaca", "text")
+ROLES = ("system", "user", "assistant")
+SHOW_LINES = 5  # bad / truncated records named in the summary
+_FORMAT_KEYS = {
+    "chat": "a 'messages' list",
+    "prompt": "'prompt' and 'completion' (or 'response')",
+    "alpaca": "'instruction' and 'output'",
+    "text": "a 'text' field",
+}
+
+
+class BadRecord(ValueError):
+    """One record's problem, in words; the caller adds file and line."""
+
+
+class BadLog:
+    """Bad records: raise the first (default) or skip and count them."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.count, self.first = skip, 0, []
+
+    def __call__(self, path, line, problem: str) -> None:
+        where = f"{path}:{line}" if line else f"{path}"
+        if not self.skip:
+            raise SftplugError(f"{where}: {problem} (--skip-bad-records skips bad records)")
+        self.count += 1
+        if len(self.first) < SHOW_LINES:
+            self.first.append(where)
+
+
+def read_bytes(path) -> bytes:
+    path = Path(path)
+    if str(path).endswith(".parquet"):
+        raise SftplugError(f"{path}: parquet files need pyarrow, which sftplug does not use; convert to JSONL")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SftplugError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise SftplugError(f"{path}: is a folder; pass a JSONL or JSON file") from None
+    except OSError as exc:
+        raise SftplugError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _utf8_problem(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
+    line = raw.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+    return line, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); re-encode the file as UTF-8"
+
+
+def iter_records(path, raw: bytes, bad: BadLog):
+    """(line, record) for every record of a JSONL file or JSON array held in ``raw``."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if raw.lstrip()[:1] == b"[":
+            line, problem = _utf8_problem(raw, exc)
+            raise SftplugError(f"{path}:{line}: {problem}") from None
+        text = None  # JSONL: each line is decoded on its own, and a bad one reported
+    if text is not None and text.lstrip()[:1] == "[":
+        yield from _iter_json_array(path, text)
+        return
+    lines = text.split("\n") if text is not None else raw.split(b"\n")
+    for lineno, line in enumerate(lines, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad(path, lineno, _utf8_problem(line, exc)[1])
+                continue
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _iter_json_array(path, text: str):
+    decoder = json.JSONDecoder()
+    pos = _WS.match(text, text.index("[") + 1).end()
+    line, counted = 1, 0
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise SftplugError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield line, record
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            if text[pos + 1 :].strip():
+                where = line + text.count("\n", counted, pos)
+                raise SftplugError(f"{path}:{where}: invalid JSON (extra data after the closing ']')")
+            return
+        else:
+            where = line + text.count("\n", counted, pos)
+            raise SftplugError(f"{path}:{where}: invalid JSON (expected ',' or ']' between records)")
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from a JSONL file or a JSON array; the first problem raises."""
+    out = list(iter_records(path, read_bytes(path), BadLog(skip=False)))
+    if not out:
+        raise SftplugError(f"{path}: no records (the file is empty)")
+    return out
+
+
+def first_record(path: str | Path) -> dict:
+    """The first record of a data file, without parsing the rest."""
+    found = next(iter_records(path, read_bytes(path), BadLog(skip=False)), None)
+    if found is None:
+        raise SftplugError(f"{path}: no records (the file is empty)")
+    return found[1]
+
+
+def detect_format(record) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and ("completion" in record or "response" in record):
+        return "prompt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def text_field(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise BadRecord(f"'{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise BadRecord(f"empty '{key}'")
+    return value
+
+
+def to_messages(record: dict, fmt: str, train_on_prompt: bool = False) -> list[dict]:
+    """A record of a message format as chat messages; BadRecord says what is wrong."""
+    system = text_field(record, "system", required=False) or None  # an empty system field is no system
+    if system is not None and not system.strip():
+        system = None
+    if fmt == "chat":
+        given = record["messages"]
+        if not isinstance(given, list) or not given:
+            raise BadRecord("'messages' must be a non-empty list")
+        messages = []
+        for k, m in enumerate(given, start=1):
+            if not isinstance(m, dict):
+                raise BadRecord(f"message {k} is not an object")
+            role = m.get("role")
+            if role not in ROLES:
+                raise BadRecord(f"message {k} has role {role!r:.40}; expected one of {', '.join(ROLES)}")
+            content = m.get("content")
+            if not isinstance(content, str):
+                raise BadRecord(f"message {k} ({role}) content must be a string, got {type(content).__name__}")
+            if not content.strip():
+                raise BadRecord(f"message {k} ({role}) has empty content")
+            messages.append(m)
+        if system is not None:
+            if messages[0]["role"] == "system":
+                raise BadRecord("both a 'system' field and a system message")
+            messages.insert(0, {"role": "system", "content": system})
+    else:
+        if fmt == "prompt":
+            prompt = text_field(record, "prompt")
+            completion = text_field(record, "completion" if "completion" in record else "response")
+        elif fmt == "alpaca":
+            instruction, extra = text_field(record, "instruction"), text_field(record, "input", required=False)
+            prompt = instruction + (f"\n\n{extra}" if extra.strip() else "")
+            completion = text_field(record, "output")
+        else:
+            raise BadRecord(f"unknown format {fmt}")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+    if not train_on_prompt and not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant message: nothing to train on")
+    return messages
+
+
+def format_problem(record, fmt: str | None, fmt_from: str) -> str | None:
+    """Why ``record`` is not of the file's format ``fmt`` (None: not known yet), or None."""
+    if not isinstance(record, dict):
+        return f"record is a JSON {type(record).__name__}, not an object"
+    if fmt is not None and _has_keys(record, fmt):
+        return None
+    own = detect_format(record)
+    if own is None:
+        keys = ", ".join(f"'{k}'" for k in list(record)[:6]) or "none"
+        expected = (
+            f"this file holds {fmt} records, which need {_FORMAT_KEYS[fmt]} ({fmt_from})"
+            if fmt
+            else "expected messages, prompt+completion, instruction+output or text"
+        )
+        return f"record of no known format (keys: {keys}); {expected}"
+    return f"a {own} record in a file of {fmt} records ({fmt_from})"
+
+
+_HAS_KEYS = {
+    "chat": lambda r: "messages" in r,
+    "prompt": lambda r: "prompt" in r and ("completion" in r or "response" in r),
+    "alpaca": lambda r: "instruction" in r and "output" in r,
+    "text": lambda r: "text" in r,
+}
+
+
+def _has_keys(record: dict, fmt: str) -> bool:
+    return _HAS_KEYS[fmt](record)
