@@ -55,6 +55,15 @@ def sum_int(world: World, value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def broadcast_int(world: World, value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if not world.active:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def sum_tensor_(world: World, t: torch.Tensor) -> torch.Tensor:
     if world.active:
         dist.all_reduce(t)

@@ -8,7 +8,8 @@ from sftplug.model import KVCache
 
 
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, agree=None) -> list[int]:
+    """Greedy continuation of ``prompt_ids``; ``agree`` makes several processes pick the same token."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -17,8 +18,10 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
     positions = torch.arange(len(prompt_ids), device=device)[None]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        hidden = model.hidden_states(ids, positions, caches=caches)  # [1, T, C]
-        next_id = int(model.lm_head(hidden[:, -1]).argmax(-1))
+        logits = model(ids, positions, caches=caches)  # [1, T, vocab]
+        next_id = int(logits[0, -1].argmax())
+        if agree is not None:
+            next_id = agree(next_id)
         if next_id == eos_id:
             break
         out.append(next_id)
@@ -28,8 +31,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
     return out
 
 
-def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64, agree=None) -> str:
     """The model's greedy answer to one user prompt, rendered with the chat template."""
     text = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.eos_id)
+    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.eos_id, agree)
     return tokenizer.decode(new).strip()

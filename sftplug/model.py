@@ -220,11 +220,12 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, doc_ids)
         return self.norm(x)
 
-    def forward(self, input_ids, positions=None, doc_ids=None, hidden_only: bool = False):
+    def forward(self, input_ids, positions=None, doc_ids=None, hidden_only: bool = False, caches=None):
         """Logits [B, T, vocab] for input_ids [B, T]; the final hidden states with ``hidden_only``.
 
         Training asks for hidden states (its loss applies the LM head to target positions
-        only) through forward, so wrappers that hook forward (FSDP) see the call.
+        only) and generation passes its KV caches through forward, so wrappers that hook
+        forward (FSDP, DDP) see every call.
         """
-        hidden = self.hidden_states(input_ids, positions, doc_ids)
+        hidden = self.hidden_states(input_ids, positions, doc_ids, caches)
         return hidden if hidden_only else self.lm_head(hidden)

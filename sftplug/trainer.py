@@ -229,6 +229,16 @@ class Run:
         messages = records.to_messages(record, fmt)
         return next(m["content"] for m in messages if m["role"] == "user")
 
+    def sample_answer(self, prompt: str | None) -> str | None:
+        """Rank 0's greedy answer to ``prompt``; a sharded model needs every rank in each forward."""
+        if prompt is None or not (self.world.is_main or self.sharded):
+            return None
+        if not self.sharded:
+            return answer(self.model, self.tokenizer, prompt)
+        text = answer(self.model, self.tokenizer, prompt,
+                      agree=lambda token: distributed.broadcast_int(self.world, token, self.device))
+        return text if self.world.is_main else None
+
     def save(self) -> Path:
         state: dict = {}
         for part in self.registry.hook.resume_state(run=self):
@@ -320,8 +330,7 @@ def _train(run: Run) -> dict:
         resume_run(run, config.resume)
     prompt = run.sample_prompt()
     before_loss = run.eval_loss()
-    prompt = prompt if run.world.is_main and not run.sharded else None  # generation needs the whole model
-    before_answer = answer(run.model, run.tokenizer, prompt) if prompt else None
+    before_answer = run.sample_answer(prompt)
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")
     started, first_step = time.perf_counter(), run.step
@@ -362,7 +371,7 @@ def _train(run: Run) -> dict:
         "checkpoint": str(folder),
         "sample_prompt": prompt,
         "answer_before": before_answer,
-        "answer_after": answer(run.model, run.tokenizer, prompt) if prompt else None,
+        "answer_after": run.sample_answer(prompt),
         "data": {k: run.data_stats.get(k, 0) for k in ("records", "skipped_bad", "truncated", "dropped")},
     }
     if run.device.type == "cuda":
