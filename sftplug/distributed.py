@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sftplug.errors import SftplugError
+
 
 @dataclass(frozen=True)
 class World:
@@ -41,6 +43,12 @@ def init_world(device_name: str) -> World:
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
     if use_cuda:
+        gpus = torch.cuda.device_count()
+        if world.local_rank >= gpus:
+            raise SftplugError(
+                f"local rank {world.local_rank} has no GPU of its own (this machine has {gpus}); "
+                f"start at most {gpus} processes per machine"
+            )
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")

@@ -64,8 +64,11 @@ class Run:
         self.model.checkpoint_blocks = config.grad_ckpt
         if config.full:
             self.model.requires_grad_(True)
-            if config.strategy == "fsdp":
+            if config.strategy == "fsdp" and self.world.active:
                 distributed.shard(self.model)
+            elif config.strategy == "fsdp":
+                self.echo("strategy: fsdp shards across processes; this run has one, so nothing is sharded "
+                          "(start several with --nproc N or torchrun)")
         else:
             self.model.requires_grad_(False)
             apply_lora(self.model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)

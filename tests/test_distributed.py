@@ -160,3 +160,16 @@ def worker_pid(launcher: int, rank: int) -> int:
         if f"RANK={rank}".encode() in environ:
             return int(child)
     raise AssertionError(f"no worker with RANK={rank} under pid {launcher}")
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    from sftplug import distributed
+    from sftplug.errors import SftplugError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SftplugError, match=r"local rank 1 has no GPU of its own \(this machine has 1\)"):
+        distributed.init_world("cuda")

@@ -135,3 +135,10 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_
     # the same loss to bf16 rounding.
     full_base, _ = first_update_grads(small_config(dtype="fp32", out=str(tmp_path / "fp32")))
     assert records[0]["loss"] == pytest.approx(full_base["loss"], rel=2e-2)
+
+
+def test_fsdp_in_one_process_trains_unsharded_and_says_so(small_config):
+    lines = []
+    summary = train(small_config(full=True, strategy="fsdp", steps=2), build_registry(), echo=lines.append)
+    assert summary["steps"] == 2
+    assert any(line.startswith("strategy: fsdp shards across processes; this run has one") for line in lines)
