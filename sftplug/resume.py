@@ -46,6 +46,8 @@ def resume_run(run, resume: str) -> None:
     manifest = checkpoint.verify(folder)
     check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"), run.data_sha256, folder)
     if run.sharded:  # weights and optimizer state, each rank its own shards
+        if not (folder / checkpoint.SHARDS).is_dir():
+            raise SftplugError(f"{folder} holds no weight shards ({checkpoint.SHARDS}/); it cannot resume an FSDP run")
         distributed.load_shards(run.model, run.optimizer, folder / checkpoint.SHARDS)
     else:
         weights = checkpoint.load_weights(folder)

@@ -113,7 +113,7 @@ class Run:
         # Unpacked rows are cut to the longest document of each micro-batch, except when
         # compiled blocks want one fixed shape.
         return Batches(rows, c.micro_bsz, c.seed, workers=c.workers, pin_memory=self.device.type == "cuda",
-                            trim=not c.pack and not c.torch_compile, rank=self.world.rank, world=self.world.size)
+                       trim=not c.pack and not c.torch_compile, rank=self.world.rank, world=self.world.size)
 
     def compile_blocks(self) -> None:
         """Compile each block once its attention is set; compilation happens in the first update."""
