@@ -110,7 +110,11 @@ def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
                          intermediate_size=p["intermediate_size"], num_hidden_layers=p["n_layers"],
                          num_attention_heads=p["n_heads"], num_key_value_heads=p["n_kv_heads"],
                          tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).to(device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(w["dtype"])
+    # The strong HF recipe, as sftplug does: LoRA keeps the frozen base in the half dtype
+    # (PEFT keeps the adapters in fp32); full fine-tuning trains fp32 weights under autocast.
+    base_dtype = autocast_dtype if autocast_dtype is not None and not full else torch.float32
+    model = LlamaForCausalLM(config).to(device=device, dtype=base_dtype)
     if not full:
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
                                                  lora_dropout=LORA["dropout"], target_modules=HF_TARGETS))
@@ -118,7 +122,6 @@ def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     tokens = synthetic_tokens(p["vocab_size"], w["micro_bsz"] * (steps + warmup), w["seq_len"])
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(w["dtype"])
     clock, records = _Clock(device), []
     for i in range(steps + warmup):
         batch = tokens[i * w["micro_bsz"] : (i + 1) * w["micro_bsz"]].to(device)
