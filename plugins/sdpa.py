@@ -120,8 +120,11 @@ class SdpaBackend(AttentionBackend):
         """'native': K/V keep their own heads; 'repeat': K/V heads are copied per query group."""
         if self.name == "math":
             return "repeat"  # PyTorch's math kernel expands K/V itself
-        ok = probes.sdpa_refusal(self.name, device.type, dtype, head_dim, gqa=True) is None
-        return "native" if ok else "repeat"
+        key = (self.name, device.type, dtype, head_dim)
+        if key not in _GQA_MODES:  # probed once by check(), so compiled code only reads the answer
+            ok = probes.sdpa_refusal(self.name, device.type, dtype, head_dim, gqa=True) is None
+            _GQA_MODES[key] = "native" if ok else "repeat"
+        return _GQA_MODES[key]
 
     # -- the call ------------------------------------------------------------------
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
@@ -154,6 +157,9 @@ class SdpaBackend(AttentionBackend):
             f"{probes.dtype_name(q.dtype)} on {q.device}: {reason} "
             "(sftplug never falls back to another kernel; choose one with --attention, see `sftplug doctor`)"
         )
+
+
+_GQA_MODES: dict[tuple, str] = {}
 
 
 def _no_kernel(exc: RuntimeError) -> bool:

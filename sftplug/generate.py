@@ -8,6 +8,7 @@ from sftplug.model import KVCache
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks have training shapes; a growing cache would recompile
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, agree=None) -> list[int]:
     """Greedy continuation of ``prompt_ids``; ``agree`` makes several processes pick the same token."""
     device = next(model.parameters()).device

@@ -125,11 +125,21 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
         if cache is None:
-            y = self.backend(q, k, v, causal=True, doc_ids=doc_ids)  # [B, Hq, T, D]
+            y = attend(self.backend, q, k, v, doc_ids)  # [B, Hq, T, D]
         else:  # generation: keys and values of earlier tokens come from the cache
             k, v = cache.append(k, v)  # [B, Hkv, T_past + T, D]
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(b, t, q_size))
+
+
+@torch.compiler.disable
+def attend(backend, q, k, v, doc_ids):
+    """Causal attention through the chosen backend, never traced by torch.compile.
+
+    The kernels are fused already, and a packed batch's plan (documents grouped by length)
+    has data-dependent shapes that would recompile the block at every update.
+    """
+    return backend(q, k, v, causal=True, doc_ids=doc_ids)
 
 
 class KVCache:
