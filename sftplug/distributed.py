@@ -63,15 +63,6 @@ def sum_int(world: World, value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def broadcast_int(world: World, value: int, device: torch.device) -> int:
-    """Rank 0's ``value`` on every rank."""
-    if not world.active:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
-    return int(t.item())
-
-
 def sum_tensor_(world: World, t: torch.Tensor) -> torch.Tensor:
     if world.active:
         dist.all_reduce(t)
@@ -86,7 +77,6 @@ def replicate(model: torch.nn.Module, world: World):
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # RoPE tables are computed alike on every rank
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
     )
 

@@ -9,8 +9,8 @@ from sftplug.model import KVCache
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled blocks have training shapes; a growing cache would recompile
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None, agree=None) -> list[int]:
-    """Greedy continuation of ``prompt_ids``; ``agree`` makes several processes pick the same token."""
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+    """Greedy continuation of ``prompt_ids``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -21,8 +21,6 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
     for _ in range(max_new_tokens):
         logits = model(ids, positions, caches=caches)  # [1, T, vocab]
         next_id = int(logits[0, -1].argmax())
-        if agree is not None:
-            next_id = agree(next_id)
         if next_id == eos_id:
             break
         out.append(next_id)
@@ -32,8 +30,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
     return out
 
 
-def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64, agree=None) -> str:
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """The model's greedy answer to one user prompt, rendered with the chat template."""
     text = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.eos_id, agree)
+    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.eos_id)
     return tokenizer.decode(new).strip()
