@@ -11,6 +11,7 @@ evaluates and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -74,9 +75,15 @@ def replicate(model: torch.nn.Module, world: World):
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
+    # RoPE tables are computed alike on every rank: no buffer broadcast in each forward
+    # (the option was renamed in newer torch)
+    option = "forward_sync_buffers"
+    if option not in inspect.signature(DistributedDataParallel.__init__).parameters:
+        option = "broadcast_buffers"
     return DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
+        **{option: False},
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
     )
 
