@@ -1,6 +1,10 @@
-import pytest
+import copy
+import shutil
 
-from sftplug.config import TrainConfig
+import pytest
+import torch
+
+from sftplug.config import ASSETS, TrainConfig
 
 
 @pytest.fixture
@@ -21,5 +25,41 @@ def small_config(tmp_path):
         )
         base.update(overrides)
         return TrainConfig(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_hf_folder():
+    """A factory: a tiny random HF checkpoint (save_pretrained) with the bundled tokenizer.
+
+    ``make(folder, config_class="LlamaConfig", seed=0, **overrides)`` writes the folder and
+    returns the transformers model it saved.
+    """
+    transformers = pytest.importorskip("transformers")
+
+    def make(folder, config_class="LlamaConfig", seed=0, **overrides):
+        options = dict(
+            vocab_size=1024,  # the bundled tokenizer's size
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+        options = copy.deepcopy({**options, **overrides})  # transformers edits rope dicts in place
+        config = getattr(transformers, config_class)(**options)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        with torch.no_grad():  # norms start at 1 and biases at 0: make them matter
+            for name, p in model.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.2)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(ASSETS / name, folder)
+        return model
 
     return make

@@ -1,8 +1,6 @@
 """Export to HF format: merged models and PEFT adapters that transformers and peft load exactly."""
 
-import copy
 import json
-import shutil
 import warnings
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sftplug import checkpoint
-from sftplug.config import ASSETS, TrainConfig
+from sftplug.config import TrainConfig
 from sftplug.errors import SftplugError
 from sftplug.export import export_checkpoint
 from sftplug.loading import load_model
@@ -22,30 +20,6 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 IDS = torch.randint(0, 1024, (2, 33), generator=torch.Generator().manual_seed(3))
-
-
-def make_hf_folder(folder, config_class="LlamaConfig", **overrides):
-    """A tiny random HF checkpoint with the bundled tokenizer (as in tests/plugins/test_hf.py)."""
-    options = dict(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    config = getattr(transformers, config_class)(**copy.deepcopy({**options, **overrides}))
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.2)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ASSETS / name, folder)
-    return folder
 
 
 def relative_error(got, ref) -> float:
@@ -94,8 +68,9 @@ def train_lora(model, out, targets=("qkv", "o", "gate_up", "down")):
     ],
     ids=["llama", "qwen2-tied-lm_head"],
 )
-def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, overrides, targets):
-    base = make_hf_folder(tmp_path / "hf", config_class, **overrides)
+def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, overrides, targets, make_hf_folder):
+    base = tmp_path / "hf"
+    make_hf_folder(base, config_class, **overrides)
     run = train_lora(base, tmp_path / "run", targets)
     ours = sftplug_logits(tmp_path / "run")
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-2  # the LoRA changes the model
@@ -120,8 +95,9 @@ def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, override
     assert relative_error(hf_logits(hf_model(parts["base"])), hf_logits(hf_model(base))) <= 1e-4
 
 
-def test_full_fine_tune_exports_as_one_model(tmp_path):
-    base = make_hf_folder(tmp_path / "hf", "MistralConfig", head_dim=16)
+def test_full_fine_tune_exports_as_one_model(tmp_path, make_hf_folder):
+    base = tmp_path / "hf"
+    make_hf_folder(base, "MistralConfig", head_dim=16)
     config = TrainConfig(
         model=str(base), out=str(tmp_path / "run"), steps=2, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2,
         warmup=0, full=True, log_every=100,

@@ -1,6 +1,5 @@
 """The HF checkpoint loader: parity with transformers, shards, exact errors, PEFT names."""
 
-import copy
 import json
 import shutil
 
@@ -27,41 +26,14 @@ LLAMA31_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,  # small, so every RoPE band (low, medium, high) is hit
 }
-CASES = {
-    "llama": ("LlamaConfig", {}),
-    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
-    "llama3.1": ("LlamaConfig", {"rope_scaling": LLAMA31_ROPE, "rope_theta": 500000.0}),
-    "mistral": ("MistralConfig", {"head_dim": 16}),
-    "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),  # q/k/v biases
-    "qwen2": ("Qwen2Config", {}),
+CASES = {  # make_hf_folder options (tests/conftest.py)
+    "llama": {},
+    "llama-tied": {"tie_word_embeddings": True},
+    "llama3.1": {"rope_scaling": LLAMA31_ROPE, "rope_theta": 500000.0},
+    "mistral": {"config_class": "MistralConfig", "head_dim": 16},
+    "qwen2-tied": {"config_class": "Qwen2Config", "tie_word_embeddings": True},  # q/k/v biases
+    "qwen2": {"config_class": "Qwen2Config"},
 }
-
-
-def make_hf_folder(folder, case="llama", seed=0, **overrides):
-    """A tiny random HF checkpoint (save_pretrained) with the bundled tokenizer; returns the HF model."""
-    config_class, options = CASES[case]
-    kwargs = dict(
-        vocab_size=1024,  # the bundled tokenizer's size
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    options = copy.deepcopy({**kwargs, **options, **overrides})  # transformers edits rope dicts in place
-    config = getattr(transformers, config_class)(**options)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():  # norms start at 1 and biases at 0: make them matter
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.2)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(ASSETS / name, folder)
-    return model
 
 
 def assert_close_logits(got, ref, tol=1e-4):
@@ -71,14 +43,14 @@ def assert_close_logits(got, ref, tol=1e-4):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama(tmp_path_factory, make_hf_folder):
     folder = tmp_path_factory.mktemp("llama")
-    return folder, make_hf_folder(folder, "llama")
+    return folder, make_hf_folder(folder)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_match_transformers(tmp_path, case):
-    reference = make_hf_folder(tmp_path, case)
+def test_logits_match_transformers(tmp_path, case, make_hf_folder):
+    reference = make_hf_folder(tmp_path, **CASES[case])
     model = sftplug.load_model(str(tmp_path))  # the public API
     assert model.layers[0].attn.backend is not None  # callable without choosing a backend
     ids = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -102,8 +74,8 @@ def test_loader_reports_itself_and_loads_in_another_dtype(llama):
         assert loaded.model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1024)
 
 
-def test_source_dtype_by_default_and_exact_conversion_in_chunks(tmp_path, monkeypatch):
-    reference = make_hf_folder(tmp_path / "fp32", "qwen2")
+def test_source_dtype_by_default_and_exact_conversion_in_chunks(tmp_path, monkeypatch, make_hf_folder):
+    reference = make_hf_folder(tmp_path / "fp32", **CASES["qwen2"])
     reference.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # config.json then says bfloat16
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / name, tmp_path / "bf16")
@@ -252,8 +224,8 @@ def test_folders_that_are_not_hf_checkpoints(llama, tmp_path):
         sftplug.load_model(str(no_weights))
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path):
-    make_hf_folder(tmp_path, "llama", vocab_size=128)
+def test_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path, make_hf_folder):
+    make_hf_folder(tmp_path, vocab_size=128)
     with pytest.raises(SftplugError, match="tokenizer.json has 1024 tokens but config.json vocab_size is 128"):
         load_hf_folder(tmp_path)
 
