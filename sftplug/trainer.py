@@ -253,7 +253,7 @@ class Run:
             "data_sha256": self.data_sha256,
         }
         folder = Path(self.out) / "checkpoints" / f"step-{self.step}"
-        write_state = {STATE_FILE: lambda path: torch.save(state, path)}  # every rank's part gathered by the hooks
+        # ``state`` holds every rank's part already: the hooks gathered it
         if self.sharded:  # each rank writes its own shards; rank 0 the small files, once all are written
             if self.world.is_main:
                 checkpoint.begin(self.out, self.step)
@@ -262,10 +262,11 @@ class Run:
             distributed.save_shards(self.model, self.optimizer, staging / checkpoint.SHARDS)
             distributed.barrier(self.world)
             if self.world.is_main:
-                write_state[STATE_FILE](staging / STATE_FILE)
+                torch.save(state, staging / STATE_FILE)
                 checkpoint.commit(self.out, self.step, meta)
         elif self.world.is_main:
-            checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, write_state)
+            writers = {STATE_FILE: lambda path: torch.save(state, path)}
+            checkpoint.write_checkpoint(self.out, self.step, trainable_state_dict(self.model), meta, writers)
         if self.world.is_main:
             checkpoint.prune(self.out, self.config.keep_last)
         distributed.barrier(self.world)
