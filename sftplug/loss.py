@@ -27,9 +27,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size].to(compute_dtype)  # [n, C]
             y = targets[start : start + chunk_size]  # [n]
             logits = (h @ w.t()).to(acc_dtype)  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            # In place, a pass or two each (torch.logsumexp alone took 3x as long): shifted
+            # by the row max, the sum of exponentials is at least 1, so its log is finite.
+            shifted = logits.sub_(logits.amax(-1, keepdim=True))
+            target = shifted.gather(1, y[:, None]).squeeze(1)  # [n]
+            probs = shifted.exp_()
+            sums = probs.sum(-1)  # [n]
+            total += (sums.log() - target).sum()
+            probs.div_(sums[:, None])  # softmax
             probs[torch.arange(len(y), device=y.device), y] -= 1  # d(loss)/d(logits)
             g = probs.to(compute_dtype)
             if grad_hidden is not None:

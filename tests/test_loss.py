@@ -46,3 +46,17 @@ def test_bf16_autocast_matches_fp32_closely():
     high, _ = target_loss_sum(hidden, labels, weight)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, high, rtol=2e-2, atol=0)
+
+
+def test_confident_wrong_predictions_give_a_finite_exact_loss():
+    # A target whose probability underflows fp32 (loss about 200): no -inf, no NaN.
+    hidden = torch.eye(4, 8)[None].clone().requires_grad_()  # [1, 4, 8]
+    weight = torch.zeros(10, 8)
+    weight[0, :4] = 200.0  # every position is sure of token 0
+    labels = torch.tensor([[3, 0, 7, IGNORE]])
+    total, _ = target_loss_sum(hidden, labels, weight)
+    expected = reference_loss_sum(hidden.double(), labels, weight.double())
+    assert torch.isfinite(total)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)
+    total.backward()
+    assert torch.isfinite(hidden.grad).all()
