@@ -1,1 +1,1 @@
-"""Triton kernels of sftplug (installed as sftplug.kernels)."""
+"""Attention kernels of sftplug: Triton for GPUs, chunked matmuls for the CPU (installed as sftplug.kernels)."""

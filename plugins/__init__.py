@@ -7,6 +7,7 @@ BUILTIN_PLUGINS = [
     ("cudnn", "sftplug.plugins.sdpa:cudnn"),
     ("math", "sftplug.plugins.sdpa:math"),
     ("triton", "sftplug.plugins.triton_attention:triton"),
+    ("chunked", "sftplug.plugins.chunked:chunked"),
     ("precision", "sftplug.plugins.precision:precision"),
     ("hf", "sftplug.plugins.hf:hf_checkpoint"),
     ("presets", "sftplug.plugins.loaders:presets"),

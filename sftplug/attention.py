@@ -41,6 +41,7 @@ class AttentionRequest:
     n_heads: int
     n_kv_heads: int
     packed: bool = False  # rows hold several documents (doc_ids will be passed)
+    seq_len: int = 0  # the longest row the run attends over; 0 when unknown
 
 
 class AttentionBackend:
@@ -172,10 +173,12 @@ def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | No
     return AttentionChoice(chosen, f"{chosen.name} (requested; runs {what}{note})", rejected)
 
 
-def attach(model, registry, name: str, device, dtype: torch.dtype, packed: bool = False) -> AttentionChoice:
+def attach(model, registry, name: str, device, dtype: torch.dtype, packed: bool = False,
+           seq_len: int = 0) -> AttentionChoice:
     """Choose the backend ``name`` (or auto) for ``model`` and set it on every block."""
     c = model.config
-    request = AttentionRequest(name, torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed)
+    request = AttentionRequest(name, torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed,
+                               seq_len)
     choice = choose_backend(registry.hook, request, attention_skipped(registry))
     model.set_attention(choice.backend)
     return choice

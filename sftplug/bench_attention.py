@@ -75,7 +75,7 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
     for dtype_name in dtypes:
         dtype = probes.DTYPES_BY_NAME[dtype_name]
         for (B, H, Hkv, S, D), is_packed in cases:
-            request = AttentionRequest("auto", device, dtype, D, H, Hkv, is_packed)
+            request = AttentionRequest("auto", device, dtype, D, H, Hkv, is_packed, S)
             doc_ids = _doc_ids(B, S, device, seed=S) if is_packed else None
             flops = attention_flops(B, H, S, D, causal, doc_ids)
             for backend in offered_backends(registry.hook, request):

@@ -124,7 +124,8 @@ class Run:
     def choose_attention(self, model_description: str) -> None:
         dtype = self.precision.autocast_dtype or torch.float32
         packed = bool(int(self.rows.docs_per_row.max()) > 1)
-        self.attention = attach(self.model, self.registry, self.config.attention, self.device, dtype, packed)
+        self.attention = attach(self.model, self.registry, self.config.attention, self.device, dtype, packed,
+                                self.config.seq_len)
         trainable = sum(p.numel() for p in self.params)
         mode = "full fine-tune" if self.config.full else f"LoRA r={self.config.lora_r}"
         self.echo(f"model: {model_description}; {mode}, {trainable:,} trainable params on {self.device}")

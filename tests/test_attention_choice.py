@@ -98,7 +98,7 @@ def test_unavailable_backend_says_why_and_what_works_here():
         choose_backend(registry.hook, request("efficient"), attention_skipped(registry))
     assert str(err.value) == (
         "attention backend 'efficient' is unavailable: efficient attention runs only on CUDA GPUs; "
-        f"this torch build is CPU-only (torch {torch.__version__}); usable here: flash, math"
+        f"this torch build is CPU-only (torch {torch.__version__}); usable here: chunked, flash, math"
     )
 
 
@@ -133,14 +133,14 @@ def test_nothing_usable_lists_every_reason():
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="describes a CPU-only machine")
-def test_the_cpu_machine_offers_flash_then_math():
+def test_the_cpu_machine_offers_chunked_then_flash_then_math():
     registry = build_registry(entrypoints=False)
     by_name = {p.name: p for p in registry.plugins}
-    assert by_name["flash"].available and by_name["math"].available
+    assert by_name["chunked"].available and by_name["flash"].available and by_name["math"].available
     for name in ("efficient", "cudnn"):
         assert not by_name[name].available and "runs only on CUDA GPUs" in by_name[name].reason
     choice = choose_backend(registry.hook, request(packed=True))
-    assert choice.backend.name == "flash" and "usable in order: flash > math" in choice.reason
+    assert choice.backend.name == "chunked" and "usable in order: chunked > flash > math" in choice.reason
 
 
 def tiny_data(tmp_path, n=24, text=False):
@@ -164,7 +164,7 @@ def test_cli_refuses_an_unusable_backend_in_one_line_with_exit_2(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1
     assert "attention backend 'efficient'" in errors[0] and "runs only on CUDA GPUs" in errors[0]
-    assert errors[0].endswith("usable here: flash, math")
+    assert errors[0].endswith("usable here: chunked, flash, math")
 
 
 # -- shell overrides ------------------------------------------------------------------------
@@ -186,6 +186,7 @@ def test_steering_variables_are_found():
 
 @pytest.mark.parametrize("attention", ["auto", "flash"])
 def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, monkeypatch, tmp_path, attention):
+    expected = "chunked" if attention == "auto" else "flash"  # auto takes chunked for fp32 on the CPU
     """PYTORCH_SDP_KERNEL=math (and a script that acted on it by switching flash off
     globally) must not push training onto the math kernel: the profiler shows which ran."""
     from sftplug.trainer import Run, train
@@ -212,9 +213,12 @@ def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, 
     finally:
         torch.backends.cuda.enable_flash_sdp(flags["flash"])
     header = "\n".join(lines)
-    assert "attention: flash (" in header
+    assert f"attention: {expected} (" in header
     assert "PYTORCH_SDP_KERNEL=math" in header and "SDPA_BACKEND=math" in header
-    assert FLASH_CPU_OP in ops and FLASH_CPU_OP + "_backward" in ops
+    if expected == "flash":
+        assert FLASH_CPU_OP in ops and FLASH_CPU_OP + "_backward" in ops
+    else:  # sftplug's own batched matmuls, no SDPA kernel at all
+        assert "aten::bmm" in ops and FLASH_CPU_OP not in ops
     assert MATH_OP not in ops
 
 
@@ -237,7 +241,7 @@ def test_doctor_reports_versions_backends_and_overrides(monkeypatch):
         assert rows["flash"]["dtypes"] == {"bf16": None, "fp16": None, "fp32": None}
         assert rows["flash"]["gqa"] == "native" and rows["math"]["gqa"] == "repeat"
         assert not rows["efficient"]["available"] and "runs only on CUDA GPUs" in rows["efficient"]["reason"]
-        assert report["auto"]["bf16"]["backend"] == "flash" and report["auto"]["fp32 packed"]["backend"] == "flash"
+        assert report["auto"]["bf16"]["backend"] == "flash" and report["auto"]["fp32 packed"]["backend"] == "chunked"
         assert "efficient  unavailable: efficient attention runs only on CUDA GPUs" in text
 
 

@@ -1,0 +1,112 @@
+"""The `chunked` CPU attention against a float64 reference; its memory bound; when auto takes it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sftplug.attention import AttentionRequest, choose_backend
+from sftplug.config import DEFAULT_DATA
+from sftplug.kernels.attention import attention_reference
+from sftplug.kernels.chunked_attention import chunked_attention
+from sftplug.plugins.chunked import FASTER_UP_TO, chunked
+from sftplug.registry import build_registry
+
+B, T, D = 2, 40, 32  # T not a multiple of the chunks below
+DOC_LENGTHS = [[7, 13, 1, 19], [40]]
+
+
+def inputs(hq, hkv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda h: torch.randn(B, h, T, D, generator=g).requires_grad_()  # noqa: E731
+    return make(hq), make(hkv), make(hkv), torch.randn(B, hq, T, D, generator=g)
+
+
+def doc_ids_for(lengths):
+    return torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths])
+
+
+def grads(fn, q, k, v, grad):
+    for x in (q, k, v):
+        x.grad = None
+    out = fn(q, k, v)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), q.grad.detach(), k.grad.detach(), v.grad.detach()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 2)], ids=["mha", "gqa4:2", "gqa8:2"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_backend_matches_float64_reference(causal, heads, packed):
+    q, k, v, grad = inputs(*heads)
+    doc_ids = doc_ids_for(DOC_LENGTHS) if packed else None
+    got = grads(lambda *x: chunked(*x, causal=causal, doc_ids=doc_ids), q, k, v, grad)
+    want = grads(lambda *x: attention_reference(*(t.double() for t in x), causal=causal, doc_ids=doc_ids),
+                 q, k, v, grad.double())
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=0, msg=what)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_every_chunk_length_gives_the_same_attention(chunk):
+    q, k, v, grad = inputs(8, 2, seed=1)
+    got = grads(lambda *x: chunked_attention(*x, chunk=chunk), q, k, v, grad)
+    want = grads(lambda *x: attention_reference(*x), q, k, v, grad)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=what)
+
+
+def test_no_product_is_larger_than_one_chunk_of_scores(monkeypatch):
+    chunk, hq = 8, 8
+    largest = []
+    real_bmm = torch.bmm
+
+    def spy(a, b, **kwargs):
+        out = real_bmm(a, b, **kwargs)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    q, k, v, grad = inputs(hq, 2)
+    chunked_attention(q, k, v, chunk=chunk).backward(grad)
+    assert max(largest) <= B * hq * chunk * T < B * hq * T * T // 4
+
+
+def test_it_runs_fp32_on_the_cpu_and_says_why_not_elsewhere():
+    def request(device="cpu", dtype=torch.float32):
+        return AttentionRequest("chunked", torch.device(device), dtype, 64, 8, 2)
+
+    assert chunked.check(request()) is None
+    why_not_bf16 = chunked.check(request(dtype=torch.bfloat16))
+    assert why_not_bf16 == "chunked attention computes in fp32 only, not bf16 (flash runs that)"
+    assert "runs on the CPU only" in chunked.check(request(device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="describes a CPU-only machine")
+def test_auto_takes_chunked_for_fp32_on_the_cpu_and_flash_for_long_rows_or_bf16():
+    hook = build_registry(entrypoints=False).hook
+
+    def auto(dtype=torch.float32, seq_len=512):
+        return choose_backend(hook, AttentionRequest("auto", torch.device("cpu"), dtype, 64, 8, 4, True, seq_len))
+
+    assert auto().backend.name == "chunked" and "usable in order: chunked > flash > math" in auto().reason
+    assert auto(seq_len=FASTER_UP_TO + 1).backend.name == "flash"
+    assert auto(dtype=torch.bfloat16).backend.name == "flash"
+
+
+def test_training_with_chunked_matches_flash(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:16]))  # packed rows
+
+    def losses(attention):
+        out = tmp_path / attention
+        subprocess.run([sys.executable, "-m", "sftplug", "train", "--steps", "3", "--seq-len", "64", "--micro-bsz",
+                        "2", "--log-every", "1", "--data", str(data), "--out", str(out), "--attention", attention,
+                        "--sample-prompt", "Hi", "--device", "cpu"], check=True, capture_output=True)
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("chunked") == pytest.approx(losses("flash"), rel=1e-5)
