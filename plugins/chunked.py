@@ -2,10 +2,11 @@
 
 Causal attention in query chunks as batched matrix products, with GQA native and the
 probabilities computed again in backward (memory of one chunk's scores, never T x T).
-fp32 on the CPU only: there it beats SDPA's CPU flash kernel, so ``auto`` takes it;
-on a GPU the fused kernels are far faster, and half-precision softmax in plain matrix
-products would lose accuracy. Packed rows go through the same per-document buckets as
-the SDPA backends.
+fp32 on the CPU only: there it beats SDPA's CPU flash kernel on rows of one document
+up to 1024 positions, so ``auto`` takes it for those; on a GPU the fused kernels are
+far faster, and half-precision softmax in plain matrix products would lose accuracy.
+Packed rows go through the same per-document buckets as the SDPA backends (correct, but
+flash is faster there, so auto prefers flash for packed rows).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class Chunked(AttentionBackend):
         return self
 
     def priority_for(self, request: AttentionRequest) -> int:
-        if request.seq_len > FASTER_UP_TO:
-            return 25  # below flash: at 2048 positions its key tiling wins (BENCHMARKS.md)
+        # Below flash where flash measured faster (BENCHMARKS.md): at 2048 positions its key
+        # tiling wins, and packed rows split into many short per-document calls.
+        if request.packed or request.seq_len > FASTER_UP_TO:
+            return 25
         return self.priority
 
     def check(self, request: AttentionRequest) -> str | None:

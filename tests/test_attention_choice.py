@@ -139,8 +139,10 @@ def test_the_cpu_machine_offers_chunked_then_flash_then_math():
     assert by_name["chunked"].available and by_name["flash"].available and by_name["math"].available
     for name in ("efficient", "cudnn"):
         assert not by_name[name].available and "runs only on CUDA GPUs" in by_name[name].reason
-    choice = choose_backend(registry.hook, request(packed=True))
+    choice = choose_backend(registry.hook, request())
     assert choice.backend.name == "chunked" and "usable in order: chunked > flash > math" in choice.reason
+    choice = choose_backend(registry.hook, request(packed=True))
+    assert choice.backend.name == "flash" and "usable in order: flash > chunked > math" in choice.reason
 
 
 def tiny_data(tmp_path, n=24, text=False):
@@ -184,9 +186,9 @@ def test_steering_variables_are_found():
     ]
 
 
-@pytest.mark.parametrize("attention", ["auto", "flash"])
+@pytest.mark.parametrize("attention", ["auto", "flash", "chunked"])
 def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, monkeypatch, tmp_path, attention):
-    expected = "chunked" if attention == "auto" else "flash"  # auto takes chunked for fp32 on the CPU
+    expected = "flash" if attention == "auto" else attention  # auto's pick for packed fp32 rows on the CPU
     """PYTORCH_SDP_KERNEL=math (and a script that acted on it by switching flash off
     globally) must not push training onto the math kernel: the profiler shows which ran."""
     from sftplug.trainer import Run, train
@@ -241,7 +243,7 @@ def test_doctor_reports_versions_backends_and_overrides(monkeypatch):
         assert rows["flash"]["dtypes"] == {"bf16": None, "fp16": None, "fp32": None}
         assert rows["flash"]["gqa"] == "native" and rows["math"]["gqa"] == "repeat"
         assert not rows["efficient"]["available"] and "runs only on CUDA GPUs" in rows["efficient"]["reason"]
-        assert report["auto"]["bf16"]["backend"] == "flash" and report["auto"]["fp32 packed"]["backend"] == "chunked"
+        assert report["auto"]["bf16"]["backend"] == "flash" and report["auto"]["fp32 packed"]["backend"] == "flash"
         assert "efficient  unavailable: efficient attention runs only on CUDA GPUs" in text
 
 

@@ -68,7 +68,7 @@ def test_train_then_generate(tmp_path):
     out = tmp_path / "run"
     result = invoke("train", "--out", str(out), *SMALL)
     assert result.exit_code == 0, result.output
-    assert "attention: chunked (auto" in result.output
+    assert "attention: flash (auto" in result.output
     assert "held-out loss:" in result.output and "answer after:" in result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]

@@ -87,14 +87,16 @@ def test_it_runs_fp32_on_the_cpu_and_says_why_not_elsewhere():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a CPU-only machine")
-def test_auto_takes_chunked_for_fp32_on_the_cpu_and_flash_for_long_rows_or_bf16():
+def test_auto_takes_chunked_for_fp32_rows_on_the_cpu_and_flash_for_packed_long_or_bf16():
     hook = build_registry(entrypoints=False).hook
 
-    def auto(dtype=torch.float32, seq_len=512):
-        return choose_backend(hook, AttentionRequest("auto", torch.device("cpu"), dtype, 64, 8, 4, True, seq_len))
+    def auto(dtype=torch.float32, seq_len=512, packed=False):
+        request = AttentionRequest("auto", torch.device("cpu"), dtype, 64, 8, 4, packed, seq_len)
+        return choose_backend(hook, request)
 
     assert auto().backend.name == "chunked" and "usable in order: chunked > flash > math" in auto().reason
     assert auto(seq_len=FASTER_UP_TO + 1).backend.name == "flash"
+    assert auto(packed=True).backend.name == "flash"
     assert auto(dtype=torch.bfloat16).backend.name == "flash"
 
 
