@@ -5,8 +5,8 @@ probabilities computed again in backward (memory of one chunk's scores, never T 
 fp32 on the CPU only: there it beats SDPA's CPU flash kernel on rows of one document
 up to 1024 positions, so ``auto`` takes it for those; on a GPU the fused kernels are
 far faster, and half-precision softmax in plain matrix products would lose accuracy.
-Packed rows go through the same per-document buckets as the SDPA backends (correct, but
-flash is faster there, so auto prefers flash for packed rows).
+Packed rows run natively (one mask per chunk hides other documents); there the two
+kernels measured about even, so auto keeps PyTorch's flash for packed rows.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class Chunked(AttentionBackend):
         return self
 
     def priority_for(self, request: AttentionRequest) -> int:
-        # Below flash where flash measured faster (BENCHMARKS.md): at 2048 positions its key
-        # tiling wins, and packed rows split into many short per-document calls.
+        # Below flash where chunked is not measured faster (BENCHMARKS.md): at 2048 positions
+        # flash's key tiling wins; on packed rows of short documents the two are even.
         if request.packed or request.seq_len > FASTER_UP_TO:
             return 25
         return self.priority
@@ -47,13 +47,10 @@ class Chunked(AttentionBackend):
 
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
         from sftplug.kernels.chunked_attention import chunked_attention
-        from sftplug.plugins.sdpa import pack_plan
 
-        def dense(q, k, v):
-            return chunked_attention(q, k, v, causal=causal)
-
-        plan = None if doc_ids is None else pack_plan(doc_ids, causal)
-        return dense(q, k, v) if plan is None else plan.attend(q, k, v, dense)
+        if doc_ids is not None and bool((doc_ids[:, :1] == doc_ids).all()):
+            doc_ids = None  # one document per row: only the causal diagonal needs a mask
+        return chunked_attention(q, k, v, causal=causal, doc_ids=doc_ids)
 
 
 chunked = Chunked()

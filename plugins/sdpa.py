@@ -134,14 +134,12 @@ class SdpaBackend(AttentionBackend):
         if gqa and self.name != "math" and self.gqa_mode(q.device, q.dtype, q.shape[-1]) == "repeat":
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
             gqa = False
-
-        def dense(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-
         try:
             with sdpa_kernel([self.sdp_backend]):
                 plan = None if doc_ids is None else pack_plan(doc_ids, causal)
-                return dense(q, k, v) if plan is None else plan.attend(q, k, v, dense)
+                if plan is None:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                return plan.attend(q, k, v, causal, gqa)
         except RuntimeError as exc:
             if not _no_kernel(exc):
                 raise
@@ -256,7 +254,7 @@ def bucket_length(length: int, limit: int) -> int:
 
 
 class PackPlan:
-    """How one packed ``doc_ids`` batch maps to a few dense attention calls.
+    """How one packed ``doc_ids`` batch maps to a few dense SDPA calls.
 
     ``buckets``: (padded length L, number of documents n, flat gather index [n * L]);
     ``take``: for every flat position b * T + t, its row in the concatenated outputs.
@@ -289,15 +287,14 @@ class PackPlan:
         self.take = take.to(doc_ids.device, non_blocking=True)
         self.shape = (B, T)
 
-    def attend(self, q, k, v, dense):
-        """Attention of every document; ``dense(q, k, v)`` attends within one bucket of documents."""
+    def attend(self, q, k, v, causal: bool, gqa: bool):
         # q: [B, Hq, T, D] -> flat [B*T, Hq, D]; same for k, v with Hkv heads
         B, T = self.shape
         flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (q, k, v)]
         outs = []
         for L, n, index in self.buckets:
             qb, kb, vb = (x.index_select(0, index).view(n, L, *x.shape[1:]).transpose(1, 2) for x in flat)
-            ob = dense(qb, kb, vb)  # [n, Hq, L, D]
+            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, enable_gqa=gqa)  # [n, Hq, L, D]
             outs.append(ob.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[3]))
         out = torch.cat(outs).index_select(0, self.take)  # [B*T, Hq, D]
         return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]

@@ -51,16 +51,19 @@ def test_backend_matches_float64_reference(causal, heads, packed):
         torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=0, msg=what)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
-def test_every_chunk_length_gives_the_same_attention(chunk):
+def test_every_chunk_length_gives_the_same_packed_attention(chunk, causal):
     q, k, v, grad = inputs(8, 2, seed=1)
-    got = grads(lambda *x: chunked_attention(*x, chunk=chunk), q, k, v, grad)
-    want = grads(lambda *x: attention_reference(*x), q, k, v, grad)
+    doc_ids = doc_ids_for(DOC_LENGTHS)
+    got = grads(lambda *x: chunked_attention(*x, causal=causal, chunk=chunk, doc_ids=doc_ids), q, k, v, grad)
+    want = grads(lambda *x: attention_reference(*x, causal=causal, doc_ids=doc_ids), q, k, v, grad)
     for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=what)
 
 
-def test_no_product_is_larger_than_one_chunk_of_scores(monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_no_product_is_larger_than_one_chunk_of_scores(monkeypatch, packed):
     chunk, hq = 8, 8
     largest = []
     real_bmm = torch.bmm
@@ -72,7 +75,8 @@ def test_no_product_is_larger_than_one_chunk_of_scores(monkeypatch):
 
     monkeypatch.setattr(torch, "bmm", spy)
     q, k, v, grad = inputs(hq, 2)
-    chunked_attention(q, k, v, chunk=chunk).backward(grad)
+    doc_ids = doc_ids_for(DOC_LENGTHS) if packed else None
+    chunked_attention(q, k, v, chunk=chunk, doc_ids=doc_ids).backward(grad)
     assert max(largest) <= B * hq * chunk * T < B * hq * T * T // 4
 
 
