@@ -45,6 +45,9 @@ class Chunked(AttentionBackend):
             return f"chunked attention computes in fp32 only, not {dtype_name(request.dtype)} (flash runs that)"
         return None
 
+    def gqa_mode(self, device, dtype, head_dim) -> str:
+        return "native"  # a group's query heads share one product with their K/V head
+
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
         from sftplug.kernels.chunked_attention import chunked_attention
 

@@ -63,14 +63,15 @@ def test_every_chunk_length_gives_the_same_packed_attention(chunk, causal):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
-def test_no_product_is_larger_than_one_chunk_of_scores(monkeypatch, packed):
+def test_products_stay_one_chunk_of_scores_and_never_repeat_kv(monkeypatch, packed):
     chunk, hq = 8, 8
-    largest = []
+    largest, batches = [], set()
     real_bmm = torch.bmm
 
     def spy(a, b, **kwargs):
         out = real_bmm(a, b, **kwargs)
         largest.append(out.numel())
+        batches.add(out.shape[0])
         return out
 
     monkeypatch.setattr(torch, "bmm", spy)
@@ -78,6 +79,7 @@ def test_no_product_is_larger_than_one_chunk_of_scores(monkeypatch, packed):
     doc_ids = doc_ids_for(DOC_LENGTHS) if packed else None
     chunked_attention(q, k, v, chunk=chunk, doc_ids=doc_ids).backward(grad)
     assert max(largest) <= B * hq * chunk * T < B * hq * T * T // 4
+    assert batches == {B * 2}  # one product per kv head: the 4 query heads of a group share it
 
 
 def test_it_runs_fp32_on_the_cpu_and_says_why_not_elsewhere():
