@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from sftplug import hookimpl
-from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention import AttentionBackend, AttentionRequest, one_document_per_row
 from sftplug.probes import dtype_name
 
 
@@ -51,7 +51,7 @@ class Chunked(AttentionBackend):
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
         from sftplug.kernels.chunked_attention import chunked_attention
 
-        if doc_ids is not None and bool((doc_ids[:, :1] == doc_ids).all()):
+        if doc_ids is not None and one_document_per_row(doc_ids):
             doc_ids = None  # one document per row: only the causal diagonal needs a mask
         return chunked_attention(q, k, v, causal=causal, doc_ids=doc_ids)
 

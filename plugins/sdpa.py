@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sftplug import hookimpl, probes
-from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention import AttentionBackend, AttentionRequest, one_document_per_row
 from sftplug.errors import SftplugError
 
 # auto's order, fastest first, by device generation: causal fwd+bwd at the DESIGN.md
@@ -308,7 +308,7 @@ def pack_plan(doc_ids: torch.Tensor, causal: bool) -> PackPlan | None:
     global _plan_cache
     if _plan_cache is not None and _plan_cache[0] is doc_ids and _plan_cache[1] == causal:
         return _plan_cache[2]
-    if doc_ids.shape[1] == 0 or bool((doc_ids[:, :1] == doc_ids).all()):
+    if one_document_per_row(doc_ids):
         plan = None
     else:
         plan = PackPlan(doc_ids, causal)

@@ -108,6 +108,11 @@ def attention_skipped(registry) -> dict[str, str]:
     }
 
 
+def one_document_per_row(doc_ids: torch.Tensor) -> bool:
+    """True when no row of ``doc_ids`` [B, T] holds two documents (one host sync)."""
+    return doc_ids.shape[1] == 0 or bool((doc_ids[:, :1] == doc_ids).all())
+
+
 def offered_backends(hook, request: AttentionRequest) -> list[AttentionBackend]:
     """Every backend the plugins offer for ``request``, fastest first."""
     offers = [b for b in hook.select_attention(request=request) if b is not None]
