@@ -113,8 +113,8 @@ def measure(mode: str, folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from sftplug.hf_format import hf_layout
-    from sftplug.model import Transformer
+    from sftplug.hf.names import hf_layout
+    from sftplug.model.transformer import Transformer
     from sftplug.plugins.hf import load_hf_folder, read_hf_config, set_default_attention
 
     config = read_hf_config(folder)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from sftplug.config import ASSETS
-from sftplug.data import prepare_data
-from sftplug.tokenizer import Tokenizer
+from sftplug.data.prepare import prepare_data
+from sftplug.data.tokenizer import Tokenizer
 
 WORDS = (
     "the a cat dog truck whale count write word letter day after before opposite of is here times "

@@ -18,7 +18,7 @@ import torch
 
 from sftplug import hookimpl
 from sftplug.errors import SftplugError
-from sftplug.hf_format import (
+from sftplug.hf.names import (
     IGNORABLE,
     as_dtype,
     config_from_hf,
@@ -28,9 +28,9 @@ from sftplug.hf_format import (
     mismatch_error,
 )
 from sftplug.loading import LoadedModel, set_default_attention
-from sftplug.model import ModelConfig, Transformer, rope_inv_freq
-from sftplug.tokenizer import Tokenizer
-from sftplug.weight_files import WeightFiles, has_weight_files, open_weights, read_into
+from sftplug.model.transformer import ModelConfig, Transformer, rope_inv_freq
+from sftplug.data.tokenizer import Tokenizer
+from sftplug.hf.weights import WeightFiles, has_weight_files, open_weights, read_into
 
 CONFIG = "config.json"
 

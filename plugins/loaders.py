@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from sftplug import checkpoint, hookimpl
+from sftplug import hookimpl
+from sftplug.checkpoint import folders as checkpoint
 from sftplug.config import ASSETS
 from sftplug.errors import SftplugError
-from sftplug.hf_format import load_state_dict_exact
+from sftplug.hf.names import load_state_dict_exact
 from sftplug.loading import LoadedModel
-from sftplug.lora import apply_lora
-from sftplug.model import PRESETS, ModelConfig, Transformer
-from sftplug.tokenizer import Tokenizer
+from sftplug.model.lora import apply_lora
+from sftplug.model.transformer import PRESETS, ModelConfig, Transformer
+from sftplug.data.tokenizer import Tokenizer
 
 BASE_SEED = 1234  # presets are a fixed random init, so every run starts from the same base
 

@@ -6,7 +6,7 @@ import torch
 
 from sftplug import hookimpl, probes
 from sftplug.errors import SftplugError
-from sftplug.precision import PrecisionPolicy
+from sftplug.train.precision import PrecisionPolicy
 
 
 class Precision:

@@ -7,9 +7,10 @@ import random
 import numpy as np
 import torch
 
-from sftplug import distributed, hookimpl
+from sftplug import hookimpl
+from sftplug.train import distributed
 from sftplug.errors import SftplugError
-from sftplug.schedule import Schedule
+from sftplug.train.schedule import Schedule
 
 
 class Resume:

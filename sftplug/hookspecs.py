@@ -34,7 +34,7 @@ def configure_precision(dtype, device, tf32):
     :param dtype: "bf16", "fp16" or "fp32", as given by ``--dtype``.
     :param device: the :class:`torch.device` the run trains on.
     :param tf32: whether ``--tf32`` asked for TF32 matmuls in fp32.
-    :returns: an :class:`sftplug.precision.PrecisionPolicy`, or None.
+    :returns: an :class:`sftplug.train.precision.PrecisionPolicy`, or None.
     """
 
 
@@ -59,7 +59,7 @@ def load_state(source, dtype, device, load_model):
 def resume_state(run):
     """Return this plugin's part of the training state to save in a checkpoint.
 
-    :param run: the :class:`sftplug.trainer.Run` being checkpointed.
+    :param run: the :class:`sftplug.train.loop.Run` being checkpointed.
     :returns: a dict ``{namespace: value}`` (tensors, numbers, strings, nested dicts
         and lists of those), or None. Namespaces must be unique across plugins.
     """
@@ -69,7 +69,7 @@ def resume_state(run):
 def on_resume(run, state):
     """Restore this plugin's part of a saved training state.
 
-    :param run: the :class:`sftplug.trainer.Run` being resumed, already built.
+    :param run: the :class:`sftplug.train.loop.Run` being resumed, already built.
     :param state: the merged dict of every plugin's :func:`resume_state` at save time;
         take your own namespace from it.
     """

@@ -12,7 +12,7 @@ from sftplug.errors import SftplugError
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    tokenizer: object  # sftplug.tokenizer.Tokenizer
+    tokenizer: object  # sftplug.data.tokenizer.Tokenizer
     source: str
     description: str = ""
     info: dict = field(default_factory=dict)  # format-specific facts (base source, lora, step)

@@ -21,9 +21,9 @@ from sftplug.attention import (
     steering_env,
     steering_notes,
 )
-from sftplug.bench_attention import attention_flops, format_table, run_attention_bench
-from sftplug.cli_attention import bench, doctor
-from sftplug.doctor import doctor_report, format_doctor
+from sftplug.diagnostics.attention_bench import attention_flops, format_table, run_attention_bench
+from sftplug.cli.diagnostics import bench, doctor
+from sftplug.diagnostics.doctor import doctor_report, format_doctor
 from sftplug.errors import SftplugError
 from sftplug.registry import Registry, build_registry
 
@@ -191,7 +191,7 @@ def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, 
     expected = "flash" if attention == "auto" else attention  # auto's pick for packed fp32 rows on the CPU
     """PYTORCH_SDP_KERNEL=math (and a script that acted on it by switching flash off
     globally) must not push training onto the math kernel: the profiler shows which ran."""
-    from sftplug.trainer import Run, train
+    from sftplug.train.loop import Run, train
 
     monkeypatch.setenv("PYTORCH_SDP_KERNEL", "math")
     monkeypatch.setenv("SDPA_BACKEND", "math")

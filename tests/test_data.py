@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import sftplug.plugins.sdpa as sdpa
-from sftplug import data
+from sftplug.data import prepare as data
 from sftplug.config import ASSETS
-from sftplug.batches import batch_of
-from sftplug.data import prepare_data, tokenize_file
-from sftplug.packing import IGNORE, Document, Rows, pack
+from sftplug.data.batches import batch_of
+from sftplug.data.prepare import prepare_data, tokenize_file
+from sftplug.data.packing import IGNORE, Document, Rows, pack
 from sftplug.errors import SftplugError
-from sftplug.model import ModelConfig, Transformer
-from sftplug.tokenizer import Tokenizer
+from sftplug.model.transformer import ModelConfig, Transformer
+from sftplug.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftplug import checkpoint
+from sftplug.checkpoint import folders as checkpoint
 from sftplug.config import DEFAULT_DATA
 
 COMMON = ["--steps", "4", "--seq-len", "64", "--log-every", "1", "--sample-prompt", "Hi", "--accum", "2"]
@@ -163,7 +163,7 @@ def worker_pid(launcher: int, rank: int) -> int:
 
 
 def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
-    from sftplug import distributed
+    from sftplug.train import distributed
     from sftplug.errors import SftplugError
 
     monkeypatch.setenv("WORLD_SIZE", "2")

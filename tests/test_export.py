@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sftplug import checkpoint
+from sftplug.checkpoint import folders as checkpoint
 from sftplug.config import TrainConfig
 from sftplug.errors import SftplugError
-from sftplug.export import export_checkpoint
+from sftplug.hf.export import export_checkpoint
 from sftplug.loading import load_model
 from sftplug.loading import set_default_attention
 from sftplug.registry import build_registry
-from sftplug.trainer import train
+from sftplug.train.loop import train
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sftplug.packing import IGNORE
-from sftplug.loss import reference_loss_sum, target_loss_sum
+from sftplug.data.packing import IGNORE
+from sftplug.train.loss import reference_loss_sum, target_loss_sum
 
 
 @pytest.mark.parametrize("chunk_size", [3, 7, 4096])

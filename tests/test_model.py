@@ -2,7 +2,7 @@
 
 import torch
 
-from sftplug.model import apply_rope
+from sftplug.model.transformer import apply_rope
 
 
 def test_rope_matches_the_textbook_formula_and_its_gradient_checks():

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 
-from sftplug import checkpoint
+from sftplug.checkpoint import folders as checkpoint
 from sftplug.errors import SftplugError
 from sftplug.registry import build_registry
-from sftplug.trainer import train
+from sftplug.train.loop import train
 
 
 def quiet(*args):
@@ -91,7 +91,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_pa
     train(small_config(out=str(out), steps=2), build_registry(), echo=quiet)
     saved = (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes()
     nan_loss = lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), 1)  # noqa: E731
-    monkeypatch.setattr("sftplug.trainer.target_loss_sum", nan_loss)
+    monkeypatch.setattr("sftplug.train.loop.target_loss_sum", nan_loss)
     with pytest.raises(SftplugError, match="loss is nan at step 3"):
         train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
@@ -106,7 +106,7 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_whole(small_config, 
     def crash(*args, **kwargs):
         raise OSError("disk full")  # dies after the weights were written, before the rename
 
-    monkeypatch.setattr("sftplug.trainer.torch.save", crash)
+    monkeypatch.setattr("sftplug.train.loop.torch.save", crash)
     with pytest.raises(OSError, match="disk full"):
         train(small_config(out=str(out), steps=4, resume="auto"), build_registry(), echo=quiet)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
@@ -128,8 +128,8 @@ def test_a_checkpoint_displaced_by_a_dead_writer_is_restored(tmp_path):
 
 
 def test_fp16_scaler_state_comes_back(small_config, tmp_path):
-    from sftplug.resume import resume_run
-    from sftplug.trainer import Run
+    from sftplug.checkpoint.run_state import resume_run
+    from sftplug.train.loop import Run
 
     first = Run(small_config(steps=4, dtype="fp16"), build_registry(), echo=quiet)
     param = next(p for n, p in first.model.named_parameters() if "lora_B" in n)

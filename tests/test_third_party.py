@@ -25,7 +25,7 @@ import torch
 
 from sftplug.attention import AttentionRequest, attention_skipped, choose_backend
 from sftplug.config import ASSETS
-from sftplug.doctor import doctor_report
+from sftplug.diagnostics.doctor import doctor_report
 from sftplug.errors import SftplugError
 from sftplug.registry import build_registry
 

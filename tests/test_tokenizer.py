@@ -7,7 +7,7 @@ import pytest
 
 from sftplug.config import ASSETS
 from sftplug.errors import SftplugError
-from sftplug.tokenizer import BUILTIN_TEMPLATES, ChatTemplateError, Tokenizer, resolve_chat_template
+from sftplug.data.tokenizer import BUILTIN_TEMPLATES, ChatTemplateError, Tokenizer, resolve_chat_template
 
 CHAT = [
     {"role": "user", "content": "Name a color."},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sftplug.registry import build_registry
-from sftplug.trainer import Run, train
+from sftplug.train.loop import Run, train
 
 
 def quiet(*args):

@@ -10,12 +10,12 @@ from safetensors.torch import load_file, save_file
 import sftplug
 from sftplug.config import ASSETS
 from sftplug.errors import SftplugError
-from sftplug.hf_format import config_from_hf, load_state_dict_exact, map_names_to_model
-from sftplug.lora import apply_lora
-from sftplug.model import ModelConfig, Transformer, rope_inv_freq
+from sftplug.hf.names import config_from_hf, load_state_dict_exact, map_names_to_model
+from sftplug.model.lora import apply_lora
+from sftplug.model.transformer import ModelConfig, Transformer, rope_inv_freq
 from sftplug.plugins.hf import empty_model, load_hf_folder, load_hf_weights
-from sftplug import weight_files
-from sftplug.weight_files import open_weights
+from sftplug.hf import weights as weight_files
+from sftplug.hf.weights import open_weights
 
 transformers = pytest.importorskip("transformers")
 

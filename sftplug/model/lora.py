@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from sftplug.errors import SftplugError
-from sftplug.lora_linear import use_merged_forward
+from sftplug.model.lora_linear import use_merged_forward
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets) -> nn.Module:

@@ -18,18 +18,21 @@ from pathlib import Path
 
 import torch
 
-from sftplug import checkpoint, data, distributed, records
+from sftplug.checkpoint import folders as checkpoint
+from sftplug.data import prepare as data
+from sftplug.data import records
+from sftplug.train import distributed
 from sftplug.attention import attach, steering_notes
-from sftplug.batches import Batches, batch_of
+from sftplug.data.batches import Batches, batch_of
 from sftplug.config import TrainConfig, check_output_dir
 from sftplug.errors import SftplugError
-from sftplug.generate import answer
+from sftplug.model.generate import answer
 from sftplug.loading import load_model, resolve_device
-from sftplug.lora import apply_lora, lm_head_weight, lora_settings, trainable_state_dict
-from sftplug.loss import target_loss_sum
-from sftplug.packing import IGNORE, Rows
-from sftplug.resume import resume_run
-from sftplug.schedule import Schedule
+from sftplug.model.lora import apply_lora, lm_head_weight, lora_settings, trainable_state_dict
+from sftplug.train.loss import target_loss_sum
+from sftplug.data.packing import IGNORE, Rows
+from sftplug.checkpoint.run_state import resume_run
+from sftplug.train.schedule import Schedule
 
 STATE_FILE = "state.pt"
 

@@ -198,7 +198,7 @@ def format_doctor(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:  # pragma: no cover - `python -m sftplug.doctor` before the CLI wires it
+def main() -> None:  # pragma: no cover - `python -m sftplug.diagnostics.doctor` before the CLI wires it
     from sftplug.registry import build_registry
 
     print(format_doctor(doctor_report(build_registry())))

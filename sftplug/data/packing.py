@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sftplug.errors import SftplugError
-from sftplug.records import SHOW_LINES
+from sftplug.data.records import SHOW_LINES
 
 IGNORE = -100
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from sftplug.clitools import CONTEXT, user_errors
+from sftplug.cli.options import CONTEXT, user_errors
 from sftplug.errors import SftplugError
 
 def _device(name: str):
@@ -48,7 +48,7 @@ def doctor(as_json, device, head_dim, heads, kv_heads):
       sftplug doctor --json
       sftplug doctor --head-dim 128 --heads 32 --kv-heads 8
     """
-    from sftplug.doctor import doctor_report, format_doctor
+    from sftplug.diagnostics.doctor import doctor_report, format_doctor
     from sftplug.registry import build_registry
 
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
@@ -85,7 +85,7 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
       sftplug bench attention --json > attention.json
       sftplug bench attention --dtype bf16 --shape 8,32,2048,64 --shape 8,32,4,2048,64
     """
-    from sftplug.bench_attention import format_table, run_attention_bench
+    from sftplug.diagnostics.attention_bench import format_table, run_attention_bench
     from sftplug.registry import build_registry
 
     if repeats is not None and repeats < 1:

@@ -4,7 +4,7 @@
 
 1. Read a JSONL file or a JSON array (line numbers kept for every record). The record
    format is detected once per file (chat, prompt, alpaca, text) or given
-   (:mod:`sftplug.records`).
+   (:mod:`sftplug.data.records`).
 2. Check each record; a bad one is an error naming file, line and problem
    (:class:`SftplugError`, exit code 2), or is skipped and counted with
    ``skip_bad_records``.
@@ -12,7 +12,7 @@
    come from the rendering itself (:meth:`Tokenizer.render_spans`) and become token masks
    through the tokenizer's offsets, with its batch API (:meth:`Tokenizer.encode_masked`).
 4. Pack documents into rows of ``seq_len`` positions by best-fit decreasing, positions
-   restarting in each document (:mod:`sftplug.packing`).
+   restarting in each document (:mod:`sftplug.data.packing`).
 5. Cache the rows (safetensors + a small JSON) under a hash of everything that decides
    them; a second run loads them at once.
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from sftplug.errors import SftplugError
-from sftplug.packing import Document, Rows, Tokenized, pack_tokenized
-from sftplug.records import (
+from sftplug.data.packing import Document, Rows, Tokenized, pack_tokenized
+from sftplug.data.records import (
     FORMATS,
     SHOW_LINES,
     BadLog,
@@ -42,7 +42,7 @@ from sftplug.records import (
     text_field,
     to_messages,
 )
-from sftplug.tokenizer import ChatTemplateError, Tokenizer
+from sftplug.data.tokenizer import ChatTemplateError, Tokenizer
 
 OVERLONG = ("truncate", "drop")
 # Bump when tokens, masks or row layout produced from the same inputs change.

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from sftplug.packing import Rows
+from sftplug.data.packing import Rows
 
 
 class MicroBatches(torch.utils.data.Dataset):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sftplug.packing import IGNORE
+from sftplug.data.packing import IGNORE
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from sftplug import checkpoint as ckpt
+from sftplug.checkpoint import folders as ckpt
 from sftplug.errors import SftplugError
-from sftplug.hf_format import as_dtype, config_to_hf, hf_pieces, map_names_to_model, to_hf_state_dict
-from sftplug.model import ModelConfig, Transformer
+from sftplug.hf.names import as_dtype, config_to_hf, hf_pieces, map_names_to_model, to_hf_state_dict
+from sftplug.model.transformer import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -133,7 +133,7 @@ def plain_weights(model: torch.nn.Module, merge: bool) -> dict[str, torch.Tensor
 
 
 def write_hf_model(folder: Path, weights, config: ModelConfig, dtype, tokenizer, max_shard_bytes: int) -> None:
-    from sftplug.weight_files import save_weights
+    from sftplug.hf.weights import save_weights
 
     save_weights(folder, weights, max_shard_bytes, dtype=dtype)
     hf_config = config_to_hf(config, dtype, tokenizer)

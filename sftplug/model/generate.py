@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sftplug.model import KVCache
+from sftplug.model.transformer import KVCache
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ import click
 
 from sftplug import __version__
 from sftplug.config import COMPILE_MODES, DEFAULT_LORA_TARGETS, DTYPES, SCHEDULES, TrainConfig
-from sftplug.cli_attention import bench, doctor
-from sftplug.clitools import CONTEXT, options, user_errors
+from sftplug.cli.diagnostics import bench, doctor
+from sftplug.cli.options import CONTEXT, options, user_errors
 
 model_options = options(
     click.option(
@@ -181,11 +181,11 @@ def train(**options):
       sftplug train --nproc 4 --full --strategy fsdp --dtype bf16
     """
     from sftplug.registry import build_registry
-    from sftplug.trainer import train as run_training
+    from sftplug.train.loop import train as run_training
 
     nproc = options.pop("nproc")
     if nproc > 1:
-        from sftplug.launch import launch, train_args
+        from sftplug.cli.launch import launch, train_args
 
         return launch(nproc, train_args(sys.argv))
     options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
@@ -248,7 +248,7 @@ def generate(checkpoint, prompt, max_new_tokens, device):
     Example:
       sftplug generate runs/default "Count from 4 to 9."
     """
-    from sftplug.generate import answer
+    from sftplug.model.generate import answer
     from sftplug.loading import load_model, resolve_device
 
     loaded = load_model(checkpoint, device=resolve_device(device))
@@ -274,7 +274,7 @@ def export(checkpoint, out_dir, merge, dtype):
       sftplug export runs/default --out exported/            # merged, one HF folder
       sftplug export runs/default --out exported/ --adapter  # exported/base + exported/adapter
     """
-    from sftplug.export import export_checkpoint
+    from sftplug.hf.export import export_checkpoint
 
     written = export_checkpoint(checkpoint, out_dir, merge=merge, dtype=dtype)
     for kind, path in written.items():
@@ -315,7 +315,7 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
       sftplug bench step --workload W1 --rounds 1 --json
       sftplug bench step --workload W1 --variant compile --variant workers2
     """
-    from sftplug.bench_step import bench_step as run_bench, format_step_table
+    from sftplug.diagnostics.step_bench import bench_step as run_bench, format_step_table
 
     result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
                        variants=variants)

@@ -17,7 +17,7 @@ import re
 import torch
 
 from sftplug.errors import SftplugError
-from sftplug.model import ModelConfig
+from sftplug.model.transformer import ModelConfig
 
 # model_type -> the transformers class that loads it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -71,13 +71,13 @@ class _Clock:
 
 def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: str, variant: str = "") -> SideResult:
     from sftplug.config import TrainConfig
-    from sftplug.packing import IGNORE, Rows
+    from sftplug.data.packing import IGNORE, Rows
     from sftplug.registry import build_registry
-    from sftplug.trainer import Run
+    from sftplug.train.loop import Run
 
     w = WORKLOADS[workload]
     base_rss = _rss_mib("VmRSS")
-    from sftplug.model import PRESETS
+    from sftplug.model.transformer import PRESETS
 
     tokens = synthetic_tokens(PRESETS[w["preset"]]["vocab_size"], w["micro_bsz"] * (steps + warmup), w["seq_len"])
     labels = tokens[:, 1:].clone()
@@ -99,7 +99,7 @@ def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftplug.model import PRESETS
+    from sftplug.model.transformer import PRESETS
 
     w = WORKLOADS[workload]
     p = PRESETS[w["preset"]]
@@ -150,8 +150,8 @@ def _summarise(side: str, records: list[dict], peak: float) -> SideResult:
 
 
 def run_side_in_child(side: str, workload: str, steps: int, warmup: int, full: bool, attention: str) -> SideResult:
-    cmd = [sys.executable, "-m", "sftplug.bench_step", side, workload, str(steps), str(warmup), str(int(full)),
-           attention]
+    cmd = [sys.executable, "-m", "sftplug.diagnostics.step_bench", side, workload, str(steps), str(warmup),
+           str(int(full)), attention]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{side} benchmark failed:\n{done.stderr[-2000:]}")

@@ -6,9 +6,10 @@ import json
 
 import torch
 
-from sftplug import checkpoint, distributed
+from sftplug.checkpoint import folders as checkpoint
+from sftplug.train import distributed
 from sftplug.errors import SftplugError
-from sftplug.hf_format import load_state_dict_exact
+from sftplug.hf.names import load_state_dict_exact
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz",
