@@ -15,7 +15,7 @@ import torch
 
 from sftplug import hookimpl
 from sftplug.attention import AttentionBackend, AttentionRequest, one_document_per_row
-from sftplug.probes import dtype_name
+from sftplug.dtypes import dtype_name
 
 
 # Measured against SDPA's CPU flash kernel: faster up to this many positions, slower at 2048.

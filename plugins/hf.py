@@ -18,15 +18,8 @@ import torch
 
 from sftplug import hookimpl
 from sftplug.errors import SftplugError
-from sftplug.hf.names import (
-    IGNORABLE,
-    as_dtype,
-    config_from_hf,
-    dtype_name,
-    hf_layout,
-    map_names_to_model,
-    mismatch_error,
-)
+from sftplug.dtypes import as_dtype, dtype_name
+from sftplug.hf.names import IGNORABLE, config_from_hf, hf_layout, map_names_to_model, mismatch_error
 from sftplug.loading import LoadedModel, set_default_attention
 from sftplug.model.transformer import ModelConfig, Transformer, rope_inv_freq
 from sftplug.data.tokenizer import Tokenizer

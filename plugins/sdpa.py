@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sftplug import hookimpl, probes
+from sftplug.dtypes import dtype_name
 from sftplug.attention import AttentionBackend, AttentionRequest, one_document_per_row
 from sftplug.errors import SftplugError
 
@@ -110,7 +111,7 @@ class SdpaBackend(AttentionBackend):
                 return rule
         refusal = probes.sdpa_refusal(self.name, device, request.dtype, request.head_dim)
         if refusal:
-            what = f"{probes.dtype_name(request.dtype)}, head dim {request.head_dim} on {device}"
+            what = f"{dtype_name(request.dtype)}, head dim {request.head_dim} on {device}"
             return f"PyTorch's {self.name} kernel refuses {what}: {refusal}"
         if request.n_heads != request.n_kv_heads:
             self.gqa_mode(request.device, request.dtype, request.head_dim)  # probe now, not mid-step
@@ -154,7 +155,7 @@ class SdpaBackend(AttentionBackend):
             reason = "; ".join(reasons) or str(exc).strip().split("\n")[0]
         return (
             f"{self.name} attention cannot run q {tuple(q.shape)}, k/v {kv_shape} "
-            f"{probes.dtype_name(q.dtype)} on {q.device}: {reason} "
+            f"{dtype_name(q.dtype)} on {q.device}: {reason} "
             "(sftplug never falls back to another kernel; choose one with --attention, see `sftplug doctor`)"
         )
 
@@ -182,7 +183,7 @@ class Flash(SdpaBackend):
         if request is None:
             return None
         if request.dtype not in _HALF:
-            dtype = probes.dtype_name(request.dtype)
+            dtype = dtype_name(request.dtype)
             return f"flash needs fp16/bf16, not {dtype} (use --dtype bf16, or efficient for fp32)"
         if request.head_dim % 8 or request.head_dim > 256:
             return f"flash needs a head dim that is a multiple of 8 and at most 256, not {request.head_dim}"
@@ -198,7 +199,7 @@ class Efficient(SdpaBackend):
         if request is None:
             return None
         if request.dtype not in (*_HALF, torch.float32):
-            return f"efficient needs fp16, bf16 or fp32, not {probes.dtype_name(request.dtype)}"
+            return f"efficient needs fp16, bf16 or fp32, not {dtype_name(request.dtype)}"
         cap = probes.gpu_capability()
         if request.dtype == torch.bfloat16 and cap < (8, 0) and probes.hip_version() is None:
             return f"efficient needs compute capability 8.0+ for bf16; {probes.gpu_name()} is {cap[0]}.{cap[1]}"
@@ -222,7 +223,7 @@ class Cudnn(SdpaBackend):
         if request is None:
             return None
         if request.dtype not in _HALF:
-            return f"cudnn needs fp16/bf16, not {probes.dtype_name(request.dtype)}"
+            return f"cudnn needs fp16/bf16, not {dtype_name(request.dtype)}"
         return None
 
 

@@ -6,9 +6,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from sftplug import dtypes
 from sftplug.errors import SftplugError
 
-DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
@@ -79,8 +79,8 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "save_every", "keep_last", "workers"):
             if getattr(self, name) < 0:
                 raise SftplugError(f"--{name.replace('_', '-')} must not be negative")
-        if self.dtype not in DTYPES:
-            raise SftplugError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in dtypes.TRAINING:
+            raise SftplugError(f"--dtype must be one of {', '.join(dtypes.TRAINING)}, got {self.dtype!r}")
         if self.schedule not in SCHEDULES:
             raise SftplugError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.strategy not in ("ddp", "fsdp"):

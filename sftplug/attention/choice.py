@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sftplug.errors import SftplugError
-from sftplug.probes import dtype_name
+from sftplug.dtypes import dtype_name
 
 # Environment variables that steer attention kernels behind a trainer's back: PyTorch's
 # own (TORCH_CUDNN_SDPA_*), and the ones scripts and other libraries read to flip

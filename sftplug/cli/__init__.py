@@ -9,7 +9,8 @@ import sys
 import click
 
 from sftplug import __version__
-from sftplug.config import COMPILE_MODES, DEFAULT_LORA_TARGETS, DTYPES, SCHEDULES, TrainConfig
+from sftplug import dtypes
+from sftplug.config import COMPILE_MODES, DEFAULT_LORA_TARGETS, SCHEDULES, TrainConfig
 from sftplug.cli.diagnostics import bench, doctor
 from sftplug.cli.options import CONTEXT, options, user_errors
 
@@ -83,7 +84,8 @@ lora_options = options(
 
 runtime_options = options(
     click.option(
-        "--dtype", type=click.Choice(DTYPES), default=TrainConfig.dtype, show_default=True, help="Training precision."
+        "--dtype", type=click.Choice(dtypes.TRAINING), default=TrainConfig.dtype, show_default=True,
+        help="Training precision.",
     ),
     click.option("--tf32", is_flag=True, help="TF32 matmuls for fp32 on Ampere+ GPUs."),
     click.option(
@@ -264,7 +266,7 @@ def generate(checkpoint, prompt, max_new_tokens, device):
     show_default=True,
     help="LoRA runs: merge into the base weights, or write base/ + adapter/ for PEFT.",
 )
-@click.option("--dtype", type=click.Choice(DTYPES), help="Weight dtype of the export (default: the base's).")
+@click.option("--dtype", type=click.Choice(dtypes.TRAINING), help="Weight dtype of the export (default: the base's).")
 @user_errors
 def export(checkpoint, out_dir, merge, dtype):
     """Write CHECKPOINT as an HF folder that transformers (and peft) load.

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from sftplug import dtypes
 from sftplug.cli.options import CONTEXT, user_errors
 from sftplug.errors import SftplugError
 
@@ -60,7 +61,7 @@ def doctor(as_json, device, head_dim, heads, kv_heads):
 @click.command("attention", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a list of rows).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(("bf16", "fp16", "fp32")),
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(dtypes.TRAINING),
               help="Repeatable. Default: bf16 and fp16 on CUDA, fp32 on the CPU.")
 @click.option("--shape", "shapes", multiple=True, help="Repeatable B,H,S,D or B,H,H_kv,S,D. Default: DESIGN.md's.")
 @click.option("--packed/--no-packed", default=True, show_default=True, help="Also time a packed-documents case.")

@@ -21,6 +21,7 @@ import time
 import torch
 
 from sftplug import probes
+from sftplug.dtypes import BY_NAME, TRAINING
 from sftplug.attention import AttentionRequest, attention_skipped, offered_backends, why_not
 from sftplug.errors import SftplugError
 
@@ -63,8 +64,8 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
     shapes = [tuple(s) for s in (shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))]
     dtypes = list(dtypes or (("bf16", "fp16") if cuda else ("fp32",)))
     for name in dtypes:
-        if name not in probes.DTYPES_BY_NAME:
-            raise SftplugError(f"unknown dtype {name!r}; use bf16, fp16 or fp32")
+        if name not in TRAINING:
+            raise SftplugError(f"unknown dtype {name!r}; use {', '.join(TRAINING)}")
     repeats = repeats or (10 if cuda else 3)
     cases = [(_five(s), False) for s in shapes]
     if packed:
@@ -73,7 +74,7 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
     started = time.perf_counter()
     rows = []
     for dtype_name in dtypes:
-        dtype = probes.DTYPES_BY_NAME[dtype_name]
+        dtype = BY_NAME[dtype_name]
         for (B, H, Hkv, S, D), is_packed in cases:
             request = AttentionRequest("auto", device, dtype, D, H, Hkv, is_packed, S)
             doc_ids = _doc_ids(B, S, device, seed=S) if is_packed else None

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from sftplug import __version__, probes
+from sftplug.dtypes import BY_NAME, TRAINING
 from sftplug.attention import (
     AttentionRequest,
     attention_skipped,
@@ -24,8 +25,6 @@ from sftplug.attention import (
     why_not,
 )
 from sftplug.errors import SftplugError
-
-DOCTOR_DTYPES = ("bf16", "fp16", "fp32")
 
 
 def doctor_report(registry, device: torch.device | str | None = None, head_dim: int = 64,
@@ -78,7 +77,7 @@ def _default_device() -> torch.device:
 
 
 def _request(name, device, dtype_name, head_dim, n_heads, n_kv_heads, packed=False) -> AttentionRequest:
-    return AttentionRequest(name, device, probes.DTYPES_BY_NAME[dtype_name], head_dim, n_heads, n_kv_heads, packed)
+    return AttentionRequest(name, device, BY_NAME[dtype_name], head_dim, n_heads, n_kv_heads, packed)
 
 
 def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dict]:
@@ -87,9 +86,9 @@ def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dic
     infos = {p.name: p for p in registry.plugins}
     for backend in offered_backends(registry.hook, probe):
         dtypes = {}
-        for name in DOCTOR_DTYPES:
+        for name in TRAINING:
             dtypes[name] = why_not(backend, _request("auto", device, name, head_dim, n_heads, n_kv_heads))
-        working = [probes.DTYPES_BY_NAME[n] for n, why in dtypes.items() if why is None]
+        working = [BY_NAME[n] for n, why in dtypes.items() if why is None]
         gqa = None
         if working and hasattr(backend, "gqa_mode"):
             gqa = backend.gqa_mode(device, working[0], head_dim)
@@ -114,7 +113,7 @@ def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dic
             "reason": reason,
             "description": "",
             "priority": None,
-            "dtypes": {n: reason for n in DOCTOR_DTYPES},
+            "dtypes": {n: reason for n in TRAINING},
             "gqa": None,
             "packed": None,
         })
@@ -124,7 +123,7 @@ def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dic
 def _auto_picks(registry, device, head_dim, n_heads, n_kv_heads) -> dict:
     picks = {}
     skipped = attention_skipped(registry)
-    for name in DOCTOR_DTYPES:
+    for name in TRAINING:
         for packed in (False, True):
             key = f"{name} packed" if packed else name
             request = _request("auto", device, name, head_dim, n_heads, n_kv_heads, packed)
@@ -161,17 +160,17 @@ def format_doctor(report: dict) -> str:
     s = r["shape"]
     lines += ["", f"attention on {r['device']} (head dim {s['head_dim']}, {s['n_heads']}/{s['n_kv_heads']} heads):"]
     width = max([len(a["name"]) for a in r["attention"]] + [7])
-    lines.append(f"  {'backend':<{width}}  " + "  ".join(f"{d:<4}" for d in DOCTOR_DTYPES) + "  gqa     packed  source")
+    lines.append(f"  {'backend':<{width}}  " + "  ".join(f"{d:<4}" for d in TRAINING) + "  gqa     packed  source")
     why_not_lines = []
     for a in r["attention"]:
         if not a["available"]:
             lines.append(f"  {a['name']:<{width}}  unavailable: {a['reason']}")
             continue
-        cells = "  ".join(f"{'ok' if a['dtypes'][d] is None else 'no':<4}" for d in DOCTOR_DTYPES)
+        cells = "  ".join(f"{'ok' if a['dtypes'][d] is None else 'no':<4}" for d in TRAINING)
         gqa = a["gqa"] or "-"
         packed = "yes" if a["packed"] else "no"
         lines.append(f"  {a['name']:<{width}}  {cells}  {gqa:<7} {packed:<7} {a['source']}")
-        for d in DOCTOR_DTYPES:
+        for d in TRAINING:
             if a["dtypes"][d] is not None:
                 why_not_lines.append(f"  {a['name']} {d}: {a['dtypes'][d]}")
     if why_not_lines:

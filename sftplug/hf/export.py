@@ -30,7 +30,8 @@ import torch
 
 from sftplug.checkpoint import folders as ckpt
 from sftplug.errors import SftplugError
-from sftplug.hf.names import as_dtype, config_to_hf, hf_pieces, map_names_to_model, to_hf_state_dict
+from sftplug.dtypes import as_dtype
+from sftplug.hf.names import config_to_hf, hf_pieces, map_names_to_model, to_hf_state_dict
 from sftplug.model.transformer import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30

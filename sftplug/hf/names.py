@@ -16,32 +16,16 @@ import re
 
 import torch
 
+from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
 from sftplug.model.transformer import ModelConfig
 
 # model_type -> the transformers class that loads it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 SHOW = 3  # keys named in one error message; the rest are counted
 
 # Tensors some HF checkpoints carry that are derived from config.json, not learned.
 IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-def as_dtype(value) -> torch.dtype | None:
-    """A torch dtype from a torch dtype, "bf16", "bfloat16", "torch.bfloat16" or None."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    name = DTYPE_ALIASES.get(name, name)
-    if name not in DTYPE_NAMES:
-        raise SftplugError(f"dtype {value!r} is not supported; use one of bf16, fp16, fp32")
-    return DTYPE_NAMES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in DTYPE_NAMES.items() if d == dtype)
 
 
 # -- config.json <-> ModelConfig ------------------------------------------------------
@@ -136,7 +120,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
         hf["rope_parameters"] = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     else:
         hf.update(rope_theta=config.rope_theta, rope_scaling=config.rope_scaling)
-    hf["dtype" if "dtype" in hf else "torch_dtype"] = dtype_name(dtype)
+    hf["dtype" if "dtype" in hf else "torch_dtype"] = hf_dtype_name(dtype)
     if tokenizer is not None:
         for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):
             if hf.get(key) is None and value is not None:

@@ -20,17 +20,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sftplug.dtypes import SAFETENSORS
 from sftplug.errors import SftplugError
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 ALLOW_BIN_ENV = "SFTPLUG_ALLOW_BIN"
 CHUNK_BYTES = 64 * 2**20
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
 
 
 @dataclass
@@ -130,7 +126,7 @@ def _read_safetensors_header(path: Path) -> list[TensorEntry]:
     entries = []
     for key in keys:
         info = header[key]
-        dtype = DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS.get(info["dtype"])
         if dtype is None:
             raise SftplugError(f"{path}: tensor '{key}' has dtype {info['dtype']}, which sftplug cannot load")
         start, end = info["data_offsets"]

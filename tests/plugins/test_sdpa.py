@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from sftplug import probes
+from sftplug.dtypes import dtype_name
 from sftplug.attention import AttentionRequest
 from sftplug.errors import SftplugError
 from sftplug.plugins import sdpa
@@ -33,7 +34,7 @@ def usable(name: str, dtype: torch.dtype, heads=(4, 4)) -> sdpa.SdpaBackend:
     backend = BACKENDS[name]
     reason = backend.why_unavailable() or backend.check(AttentionRequest(name, DEVICE, dtype, D, *heads))
     if reason:
-        pytest.skip(f"{name} {probes.dtype_name(dtype)} not usable here: {reason}")
+        pytest.skip(f"{name} {dtype_name(dtype)} not usable here: {reason}")
     return backend
 
 
