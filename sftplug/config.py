@@ -1,4 +1,10 @@
-"""TrainConfig: every setting of a run, validated once, saved with each checkpoint."""
+"""TrainConfig: every setting of a run, declared once, validated once, saved with each checkpoint.
+
+Each field carries its command-line help, group, choices and lower bound as metadata;
+``sftplug train``'s options are generated from them (:mod:`sftplug.cli.options`), and
+:meth:`TrainConfig.__post_init__` is the one place a value is checked, whether it came
+from the command line, a test or the Python API.
+"""
 
 from __future__ import annotations
 
@@ -7,106 +13,130 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from sftplug import dtypes
+from sftplug.data.records import FORMATS
 from sftplug.errors import SftplugError
 
-SCHEDULES = ("cosine", "linear", "constant")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
 DEFAULT_EVAL = ASSETS / "default_eval.jsonl"
+DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
+SCHEDULES = ("cosine", "linear", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+OVERLONG = ("truncate", "drop")
+STRATEGIES = ("ddp", "fsdp")
+ON_NONFINITE = ("stop", "skip")
+# Option groups, in the order `sftplug train -h` shows them.
+GROUPS = ("model", "data", "optimizer", "lora", "runtime", "run")
+
+
+def option(default, help: str, group: str, *, choices=None, minimum=None, shown_default=None):
+    """A TrainConfig field with its command-line option's help, group, choices and lower bound."""
+    assert group in GROUPS, group
+    meta = {"help": help, "group": group, "choices": choices, "minimum": minimum, "shown_default": shown_default}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"
-    data: str = str(DEFAULT_DATA)
-    eval_data: str | None = "auto"  # auto: the bundled held-out file with the bundled data, else none
-    out: str = "runs/default"
-    steps: int = 200
-    micro_bsz: int = 8
-    accum: int = 1
-    seq_len: int = 256
-    pack: bool = True
-    format: str = "auto"  # auto | chat | prompt | alpaca | text
-    chat_template: str | None = None  # built-in name or file; None: the model's own
-    overlong: str = "truncate"  # truncate | drop
-    skip_bad_records: bool = False
-    eval_split: float = 0.0
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    full: bool = False
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    dtype: str = "fp32"
-    tf32: bool = False
-    attention: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    grad_ckpt: bool = False
-    torch_compile: bool = False
-    compile_mode: str = "default"  # default | reduce-overhead | max-autotune
-    workers: int = 0
-    strategy: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2-sharded, full fine-tuning)
-    profile: bool = False
-    log_every: int = 10
-    eval_every: int = 0  # 0: only before and after training
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 0  # 0: keep all
-    resume: str | None = None
-    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss does (bf16/fp32)
-    train_on_prompt: bool = False
-    sample_prompt: str | None = None  # None: the first eval record's prompt
-    extra: dict = field(default_factory=dict)  # options added by plugins
+    # -- model
+    model: str = option("tiny", "Preset name (tiny, w0, w1), HF folder or sftplug checkpoint.", "model")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", "model")
+    # -- data
+    data: str = option(str(DEFAULT_DATA), "Training records (JSONL or JSON array).", "data",
+                       shown_default="the bundled demo data")
+    eval_data: str | None = option("auto", "Held-out records for eval loss (auto: the bundled held-out "
+                                   "file with the bundled data, else none).", "data")
+    seq_len: int = option(256, "Tokens per packed row.", "data", minimum=1)
+    pack: bool = option(True, "Pack several documents per row.", "data")
+    eval_split: float = option(0.0, "Fraction of --data held out.", "data")
+    format: str = option("auto", "Record format (auto: detected per file).", "data", choices=("auto",) + FORMATS)
+    chat_template: str | None = option(None, "Built-in template name (sftplug, chatml) or a Jinja file; "
+                                       "default the model's own.", "data")
+    overlong: str = option("truncate", "What happens to documents longer than --seq-len.", "data",
+                           choices=OVERLONG)
+    skip_bad_records: bool = option(False, "Skip and count bad records instead of stopping.", "data")
+    train_on_prompt: bool = option(False, "Also train on prompt tokens.", "data")
+    # -- optimizer
+    steps: int = option(200, "Optimizer updates.", "optimizer", minimum=1)
+    micro_bsz: int = option(8, "Rows per micro-batch.", "optimizer", minimum=1)
+    accum: int = option(1, "Micro-batches per update.", "optimizer", minimum=1)
+    lr: float = option(3e-3, "Peak learning rate.", "optimizer")
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of --lr (cosine, linear).", "optimizer")
+    warmup: int = option(10, "Warmup updates.", "optimizer", minimum=0)
+    schedule: str = option("cosine", "Learning-rate schedule.", "optimizer", choices=SCHEDULES)
+    weight_decay: float = option(0.0, "AdamW weight decay.", "optimizer")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.", "optimizer")
+    seed: int = option(0, "Seed of the data order, eval split and LoRA init.", "optimizer")
+    # -- LoRA
+    full: bool = option(False, "Full fine-tuning instead of LoRA.", "lora")
+    lora_r: int = option(16, "LoRA rank.", "lora", minimum=1)
+    lora_alpha: float = option(32.0, "LoRA alpha (scale alpha / r).", "lora")
+    lora_dropout: float = option(0.0, "LoRA dropout.", "lora")
+    lora_targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "Comma-separated linear layers of the blocks.",
+                                           "lora")
+    # -- runtime
+    dtype: str = option("fp32", "Training precision.", "runtime", choices=dtypes.TRAINING)
+    tf32: bool = option(False, "TF32 matmuls for fp32 on Ampere+ GPUs.", "runtime")
+    attention: str = option("auto", "Attention backend (see `sftplug plugins`).", "runtime")
+    grad_ckpt: bool = option(False, "Activation checkpointing per block.", "runtime")
+    torch_compile: bool = option(False, "Compile each transformer block (time reported apart).", "runtime")
+    compile_mode: str = option("default", "torch.compile mode.", "runtime", choices=COMPILE_MODES)
+    strategy: str = option("ddp", "Under torchrun: replicate the model (ddp) or shard it with FSDP2 (fsdp, "
+                           "with --full).", "runtime", choices=STRATEGIES)
+    workers: int = option(0, "DataLoader workers prefetching batches.", "runtime", minimum=0)
+    profile: bool = option(False, "Print forward/backward/optimizer ms per update.", "runtime")
+    # -- the run
+    out: str = option("runs/default", "Run folder.", "run")
+    log_every: int = option(10, "Print a line every N updates.", "run", minimum=1)
+    eval_every: int = option(0, "Eval loss every N updates; 0: before and after only.", "run", minimum=0)
+    save_every: int = option(0, "Checkpoint every N updates; 0: at the end only.", "run", minimum=0)
+    keep_last: int = option(0, "Checkpoints kept; 0 keeps every one.", "run", minimum=0)
+    resume: str | None = option(None, "auto (newest complete checkpoint of --out), or a checkpoint folder.", "run")
+    on_nonfinite: str = option("stop", "A NaN/inf loss stops the run (keeping the last checkpoint) or skips "
+                               "the update.", "run", choices=ON_NONFINITE)
+    sample_prompt: str | None = option(None, "Prompt answered before and after training (default: the first "
+                                       "eval record's).", "run")
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
         if self.eval_data == "auto":
             bundled = Path(self.data) == DEFAULT_DATA and not self.eval_split
             self.eval_data = str(DEFAULT_EVAL) if bundled else None
-        positive = ("steps", "micro_bsz", "accum", "seq_len", "lora_r", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise SftplugError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise SftplugError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        for name in ("warmup", "eval_every", "save_every", "keep_last", "workers"):
-            if getattr(self, name) < 0:
-                raise SftplugError(f"--{name.replace('_', '-')} must not be negative")
-        if self.dtype not in dtypes.TRAINING:
-            raise SftplugError(f"--dtype must be one of {', '.join(dtypes.TRAINING)}, got {self.dtype!r}")
-        if self.schedule not in SCHEDULES:
-            raise SftplugError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise SftplugError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
-        if self.strategy == "fsdp" and not self.full:
-            raise SftplugError("--strategy fsdp shards full fine-tuning; add --full, or use --strategy ddp for LoRA")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise SftplugError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
         if not self.lr > 0:
             raise SftplugError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SftplugError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 <= self.lora_dropout < 1:
             raise SftplugError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-
-    @property
-    def tokens_per_update(self) -> int:
-        return self.micro_bsz * self.accum * self.seq_len
+        if not 0 <= self.eval_split < 1:
+            raise SftplugError(f"--eval-split must be a fraction in [0, 1), got {self.eval_split}")
+        if self.eval_split and self.eval_data:
+            raise SftplugError("use --eval-split or --eval-data, not both")
+        if self.strategy == "fsdp" and not self.full:
+            raise SftplugError("--strategy fsdp shards full fine-tuning; add --full, or use --strategy ddp for LoRA")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``micro_bsz`` -> ``--micro-bsz``."""
+    return "--" + name.replace("_", "-")
+
+
+def _check_field(f, value) -> None:
+    choices, minimum = f.metadata["choices"], f.metadata["minimum"]
+    if choices and value not in choices:
+        allowed = f"{choices[0]} or {choices[1]}" if len(choices) == 2 else f"one of {', '.join(choices)}"
+        raise SftplugError(f"{flag(f.name)} must be {allowed}, got {value!r}")
+    if minimum == 0 and value < 0:
+        raise SftplugError(f"{flag(f.name)} must not be negative")
+    if minimum is not None and value < minimum:
+        raise SftplugError(f"{flag(f.name)} must be at least {minimum}, got {value}")
 
 
 def check_output_dir(out: str) -> Path:

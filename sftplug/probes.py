@@ -114,6 +114,21 @@ def bf16_supported(device: torch.device) -> bool:
     return True
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto (the GPU if there is one), cpu, cuda or cuda:N; one line when it cannot be."""
+    from sftplug.errors import SftplugError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SftplugError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SftplugError(f"--device {name}: no CUDA GPU is visible to this torch build; use --device cpu")
+    return device
+
+
 def no_gpu_reason() -> str:
     """Why there is no CUDA GPU to run on, in the words a user can act on."""
     if cuda_version() is None and hip_version() is None:

@@ -1,4 +1,4 @@
-"""``sftplug doctor`` and the ``sftplug bench`` group with ``bench attention``."""
+"""What this machine runs and how fast: ``sftplug plugins``, ``sftplug doctor``, ``sftplug bench``."""
 
 from __future__ import annotations
 
@@ -6,15 +6,28 @@ import json
 
 import click
 
-from sftplug import dtypes
+from sftplug.dtypes import TRAINING
 from sftplug.cli.options import CONTEXT, user_errors
 from sftplug.errors import SftplugError
 
-def _device(name: str):
-    from sftplug.loading import resolve_device
 
-    return resolve_device(name)
+@click.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@user_errors
+def plugins(as_json):
+    """List every plugin, its hooks, and why it is unavailable if it is."""
+    from sftplug.registry import build_registry
 
+    registry = build_registry()
+    if as_json:
+        click.echo(json.dumps([p.as_dict() for p in registry.plugins], indent=2))
+        return
+    for p in registry.plugins:
+        status = "ok" if p.available else "unavailable"
+        hooks = ", ".join(p.hooks) or "-"
+        click.echo(f"{p.name:<20} {status:<12} {p.source:<16} {hooks}")
+        if not p.available:
+            click.echo(f"{'':<20} reason: {p.reason}")
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -50,18 +63,19 @@ def doctor(as_json, device, head_dim, heads, kv_heads):
       sftplug doctor --head-dim 128 --heads 32 --kv-heads 8
     """
     from sftplug.diagnostics.doctor import doctor_report, format_doctor
+    from sftplug.probes import resolve_device
     from sftplug.registry import build_registry
 
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         raise SftplugError(f"--heads must be a positive multiple of --kv-heads, got {heads} and {kv_heads}")
-    report = doctor_report(build_registry(), _device(device), head_dim, heads, kv_heads)
+    report = doctor_report(build_registry(), resolve_device(device), head_dim, heads, kv_heads)
     click.echo(json.dumps(report, indent=2) if as_json else format_doctor(report))
 
 
 @click.command("attention", context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a list of rows).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(dtypes.TRAINING),
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(TRAINING),
               help="Repeatable. Default: bf16 and fp16 on CUDA, fp32 on the CPU.")
 @click.option("--shape", "shapes", multiple=True, help="Repeatable B,H,S,D or B,H,H_kv,S,D. Default: DESIGN.md's.")
 @click.option("--packed/--no-packed", default=True, show_default=True, help="Also time a packed-documents case.")
@@ -87,11 +101,12 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
       sftplug bench attention --dtype bf16 --shape 8,32,2048,64 --shape 8,32,4,2048,64
     """
     from sftplug.diagnostics.attention_bench import format_table, run_attention_bench
+    from sftplug.probes import resolve_device
     from sftplug.registry import build_registry
 
     if repeats is not None and repeats < 1:
         raise SftplugError("--repeats must be at least 1")
-    target = _device(device)
+    target = resolve_device(device)
     rows = run_attention_bench(
         build_registry(),
         shapes=[_shape(s) for s in shapes] or None,
@@ -127,3 +142,44 @@ def bench():
 
 
 bench.add_command(bench_attention)
+
+
+@bench.command("step", context_settings=CONTEXT)
+@click.option(
+    "--workload",
+    type=click.Choice(["W0", "W1"]),
+    default="W0",
+    show_default=True,
+    help="W0: CPU, fp32, 6 layers; W1: GPU, bf16, TinyLlama-1.1B shape (DESIGN.md).",
+)
+@click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
+@click.option("--rounds", type=int, default=2, show_default=True, help="Alternating rounds of both sides.")
+@click.option("--steps", type=int, default=5, show_default=True, help="Timed updates per side and round.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed updates first.")
+@click.option("--attention", default="auto", show_default=True)
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    type=click.Choice(["compile", "workers2"]),
+    help="Also time sftplug with --torch-compile or --workers 2 (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_json):
+    """Time sftplug against HF transformers + PEFT on the same workload.
+
+    Each side runs in its own process, in rounds that alternate the order; prints
+    tokens/s, forward / backward / optimizer ms and peak memory for both, and the ratios.
+
+    \b
+    Examples:
+      sftplug bench step --workload W0
+      sftplug bench step --workload W1 --rounds 1 --json
+      sftplug bench step --workload W1 --variant compile --variant workers2
+    """
+    from sftplug.diagnostics.step_bench import bench_step as run_bench, format_step_table
+
+    result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
+                       variants=variants)
+    click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))

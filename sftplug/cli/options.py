@@ -1,16 +1,21 @@
-"""What every sftplug command shares: help options, and user errors as one line, exit 2."""
+"""What every sftplug command shares: help options, user errors as one line (exit 2), and
+``sftplug train``'s options generated from :class:`~sftplug.config.TrainConfig`."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
 
 import click
 
+from sftplug.config import GROUPS, TrainConfig, flag
 from sftplug.errors import SftplugError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+GROUP_TITLES = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "lora": "LoRA",
+                "runtime": "Runtime", "run": "Run"}
 
 
 class UserError(click.ClickException):
@@ -56,12 +61,58 @@ def _collective_broke(exc: RuntimeError) -> bool:
     return isinstance(exc, dist.DistError) or "gloo" in str(exc)
 
 
-def options(*decorators):
-    """Several click options as one reusable decorator."""
+# -- TrainConfig as click options ----------------------------------------------------------
 
-    def apply(fn):
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
 
-    return apply
+def config_option(f: dataclasses.Field):
+    """The click option of one TrainConfig field, from the field's default and metadata.
+
+    Types are parsed here; values are checked by TrainConfig itself (one place, one message),
+    so choices are shown in the help but not enforced by click.
+    """
+    meta, default = f.metadata, f.default
+    kwargs = dict(help=meta["help"], show_default=meta["shown_default"] or default is not None)
+    if isinstance(default, bool):  # on by default: --x/--no-x; off: the flag --x
+        if default:
+            return click.option(f"{flag(f.name)}/--no-{flag(f.name)[2:]}", f.name, default=True, **kwargs)
+        return click.option(flag(f.name), f.name, is_flag=True, default=False, help=meta["help"])
+    if isinstance(default, tuple):  # comma-separated on the command line
+        default = ",".join(default)
+    elif meta["choices"]:
+        kwargs["metavar"] = "[" + "|".join(meta["choices"]) + "]"
+    kind = type(default) if isinstance(default, (int, float)) else str
+    return click.option(flag(f.name), f.name, type=kind, default=default, **kwargs)
+
+
+def config_options(fn):
+    """Every TrainConfig field as an option of ``fn``, in the dataclass's order."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        fn = config_option(f)(fn)
+    return fn
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    """The TrainConfig of a command's parsed options (comma lists split)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in options.items() if k in names}
+    values["lora_targets"] = tuple(t.strip() for t in values["lora_targets"].split(",") if t.strip())
+    return TrainConfig(**values)
+
+
+class GroupedCommand(click.Command):
+    """A command whose help lists TrainConfig's options under their groups."""
+
+    def format_options(self, ctx, formatter):
+        group_of = {f.name: f.metadata["group"] for f in dataclasses.fields(TrainConfig)}
+        sections: dict[str, list] = {g: [] for g in GROUPS}
+        other = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                (sections[group_of[param.name]] if param.name in group_of else other).append(record)
+        for group, records in sections.items():
+            if records:
+                with formatter.section(f"{GROUP_TITLES[group]} options"):
+                    formatter.write_dl(records)
+        with formatter.section("Other options"):
+            formatter.write_dl(other)

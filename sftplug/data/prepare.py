@@ -31,7 +31,6 @@ import torch
 from sftplug.errors import SftplugError
 from sftplug.data.packing import Document, Rows, Tokenized, pack_tokenized
 from sftplug.data.records import (
-    FORMATS,
     SHOW_LINES,
     BadLog,
     BadRecord,
@@ -44,7 +43,6 @@ from sftplug.data.records import (
 )
 from sftplug.data.tokenizer import ChatTemplateError, Tokenizer
 
-OVERLONG = ("truncate", "drop")
 # Bump when tokens, masks or row layout produced from the same inputs change.
 DATA_FORMAT_VERSION = 2
 ENCODE_CHUNK = 4096  # records per tokenizer batch call
@@ -163,11 +161,13 @@ def prepare_data(
 ) -> Prepared:
     """Training (and held-out) rows for a run, from the cache when nothing has changed.
 
+    The options are TrainConfig's, already checked there.
+
     tokenizer: the model's Tokenizer (its chat template already chosen).
     data: training records, JSONL or a JSON array.
     eval_data: held-out records; or eval_split: the fraction of ``data`` held out (seeded).
     seq_len: positions per row; pack: several documents per row (best-fit decreasing).
-    fmt: "auto" (detected per file) or one of FORMATS.
+    fmt: "auto" (detected per file) or one of records.FORMATS.
     train_on_prompt: train every token, not only assistant turns.
     overlong: "truncate" or "drop" documents longer than seq_len + 1 tokens.
     skip_bad_records: skip and count bad records instead of stopping at the first.
@@ -175,16 +175,6 @@ def prepare_data(
     seed: decides the eval split.
     """
     started = time.perf_counter()
-    if fmt not in ("auto",) + FORMATS:
-        raise SftplugError(f"--format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
-    if overlong not in OVERLONG:
-        raise SftplugError(f"--overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
-    if seq_len < 1:
-        raise SftplugError(f"--seq-len must be at least 1, got {seq_len}")
-    if not 0 <= eval_split < 1:
-        raise SftplugError(f"--eval-split must be a fraction in [0, 1), got {eval_split}")
-    if eval_split and eval_data:
-        raise SftplugError("use --eval-split or --eval-data, not both")
     raw = read_bytes(data)
     eval_raw = read_bytes(eval_data) if eval_data else None
     options = dict(
