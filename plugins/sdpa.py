@@ -13,27 +13,26 @@ GQA: K/V are passed with their own head count (``enable_gqa=True``) where the ke
 takes that natively (probed); otherwise they are repeated, and ``sftplug doctor`` says so.
 
 Packed rows (``doc_ids``): documents are gathered into batches of equal (causal: padded)
-length and each batch is one SDPA call with ``is_causal``; no T x T mask is ever built,
-extra memory is O(T), and the output is exactly the per-document attention. Causal
-padding is exact because a query never sees the padded keys after it; non-causal
-batches use exact lengths.
+length and each batch is one SDPA call with ``is_causal`` (sftplug.kernels.packed_documents):
+no T x T mask is ever built and the output is exactly the per-document attention.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from sftplug.kernels.packed_documents import pack_plan
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sftplug import hookimpl, probes
+from sftplug.attention import AttentionBackend, AttentionRequest
 from sftplug.dtypes import dtype_name
-from sftplug.attention import AttentionBackend, AttentionRequest, one_document_per_row
 from sftplug.errors import SftplugError
 
 # auto's order, fastest first, by device generation: causal fwd+bwd at the DESIGN.md
-# shapes (FA2 ~335 TFLOP/s vs cuDNN 500-740 on H100; PyTorch's own default order on
-# Ampere/Ada). `sftplug bench attention` measures it on the GPU at hand. The Triton
-# plugin's 28 (40 for packed rows) sits between these.
+# shapes (on Hopper cuDNN is reported well ahead of FlashAttention-2, DESIGN.md; PyTorch's
+# own default order on Ampere/Ada). `sftplug bench attention` measures it on the GPU at
+# hand. The Triton plugin's 28 (40 for packed rows) sits between these.
 PRIORITIES = {
     "cpu": {"flash": 30, "math": 0},
     "sm90+": {"cudnn": 35, "flash": 30, "efficient": 20, "math": 0},
@@ -121,11 +120,9 @@ class SdpaBackend(AttentionBackend):
         """'native': K/V keep their own heads; 'repeat': K/V heads are copied per query group."""
         if self.name == "math":
             return "repeat"  # PyTorch's math kernel expands K/V itself
-        key = (self.name, device.type, dtype, head_dim)
-        if key not in _GQA_MODES:  # probed once by check(), so compiled code only reads the answer
-            ok = probes.sdpa_refusal(self.name, device.type, dtype, head_dim, gqa=True) is None
-            _GQA_MODES[key] = "native" if ok else "repeat"
-        return _GQA_MODES[key]
+        # the probe's answer is cached: asked first by check(), before any training step
+        ok = probes.sdpa_refusal(self.name, device.type, dtype, head_dim, gqa=True) is None
+        return "native" if ok else "repeat"
 
     # -- the call ------------------------------------------------------------------
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
@@ -158,9 +155,6 @@ class SdpaBackend(AttentionBackend):
             f"{dtype_name(q.dtype)} on {q.device}: {reason} "
             "(sftplug never falls back to another kernel; choose one with --attention, see `sftplug doctor`)"
         )
-
-
-_GQA_MODES: dict[tuple, str] = {}
 
 
 def _no_kernel(exc: RuntimeError) -> bool:
@@ -238,83 +232,6 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, Hkv, T, D] -> [B, n_heads, T, D], each K/V head repeated for its query group."""
     b, h_kv, t, d = x.shape
     return x[:, :, None].expand(b, h_kv, n_heads // h_kv, t, d).reshape(b, n_heads, t, d)
-
-
-# -- packed rows ---------------------------------------------------------------------------
-
-
-def document_lengths(doc_ids: torch.Tensor) -> list[list[int]]:
-    """Lengths of the runs of equal ids in each row (one host sync)."""
-    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in doc_ids.cpu()]
-
-
-def bucket_length(length: int, limit: int) -> int:
-    """Causal padding target: at most 25% longer, so a row's documents share few calls."""
-    granule = max(8, (1 << (length.bit_length() - 1)) // 4)
-    return min(-(-length // granule) * granule, limit)
-
-
-class PackPlan:
-    """How one packed ``doc_ids`` batch maps to a few dense SDPA calls.
-
-    ``buckets``: (padded length L, number of documents n, flat gather index [n * L]);
-    ``take``: for every flat position b * T + t, its row in the concatenated outputs.
-    """
-
-    def __init__(self, doc_ids: torch.Tensor, causal: bool):
-        B, T = doc_ids.shape
-        groups: dict[int, list[tuple[int, int]]] = {}  # L -> [(flat start, length)]
-        for b, lengths in enumerate(document_lengths(doc_ids)):
-            start = b * T
-            for length in lengths:
-                L = bucket_length(length, T) if causal else length
-                groups.setdefault(L, []).append((start, length))
-                start += length
-        take = torch.empty(B * T, dtype=torch.long)
-        self.buckets = []
-        self.calls = len(groups)
-        offset = 0
-        for L, docs in sorted(groups.items()):
-            starts = torch.tensor([s for s, _ in docs])[:, None]  # [n, 1]
-            lengths = torch.tensor([n for _, n in docs])[:, None]  # [n, 1]
-            row_end = (starts // T + 1) * T  # [n, 1]
-            j = torch.arange(L)[None, :]  # [1, L]
-            index = torch.minimum(starts + j, row_end - 1)  # [n, L] padded keys: never seen
-            valid = j < lengths  # [n, L]
-            slots = offset + torch.arange(len(docs) * L).view(len(docs), L)
-            take[index[valid]] = slots[valid]
-            self.buckets.append((L, len(docs), index.flatten().to(doc_ids.device, non_blocking=True)))
-            offset += len(docs) * L
-        self.take = take.to(doc_ids.device, non_blocking=True)
-        self.shape = (B, T)
-
-    def attend(self, q, k, v, causal: bool, gqa: bool):
-        # q: [B, Hq, T, D] -> flat [B*T, Hq, D]; same for k, v with Hkv heads
-        B, T = self.shape
-        flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (q, k, v)]
-        outs = []
-        for L, n, index in self.buckets:
-            qb, kb, vb = (x.index_select(0, index).view(n, L, *x.shape[1:]).transpose(1, 2) for x in flat)
-            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, enable_gqa=gqa)  # [n, Hq, L, D]
-            outs.append(ob.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[3]))
-        out = torch.cat(outs).index_select(0, self.take)  # [B*T, Hq, D]
-        return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]
-
-
-_plan_cache: tuple[torch.Tensor, bool, PackPlan | None] | None = None
-
-
-def pack_plan(doc_ids: torch.Tensor, causal: bool) -> PackPlan | None:
-    """The plan for ``doc_ids`` (None when every row is one document), cached across layers."""
-    global _plan_cache
-    if _plan_cache is not None and _plan_cache[0] is doc_ids and _plan_cache[1] == causal:
-        return _plan_cache[2]
-    if one_document_per_row(doc_ids):
-        plan = None
-    else:
-        plan = PackPlan(doc_ids, causal)
-    _plan_cache = (doc_ids, causal, plan)
-    return plan
 
 
 flash, efficient, cudnn, math = Flash(), Efficient(), Cudnn(), Math()

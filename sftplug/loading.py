@@ -1,4 +1,9 @@
-"""Load a model through the load_state hook: presets, HF folders, sftplug checkpoints."""
+"""Load a model through the load_state hook, its attention chosen in the same pass.
+
+Presets, HF folders and sftplug checkpoints are built-in loaders (plugins); the first one
+that knows the source returns a :class:`LoadedModel` without attention, and
+:func:`load_model` gives every block the backend asked for.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sftplug.attention.choice import AttentionChoice, attach
 from sftplug.errors import SftplugError
 
 
@@ -16,44 +22,29 @@ class LoadedModel:
     source: str
     description: str = ""
     info: dict = field(default_factory=dict)  # format-specific facts (base source, lora, step)
+    attention: AttentionChoice | None = None  # set by load_model
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SftplugError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SftplugError(f"--device {name}: no CUDA GPU is visible to this torch build; use --device cpu")
-    return device
+def load_model(source: str, *, dtype=None, device="cpu", registry=None, attention: str | None = "auto") -> LoadedModel:
+    """The model and tokenizer ``source`` names, loaded by the first plugin that knows it.
 
-
-def load_model(source: str, *, dtype=None, device="cpu", registry=None) -> LoadedModel:
-    """The model and tokenizer ``source`` names, loaded by the first plugin that knows it."""
+    :param dtype: the weights' dtype, or None for the source's own.
+    :param attention: the backend for every block: "auto" (the fastest for the weights'
+        dtype on ``device``) or a name; None leaves it unset for a caller that chooses
+        later (a training run knows whether its rows are packed only after tokenising).
+    """
     from sftplug.registry import build_registry
 
     registry = registry or build_registry()
     device = torch.device(device) if isinstance(device, str) else device
 
-    def load_nested(inner_source: str) -> LoadedModel:
-        return load_model(inner_source, dtype=dtype, device=device, registry=registry)
+    def load_base(inner_source: str) -> LoadedModel:  # for formats built on another model
+        return load_model(inner_source, dtype=dtype, device=device, registry=registry, attention=None)
 
-    loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_model=load_nested)
+    loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_model=load_base)
     if loaded is None:
-        raise SftplugError(
-            f"{source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint"
-        )
-    if loaded.model.layers[0].attn.backend is None:  # callable as loaded; a training run picks its own
+        raise SftplugError(f"{source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint")
+    if attention is not None:
         dtype = next(loaded.model.parameters()).dtype
-        loaded.info["attention"] = set_default_attention(loaded.model, device, dtype, registry)
+        loaded.attention = attach(loaded.model, registry, attention, device, dtype)
     return loaded
-
-
-def set_default_attention(model, device, dtype: torch.dtype, registry=None) -> str:
-    """Give every block the backend ``--attention auto`` picks for this device and dtype; returns why."""
-    from sftplug.attention import attach
-    from sftplug.registry import build_registry
-
-    return attach(model, registry or build_registry(), "auto", device, dtype).reason

@@ -1,2 +1,6 @@
-from sftplug.attention.choice import *  # noqa: F401,F403
-from sftplug.attention.choice import AttentionBackend, AttentionRequest  # noqa: F401
+"""Attention: the contract plugins implement (sftplug.attention.backend) and the choice of a
+backend for a run (sftplug.attention.choice)."""
+
+from sftplug.attention.backend import AttentionBackend, AttentionRequest
+
+__all__ = ["AttentionBackend", "AttentionRequest"]

@@ -1,9 +1,8 @@
-"""Attention backends: the request a run makes, the backend interface, and the choice.
+"""Choosing the attention backend of a run, out loud, and the shell variables that cannot steer it.
 
-The model calls ``backend(q, k, v, causal=..., doc_ids=...)`` with q [B, Hq, T, D] and
-k, v [B, Hkv, T, D]; ``doc_ids`` [B, T] (non-decreasing along T) marks packed documents,
-and None means one document per row. Plugins offer backends through the
-``select_attention`` hook; :func:`choose_backend` picks one and says why, out loud.
+:func:`survey` asks every offered backend once per request whether it can run it, and
+at which priority; :func:`choose_backend` takes the named backend or, for ``auto``, the
+fastest that can, and says why in one line (or raises one that says what would work).
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sftplug.errors import SftplugError
+from sftplug.attention.backend import AttentionBackend, AttentionRequest
 from sftplug.dtypes import dtype_name
+from sftplug.errors import SftplugError
 
 # Environment variables that steer attention kernels behind a trainer's back: PyTorch's
 # own (TORCH_CUDNN_SDPA_*), and the ones scripts and other libraries read to flip
@@ -33,44 +33,16 @@ STEERING_ENV_NAMES = ("ATTN_BACKEND", "ATTENTION_BACKEND", "ATTN_IMPLEMENTATION"
 
 
 @dataclass(frozen=True)
-class AttentionRequest:
-    name: str  # a backend name, or "auto"
-    device: torch.device
-    dtype: torch.dtype
-    head_dim: int
-    n_heads: int
-    n_kv_heads: int
-    packed: bool = False  # rows hold several documents (doc_ids will be passed)
-    seq_len: int = 0  # the longest row the run attends over; 0 when unknown
+class Offer:
+    """One backend's answer to one request."""
 
+    backend: AttentionBackend
+    priority: int
+    reason: str | None  # None: it can run the request; else why not
 
-class AttentionBackend:
-    """Base class: subclasses set ``name`` and ``priority`` and implement ``__call__``.
-
-    ``__call__(q, k, v, *, causal=True, doc_ids=None)``: q [B, Hq, T, D], k and v
-    [B, Hkv, T, D] (Hq a multiple of Hkv), ``doc_ids`` [B, T] non-decreasing along T or
-    None; returns [B, Hq, T, D]. With ``doc_ids`` a query attends only to keys of its own
-    document. A backend that cannot do that sets ``packed_documents = False`` and is
-    never chosen for packed rows (its reason is shown instead).
-    """
-
-    name = ""
-    priority = 0  # "auto" picks the highest priority whose check passes
-    description = ""
-    packed_documents = True  # honours doc_ids (attends within documents only)
-
-    def priority_for(self, request: AttentionRequest) -> int:
-        return self.priority
-
-    def check(self, request: AttentionRequest) -> str | None:
-        """None when this backend can run the request, else the reason it cannot."""
-        return None
-
-    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<attention backend {self.name}>"
+    @property
+    def name(self) -> str:
+        return self.backend.name
 
 
 @dataclass
@@ -80,73 +52,50 @@ class AttentionChoice:
     rejected: dict[str, str]  # backend name -> why it cannot run this request
 
 
-def steering_env(environ=None) -> dict[str, str]:
-    """Environment variables that try to steer attention kernels, as found."""
-    environ = os.environ if environ is None else environ
-    return {
-        key: value
-        for key, value in sorted(environ.items())
-        if key.upper() in STEERING_ENV_NAMES or key.upper().startswith(STEERING_ENV_PREFIXES)
-    }
+def survey(hook, request: AttentionRequest) -> list[Offer]:
+    """Every backend the plugins offer for ``request`` with its answer, fastest first."""
+    offers = [_ask(b, request) for b in hook.select_attention(request=request) if b is not None]
+    # pluggy calls later-registered plugins first; order by priority, then name.
+    return sorted(offers, key=lambda o: (-o.priority, o.name))
 
 
-def steering_notes(environ=None) -> list[str]:
-    """One line per steering variable: what it is and that sftplug's choice stands."""
-    return [
-        f"{key}={value} found and ignored: attention runs only in the chosen kernel "
-        "(sdpa_kernel([backend]) around every call)"
-        for key, value in steering_env(environ).items()
-    ]
+def _ask(backend: AttentionBackend, request: AttentionRequest) -> Offer:
+    """The one question a backend is asked per request: can you run it, and how fast are you here?"""
+    priority = backend.priority_for(request) if hasattr(backend, "priority_for") else backend.priority
+    if request.packed and not getattr(backend, "packed_documents", True):
+        reason = (
+            f"{backend.name} cannot keep packed documents apart (it ignores doc_ids); "
+            "train with --no-pack or pick a backend that can"
+        )
+        return Offer(backend, priority, reason)
+    try:
+        return Offer(backend, priority, backend.check(request))
+    except Exception as exc:  # a third-party check must not break the choice
+        return Offer(backend, priority, f"its check raised {type(exc).__name__}: {exc}")
 
 
 def attention_skipped(registry) -> dict[str, str]:
     """Skipped plugins that offer attention (or failed to load): name -> reason."""
-    return {
-        p.name: p.reason
-        for p in registry.skipped()
-        if "select_attention" in p.hooks or not p.hooks
-    }
-
-
-def one_document_per_row(doc_ids: torch.Tensor) -> bool:
-    """True when no row of ``doc_ids`` [B, T] holds two documents (one host sync)."""
-    return doc_ids.shape[1] == 0 or bool((doc_ids[:, :1] == doc_ids).all())
-
-
-def offered_backends(hook, request: AttentionRequest) -> list[AttentionBackend]:
-    """Every backend the plugins offer for ``request``, fastest first."""
-    offers = [b for b in hook.select_attention(request=request) if b is not None]
-    # pluggy calls later-registered plugins first; order by priority, then name.
-    return sorted(offers, key=lambda b: (-b.priority_for(request), b.name))
-
-
-def why_not(backend: AttentionBackend, request: AttentionRequest) -> str | None:
-    """None when ``backend`` can run ``request``, else why; a raising check is a reason too."""
-    if request.packed and not getattr(backend, "packed_documents", True):
-        return (
-            f"{backend.name} cannot keep packed documents apart (it ignores doc_ids); "
-            "train with --no-pack or pick a backend that can"
-        )
-    try:
-        return backend.check(request)
-    except Exception as exc:  # a third-party check must not break the choice
-        return f"its check raised {type(exc).__name__}: {exc}"
+    return {p.name: p.reason for p in registry.skipped() if "select_attention" in p.hooks or not p.hooks}
 
 
 def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | None = None) -> AttentionChoice:
     """Pick the backend for a run, or raise an error that says why and what would work.
 
-    ``auto`` takes the fastest backend whose check passes (the order is each backend's
-    ``priority_for(request)``: measured per GPU generation for the built-ins); a name
-    takes that backend or fails with one line: which, why, and what is usable here.
-    ``skipped``: plugins that did not register, name -> reason (see
-    :func:`attention_skipped`).
+    ``auto`` takes the fastest backend that can run the request (each backend's
+    ``priority_for(request)`` orders them); a name takes that backend or fails with one
+    line: which, why, and what is usable here. ``skipped``: plugins that did not
+    register, name -> reason (see :func:`attention_skipped`).
     """
+    return choose_from(survey(hook, request), request, skipped)
+
+
+def choose_from(offers: list[Offer], request: AttentionRequest, skipped: dict[str, str] | None = None
+                ) -> AttentionChoice:
+    """:func:`choose_backend` on the answers :func:`survey` collected."""
     skipped = skipped or {}
-    offers = offered_backends(hook, request)
-    verdicts = {b.name: why_not(b, request) for b in offers}
-    working = [b for b in offers if verdicts[b.name] is None]
-    rejected = {name: why for name, why in verdicts.items() if why is not None}
+    working = [o.backend for o in offers if o.reason is None]
+    rejected = {o.name: o.reason for o in offers if o.reason is not None}
     what = describe_request(request)
     works = ", ".join(b.name for b in working) or "none"
     if request.name == "auto":
@@ -160,13 +109,13 @@ def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | No
         if best.name == "math":
             reason += "; math is the slow reference kernel: no fused kernel runs this request"
         return AttentionChoice(best, reason + ")", rejected)
-    chosen = next((b for b in offers if b.name == request.name), None)
+    chosen = next((o.backend for o in offers if o.name == request.name), None)
     if chosen is None:
         if request.name in skipped:
             raise SftplugError(
                 f"attention backend '{request.name}' is unavailable: {skipped[request.name]}; usable here: {works}"
             )
-        known = sorted({b.name for b in offers} | set(skipped))
+        known = sorted({o.name for o in offers} | set(skipped))
         raise SftplugError(
             f"unknown attention backend '{request.name}'; known: {', '.join(known)} (or auto); usable here: {works}"
         )
@@ -200,3 +149,22 @@ def describe_request(request: AttentionRequest) -> str:
 
 def _reasons(reasons: dict[str, str]) -> str:
     return "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "no backend offered"
+
+
+def steering_env(environ=None) -> dict[str, str]:
+    """Environment variables that try to steer attention kernels, as found."""
+    environ = os.environ if environ is None else environ
+    return {
+        key: value
+        for key, value in sorted(environ.items())
+        if key.upper() in STEERING_ENV_NAMES or key.upper().startswith(STEERING_ENV_PREFIXES)
+    }
+
+
+def steering_notes(environ=None) -> list[str]:
+    """One line per steering variable: what it is and that sftplug's choice stands."""
+    return [
+        f"{key}={value} found and ignored: attention runs only in the chosen kernel "
+        "(sdpa_kernel([backend]) around every call)"
+        for key, value in steering_env(environ).items()
+    ]

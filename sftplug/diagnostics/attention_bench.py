@@ -21,9 +21,11 @@ import time
 import torch
 
 from sftplug import probes
+from sftplug.attention import AttentionRequest
+from sftplug.attention.choice import attention_skipped, survey
 from sftplug.dtypes import BY_NAME, TRAINING
-from sftplug.attention import AttentionRequest, attention_skipped, offered_backends, why_not
 from sftplug.errors import SftplugError
+from sftplug.kernels.packed_documents import document_lengths
 
 # (B, H, S, D) or (B, H, H_kv, S, D)
 CUDA_SHAPES = [(8, 32, 2048, 64), (4, 32, 2048, 128), (2, 32, 8192, 128), (2, 32, 4096, 128), (8, 32, 4, 2048, 64)]
@@ -79,7 +81,8 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
             request = AttentionRequest("auto", device, dtype, D, H, Hkv, is_packed, S)
             doc_ids = _doc_ids(B, S, device, seed=S) if is_packed else None
             flops = attention_flops(B, H, S, D, causal, doc_ids)
-            for backend in offered_backends(registry.hook, request):
+            for offer in survey(registry.hook, request):
+                backend = offer.backend
                 row = {
                     "backend": backend.name, "dtype": dtype_name,
                     "case": ("packed " if is_packed else "") + _case_name(B, H, Hkv, S, D),
@@ -87,7 +90,7 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
                     "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None, "bwd_tflops": None, "first_ms": None,
                     "status": "ok",
                 }
-                reason = why_not(backend, request)
+                reason = offer.reason
                 if reason is None and backend.name == "math" and S > math_limit:
                     reason = (f"math skipped at S={S} (> {math_limit}): it materialises B*H*S^2 scores "
                               f"({B * H * S * S * dtype.itemsize / 2**30:.0f} GiB) and would dominate the run")
@@ -125,9 +128,7 @@ def attention_flops(B: int, H: int, S: int, D: int, causal: bool = True, doc_ids
     if doc_ids is None:
         square = B * S * S
     else:
-        square = sum(
-            n * n for row in doc_ids.cpu() for n in torch.unique_consecutive(row, return_counts=True)[1].tolist()
-        )
+        square = sum(n * n for row in document_lengths(doc_ids) for n in row)
     return 4.0 * H * square * D * (0.5 if causal else 1.0)
 
 

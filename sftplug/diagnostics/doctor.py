@@ -10,20 +10,13 @@ variables and global SDPA switches that try to steer attention kernels.
 from __future__ import annotations
 
 import platform
-import sys
 
 import torch
 
 from sftplug import __version__, probes
+from sftplug.attention import AttentionRequest
+from sftplug.attention.choice import attention_skipped, choose_from, steering_env, survey
 from sftplug.dtypes import BY_NAME, TRAINING
-from sftplug.attention import (
-    AttentionRequest,
-    attention_skipped,
-    choose_backend,
-    offered_backends,
-    steering_env,
-    why_not,
-)
 from sftplug.errors import SftplugError
 
 
@@ -76,33 +69,33 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if probes.cuda_available() else torch.device("cpu")
 
 
-def _request(name, device, dtype_name, head_dim, n_heads, n_kv_heads, packed=False) -> AttentionRequest:
-    return AttentionRequest(name, device, BY_NAME[dtype_name], head_dim, n_heads, n_kv_heads, packed)
+def _request(device, dtype_name, head_dim, n_heads, n_kv_heads, packed=False) -> AttentionRequest:
+    return AttentionRequest("auto", device, BY_NAME[dtype_name], head_dim, n_heads, n_kv_heads, packed)
 
 
 def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dict]:
-    rows = []
-    probe = _request("auto", device, "fp32", head_dim, n_heads, n_kv_heads)
+    answers = {d: {o.name: o for o in survey(registry.hook, _request(device, d, head_dim, n_heads, n_kv_heads))}
+               for d in TRAINING}
     infos = {p.name: p for p in registry.plugins}
-    for backend in offered_backends(registry.hook, probe):
-        dtypes = {}
-        for name in TRAINING:
-            dtypes[name] = why_not(backend, _request("auto", device, name, head_dim, n_heads, n_kv_heads))
-        working = [BY_NAME[n] for n, why in dtypes.items() if why is None]
+    rows = []
+    for offer in answers["fp32"].values():  # in fp32's order of priority
+        dtypes = {d: answers[d][offer.name].reason if offer.name in answers[d] else f"not offered for {d}"
+                  for d in TRAINING}  # dtype -> None (runs) or why not
+        working = [BY_NAME[d] for d, why in dtypes.items() if why is None]
         gqa = None
-        if working and hasattr(backend, "gqa_mode"):
-            gqa = backend.gqa_mode(device, working[0], head_dim)
-        info = infos.get(backend.name)
+        if working and hasattr(offer.backend, "gqa_mode"):
+            gqa = offer.backend.gqa_mode(device, working[0], head_dim)
+        info = infos.get(offer.name)
         rows.append({
-            "name": backend.name,
+            "name": offer.name,
             "source": info.source if info else "?",
             "available": True,
             "reason": "",
-            "description": backend.description,
-            "priority": backend.priority_for(probe),
-            "dtypes": dtypes,  # dtype -> None (runs) or why not
+            "description": offer.backend.description,
+            "priority": offer.priority,
+            "dtypes": dtypes,
             "gqa": gqa,  # "native" (no K/V copies), "repeat", or None (unknown / nothing runs)
-            "packed": bool(getattr(backend, "packed_documents", True)),
+            "packed": bool(getattr(offer.backend, "packed_documents", True)),
         })
     for name, reason in attention_skipped(registry).items():
         info = infos.get(name)
@@ -126,10 +119,11 @@ def _auto_picks(registry, device, head_dim, n_heads, n_kv_heads) -> dict:
     for name in TRAINING:
         for packed in (False, True):
             key = f"{name} packed" if packed else name
-            request = _request("auto", device, name, head_dim, n_heads, n_kv_heads, packed)
-            order = [b.name for b in offered_backends(registry.hook, request) if why_not(b, request) is None]
+            request = _request(device, name, head_dim, n_heads, n_kv_heads, packed)
+            offers = survey(registry.hook, request)
+            order = [o.name for o in offers if o.reason is None]
             try:
-                choice = choose_backend(registry.hook, request, skipped)
+                choice = choose_from(offers, request, skipped)
                 picks[key] = {"backend": choice.backend.name, "order": order, "reason": choice.reason}
             except SftplugError as exc:
                 picks[key] = {"backend": None, "order": order, "reason": str(exc)}
@@ -197,11 +191,3 @@ def format_doctor(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:  # pragma: no cover - `python -m sftplug.diagnostics.doctor` before the CLI wires it
-    from sftplug.registry import build_registry
-
-    print(format_doctor(doctor_report(build_registry())))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The attention contract: the request a run makes, and the backend interface plugins implement.
+
+The model calls ``backend(q, k, v, causal=..., doc_ids=...)`` with q [B, Hq, T, D] and
+k, v [B, Hkv, T, D]; ``doc_ids`` [B, T] (non-decreasing along T) marks packed documents,
+and None means one document per row. Plugins offer backends through the
+``select_attention`` hook; :mod:`sftplug.attention.choice` picks one and says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    name: str  # a backend name, or "auto"
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    n_heads: int
+    n_kv_heads: int
+    packed: bool = False  # rows hold several documents (doc_ids will be passed)
+    seq_len: int = 0  # the longest row the run attends over; 0 when unknown
+
+
+class AttentionBackend:
+    """Base class: subclasses set ``name`` and ``priority`` and implement ``__call__``.
+
+    ``__call__(q, k, v, *, causal=True, doc_ids=None)``: q [B, Hq, T, D], k and v
+    [B, Hkv, T, D] (Hq a multiple of Hkv), ``doc_ids`` [B, T] non-decreasing along T or
+    None; returns [B, Hq, T, D]. With ``doc_ids`` a query attends only to keys of its own
+    document. A backend that cannot do that sets ``packed_documents = False`` and is
+    never chosen for packed rows (its reason is shown instead).
+    """
+
+    name = ""
+    priority = 0  # "auto" picks the highest priority whose check passes
+    description = ""
+    packed_documents = True  # honours doc_ids (attends within documents only)
+
+    def priority_for(self, request: AttentionRequest) -> int:
+        return self.priority
+
+    def check(self, request: AttentionRequest) -> str | None:
+        """None when this backend can run the request, else the reason it cannot."""
+        return None
+
+    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<attention backend {self.name}>"
