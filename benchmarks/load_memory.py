@@ -113,17 +113,19 @@ def measure(mode: str, folder: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from sftplug.attention.choice import attach
+    from sftplug.hf.load import load_hf_folder, read_hf_config
     from sftplug.hf.names import hf_layout
     from sftplug.model.transformer import Transformer
-    from sftplug.plugins.hf import load_hf_folder, read_hf_config, set_default_attention
+    from sftplug.registry import build_registry
 
     config = read_hf_config(folder)
     with torch.device("meta"):  # warm up imports and the attention probe outside the measurement
-        set_default_attention(Transformer(config), "cpu", torch.float32)
+        attach(Transformer(config), build_registry(), "auto", "cpu", torch.float32)
     baseline = status_kib("VmRSS")
     started = time.perf_counter()
     if mode == "sftplug":
-        model = load_hf_folder(folder, attention=False).model
+        model = load_hf_folder(folder).model
     else:
         model = Transformer(config)
         model.init_weights(0)

@@ -9,7 +9,7 @@ BUILTIN_PLUGINS = [
     ("triton", "sftplug.plugins.triton_attention:triton"),
     ("chunked", "sftplug.plugins.chunked:chunked"),
     ("precision", "sftplug.plugins.precision:precision"),
-    ("hf", "sftplug.plugins.hf:hf_checkpoint"),
+    ("hf", "sftplug.plugins.loaders:hf_checkpoint"),
     ("presets", "sftplug.plugins.loaders:presets"),
     ("sftplug-checkpoint", "sftplug.plugins.loaders:sftplug_checkpoint"),
     ("resume", "sftplug.plugins.resume:resume"),

@@ -1,18 +1,23 @@
-"""Built-in loaders: the model presets (random init) and sftplug's own checkpoints."""
+"""Built-in loaders: the model presets (random init), HF checkpoint folders (sftplug.hf.load) and
+sftplug's own checkpoints."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from sftplug import hookimpl
-from sftplug.checkpoint import folders as checkpoint
+from sftplug.checkpoint import folders
 from sftplug.config import ASSETS
+from sftplug.data.tokenizer import Tokenizer
 from sftplug.errors import SftplugError
+from sftplug.hf.load import CONFIG, load_hf_folder
 from sftplug.hf.names import load_state_dict_exact
+from sftplug.hf.weights import has_weight_files
 from sftplug.loading import LoadedModel
 from sftplug.model.lora import apply_lora
 from sftplug.model.transformer import PRESETS, ModelConfig, Transformer
-from sftplug.data.tokenizer import Tokenizer
 
 BASE_SEED = 1234  # presets are a fixed random init, so every run starts from the same base
 
@@ -30,15 +35,28 @@ class Presets:
         return LoadedModel(model, Tokenizer(ASSETS), source, f"built-in preset '{source}' ({params / 1e6:.1f}M params)")
 
 
+class HFCheckpoint:
+    @hookimpl
+    def load_state(self, source, dtype, device):
+        folder = Path(source)
+        if not folder.is_dir() or (folder / folders.MANIFEST).is_file():
+            return None  # not a folder, or an sftplug checkpoint (its own loader)
+        if not (folder / CONFIG).is_file():
+            if has_weight_files(folder):
+                raise SftplugError(f"{folder}: has weights but no {CONFIG}; an HF checkpoint folder needs both")
+            return None
+        return load_hf_folder(folder, dtype=dtype, device=device)
+
+
 class SftplugCheckpoint:
     @hookimpl
     def load_state(self, source, dtype, device, load_model):
-        if not checkpoint.is_checkpoint(source):
+        if not folders.is_checkpoint(source):
             return None
-        folder = checkpoint.resolve(source)
-        manifest = checkpoint.verify(folder)
+        folder = folders.resolve(source)
+        manifest = folders.verify(folder)
         if "base_model" not in manifest:
-            raise SftplugError(f"{folder / checkpoint.MANIFEST}: no base_model; the checkpoint cannot be loaded")
+            raise SftplugError(f"{folder / folders.MANIFEST}: no base_model; the checkpoint cannot be loaded")
         base = load_model(manifest["base_model"])
         model = base.model
         template = manifest.get("config", {}).get("chat_template")
@@ -47,13 +65,14 @@ class SftplugCheckpoint:
         lora = manifest.get("lora")
         if lora:
             model = apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
-        weights = checkpoint.load_weights(folder)
+        weights = folders.load_weights(folder)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad] if lora else None
-        load_state_dict_exact(model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
+        load_state_dict_exact(model, weights, str(folder / folders.WEIGHTS), expected=trainable)
         model.eval()
         info = {"base_model": manifest["base_model"], "lora": lora, "step": manifest["step"]}
         return LoadedModel(model, base.tokenizer, str(folder), f"sftplug checkpoint {folder}", info)
 
 
 presets = Presets()
+hf_checkpoint = HFCheckpoint()
 sftplug_checkpoint = SftplugCheckpoint()

@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 
 from sftplug.checkpoint import folders as ckpt
-from sftplug.errors import SftplugError
 from sftplug.dtypes import as_dtype
-from sftplug.hf.names import config_to_hf, hf_pieces, map_names_to_model, to_hf_state_dict
+from sftplug.errors import SftplugError
+from sftplug.hf.config import config_to_hf
+from sftplug.hf.load import source_dtype
+from sftplug.hf.names import hf_pieces, map_names_to_model, to_hf_state_dict
 from sftplug.model.transformer import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -67,7 +69,6 @@ def export_checkpoint(
     :returns: ``{"model": out_dir}``, or ``{"base": out_dir/"base", "adapter": out_dir/"adapter"}``.
     """
     from sftplug.loading import load_model
-    from sftplug.plugins.hf import source_dtype
 
     out = Path(out_dir)
     wanted_dtype = as_dtype(dtype)  # a bad dtype fails before anything is loaded
@@ -78,7 +79,7 @@ def export_checkpoint(
         manifest = ckpt.verify(folder)  # a precise message for an incomplete or corrupt checkpoint
         if not isinstance(manifest.get("base_model"), str):
             raise SftplugError(f"{folder / ckpt.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
-    loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry)
+    loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry, attention=None)
     model, tokenizer = loaded.model, loaded.tokenizer
     config: ModelConfig = model.config
     lora = getattr(model, "lora_config", None)

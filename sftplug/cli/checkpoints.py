@@ -48,7 +48,7 @@ def export(checkpoint, out_dir, merge, dtype):
       sftplug export runs/default --out exported/            # merged, one HF folder
       sftplug export runs/default --out exported/ --adapter  # exported/base + exported/adapter
     """
-    from sftplug.hf.export import export_checkpoint
+    from sftplug.checkpoint.export import export_checkpoint
 
     written = export_checkpoint(checkpoint, out_dir, merge=merge, dtype=dtype)
     for kind, path in written.items():

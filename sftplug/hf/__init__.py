@@ -1,0 +1,1 @@
+"""HF checkpoint folders: config.json, tensor names, weight files, and loading them."""

@@ -1,0 +1,149 @@
+"""Loading an HF checkpoint folder: Llama 2/3/3.1, Mistral, Qwen2.
+
+A folder with config.json and safetensors weights (model.safetensors, or shards with
+model.safetensors.index.json) plus tokenizer.json. The model is built on the meta device,
+given empty storage in the target dtype, and filled tensor by tensor straight from the
+files: q/k/v and gate/up rows land directly in the fused ``qkv`` / ``gate_up`` parameters,
+so the model is never held twice. Every tensor is accounted for: a missing, unexpected or
+wrongly shaped one is an SftplugError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sftplug.data.tokenizer import Tokenizer
+from sftplug.dtypes import as_dtype, dtype_name
+from sftplug.errors import SftplugError
+from sftplug.hf.config import config_from_hf
+from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error
+from sftplug.hf.weights import WeightFiles, open_weights, read_into
+from sftplug.loading import LoadedModel
+from sftplug.model.transformer import ModelConfig, Transformer, rope_inv_freq
+
+CONFIG = "config.json"
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    path = folder / CONFIG
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SftplugError(f"{path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise SftplugError(f"{path}: not a JSON object")
+    return config_from_hf(hf, str(path))
+
+
+def source_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype config.json declares (``dtype`` or ``torch_dtype``), float32 if none."""
+    name = config.extra.get("dtype") or config.extra.get("torch_dtype") or "float32"
+    try:
+        return as_dtype(name)
+    except SftplugError:
+        return torch.float32
+
+
+def load_hf_folder(folder, dtype=None, device="cpu") -> LoadedModel:
+    """Model and tokenizer of an HF checkpoint folder, without attention (the caller chooses it)."""
+    folder = Path(folder)
+    device = torch.device(device)
+    config = read_hf_config(folder)
+    weights = open_weights(folder)  # validates every file before anything is allocated
+    tokenizer = Tokenizer(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SftplugError(
+            f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size is "
+            f"{config.vocab_size}; the tokenizer does not belong to these weights"
+        )
+    dtype = as_dtype(dtype) or source_dtype(config)
+    model = empty_model(config, dtype, device)
+    ignored = load_hf_weights(model, weights)
+    model.eval()
+    info = {"format": "hf", "model_type": config.architecture, "files": [p.name for p in weights.files]}
+    notes = []
+    if ignored:
+        info["ignored"] = ignored
+        notes.append(f"ignored {len(ignored)} derived tensor(s) such as {ignored[0]}")
+    window = config.extra.get("sliding_window")
+    if window and (config.architecture == "mistral" or config.extra.get("use_sliding_window")):
+        notes.append(f"sliding_window {window} not applied: exact for sequences up to {window} tokens")
+    params = sum(p.numel() for p in model.parameters())
+    description = (
+        f"HF {config.architecture} checkpoint {folder} ({params / 1e6:.1f}M params, {dtype_name(dtype)}, "
+        f"{len(weights.files)} file{'s' * (len(weights.files) > 1)})" + "".join(f"; {n}" for n in notes)
+    )
+    return LoadedModel(model, tokenizer, str(folder), description, info)
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+    """The model with uninitialised storage: built on the meta device, then given memory once."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to(dtype=dtype)  # free on meta
+    model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)  # non-persistent buffer, kept in fp32
+    return model
+
+
+def load_hf_weights(model: torch.nn.Module, weights: WeightFiles) -> list[str]:
+    """Fill ``model`` (plain or PEFT-wrapped) from HF tensors; returns the ignored derived tensors.
+
+    Every parameter of the base model must be covered: missing, unexpected or wrongly shaped
+    tensors raise an SftplugError naming them, before any tensor is read.
+    """
+    config = model.config
+    plan = hf_layout(config)
+    own = model.state_dict(keep_vars=True)
+    names = map_names_to_model({ours for ours, _, _ in plan.values()}, model)
+    filled = set(names.values())
+    embedding = own.get(names["embed_tokens.weight"])  # a tied lm_head is this very parameter
+    unfilled = [n for n, t in own.items() if n not in filled and ".lora_" not in n and t is not embedding]
+    if unfilled or None in filled:  # the model and hf_layout disagree: never leave a tensor uninitialised
+        raise SftplugError(f"sftplug cannot load HF weights into {unfilled or sorted(names)}: no HF name for them")
+    ignored, unexpected, wrong = [], {}, []
+    for key, entry in weights.entries.items():
+        if key not in plan:
+            if IGNORABLE.search(key) or (key == "lm_head.weight" and config.tie_embeddings):
+                ignored.append(key)  # derived from config.json, or tied to the embedding
+            else:
+                unexpected[key] = entry.file.name
+            continue
+        ours, start, end = plan[key]
+        want = (end - start, *own[names[ours]].shape[1:])
+        if entry.shape != want:
+            wrong.append((key, entry.file.name, entry.shape, want))
+        elif not entry.dtype.is_floating_point:
+            raise SftplugError(f"{entry.file}: tensor '{key}' has dtype {entry.dtype}; weights must be floating point")
+    missing = [k for k in plan if k not in weights.entries]
+    if unexpected or missing or wrong:
+        raise mismatch_error(
+            str(weights.folder), unexpected, missing, wrong, plan, weights.where, _layer_note(missing, plan, config)
+        )
+    for path, entries in weights.by_file().items():
+        with open(path, "rb", buffering=0) as handle:
+            for entry in entries:
+                if entry.key in plan:
+                    ours, start, end = plan[entry.key]
+                    read_into(entry, own[names[ours]].data[start:end], handle)
+    return sorted(ignored)
+
+
+def _layer_note(missing: list[str], plan: dict, config: ModelConfig) -> str:
+    """Say so when whole layers are missing (config.json promises more layers than the files hold)."""
+    per_layer = sum(1 for key in plan if key.startswith("model.layers.0."))
+    counts: dict[int, int] = {}
+    for key in missing:
+        if key.startswith("model.layers."):
+            layer = int(key.split(".")[2])
+            counts[layer] = counts.get(layer, 0) + 1
+    whole = sorted(layer for layer, n in counts.items() if n == per_layer)
+    if not whole:
+        return ""
+    shown = ", ".join(map(str, whole[:5])) + (" ..." if len(whole) > 5 else "")
+    return f" (layer {shown} entirely missing; config.json says num_hidden_layers={config.n_layers})"
+
+
