@@ -7,10 +7,8 @@ import random
 import numpy as np
 import torch
 
-from sftplug import hookimpl
-from sftplug.train import distributed
+from sftplug import distributed, hookimpl
 from sftplug.errors import SftplugError
-from sftplug.train.schedule import Schedule
 
 
 class Resume:
@@ -30,8 +28,7 @@ class Resume:
                 "step": run.step,
                 "tokens_seen": run.tokens_seen,
                 "data": run.batches.state(),
-                "schedule": {"total": run.schedule.total, "anchor_step": run.schedule.anchor_step,
-                             "anchor_lr": run.schedule.anchor_lr},
+                "schedule": run.schedule.state(),
             },
             # a sharded run saves its optimizer state with the weight shards
             "optimizer": None if run.sharded else run.optimizer.state_dict(),
@@ -50,11 +47,8 @@ class Resume:
         run.batches.restore(trainer["data"])
         if state["optimizer"] is not None:
             run.optimizer.load_state_dict(state["optimizer"])
-        s, saved = run.schedule, trainer["schedule"]
         # The schedule as it was saved, then stretched or shrunk to the new --steps.
-        as_saved = Schedule(s.kind, s.peak, s.warmup, int(saved["total"]), s.end_ratio,
-                            int(saved["anchor_step"]), saved["anchor_lr"])
-        run.schedule = as_saved.resized(run.config.steps, run.step)
+        run.schedule = run.schedule.restored(trainer["schedule"], run.config.steps, run.step)
         torch.set_rng_state(rng["torch"])
         random.setstate((3, tuple(rng["python"].tolist()), None))
         np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"]))

@@ -5,7 +5,7 @@ buckets while the backward of an update's last micro-batch still runs; with ``fs
 reduce-scatters them. The loss is normalised by the target tokens of the whole update on
 all ranks (times the world size, as both average), so N processes with --micro-bsz B
 train exactly like one process with --micro-bsz N*B. Rank 0 alone prints, logs,
-evaluates and writes checkpoints.
+evaluates and writes the small files of checkpoints (sftplug.checkpoint).
 """
 
 from __future__ import annotations
@@ -108,26 +108,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
-def save_shards(model: torch.nn.Module, optimizer, folder) -> None:
-    """Every rank writes its own shards of the weights and optimizer state; a collective call."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
-
-
-def load_shards(model: torch.nn.Module, optimizer, folder) -> None:
-    """Each rank reads back its shards (the world size must be the one that saved them)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # also creates Adam's state to fill
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
 def gather(world: World, obj):
     """Every rank's ``obj`` as a list on every rank (a list of one without torchrun)."""
     if not world.active:
@@ -140,6 +120,16 @@ def gather(world: World, obj):
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(world: World):
+    """Rank 0 runs the block first (say, filling a cache); the other ranks then run it too."""
+    if not world.is_main:
+        barrier(world)
+    yield
+    if world.is_main:
+        barrier(world)
 
 
 def close(world: World) -> None:

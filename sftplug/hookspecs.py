@@ -59,7 +59,7 @@ def load_state(source, dtype, device, load_model):
 def resume_state(run):
     """Return this plugin's part of the training state to save in a checkpoint.
 
-    :param run: the :class:`sftplug.train.loop.Run` being checkpointed.
+    :param run: the :class:`sftplug.train.run.Run` being checkpointed.
     :returns: a dict ``{namespace: value}`` (tensors, numbers, strings, nested dicts
         and lists of those), or None. Namespaces must be unique across plugins.
     """
@@ -69,7 +69,7 @@ def resume_state(run):
 def on_resume(run, state):
     """Restore this plugin's part of a saved training state.
 
-    :param run: the :class:`sftplug.train.loop.Run` being resumed, already built.
+    :param run: the :class:`sftplug.train.run.Run` being resumed, already built.
     :param state: the merged dict of every plugin's :func:`resume_state` at save time;
         take your own namespace from it.
     """

@@ -4,9 +4,8 @@ A checkpoint is written under a temporary name, each file flushed to disk, then 
 only then does ``latest`` move (itself replaced atomically). ``run.json`` lists every file
 with its size, so a truncated or missing file is caught before anything is loaded.
 
-A run sharded with FSDP writes ``shards/`` instead of ``model.safetensors``: each rank saves
-its own part of the weights and optimizer state there (torch.distributed.checkpoint), rank 0
-adds the small files, and ``load_weights`` reassembles full tensors in one process.
+What goes into a checkpoint, and how a run comes back from one, is
+:mod:`sftplug.checkpoint.run_state`; an FSDP run's ``shards/`` are :mod:`sftplug.checkpoint.shards`.
 """
 
 from __future__ import annotations
@@ -14,18 +13,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sftplug.errors import SftplugError
 
 FORMAT = "sftplug-checkpoint"
+# The names of a checkpoint's files, defined here only.
 MANIFEST = "run.json"
-WEIGHTS = "model.safetensors"
-SHARDS = "shards"
+WEIGHTS = "model.safetensors"  # the trainable weights (LoRA: the adapter)
+STATE = "state.pt"  # every plugin's resume_state
+SHARDS = "shards"  # instead of WEIGHTS in an FSDP run: each rank's shards, optimizer state included
+LATEST = "latest"
 
 
 def _fsync_file(path: Path) -> None:
@@ -41,13 +42,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(out: str | Path, step: int, weights: dict, meta: dict, writers: dict | None = None) -> Path:
-    """Write step-<step> with the weights, extra files (name -> fn(path)) and the manifest."""
+def write_checkpoint(out: str | Path, step: int, meta: dict, writers: dict) -> Path:
+    """Write step-<step> from ``writers`` (file name -> fn(path)) and the manifest, atomically."""
     tmp = begin(out, step)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
-    for name, write in (writers or {}).items():
+    for name, write in writers.items():
         write(tmp / name)
     return commit(out, step, meta)
+
+
+def step_folder(out: str | Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step}"
 
 
 def staging(out: str | Path, step: int) -> Path:
@@ -68,7 +72,7 @@ def begin(out: str | Path, step: int) -> Path:
 def commit(out: str | Path, step: int, meta: dict) -> Path:
     """Flush the staged files, add the manifest, rename to step-<step>, then move ``latest``."""
     root, tmp = Path(out) / "checkpoints", staging(out, step)
-    final = root / f"step-{step}"
+    final = step_folder(out, step)
     paths = sorted(p for p in tmp.rglob("*") if p.is_file())
     files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in paths}
     for path in paths:
@@ -89,7 +93,7 @@ def commit(out: str | Path, step: int, meta: dict) -> Path:
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(final.name + "\n")
     _fsync_file(latest_tmp)
-    os.replace(latest_tmp, root / "latest")
+    os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
     return final
 
@@ -144,8 +148,8 @@ def complete_checkpoints(out: str | Path) -> list[Path]:
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from a run folder, a checkpoints folder, `latest` or a step folder."""
     path = Path(path)
-    for candidate in (path / "checkpoints" / "latest", path / "latest", path):
-        if candidate.is_file() and candidate.name == "latest":
+    for candidate in (path / "checkpoints" / LATEST, path / LATEST, path):
+        if candidate.is_file() and candidate.name == LATEST:
             return candidate.parent / candidate.read_text().strip()
     return path
 
@@ -161,33 +165,14 @@ def is_checkpoint(path: str | Path) -> bool:
 def load_weights(folder: Path) -> dict:
     """The saved weights by name, as full tensors (also from a sharded checkpoint)."""
     if (folder / SHARDS).is_dir():
-        return _load_sharded_weights(folder / SHARDS)
+        from sftplug.checkpoint.shards import read_full_weights
+
+        return read_full_weights(folder / SHARDS)
     path = folder / WEIGHTS
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise SftplugError(f"{path}: cannot be read ({exc}); the file is corrupt") from None
-
-
-def _load_sharded_weights(folder: Path) -> dict:
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        reader = dcp.FileSystemReader(str(folder))
-        entries = reader.read_metadata().state_dict_metadata
-        weights = {
-            key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
-            for key, meta in entries.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
-        }
-        with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
-    except Exception as exc:  # DCP reports damage as assorted exception types
-        raise SftplugError(f"{folder}: the sharded weights cannot be read ({exc}); the checkpoint is corrupt") from None
-    return weights
 
 
 def prune(out: str | Path, keep_last: int) -> None:

@@ -1,27 +1,107 @@
-"""Resume a run from a checkpoint: weights here, everything else through on_resume."""
+"""Saving and restoring a training run: one symmetric pair, as torchtune's
+``save_checkpoint`` / ``load_checkpoint``.
+
+:func:`save_checkpoint` writes OUT/checkpoints/step-N/ with the trainable weights (or,
+sharded, every rank's shards of weights and optimizer state), every plugin's
+``resume_state`` in ``state.pt``, and the manifest. :func:`load_checkpoint` reads the
+same back in the same order and hands ``state.pt`` to every plugin's ``on_resume``.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from sftplug.checkpoint import folders as checkpoint
-from sftplug.train import distributed
+from sftplug import distributed
+from sftplug.checkpoint import folders, shards
 from sftplug.errors import SftplugError
 from sftplug.hf.names import load_state_dict_exact
+from sftplug.model.lora import lora_settings, trainable_state_dict
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz",
           "strategy")
 
 
-def find_checkpoint(out, resume: str):
-    """The checkpoint to resume: `auto` takes the newest complete one of this run."""
-    if resume != "auto":
-        return checkpoint.resolve(resume)
-    complete = checkpoint.complete_checkpoints(out)
-    return complete[0] if complete else None
+def save_checkpoint(run) -> Path:
+    """Write step-<run.step> atomically, then prune old ones; a collective call under torchrun."""
+    state = plugin_state(run)  # every rank's part already: the hooks gather it
+    meta = manifest_fields(run)
+    if run.sharded:  # each rank writes its own shards; rank 0 the small files, once all are written
+        if run.world.is_main:
+            folders.begin(run.out, run.step)
+        distributed.barrier(run.world)
+        staging = folders.staging(run.out, run.step)
+        shards.save(run.model, run.optimizer, staging / folders.SHARDS)
+        distributed.barrier(run.world)
+        if run.world.is_main:
+            torch.save(state, staging / folders.STATE)
+            folders.commit(run.out, run.step, meta)
+    elif run.world.is_main:
+        weights = {k: v.contiguous() for k, v in trainable_state_dict(run.model).items()}
+        folders.write_checkpoint(run.out, run.step, meta, {
+            folders.WEIGHTS: lambda path: save_file(weights, str(path)),
+            folders.STATE: lambda path: torch.save(state, path),
+        })  # fmt: skip
+    if run.world.is_main:
+        folders.prune(run.out, run.config.keep_last)
+    distributed.barrier(run.world)
+    return folders.step_folder(run.out, run.step)
+
+
+def load_checkpoint(run, folder: Path) -> None:
+    """Restore ``run`` from a complete checkpoint: weights (or shards), then every plugin's part."""
+    manifest = folders.verify(folder)
+    check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"),
+                   run.data.stats.get("data_sha256"), folder)
+    if run.sharded:  # weights and optimizer state, each rank its own shards
+        if not (folder / folders.SHARDS).is_dir():
+            raise SftplugError(f"{folder} holds no weight shards ({folders.SHARDS}/); it cannot resume an FSDP run")
+        shards.load(run.model, run.optimizer, folder / folders.SHARDS)
+    else:
+        trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+        weights = folders.load_weights(folder)
+        load_state_dict_exact(run.model, weights, str(folder / folders.WEIGHTS), expected=trainable)
+    state = torch.load(folder / folders.STATE, weights_only=True, map_location="cpu")
+    run.registry.hook.on_resume(run=run, state=state)
+    run.tokens_at_start = run.tokens_seen
+    if run.world.is_main:
+        _truncate_metrics(run.metrics_path, run.step)
+
+
+def resume(run, spec: str) -> None:
+    """``--resume``: `auto` takes the newest complete checkpoint of the run, else the folder named."""
+    folder = folders.resolve(spec) if spec != "auto" else next(iter(folders.complete_checkpoints(run.out)), None)
+    if folder is None:
+        run.echo("resume: no complete checkpoint yet, starting from step 0")
+        return
+    load_checkpoint(run, folder)
+    run.echo(f"resume: continuing from {folder} at step {run.step}")
+
+
+def plugin_state(run) -> dict:
+    """Every plugin's ``resume_state``, merged (namespaces are unique across plugins)."""
+    state: dict = {}
+    for part in run.registry.hook.resume_state(run=run):
+        if part:
+            state.update(part)
+    return state
+
+
+def manifest_fields(run) -> dict:
+    """What run.json records besides the file list: enough to load the model back alone."""
+    model_path = Path(run.config.model)
+    return {
+        "base_model": str(model_path.resolve()) if model_path.exists() else run.config.model,
+        "model_config": run.model.config.to_dict(),
+        "lora": lora_settings(run.model),
+        "config": run.config.to_dict(),
+        "tokens_seen": run.tokens_seen,
+        "data_sha256": run.data.stats.get("data_sha256"),
+    }
 
 
 def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, folder) -> None:
@@ -39,30 +119,7 @@ def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, fol
         )
 
 
-def resume_run(run, resume: str) -> None:
-    folder = find_checkpoint(run.out, resume)
-    if folder is None:
-        run.echo("resume: no complete checkpoint yet, starting from step 0")
-        return
-    manifest = checkpoint.verify(folder)
-    check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"), run.data_sha256, folder)
-    if run.sharded:  # weights and optimizer state, each rank its own shards
-        if not (folder / checkpoint.SHARDS).is_dir():
-            raise SftplugError(f"{folder} holds no weight shards ({checkpoint.SHARDS}/); it cannot resume an FSDP run")
-        distributed.load_shards(run.model, run.optimizer, folder / checkpoint.SHARDS)
-    else:
-        weights = checkpoint.load_weights(folder)
-        trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
-        load_state_dict_exact(run.model, weights, str(folder / checkpoint.WEIGHTS), expected=trainable)
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-    run.registry.hook.on_resume(run=run, state=state)
-    run.tokens_at_start = run.tokens_seen
-    if run.world.is_main:
-        _truncate_metrics(run.metrics_path, run.step)
-    run.echo(f"resume: continuing from {folder} at step {run.step}")
-
-
-def _truncate_metrics(path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics of updates after the checkpoint: they are about to be redone."""
     if not path.is_file():
         return

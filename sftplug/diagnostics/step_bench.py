@@ -73,7 +73,7 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
     from sftplug.config import TrainConfig
     from sftplug.data.packing import IGNORE, Rows
     from sftplug.registry import build_registry
-    from sftplug.train.loop import Run
+    from sftplug.train.setup import build_run
 
     w = WORKLOADS[workload]
     base_rss = _rss_mib("VmRSS")
@@ -89,7 +89,7 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
                          seq_len=w["seq_len"], dtype=w["dtype"], device=w["device"], full=full, attention=attention,
                          lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], profile=True,
                          eval_data=None, warmup=1, **VARIANTS.get(variant, {}))
-    run = Run(config, build_registry(), echo=lambda *a: None, rows=rows)
+    run = build_run(config, build_registry(), echo=lambda *a: None, rows=rows)
     records = [run.update() for _ in range(steps + warmup)][warmup:]  # compilation happens in warm-up
     run.batches.close()
     return _summarise("+".join(filter(None, ["sftplug", variant])), records, _peak_mib(run.device, base_rss))

@@ -8,7 +8,7 @@ second warmup.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -46,5 +46,15 @@ class Schedule:
     def resized(self, total: int, at_step: int) -> "Schedule":
         """This schedule continued from ``at_step`` but ending at ``total`` steps."""
         if total == self.total or at_step < self.warmup:
-            return Schedule(self.kind, self.peak, self.warmup, total, self.end_ratio, self.anchor_step, self.anchor_lr)
-        return Schedule(self.kind, self.peak, self.warmup, total, self.end_ratio, at_step, self.lr(at_step))
+            return replace(self, total=total)
+        return replace(self, total=total, anchor_step=at_step, anchor_lr=self.lr(at_step))
+
+    def state(self) -> dict:
+        """What a checkpoint keeps (the kind, peak and warmup come from the run's settings)."""
+        return {"total": self.total, "anchor_step": self.anchor_step, "anchor_lr": self.anchor_lr}
+
+    def restored(self, state: dict, total: int, at_step: int) -> "Schedule":
+        """The schedule :meth:`state` saved, continued from ``at_step`` to ``total`` steps."""
+        saved = replace(self, total=int(state["total"]), anchor_step=int(state["anchor_step"]),
+                        anchor_lr=state["anchor_lr"])
+        return saved.resized(total, at_step)

@@ -1,0 +1,197 @@
+"""A training run: what it holds, one update, and the held-out loss.
+
+The loss of an update is the sum of token losses over all its micro-batches divided by
+the update's total number of target tokens, so ``--micro-bsz 2 --accum 4`` and
+``--micro-bsz 8 --accum 1`` train identically. Plugins receive the :class:`Run` in
+``resume_state`` and ``on_resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sftplug import distributed
+from sftplug.attention.choice import AttentionChoice
+from sftplug.config import TrainConfig
+from sftplug.data.batches import Batches, batch_of
+from sftplug.data.packing import IGNORE
+from sftplug.data.prepare import Prepared
+from sftplug.errors import SftplugError
+from sftplug.model.lora import lm_head_weight
+from sftplug.train.loss import target_loss_sum
+from sftplug.train.precision import PrecisionPolicy
+from sftplug.train.schedule import Schedule
+
+
+@dataclass(eq=False)
+class Run:
+    """Everything one training run holds; built by :func:`sftplug.train.setup.build_run`."""
+
+    config: TrainConfig
+    registry: object
+    world: distributed.World
+    echo: object  # print-like; silent on ranks other than 0
+    out: Path
+    device: torch.device
+    precision: PrecisionPolicy
+    model: torch.nn.Module
+    tokenizer: object
+    params: list  # the trainable parameters
+    replicated: object  # the DDP view of the model for training forwards, or None
+    data: Prepared
+    batches: Batches
+    attention: AttentionChoice
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    step: int = 0  # updates done
+    tokens_seen: int = 0
+    tokens_at_start: int = 0  # tokens_seen when this process started timing
+
+    @property
+    def sharded(self) -> bool:
+        return distributed.is_sharded(self.model)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    # -- one update ---------------------------------------------------------------
+    def loss_sum(self, mb: dict, model=None) -> tuple[torch.Tensor, int]:
+        """(sum of target-token losses, number of targets) of one micro-batch."""
+        mb = {k: (v.to(self.device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
+        with self.precision.autocast(self.device):
+            hidden = (model or self.model)(mb["input_ids"], mb["positions"], mb["doc_ids"], hidden_only=True)
+            return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
+
+    def update(self) -> dict:
+        """One optimizer update over ``--accum`` micro-batches; returns its metrics record."""
+        c, device = self.config, self.device
+        lr = self.schedule.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [self.batches.next() for _ in range(c.accum)]
+        # Every rank divides by the target tokens of the whole update, all ranks together.
+        targets_here = sum(int((mb["labels"] != IGNORE).sum()) for mb in micro)
+        n_targets = distributed.sum_int(self.world, targets_here, device)
+        n_tokens = distributed.sum_int(self.world, sum(mb["labels"].numel() for mb in micro), device)
+        scaler = self.precision.scaler
+        timer = Timer(device, c.profile)
+        loss_sum = torch.zeros((), device=device)
+        for i, mb in enumerate(micro):
+            # DDP all-reduces during the backward of the update's last micro-batch only
+            with distributed.gradient_sync(self.replicated, enabled=i == len(micro) - 1):
+                with timer("fwd"):
+                    total, _ = self.loss_sum(mb, self.replicated)
+                    # DDP and FSDP average gradients over ranks; the update needs their sum
+                    loss = total / n_targets * self.world.size
+                with timer("bwd"):
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += total.detach()
+        with timer("opt"):
+            distributed.sum_tensor_(self.world, loss_sum)
+            skipped, grad_norm = self._step(loss_sum, scaler)
+        seconds = timer.elapsed()
+        self.step += 1
+        self.tokens_seen += n_tokens
+        record = {
+            "step": self.step,
+            "loss": float(loss_sum) / n_targets,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": n_tokens,
+            "target_tokens": n_targets,
+            "tps": n_tokens / seconds,
+            "s_per_update": seconds,
+        }
+        if skipped or scaler is not None:
+            record["skipped"] = skipped
+        if c.profile:
+            record.update(fwd_ms=timer.ms("fwd"), bwd_ms=timer.ms("bwd"), opt_ms=timer.ms("opt"))
+        return record
+
+    def _step(self, loss_sum: torch.Tensor, scaler) -> tuple[bool, torch.Tensor]:
+        """Clip, then step unless the update is not finite; returns (skipped, grad norm)."""
+        c = self.config
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30)
+        if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a sharded norm
+            grad_norm = grad_norm.full_tensor()
+        skipped = False
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        elif not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+            if c.on_nonfinite == "stop":
+                raise SftplugError(
+                    f"loss is {float(loss_sum)} at step {self.step + 1}: training stopped and the last checkpoint "
+                    "kept; lower --lr, or pass --on-nonfinite skip to skip such updates"
+                )
+            skipped = True
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return skipped, grad_norm
+
+    # -- held-out loss and metrics ------------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        """Mean loss over the held-out rows; rank 0 alone unless the model is sharded."""
+        # a sharded model needs every rank in each forward
+        if self.data.eval is None or not (self.world.is_main or self.sharded):
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        n_rows, bsz = len(self.data.eval), self.config.micro_bsz
+        for start in range(0, n_rows, bsz):
+            loss, n = self.loss_sum(batch_of(self.data.eval, list(range(start, min(start + bsz, n_rows)))))
+            total += float(loss)
+            count += n
+        self.model.train()
+        return total / max(count, 1)
+
+    def log(self, record: dict) -> None:
+        """Append one update's record to OUT/metrics.jsonl (rank 0)."""
+        if self.world.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Timer:
+    """Wall-clock sections of an update; synchronises the GPU only when profiling."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self._name = None
+
+    def __call__(self, name: str):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.totals[self._name] = self.totals.get(self._name, 0.0) + time.perf_counter() - self._t0
+
+    def ms(self, name: str) -> float:
+        return 1000 * self.totals.get(name, 0.0)
+
+    def elapsed(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.started

@@ -1,0 +1,135 @@
+"""Building a run: small steps that each return what they build, in the order of the data flow.
+
+:func:`build_run` joins the process group, creates the run folder, asks the plugins for
+the precision, loads the model (LoRA or full, sharded or replicated), prepares the data
+(rank 0 first), chooses attention for that data, and makes the optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sftplug import distributed, probes
+from sftplug.attention.choice import attach, steering_notes
+from sftplug.config import TrainConfig, check_output_dir
+from sftplug.data.batches import Batches
+from sftplug.data.packing import Rows
+from sftplug.data.prepare import Prepared, prepare_data
+from sftplug.errors import SftplugError
+from sftplug.loading import load_model
+from sftplug.model.lora import apply_lora
+from sftplug.train.precision import PrecisionPolicy
+from sftplug.train.run import Run
+from sftplug.train.schedule import Schedule
+
+
+def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = None) -> Run:
+    """Everything a training run needs, ready for its first update.
+
+    ``rows`` replaces the data files (benchmarks feed synthetic rows).
+    """
+    world = distributed.init_world(config.device)
+    echo = echo if world.is_main else _silent
+    out = check_output_dir(config.out)
+    device = training_device(config.device, world)
+    precision = choose_precision(registry, config, device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    loaded = load_model(config.model, dtype=base_dtype(config, precision), device=device, registry=registry,
+                        attention=None)
+    tokenizer = loaded.tokenizer
+    if config.chat_template:
+        tokenizer.set_chat_template(config.chat_template)
+    model = trainable_model(loaded.model, config, world, echo)
+    params = [p for p in model.parameters() if p.requires_grad]
+    replicated = distributed.replicate(model, world) if world.active and not distributed.is_sharded(model) else None
+    data = Prepared(rows, None, {}) if rows is not None else load_data(config, tokenizer, world, out, echo)
+    attention = attach(model, registry, config.attention, device, precision.autocast_dtype or torch.float32,
+                       packed=bool(int(data.train.docs_per_row.max()) > 1), seq_len=config.seq_len)
+    mode = "full fine-tune" if config.full else f"LoRA r={config.lora_r}"
+    echo(f"model: {loaded.description}; {mode}, {sum(p.numel() for p in params):,} trainable params on {device}")
+    echo(f"precision: {precision.name}; attention: {attention.reason}")
+    for note in steering_notes():
+        echo(f"environment: {note}")
+    if config.torch_compile:
+        compile_blocks(model, config.compile_mode)
+    return Run(
+        config=config, registry=registry, world=world, echo=echo, out=out, device=device, precision=precision,
+        model=model, tokenizer=tokenizer, params=params, replicated=replicated, data=data,
+        batches=make_batches(data.train, config, device, world), attention=attention,
+        optimizer=torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
+                                    eps=1e-8),
+        schedule=Schedule(config.schedule, config.lr, config.warmup, config.steps, config.min_lr_ratio),
+    )  # fmt: skip
+
+
+def training_device(name: str, world: distributed.World) -> torch.device:
+    """``--device`` resolved; under torchrun each process takes the GPU of its local rank."""
+    device = probes.resolve_device(name)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    return device
+
+
+def choose_precision(registry, config: TrainConfig, device: torch.device) -> PrecisionPolicy:
+    policy = registry.hook.configure_precision(dtype=config.dtype, device=device, tf32=config.tf32)
+    if policy is None:  # the built-in precision plugin cannot be disabled, but a hook may decline
+        raise SftplugError(f"--dtype {config.dtype}: no plugin configures this precision")
+    return policy
+
+
+def base_dtype(config: TrainConfig, precision: PrecisionPolicy) -> torch.dtype:
+    """LoRA under bf16/fp16 keeps the frozen base in that dtype: half the memory, no per-step
+    weight casts; trainable weights and optimizer state stay fp32 either way."""
+    half = precision.autocast_dtype
+    return half if half is not None and not config.full else torch.float32
+
+
+def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distributed.World, echo) -> torch.nn.Module:
+    """The loaded model made trainable: every weight (sharded under FSDP), or LoRA adapters."""
+    model.checkpoint_blocks = config.grad_ckpt
+    if config.full:
+        model.requires_grad_(True)
+        if config.strategy == "fsdp" and world.active:
+            distributed.shard(model)
+        elif config.strategy == "fsdp":
+            echo("strategy: fsdp shards across processes; this run has one, so nothing is sharded "
+                 "(start several with --nproc N or torchrun)")
+    else:
+        model.requires_grad_(False)
+        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model.train()
+    return model
+
+
+def load_data(config: TrainConfig, tokenizer, world: distributed.World, out, echo) -> Prepared:
+    """Tokenised rows; rank 0 tokenises and fills the cache, the other ranks then read it."""
+    with distributed.main_first(world):
+        prepared = prepare_data(
+            tokenizer, data=config.data, eval_data=config.eval_data, eval_split=config.eval_split,
+            seq_len=config.seq_len, pack=config.pack, fmt=config.format, train_on_prompt=config.train_on_prompt,
+            overlong=config.overlong, skip_bad_records=config.skip_bad_records, cache_dir=out / "cache",
+            seed=config.seed,
+        )  # fmt: skip
+    echo(prepared.describe())
+    return prepared
+
+
+def make_batches(rows: Rows, config: TrainConfig, device: torch.device, world: distributed.World) -> Batches:
+    # Unpacked rows are cut to the longest document of each micro-batch, except when
+    # compiled blocks want one fixed shape.
+    return Batches(rows, config.micro_bsz, config.seed, workers=config.workers, pin_memory=device.type == "cuda",
+                   trim=not config.pack and not config.torch_compile, rank=world.rank, world=world.size)
+
+
+def compile_blocks(model: torch.nn.Module, compile_mode: str) -> None:
+    """Compile each block once its attention is set; compilation happens in the first update."""
+    mode = None if compile_mode == "default" else compile_mode
+    for block in model.layers:
+        block.compile(mode=mode, dynamic=False)  # packed rows have one fixed shape: no recompiles
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
