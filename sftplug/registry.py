@@ -5,7 +5,7 @@ A plugin is a module or an object with ``@hookimpl`` functions. It may define
 manager and in the skipped list with that reason (pytest's skipped-plugin pattern).
 
 Environment:
-  SFTPLUG_DISABLE_PLUGINS   comma-separated plugin names to skip
+  SFTPLUG_DISABLE_PLUGINS   comma-separated plugin names to skip (not the ESSENTIAL ones)
   SFTPLUG_NO_ENTRYPOINTS=1  load built-ins only, no third-party entry points
 """
 
@@ -19,9 +19,16 @@ from importlib.metadata import entry_points
 import pluggy
 
 from sftplug import hookspecs
+from sftplug.errors import SftplugError
 from sftplug.hookspecs import PROJECT
 
 ENTRY_POINT_GROUP = "sftplug"
+# Built-ins a run cannot do without: what each one does. A plugin of your own that
+# implements the same hooks takes precedence over them without disabling them.
+ESSENTIAL = {
+    "precision": "it sets the run's precision (autocast, the fp16 loss scaler, TF32)",
+    "resume": "it saves and restores the step, data position, optimizer, schedule and RNG",
+}
 
 
 @dataclass
@@ -50,6 +57,11 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: list[PluginInfo] = []
         self.disabled = {n.strip() for n in os.environ.get("SFTPLUG_DISABLE_PLUGINS", "").split(",") if n.strip()}
+        for name in sorted(self.disabled & set(ESSENTIAL)):
+            raise SftplugError(
+                f"SFTPLUG_DISABLE_PLUGINS={os.environ['SFTPLUG_DISABLE_PLUGINS']}: '{name}' cannot be disabled: "
+                f"{ESSENTIAL[name]}; remove it from the list (a plugin of your own takes precedence without that)"
+            )
 
     @property
     def hook(self):
