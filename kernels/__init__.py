@@ -1,1 +1,4 @@
-"""Attention kernels of sftplug: Triton for GPUs, chunked matmuls for the CPU (installed as sftplug.kernels)."""
+"""Kernels of sftplug: Triton attention for GPUs, chunked attention for the CPU, packed rows for SDPA.
+
+Installed as sftplug.kernels; they import only torch and triton (tests/test_architecture.py).
+"""

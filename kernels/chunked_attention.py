@@ -15,8 +15,8 @@ they may see, so each step is one large ``bmm`` over batch * kv heads:
 
 Memory beyond the inputs and output is one chunk's scores, ``B*Hq*c*T`` floats. The
 query heads of a group sit next to each other (rows ordered by position, then head in
-group), so K and V are never repeated. At W0's shapes this takes about 0.75x the time of
-SDPA's CPU flash kernel, forward and backward (BENCHMARKS.md).
+group), so K and V are never repeated. BENCHMARKS.md compares it with SDPA's CPU flash
+kernel, forward and backward.
 
 Public API: :func:`chunked_attention`.
 """

@@ -47,14 +47,6 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if cuda_available() else None
 
 
-def gpu_label() -> str | None:
-    """'NVIDIA H100 80GB HBM3 (sm_90)', or None without a GPU."""
-    if not cuda_available():
-        return None
-    major, minor = gpu_capability()
-    return f"{gpu_name()} (sm_{major}{minor})"
-
-
 def cudnn_version() -> int | None:
     return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
 

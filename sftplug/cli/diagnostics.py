@@ -6,8 +6,8 @@ import json
 
 import click
 
-from sftplug.dtypes import TRAINING
 from sftplug.cli.options import CONTEXT, user_errors
+from sftplug.dtypes import TRAINING
 from sftplug.errors import SftplugError
 
 
@@ -178,7 +178,8 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
       sftplug bench step --workload W1 --rounds 1 --json
       sftplug bench step --workload W1 --variant compile --variant workers2
     """
-    from sftplug.diagnostics.step_bench import bench_step as run_bench, format_step_table
+    from sftplug.diagnostics.step_bench import bench_step as run_bench
+    from sftplug.diagnostics.step_bench import format_step_table
 
     result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
                        variants=variants)

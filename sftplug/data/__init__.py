@@ -1,0 +1,1 @@
+"""Training data: records -> chat template -> tokens and loss mask -> packed rows -> micro-batches."""

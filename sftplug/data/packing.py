@@ -14,16 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sftplug.errors import SftplugError
 from sftplug.data.records import SHOW_LINES
+from sftplug.errors import SftplugError
 
 IGNORE = -100
-
-
-@dataclass
-class Document:
-    ids: list[int]
-    trained: list[bool]  # per token: is it a target the loss counts
 
 
 @dataclass
@@ -66,14 +60,6 @@ class Tokenized:
         np.cumsum(lengths, out=starts[1:])
         return cls(ids, trained, starts, np.asarray(lines, dtype=np.int64), source)
 
-    @classmethod
-    def from_documents(cls, documents: list[Document], source: str = "") -> "Tokenized":
-        parts = [
-            (np.asarray(d.ids, np.int32), np.asarray(d.trained, bool), np.array([len(d.ids)], np.int64))
-            for d in documents
-        ]
-        return cls.concat(parts, np.arange(1, len(documents) + 1), source)
-
     def subset(self, index) -> "Tokenized":
         index = np.asarray(index, dtype=np.int64)
         lengths = (self.starts[1:] - self.starts[:-1])[index]
@@ -81,10 +67,6 @@ class Tokenized:
         np.cumsum(lengths, out=starts[1:])
         src = np.repeat(self.starts[:-1][index] - starts[:-1], lengths) + np.arange(starts[-1])
         return Tokenized(self.ids[src], self.trained[src], starts, self.lines[index], self.source)
-
-    def documents(self) -> list[Document]:
-        ids, trained, s = self.ids.tolist(), self.trained.tolist(), self.starts.tolist()
-        return [Document(ids[a:b], trained[a:b]) for a, b in zip(s[:-1], s[1:])]
 
 
 def _place(need: np.ndarray, seq_len: int, packed: bool):
@@ -166,10 +148,3 @@ def pack_tokenized(docs: Tokenized, seq_len: int, pad_id: int, packed: bool, ove
     )
     counts.update(documents=len(keep), tokens=total, target_tokens=int((labels != IGNORE).sum()))
     return rows, counts
-
-
-def pack(documents: list[Document], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
-    """Place documents into rows of seq_len positions (best-fit decreasing when packed)."""
-    if not documents:
-        raise SftplugError("no trainable examples: the dataset is empty")
-    return pack_tokenized(Tokenized.from_documents(documents, "data"), seq_len, pad_id, packed, "truncate")[0]

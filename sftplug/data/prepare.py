@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sftplug.errors import SftplugError
-from sftplug.data.packing import Document, Rows, Tokenized, pack_tokenized
+from sftplug.data.packing import Rows, Tokenized, pack_tokenized
 from sftplug.data.records import (
     SHOW_LINES,
     BadLog,
@@ -42,6 +41,7 @@ from sftplug.data.records import (
     to_messages,
 )
 from sftplug.data.tokenizer import ChatTemplateError, Tokenizer
+from sftplug.errors import SftplugError
 
 # Bump when tokens, masks or row layout produced from the same inputs change.
 DATA_FORMAT_VERSION = 2
@@ -86,7 +86,7 @@ class Prepared:
 
 
 # -- tokenising --------------------------------------------------------------------
-def _tokenize_records(path, records, tokenizer: Tokenizer, fmt: str, train_on_prompt: bool, bad: BadLog):
+def tokenize_records(path, records, tokenizer: Tokenizer, fmt: str, train_on_prompt: bool, bad: BadLog):
     """Tokenized documents of one file, the file's format, and assistant turns without EOS."""
     parts, lines, texts, spans, without_eos = [], [], [], [], 0
     file_fmt, file_fmt_from = (None, "") if fmt == "auto" else (fmt, f"--format {fmt}")
@@ -126,15 +126,6 @@ def _tokenize_records(path, records, tokenizer: Tokenizer, fmt: str, train_on_pr
             flush()
     flush()
     return Tokenized.concat(parts, lines, str(path)), file_fmt, without_eos
-
-
-def tokenize_file(path, tokenizer: Tokenizer, fmt: str = "auto", train_on_prompt: bool = False) -> list[Document]:
-    """Every record of a data file as a tokenised document with its loss mask."""
-    records = iter_records(path, read_bytes(path), BadLog(skip=False))
-    tokenized, _, _ = _tokenize_records(path, records, tokenizer, fmt, train_on_prompt, BadLog(skip=False))
-    if not len(tokenized):
-        raise SftplugError(f"{path}: no records (the file is empty)")
-    return tokenized.documents()
 
 
 def _split_order(n: int, fraction: float, seed: int) -> tuple[list[int], int]:
@@ -197,7 +188,7 @@ def prepare_data(
     def tokenize(path, content):
         nonlocal without_eos
         before = bad.count
-        docs, file_fmt, missing = _tokenize_records(
+        docs, file_fmt, missing = tokenize_records(
             path, iter_records(path, content, bad), tokenizer, fmt, train_on_prompt, bad
         )
         without_eos += missing

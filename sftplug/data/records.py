@@ -123,14 +123,6 @@ def _iter_json_array(path, text: str):
             raise SftplugError(f"{path}:{where}: invalid JSON (expected ',' or ']' between records)")
 
 
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from a JSONL file or a JSON array; the first problem raises."""
-    out = list(iter_records(path, read_bytes(path), BadLog(skip=False)))
-    if not out:
-        raise SftplugError(f"{path}: no records (the file is empty)")
-    return out
-
-
 def first_record(path: str | Path) -> dict:
     """The first record of a data file, without parsing the rest."""
     found = next(iter_records(path, read_bytes(path), BadLog(skip=False)), None)

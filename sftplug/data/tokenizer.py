@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +96,6 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-@dataclass
-class Segment:
-    text: str
-    trained: bool
 
 
 class Tokenizer:
@@ -279,16 +272,6 @@ class Tokenizer:
         if not text.startswith(done):
             raise ChatTemplateError("the chat template renders earlier turns differently once later turns are added")
         return text, spans, without_eos
-
-    def render_segments(self, messages: list[dict], train_on_prompt: bool = False) -> list[Segment]:
-        """The rendered conversation as segments, assistant turns marked as trained."""
-        text, spans, _ = self.render_spans(messages, train_on_prompt)
-        segments, at = [], 0
-        for a, b in spans:
-            segments += [Segment(text[at:a], False), Segment(text[a:b], True)]
-            at = b
-        segments.append(Segment(text[at:], False))
-        return [s for s in segments if s.text]
 
 
 def _covering_token(encoding, chars) -> int | None:

@@ -1,0 +1,1 @@
+"""What this machine runs, and how fast: sftplug doctor, bench attention, bench step."""

@@ -1,0 +1,1 @@
+"""The decoder model sftplug trains: the transformer, LoRA through PEFT, greedy decoding."""

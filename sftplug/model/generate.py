@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from sftplug.model.transformer import KVCache
+
+class KVCache:
+    """Keys and values of the tokens generated so far, for one layer."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 @torch.no_grad()

@@ -166,18 +166,6 @@ def attend(backend, q, k, v, doc_ids):
     return backend(q, k, v, causal=True, doc_ids=doc_ids)
 
 
-class KVCache:
-    """Keys and values of the tokens generated so far, for one layer."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def append(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -238,7 +226,7 @@ class Transformer(nn.Module):
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def hidden_states(self, input_ids, positions=None, doc_ids=None, caches=None):
-        """Final-norm hidden states [B, T, C] for input_ids [B, T]; caches: one KVCache per layer."""
+        """Final-norm hidden states [B, T, C] for input_ids [B, T]; caches: one generate.KVCache per layer."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
