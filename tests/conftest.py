@@ -5,6 +5,13 @@ import pytest
 import torch
 
 from sftplug.config import ASSETS, TrainConfig
+from sftplug.registry import build_registry
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """The built-in plugins, registered once for the session (tests that add plugins build their own)."""
+    return build_registry(entrypoints=False)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ import json
 import pytest
 
 import sftplug
-from sftplug.attention import AttentionBackend, AttentionRequest, choose_backend
+from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention.choice import choose_backend
 from sftplug.errors import SftplugError
 from sftplug.registry import Registry, build_registry
 
@@ -143,3 +144,22 @@ def test_a_second_plugin_of_the_same_name_is_skipped_not_fatal():
     assert registry.add("doubling", lambda: Doubling).available
     again = registry.add("doubling", lambda: Doubling)
     assert not again.available and "not registered" in again.reason
+
+
+@pytest.mark.parametrize("essential", ["precision", "resume"])
+def test_an_essential_builtin_cannot_be_disabled_into_a_crash(monkeypatch, essential):
+    from click.testing import CliRunner
+
+    from sftplug.cli import cli
+
+    monkeypatch.setenv("SFTPLUG_DISABLE_PLUGINS", f"flash,{essential}")
+    with pytest.raises(SftplugError, match=f"'{essential}' cannot be disabled: it "):
+        build_registry(entrypoints=False)
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [
+        f"Error: SFTPLUG_DISABLE_PLUGINS=flash,{essential}: '{essential}' cannot be disabled: "
+        + ("it sets the run's precision (autocast, the fp16 loss scaler, TF32); " if essential == "precision" else
+           "it saves and restores the step, data position, optimizer, schedule and RNG; ")
+        + "remove it from the list (a plugin of your own takes precedence without that)"
+    ]

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftplug.attention import AttentionRequest, attention_skipped, choose_backend
+from sftplug.attention import AttentionRequest
+from sftplug.attention.choice import attention_skipped, choose_backend
 from sftplug.config import ASSETS
 from sftplug.diagnostics.doctor import doctor_report
 from sftplug.errors import SftplugError

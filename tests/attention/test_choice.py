@@ -1,11 +1,9 @@
-"""Choosing an attention backend out loud; shell overrides that cannot steer it;
-`sftplug doctor` and `sftplug bench attention`."""
+"""Choosing an attention backend out loud; shell overrides that cannot steer it."""
 
 from __future__ import annotations
 
 import json
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,17 +11,8 @@ from torch.profiler import profile
 
 import sftplug
 from sftplug import probes
-from sftplug.attention import (
-    AttentionBackend,
-    AttentionRequest,
-    attention_skipped,
-    choose_backend,
-    steering_env,
-    steering_notes,
-)
-from sftplug.diagnostics.attention_bench import attention_flops, format_table, run_attention_bench
-from sftplug.cli.diagnostics import bench, doctor
-from sftplug.diagnostics.doctor import doctor_report, format_doctor
+from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention.choice import attention_skipped, choose_backend, steering_env, steering_notes
 from sftplug.errors import SftplugError
 from sftplug.registry import Registry, build_registry
 
@@ -82,8 +71,7 @@ def test_math_is_never_chosen_silently():
     assert choice.backend.name == "math" and "slow reference kernel" in choice.reason
 
 
-def test_unknown_backend_names_the_known_and_the_usable():
-    registry = build_registry(entrypoints=False)
+def test_unknown_backend_names_the_known_and_the_usable(registry):
     with pytest.raises(SftplugError) as err:
         choose_backend(registry.hook, request("warp-drive"), attention_skipped(registry))
     message = str(err.value)
@@ -92,8 +80,7 @@ def test_unknown_backend_names_the_known_and_the_usable():
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="describes a CPU-only machine")
-def test_unavailable_backend_says_why_and_what_works_here():
-    registry = build_registry(entrypoints=False)
+def test_unavailable_backend_says_why_and_what_works_here(registry):
     with pytest.raises(SftplugError) as err:
         choose_backend(registry.hook, request("efficient"), attention_skipped(registry))
     assert str(err.value) == (
@@ -133,8 +120,7 @@ def test_nothing_usable_lists_every_reason():
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="describes a CPU-only machine")
-def test_the_cpu_machine_offers_chunked_then_flash_then_math():
-    registry = build_registry(entrypoints=False)
+def test_the_cpu_machine_offers_chunked_then_flash_then_math(registry):
     by_name = {p.name: p for p in registry.plugins}
     assert by_name["chunked"].available and by_name["flash"].available and by_name["math"].available
     for name in ("efficient", "cudnn"):
@@ -187,11 +173,13 @@ def test_steering_variables_are_found():
 
 
 @pytest.mark.parametrize("attention", ["auto", "flash", "chunked"])
-def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, monkeypatch, tmp_path, attention):
+def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, monkeypatch, tmp_path, attention,
+                                                                  registry):
     expected = "flash" if attention == "auto" else attention  # auto's pick for packed fp32 rows on the CPU
     """PYTORCH_SDP_KERNEL=math (and a script that acted on it by switching flash off
     globally) must not push training onto the math kernel: the profiler shows which ran."""
-    from sftplug.train.loop import Run, train
+    from sftplug.train.loop import train
+    from sftplug.train.run import Run
 
     monkeypatch.setenv("PYTORCH_SDP_KERNEL", "math")
     monkeypatch.setenv("SDPA_BACKEND", "math")
@@ -211,7 +199,7 @@ def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, 
     try:
         config = small_config(steps=1, attention=attention, data=tiny_data(tmp_path, 48, text=True), full=True,
                               device="cpu")  # the CPU flash kernel's op names, on any machine
-        train(config, build_registry(entrypoints=False), echo=lines.append)
+        train(config, registry, echo=lines.append)
     finally:
         torch.backends.cuda.enable_flash_sdp(flags["flash"])
     header = "\n".join(lines)
@@ -222,99 +210,3 @@ def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, 
     else:  # sftplug's own batched matmuls, no SDPA kernel at all
         assert "aten::bmm" in ops and FLASH_CPU_OP not in ops
     assert MATH_OP not in ops
-
-
-# -- doctor ---------------------------------------------------------------------------------
-
-
-def test_doctor_reports_versions_backends_and_overrides(monkeypatch):
-    monkeypatch.setenv("PYTORCH_SDP_KERNEL", "math")
-    report = doctor_report(build_registry(entrypoints=False))
-    json.dumps(report)  # --json must work
-    assert report["torch"] == torch.__version__ and report["triton"] == probes.triton_version()
-    assert report["environment"] == {"PYTORCH_SDP_KERNEL": "math"}
-    rows = {a["name"]: a for a in report["attention"]}
-    assert {"flash", "efficient", "cudnn", "math", "triton"} <= set(rows)
-    assert all(set(a["dtypes"]) == {"bf16", "fp16", "fp32"} for a in rows.values())
-    text = format_doctor(report)
-    assert "PYTORCH_SDP_KERNEL=math" in text and "attention on " in text
-    if CPU_ONLY:
-        assert report["gpu"] is None and "CPU-only" in report["no_gpu_reason"]
-        assert rows["flash"]["dtypes"] == {"bf16": None, "fp16": None, "fp32": None}
-        assert rows["flash"]["gqa"] == "native" and rows["math"]["gqa"] == "repeat"
-        assert not rows["efficient"]["available"] and "runs only on CUDA GPUs" in rows["efficient"]["reason"]
-        assert report["auto"]["bf16"]["backend"] == "flash" and report["auto"]["fp32 packed"]["backend"] == "flash"
-        assert "efficient  unavailable: efficient attention runs only on CUDA GPUs" in text
-
-
-# -- bench ----------------------------------------------------------------------------------
-
-
-def test_flops_follow_design_md():
-    assert attention_flops(8, 32, 2048, 64) == 4 * 8 * 32 * 2048**2 * 64 * 0.5
-    assert attention_flops(8, 32, 2048, 64, causal=False) == 2 * attention_flops(8, 32, 2048, 64)
-    doc_ids = torch.tensor([[0] * 3 + [1] * 5])
-    assert attention_flops(1, 2, 8, 4, True, doc_ids) == 4 * 2 * (9 + 25) * 4 * 0.5
-
-
-def test_bench_times_every_usable_backend_and_says_why_not_the_others():
-    rows = run_attention_bench(build_registry(entrypoints=False), shapes=[(1, 2, 64, 16), (1, 4, 2, 64, 16)],
-                               dtypes=["fp32"], device="cpu", repeats=1, packed_shape=(2, 4, 2, 128, 16))
-    json.dumps(rows)
-    timed = {(r["backend"], r["case"]) for r in rows if r["status"] == "ok"}
-    for backend in ("flash", "math"):
-        assert {(backend, "B1 H2 S64 D16"), (backend, "B1 H4/2 S64 D16")} <= timed
-        assert any(r["backend"] == backend and r["packed"] and r["status"] == "ok" for r in rows)
-    for r in rows:
-        if r["status"] == "ok":
-            assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["fwd_tflops"] > 0 and r["bwd_tflops"] > 0
-        else:
-            assert r["status"].startswith("skipped: ")
-    table = format_table(rows)
-    assert "fwd TFLOP/s" in table and "fastest forward+backward per case" in table and "not timed:" in table
-
-
-def test_bench_respects_its_time_budget():
-    rows = run_attention_bench(build_registry(entrypoints=False), shapes=[(1, 2, 32, 16)], dtypes=["fp32"],
-                               device="cpu", repeats=1, packed=False, budget_s=0)
-    assert rows and all(r["status"] != "ok" for r in rows)
-    assert any("time budget" in r["status"] for r in rows)
-
-
-# -- the click commands the lead wires in ----------------------------------------------------
-
-
-@pytest.fixture
-def local_cli():
-    @click.group()
-    def group():
-        """A stand-in for sftplug's main group."""
-
-    group.add_command(doctor)
-    group.add_command(bench)
-    return lambda *args: CliRunner().invoke(group, list(args))
-
-
-def test_doctor_command(local_cli, monkeypatch):
-    monkeypatch.setenv("SDPA_BACKEND", "math")
-    text = local_cli("doctor")
-    assert text.exit_code == 0, text.output
-    assert "torch " in text.output and "SDPA_BACKEND=math" in text.output
-    as_json = local_cli("doctor", "--json", "--head-dim", "128")
-    assert as_json.exit_code == 0
-    assert json.loads(as_json.stdout)["shape"]["head_dim"] == 128
-    bad = local_cli("doctor", "--heads", "6", "--kv-heads", "4")
-    assert bad.exit_code == 2 and "multiple of --kv-heads" in bad.output
-
-
-def test_bench_attention_command(local_cli):
-    result = local_cli("bench", "attention", "--json", "--device", "cpu", "--shape", "1,2,32,16", "--repeats", "1",
-                       "--no-packed")
-    assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
-    assert {r["backend"] for r in rows if r["status"] == "ok"} >= {"flash", "math"}
-    table = local_cli("bench", "attention", "--device", "cpu", "--shape", "1x2x32x16", "--repeats", "1",
-                      "--no-packed")
-    assert table.exit_code == 0 and "fwd ms" in table.output
-    bad = local_cli("bench", "attention", "--shape", "1,2,3")
-    assert bad.exit_code == 2 and "--shape takes B,H,S,D" in bad.output

@@ -7,13 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sftplug.checkpoint import folders as checkpoint
+from sftplug.checkpoint import folders
+from sftplug.checkpoint.export import export_checkpoint
 from sftplug.config import TrainConfig
 from sftplug.errors import SftplugError
-from sftplug.hf.export import export_checkpoint
 from sftplug.loading import load_model
-from sftplug.loading import set_default_attention
-from sftplug.registry import build_registry
 from sftplug.train.loop import train
 
 transformers = pytest.importorskip("transformers")
@@ -28,8 +26,6 @@ def relative_error(got, ref) -> float:
 
 def sftplug_logits(source):
     model = load_model(str(source)).model
-    if model.layers[0].attn.backend is None:  # presets get no backend at load (HF folders do)
-        set_default_attention(model, "cpu", torch.float32)
     with torch.no_grad():
         return model(IDS)
 
@@ -43,14 +39,14 @@ def hf_model(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")
 
 
-def train_lora(model, out, targets=("qkv", "o", "gate_up", "down")):
+def train_lora(registry, model, out, targets=("qkv", "o", "gate_up", "down")):
     config = TrainConfig(
         model=str(model), out=str(out), steps=3, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2, warmup=0,
         log_every=100, lora_targets=targets,
     )  # fmt: skip
-    folder = train(config, build_registry(), echo=lambda *a: None)["checkpoint"]
+    folder = train(config, registry, echo=lambda *a: None)["checkpoint"]
     # Training moves B off zero; perturb every B as well so no LoRA (lm_head included) is trivial.
-    path = checkpoint.resolve(folder) / checkpoint.WEIGHTS
+    path = folders.resolve(folder) / folders.WEIGHTS
     weights = load_file(str(path))
     generator = torch.Generator().manual_seed(0)
     for name, t in weights.items():
@@ -68,10 +64,11 @@ def train_lora(model, out, targets=("qkv", "o", "gate_up", "down")):
     ],
     ids=["llama", "qwen2-tied-lm_head"],
 )
-def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, overrides, targets, make_hf_folder):
+def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, overrides, targets, make_hf_folder,
+                                                registry):
     base = tmp_path / "hf"
     make_hf_folder(base, config_class, **overrides)
-    run = train_lora(base, tmp_path / "run", targets)
+    run = train_lora(registry, base, tmp_path / "run", targets)
     ours = sftplug_logits(tmp_path / "run")
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-2  # the LoRA changes the model
 
@@ -95,14 +92,14 @@ def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, override
     assert relative_error(hf_logits(hf_model(parts["base"])), hf_logits(hf_model(base))) <= 1e-4
 
 
-def test_full_fine_tune_exports_as_one_model(tmp_path, make_hf_folder):
+def test_full_fine_tune_exports_as_one_model(tmp_path, make_hf_folder, registry):
     base = tmp_path / "hf"
     make_hf_folder(base, "MistralConfig", head_dim=16)
     config = TrainConfig(
         model=str(base), out=str(tmp_path / "run"), steps=2, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2,
         warmup=0, full=True, log_every=100,
     )  # fmt: skip
-    train(config, build_registry(), echo=lambda *a: None)
+    train(config, registry, echo=lambda *a: None)
     ours = sftplug_logits(tmp_path / "run")
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3  # the weights changed
     out = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)["model"]  # no LoRA: one model
@@ -134,12 +131,12 @@ def test_tiny_preset_exports_with_its_tokenizer(tmp_path):
     )
 
 
-def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path):
+def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path, registry):
     config = TrainConfig(
         out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0, log_every=100,
         lora_targets=("qkv", "down"),
     )  # fmt: skip
-    train(config, build_registry(), echo=lambda *a: None)
+    train(config, registry, echo=lambda *a: None)
     parts = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)
     assert sorted(json.loads((parts["adapter"] / "adapter_config.json").read_text())["target_modules"]) == [
         "down_proj", "k_proj", "q_proj", "v_proj",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "sftplug" / "assets"
 GENERATOR = ROOT / "scripts" / "make_default_assets.py"
 ASSET_FILES = ["default_train.jsonl", "default_eval.jsonl", "tokenizer.json", "tokenizer_config.json"]

@@ -9,21 +9,23 @@ strings below tokens are separated by spaces and the trained ones are in [bracke
 import json
 import random
 import shutil
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import sftplug.plugins.sdpa as sdpa
 import torch
 import torch.nn.functional as F
 
-import sftplug.plugins.sdpa as sdpa
-from sftplug.data import prepare as data
 from sftplug.config import ASSETS
+from sftplug.data import prepare as data
 from sftplug.data.batches import batch_of
-from sftplug.data.prepare import prepare_data, tokenize_file
-from sftplug.data.packing import IGNORE, Document, Rows, pack
+from sftplug.data.packing import IGNORE, Rows, Tokenized, pack_tokenized
+from sftplug.data.prepare import prepare_data, tokenize_records
+from sftplug.data.records import BadLog, iter_records, read_bytes
+from sftplug.data.tokenizer import Tokenizer
 from sftplug.errors import SftplugError
 from sftplug.model.transformer import ModelConfig, Transformer
-from sftplug.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,26 @@ def tok():
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+class Document(NamedTuple):
+    ids: list[int]
+    trained: list[bool]  # per token: is it a target the loss counts
+
+
+def tokenize_file(path, tok, fmt="auto", train_on_prompt=False) -> list[Document]:
+    """Every record of a data file as a tokenised document with its loss mask (prepare_data's first half)."""
+    bad = BadLog(skip=False)
+    tokenized, _, _ = tokenize_records(path, iter_records(path, read_bytes(path), bad), tok, fmt, train_on_prompt, bad)
+    ids, trained, s = tokenized.ids.tolist(), tokenized.trained.tolist(), tokenized.starts.tolist()
+    return [Document(ids[a:b], trained[a:b]) for a, b in zip(s[:-1], s[1:])]
+
+
+def pack(docs: list[Document], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
+    """Rows of the documents (prepare_data's second half)."""
+    parts = [(np.asarray(d.ids, np.int32), np.asarray(d.trained, bool), np.array([len(d.ids)])) for d in docs]
+    tokenized = Tokenized.concat(parts, np.arange(1, len(docs) + 1), "data")
+    return pack_tokenized(tokenized, seq_len, pad_id, packed, "truncate")[0]
 
 
 def tokens_and_mask(tok, tmp_path, record, **kwargs):
@@ -534,7 +556,7 @@ def test_damaged_cache_is_rebuilt(tok, tmp_path, small_data):
 
 
 def test_prepare_matches_the_old_path(tok):
-    """The functions the trainer calls today (tokenize_file + pack) give the rows prepare_data gives."""
+    """prepare_data is tokenising, then packing: nothing else changes the rows."""
     new = prepare_data(tok, data=ASSETS / "default_train.jsonl", seq_len=128).train
     old = pack(tokenize_file(ASSETS / "default_train.jsonl", tok), 128, tok.pad_id)
     assert rows_equal(new, old)

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from sftplug.config import ASSETS
-from sftplug.errors import SftplugError
 from sftplug.data.tokenizer import BUILTIN_TEMPLATES, ChatTemplateError, Tokenizer, resolve_chat_template
+from sftplug.errors import SftplugError
 
 CHAT = [
     {"role": "user", "content": "Name a color."},
@@ -140,9 +140,6 @@ def test_render_spans_multi_turn(tok):
     text, spans, without_eos = tok.render_spans(CHAT)
     assert [text[a:b] for a, b in spans] == ["Red.<|eos|>", "Blue.<|eos|>"]  # not the "\n" after EOS
     assert without_eos == 0
-    segments = tok.render_segments(CHAT)
-    assert "".join(s.text for s in segments) == text
-    assert [s.text for s in segments if s.trained] == ["Red.<|eos|>", "Blue.<|eos|>"]
     text, spans, _ = tok.render_spans(CHAT, train_on_prompt=True)
     assert spans == [(0, len(text))]
 

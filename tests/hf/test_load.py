@@ -10,12 +10,14 @@ from safetensors.torch import load_file, save_file
 import sftplug
 from sftplug.config import ASSETS
 from sftplug.errors import SftplugError
-from sftplug.hf.names import config_from_hf, load_state_dict_exact, map_names_to_model
+from sftplug.hf import weights as weight_files
+from sftplug.hf.config import config_from_hf
+from sftplug.hf.load import empty_model, load_hf_folder, load_hf_weights
+from sftplug.hf.names import load_state_dict_exact, map_names_to_model
+from sftplug.hf.weights import open_weights
+from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora
 from sftplug.model.transformer import ModelConfig, Transformer, rope_inv_freq
-from sftplug.plugins.hf import empty_model, load_hf_folder, load_hf_weights
-from sftplug.hf import weights as weight_files
-from sftplug.hf.weights import open_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,7 +67,7 @@ def test_logits_match_transformers(tmp_path, case, make_hf_folder):
 
 def test_loader_reports_itself_and_loads_in_another_dtype(llama):
     folder, _ = llama
-    loaded = load_hf_folder(folder, dtype="bf16")
+    loaded = load_model(folder, dtype="bf16")
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert loaded.model.inv_freq.dtype == torch.float32  # RoPE frequencies stay exact
     assert loaded.info["format"] == "hf" and loaded.info["files"] == ["model.safetensors"]
@@ -80,8 +82,8 @@ def test_source_dtype_by_default_and_exact_conversion_in_chunks(tmp_path, monkey
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / name, tmp_path / "bf16")
     monkeypatch.setattr(weight_files, "CHUNK_BYTES", 256)  # many chunks per tensor
-    own = load_hf_folder(tmp_path / "bf16", attention=False).model  # the source's dtype, read as is
-    up = load_hf_folder(tmp_path / "bf16", dtype=torch.float32, attention=False).model  # converted
+    own = load_hf_folder(tmp_path / "bf16").model  # the source's dtype, read as is
+    up = load_hf_folder(tmp_path / "bf16", dtype=torch.float32).model  # converted
     assert own.layers[0].attn.qkv.weight.dtype == torch.bfloat16 and up.norm.weight.dtype == torch.float32
     k = reference.model.layers[1].self_attn.k_proj.weight
     assert torch.equal(own.layers[1].attn.qkv.weight[64:96], k)
@@ -122,7 +124,7 @@ def _write_two_shards(src, dst):
 def test_two_shard_checkpoint_loads(llama, tmp_path):
     folder, reference = llama
     names = _write_two_shards(folder, tmp_path / "sharded")
-    loaded = load_hf_folder(tmp_path / "sharded")
+    loaded = load_model(tmp_path / "sharded")
     assert loaded.info["files"] == names
     ids = torch.randint(0, 1024, (1, 17))
     with torch.no_grad():
@@ -206,7 +208,7 @@ def test_pickle_bin_is_refused_unless_opted_in(llama, tmp_path, monkeypatch):
     monkeypatch.setenv("SFTPLUG_ALLOW_BIN", "1")
     ids = torch.randint(0, 1024, (1, 9))
     with torch.no_grad():
-        assert_close_logits(load_hf_folder(dst).model(ids), reference(ids).logits)
+        assert_close_logits(load_model(dst).model(ids), reference(ids).logits)
 
 
 def test_folders_that_are_not_hf_checkpoints(llama, tmp_path):
@@ -281,7 +283,7 @@ def test_load_state_dict_exact_both_ways():
 
 def test_hf_weights_load_into_a_peft_wrapped_model(llama):
     folder, reference = llama
-    config = load_hf_folder(folder, attention=False).model.config
+    config = load_hf_folder(folder).model.config
     model = apply_lora(empty_model(config, torch.float32, torch.device("cpu")), 4, 8, 0.0, ["qkv", "gate_up"])
     load_hf_weights(model, open_weights(folder))
     q_rows = config.n_heads * config.head_dim
@@ -294,7 +296,7 @@ def test_hf_weights_load_into_a_peft_wrapped_model(llama):
 
 def test_a_parameter_without_an_hf_name_is_never_left_uninitialised(llama):
     folder, _ = llama
-    model = empty_model(load_hf_folder(folder, attention=False).model.config, torch.float32, torch.device("cpu"))
+    model = empty_model(load_hf_folder(folder).model.config, torch.float32, torch.device("cpu"))
     model.layers[0].attn.o.register_parameter("bias", torch.nn.Parameter(torch.empty(64)))
     with pytest.raises(SftplugError, match=r"\['layers.0.attn.o.bias'\]: no HF name"):
         load_hf_weights(model, open_weights(folder))

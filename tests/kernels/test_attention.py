@@ -74,14 +74,6 @@ def _inputs(B, HQ, HKV, T, D, seed=0):
     return q, k, v, do
 
 
-def _run(fn, q, k, v, do, dtype, **kw):
-    """Output and (dq, dk, dv) of fn on copies of q, k, v in dtype."""
-    x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*x, **kw)
-    grads = torch.autograd.grad(out, x, do.to(dtype))
-    return [out.detach(), *grads]
-
-
 def _assert_within_twice_torch_error(got, ref64, same, dtype, what):
     for name, a, r, s in zip(("out", "dq", "dk", "dv"), got, ref64, same):
         assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}"
@@ -108,32 +100,32 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,HQ,HKV,T,D,causal,dtype", CASES)
-def test_matches_reference(B, HQ, HKV, T, D, causal, dtype):
+def test_matches_reference(B, HQ, HKV, T, D, causal, dtype, grads_of):
     q, k, v, do = _inputs(B, HQ, HKV, T, D, seed=T * 31 + D)
-    got = _run(triton_attention, q, k, v, do, dtype, causal=causal)
-    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal)
-    same = _run(attention_reference, q, k, v, do, dtype, causal=causal)
+    got = grads_of(triton_attention, q, k, v, do, dtype, causal=causal)
+    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=causal)
+    same = grads_of(attention_reference, q, k, v, do, dtype, causal=causal)
     _assert_within_twice_torch_error(got, ref64, same, dtype, f"T={T} D={D} {HQ}:{HKV} causal={causal}")
 
 
-def test_custom_scale():
+def test_custom_scale(grads_of):
     q, k, v, do = _inputs(1, 4, 2, 23, 32, seed=5)
-    got = _run(triton_attention, q, k, v, do, torch.float32, causal=True, scale=0.3)
-    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=True, scale=0.3)
-    same = _run(attention_reference, q, k, v, do, torch.float32, causal=True, scale=0.3)
+    got = grads_of(triton_attention, q, k, v, do, torch.float32, causal=True, scale=0.3)
+    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True, scale=0.3)
+    same = grads_of(attention_reference, q, k, v, do, torch.float32, causal=True, scale=0.3)
     _assert_within_twice_torch_error(got, ref64, same, torch.float32, "scale=0.3")
 
 
 @pytest.mark.parametrize("split", [2, 4])
-def test_gqa_group_split_across_programs(split, monkeypatch):
+def test_gqa_group_split_across_programs(split, monkeypatch, grads_of):
     # On a GPU with few kv heads and a small batch the dK/dV kernel splits each group's
     # query heads over several programs and adds fp32 partial sums; force that here.
     monkeypatch.setattr(attention_module, "_dkdv_split", lambda *args: split)
     q, k, v, do = _inputs(1, 8, 2, 37, 32, seed=split)
     doc_ids = _doc_ids([20, 17])[None]
-    got = _run(triton_attention, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
-    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=True, doc_ids=doc_ids)
-    same = _run(attention_reference, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
+    got = grads_of(triton_attention, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
+    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True, doc_ids=doc_ids)
+    same = grads_of(attention_reference, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
     _assert_within_twice_torch_error(got, ref64, same, torch.float32, f"split={split}")
 
 
@@ -146,11 +138,11 @@ def _doc_ids(lengths, pad_before=0, pad_after=0):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths", [[45], [13, 30], [1, 9, 17, 3, 20]], ids=["1doc", "2docs", "5docs"])
-def test_packed_documents_equal_separate_runs(lengths, causal):
+def test_packed_documents_equal_separate_runs(lengths, causal, grads_of):
     T = sum(lengths)
     q, k, v, do = _inputs(1, 4, 2, T, 32, seed=len(lengths))
     doc_ids = _doc_ids(lengths)[None]
-    packed = _run(triton_attention, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
+    packed = grads_of(triton_attention, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
 
     # The same documents run one by one through the kernel, on slices of the same leaves.
     x = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -163,13 +155,13 @@ def test_packed_documents_equal_separate_runs(lengths, causal):
     for name, a, b in zip(("out", "dq", "dk", "dv"), packed, separate):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
-    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
-    same = _run(attention_reference, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
+    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
+    same = grads_of(attention_reference, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
     _assert_within_twice_torch_error(packed, ref64, same, torch.float32, f"docs {lengths}")
 
 
 @pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (False, torch.float16)])
-def test_padding_rows_are_zero(causal, dtype):
+def test_padding_rows_are_zero(causal, dtype, grads_of):
     T = 64
     doc_ids = torch.stack([
         _doc_ids([40], pad_after=24),  # padding shares blocks with a long document
@@ -177,7 +169,7 @@ def test_padding_rows_are_zero(causal, dtype):
         torch.full((T,), -1),  # a row of nothing but padding
     ])
     q, k, v, do = _inputs(3, 2, 1, T, 32, seed=11)
-    got = _run(triton_attention, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
+    got = grads_of(triton_attention, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
     pad = doc_ids < 0  # [B, T]
     out, dq, dk, dv = got
     for name, t in zip(("out", "dq", "dk", "dv"), got):
@@ -186,8 +178,8 @@ def test_padding_rows_are_zero(causal, dtype):
     assert (dq.permute(0, 2, 1, 3)[pad] == 0).all()
     assert (dk.permute(0, 2, 1, 3)[pad] == 0).all()
     assert (dv.permute(0, 2, 1, 3)[pad] == 0).all()
-    ref64 = _run(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
-    same = _run(attention_reference, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
+    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
+    same = grads_of(attention_reference, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
     _assert_within_twice_torch_error(got, ref64, same, dtype, "padding")
 
 
@@ -222,27 +214,27 @@ def test_blocks_outside_the_ranges_are_skipped():
         assert torch.isfinite(g[:, :, 32:]).all(), name
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(grads_of):
     B, T, HQ, HKV, D = 2, 33, 4, 2, 32
     g = torch.Generator().manual_seed(7)
     qkv = torch.randn(B, T, (HQ + 2 * HKV) * D, generator=g)  # fused projection output
     q, k, v = qkv.view(B, T, HQ + 2 * HKV, D).transpose(1, 2).split([HQ, HKV, HKV], dim=1)
     do = torch.randn(B, T, HQ, D, generator=g).transpose(1, 2)  # [B, HQ, T, D], strided
     assert not (q.is_contiguous() or k.is_contiguous() or do.is_contiguous())
-    strided = _run(triton_attention, q, k, v, do, torch.float32, causal=True)
-    dense = _run(triton_attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(),
+    strided = grads_of(triton_attention, q, k, v, do, torch.float32, causal=True)
+    dense = grads_of(triton_attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(),
                  torch.float32, causal=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-    ref = _run(attention_reference, q, k, v, do, torch.float64, causal=True)
+    ref = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True)
     for a, r in zip(strided, ref):
         torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-5)
 
 
-def test_bf16_is_computed_in_fp32_under_the_interpreter():
+def test_bf16_is_computed_in_fp32_under_the_interpreter(grads_of):
     q, k, v, do = _inputs(1, 2, 1, 19, 32, seed=2)
-    got = _run(triton_attention, q, k, v, do, torch.bfloat16, causal=True)
-    ref = _run(attention_reference, q, k, v, do, torch.float64, causal=True)
+    got = grads_of(triton_attention, q, k, v, do, torch.bfloat16, causal=True)
+    ref = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True)
     for a, r in zip(got, ref):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.double(), r, rtol=0, atol=3e-2)

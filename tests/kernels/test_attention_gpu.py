@@ -44,17 +44,10 @@ def _inputs(B, HQ, HKV, T, D, seed):
     return q, k, v, do
 
 
-def _run(fn, q, k, v, do, dtype, **kw):
-    x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*x, **kw)
-    grads = torch.autograd.grad(out, x, do.to(dtype))
-    return [out.detach(), *grads]
-
-
-def _check(q, k, v, do, dtype, **kw):
-    got = _run(triton_attention, q, k, v, do, dtype, **kw)
-    ref = _run(attention_reference, q, k, v, do, torch.float32, **kw)
-    same = _run(attention_reference, q, k, v, do, dtype, **kw)
+def _check(grads_of, q, k, v, do, dtype, **kw):
+    got = grads_of(triton_attention, q, k, v, do, dtype, **kw)
+    ref = grads_of(attention_reference, q, k, v, do, torch.float32, **kw)
+    same = grads_of(attention_reference, q, k, v, do, dtype, **kw)
     for name, a, r, s in zip(("out", "dq", "dk", "dv"), got, ref, same):
         assert a.dtype == dtype and a.shape == r.shape, name
         assert torch.isfinite(a).all(), f"{name}: not finite"
@@ -68,24 +61,24 @@ def _check(q, k, v, do, dtype, **kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("B,HQ,HKV,T,D", [(2, 8, 8, 1000, 64), (1, 16, 16, 2048, 128), (1, 8, 8, 333, 32)])
-def test_matches_reference(B, HQ, HKV, T, D, causal, dtype):
+def test_matches_reference(B, HQ, HKV, T, D, causal, dtype, grads_of):
     q, k, v, do = _inputs(B, HQ, HKV, T, D, seed=T + D)
-    _check(q, k, v, do, dtype, causal=causal)
+    _check(grads_of, q, k, v, do, dtype, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gqa_32_to_4(dtype):
+def test_gqa_32_to_4(dtype, grads_of):
     q, k, v, do = _inputs(1, 32, 4, 1024, 128, seed=1)
-    _check(q, k, v, do, dtype, causal=True)
+    _check(grads_of, q, k, v, do, dtype, causal=True)
 
 
-def test_head_dim_256():
+def test_head_dim_256(grads_of):
     q, k, v, do = _inputs(1, 4, 2, 700, 256, seed=2)
-    _check(q, k, v, do, torch.bfloat16, causal=True)
+    _check(grads_of, q, k, v, do, torch.bfloat16, causal=True)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_packed_documents_and_padding(causal):
+def test_packed_documents_and_padding(causal, grads_of):
     B, T = 2, 2048
     g = torch.Generator().manual_seed(3)
     rows = []
@@ -96,7 +89,7 @@ def test_packed_documents_and_padding(causal):
         rows.append(ids + [-1] * (T - len(ids)))  # padding at the end
     doc_ids = torch.tensor(rows, device="cuda")
     q, k, v, do = _inputs(B, 8, 2, T, 128, seed=4)
-    out, dq, dk, dv = _check(q, k, v, do, torch.bfloat16, causal=causal, doc_ids=doc_ids)
+    out, dq, dk, dv = _check(grads_of, q, k, v, do, torch.bfloat16, causal=causal, doc_ids=doc_ids)
     pad = doc_ids < 0
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert (t.transpose(1, 2)[pad] == 0).all(), name

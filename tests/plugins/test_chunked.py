@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-
-from sftplug.attention import AttentionRequest, choose_backend
-from sftplug.config import DEFAULT_DATA
 from sftplug.kernels.attention import attention_reference
 from sftplug.kernels.chunked_attention import chunked_attention
 from sftplug.plugins.chunked import FASTER_UP_TO, chunked
-from sftplug.registry import build_registry
+
+from sftplug.attention import AttentionRequest
+from sftplug.attention.choice import choose_backend
+from sftplug.config import DEFAULT_DATA
 
 B, T, D = 2, 40, 32  # T not a multiple of the chunks below
 DOC_LENGTHS = [[7, 13, 1, 19], [40]]
@@ -93,8 +93,8 @@ def test_it_runs_fp32_on_the_cpu_and_says_why_not_elsewhere():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a CPU-only machine")
-def test_auto_takes_chunked_for_fp32_rows_on_the_cpu_and_flash_for_packed_long_or_bf16():
-    hook = build_registry(entrypoints=False).hook
+def test_auto_takes_chunked_for_fp32_rows_on_the_cpu_and_flash_for_packed_long_or_bf16(registry):
+    hook = registry.hook
 
     def auto(dtype=torch.float32, seq_len=512, packed=False):
         request = AttentionRequest("auto", torch.device("cpu"), dtype, 64, 8, 4, packed, seq_len)

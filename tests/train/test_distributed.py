@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftplug.checkpoint import folders as checkpoint
+from sftplug.checkpoint import folders
 from sftplug.config import DEFAULT_DATA
 
+FIRST_UPDATE = Path(__file__).with_name("first_update.py")
 COMMON = ["--steps", "4", "--seq-len", "64", "--log-every", "1", "--sample-prompt", "Hi", "--accum", "2"]
 
 
@@ -44,12 +45,23 @@ def two_processes(out, data, *extra):
     return done.stdout
 
 
+def first_update(out, data, nproc, *options):
+    """The loss and (full) gradients of the first update of a run in ``nproc`` processes."""
+    result = out.with_suffix(".pt")
+    script = [str(FIRST_UPDATE), str(out), str(data), str(result), *options]
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", free_port()]
+    done = subprocess.run([sys.executable, *(launch if nproc > 1 else []), *script], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(result, weights_only=True)
+
+
 def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def weights(out, step=4):
-    return checkpoint.load_weights(out / "checkpoints" / f"step-{step}")
+    return folders.load_weights(out / "checkpoints" / f"step-{step}")
 
 
 @pytest.mark.parametrize(
@@ -57,6 +69,8 @@ def weights(out, step=4):
 )
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
     data = data_file(tmp_path)
+    full = ["--full", "1"] if "--full" in mode else []
+    strategy = ["--strategy", "fsdp"] if "fsdp" in mode else []
     single(tmp_path / "one", data, "--micro-bsz", "4", *[m for m in mode if m not in ("--strategy", "fsdp")])
     output = two_processes(tmp_path / "two", data, "--micro-bsz", "2", *mode)
     assert output.count("precision:") == 1 and output.count("done:") == 1  # only rank 0 prints
@@ -64,11 +78,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
     # rank 0 answers the sample prompt as one process does; a sharded model does not answer
     answers = [json.loads((tmp_path / run / "summary.json").read_text())["answer_after"] for run in ("one", "two")]
     assert answers[1] == (None if "fsdp" in mode else answers[0]) and answers[0]
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    for name in one:
-        # Adam turns rounding-level gradient differences of near-zero entries into steps of
-        # up to lr (1.2e-3 here) times that noise; 1e-5 is about 1% of one step.
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5)
+    # Equal gradients of the first update, before the optimizer. (Not the weights after Adam:
+    # it divides by sqrt(v), which turns rounding-level differences of near-zero gradient
+    # entries into steps of up to lr, different on every CPU.) Two processes add the same
+    # per-token terms in another order: fp32 rounding of sums over ~10^3 tokens, about
+    # sqrt(N) * eps ~ 1e-6 of a tensor's largest entry. A wrong gradient (a rank's tokens
+    # missing, a wrong world-size scale) is off by 10% or more; 1e-4 sits between the two.
+    one = first_update(tmp_path / "grads-one", data, 1, "--micro-bsz", "4", *full)
+    two = first_update(tmp_path / "grads-two", data, 2, "--micro-bsz", "2", *full, *strategy)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["grads"].keys() == one["grads"].keys() and one["grads"]
+    for name, grad in one["grads"].items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -92,10 +114,10 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
     out = tmp_path / "run"
     two_processes(out, data, "--micro-bsz", "2", "--full", "--strategy", "fsdp")
     folder = out / "checkpoints" / "step-4"
-    shards = sorted(p.name for p in (folder / checkpoint.SHARDS).iterdir())
+    shards = sorted(p.name for p in (folder / folders.SHARDS).iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank, nothing gathered
-    assert not (folder / checkpoint.WEIGHTS).exists()
-    manifest = checkpoint.verify(folder)
+    assert not (folder / folders.WEIGHTS).exists()
+    manifest = folders.verify(folder)
     assert set(manifest["files"]) == {"state.pt"} | {f"shards/{name}" for name in shards}
 
     # No process group here: export reassembles full tensors from the shards.
@@ -113,7 +135,7 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
         torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
 
     # A damaged shard is caught by the manifest before anything is read.
-    victim = folder / checkpoint.SHARDS / "__1_0.distcp"
+    victim = folder / folders.SHARDS / "__1_0.distcp"
     victim.write_bytes(victim.read_bytes()[:-10])
     done = subprocess.run([sys.executable, "-m", "sftplug", "export", str(out), "--out", str(tmp_path / "hf2")],
                           capture_output=True, text=True)
@@ -148,8 +170,8 @@ def test_a_killed_process_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert "Error: process 1 of 2 failed (killed by SIGKILL)" in stderr
     assert "process 0 of 2: stopped: another process of this run failed" in stderr
     assert "Traceback" not in stdout + stderr
-    kept = checkpoint.resolve(out)
-    checkpoint.verify(kept)  # complete; nothing half-written took its place
+    kept = folders.resolve(out)
+    folders.verify(kept)  # complete; nothing half-written took its place
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
@@ -163,7 +185,7 @@ def worker_pid(launcher: int, rank: int) -> int:
 
 
 def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
-    from sftplug.train import distributed
+    from sftplug import distributed
     from sftplug.errors import SftplugError
 
     monkeypatch.setenv("WORLD_SIZE", "2")

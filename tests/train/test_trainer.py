@@ -5,17 +5,17 @@ import shutil
 import pytest
 import torch
 
-from sftplug.registry import build_registry
-from sftplug.train.loop import Run, train
+from sftplug.train.loop import train
+from sftplug.train.setup import build_run
 
 
 def quiet(*args):
     pass
 
 
-def first_update_grads(config):
+def first_update_grads(config, registry):
     """Loss and gradients of the first update of a run (the optimizer step is skipped)."""
-    run = Run(config, build_registry(), echo=quiet)
+    run = build_run(config, registry, echo=quiet)
     grads = {}
 
     def record():
@@ -25,28 +25,28 @@ def first_update_grads(config):
     return run.update(), grads
 
 
-def test_accumulation_is_exact(small_config, tmp_path):
+def test_accumulation_is_exact(small_config, tmp_path, registry):
     # Rows of the bundled data hold different numbers of target tokens, so averaging
     # per-micro-batch means would differ; the sum / total-targets rule must not.
-    one, grads_one = first_update_grads(small_config(out=str(tmp_path / "a"), micro_bsz=8, accum=1))
-    four, grads_four = first_update_grads(small_config(out=str(tmp_path / "b"), micro_bsz=2, accum=4))
+    one, grads_one = first_update_grads(small_config(out=str(tmp_path / "a"), micro_bsz=8, accum=1), registry)
+    four, grads_four = first_update_grads(small_config(out=str(tmp_path / "b"), micro_bsz=2, accum=4), registry)
     assert one["target_tokens"] == four["target_tokens"]
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-6)
     for name in grads_one:
         torch.testing.assert_close(grads_four[name], grads_one[name], rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_never_constructs_a_grad_scaler(small_config, monkeypatch):
+def test_bf16_never_constructs_a_grad_scaler(small_config, monkeypatch, registry):
     def forbidden(*args, **kwargs):
         raise AssertionError("GradScaler constructed in a bf16 run")
 
     monkeypatch.setattr(torch.amp, "GradScaler", forbidden)
-    summary = train(small_config(dtype="bf16", steps=2), build_registry(), echo=quiet)
+    summary = train(small_config(dtype="bf16", steps=2), registry, echo=quiet)
     assert summary["steps"] == 2
 
 
-def test_fp16_skips_exactly_the_step_with_an_inf_gradient(small_config, tmp_path):
-    run = Run(small_config(dtype="fp16", steps=4), build_registry(), echo=quiet)
+def test_fp16_skips_exactly_the_step_with_an_inf_gradient(small_config, tmp_path, registry):
+    run = build_run(small_config(dtype="fp16", steps=4), registry, echo=quiet)
     param = next(p for n, p in run.model.named_parameters() if "lora_B" in n)  # lora_A has no grad at step 0
     poison = {"step": 2}
     param.register_hook(lambda g: torch.full_like(g, float("inf")) if run.step == poison["step"] else g)
@@ -59,9 +59,9 @@ def test_fp16_skips_exactly_the_step_with_an_inf_gradient(small_config, tmp_path
     assert snapshots == [False, False, True, False]  # the skipped update left the weights alone
 
 
-def test_profile_lines_and_metrics_fields(small_config, tmp_path):
+def test_profile_lines_and_metrics_fields(small_config, tmp_path, registry):
     lines = []
-    train(small_config(profile=True, steps=2), build_registry(), echo=lines.append)
+    train(small_config(profile=True, steps=2), registry, echo=lines.append)
     pattern = re.compile(
         r"^\[profile\] forward \d+ ms  backward \d+ ms  optimizer \d+ ms \| [\d,]+ tok/s \| [\d.]+ s/upd$"
     )
@@ -72,8 +72,8 @@ def test_profile_lines_and_metrics_fields(small_config, tmp_path):
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
 
 
-def test_short_run_loss_falls(small_config):
-    summary = train(small_config(steps=25, micro_bsz=4, lr=5e-3, eval_data=None), build_registry(), echo=quiet)
+def test_short_run_loss_falls(small_config, registry):
+    summary = train(small_config(steps=25, micro_bsz=4, lr=5e-3, eval_data=None), registry, echo=quiet)
     records = [json.loads(x) for x in open(summary["checkpoint"].rsplit("/checkpoints", 1)[0] + "/metrics.jsonl")]
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.8 * first
@@ -83,26 +83,26 @@ def metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_workers_change_nothing_but_speed(small_config, tmp_path):
+def test_workers_change_nothing_but_speed(small_config, tmp_path, registry):
     plain = tmp_path / "plain"
-    train(small_config(out=str(plain), steps=6, save_every=3), build_registry(), echo=quiet)
+    train(small_config(out=str(plain), steps=6, save_every=3), registry, echo=quiet)
     prefetched = tmp_path / "workers"
-    train(small_config(out=str(prefetched), steps=6, workers=2), build_registry(), echo=quiet)
+    train(small_config(out=str(prefetched), steps=6, workers=2), registry, echo=quiet)
     assert [r["loss"] for r in metrics(prefetched)] == [r["loss"] for r in metrics(plain)]
     # resumed with workers from a checkpoint saved without them: the same stream of batches
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(plain / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
-    train(small_config(out=str(resumed), steps=6, workers=2, resume="auto"), build_registry(), echo=quiet)
+    train(small_config(out=str(resumed), steps=6, workers=2, resume="auto"), registry, echo=quiet)
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(plain)][3:]
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "one-document-rows"])
-def test_torch_compile_matches_eager(small_config, tmp_path, recwarn, pack):
+def test_torch_compile_matches_eager(small_config, tmp_path, recwarn, pack, registry):
     lines = []
     summary = train(small_config(out=str(tmp_path / "compiled"), steps=3, torch_compile=True, pack=pack),
-                    build_registry(), echo=lines.append)
-    train(small_config(out=str(tmp_path / "eager"), steps=3, pack=pack), build_registry(), echo=quiet)
+                    registry, echo=lines.append)
+    train(small_config(out=str(tmp_path / "eager"), steps=3, pack=pack), registry, echo=quiet)
     compiled, eager = metrics(tmp_path / "compiled"), metrics(tmp_path / "eager")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
     assert compiled[0]["includes_compile"] and summary["compile_seconds"] > 0
@@ -113,8 +113,8 @@ def test_torch_compile_matches_eager(small_config, tmp_path, recwarn, pack):
     assert not [w for w in recwarn if "Dynamo" in str(w.message)]  # nothing in the traced code surprises it
 
 
-def test_unpacked_batches_are_cut_to_their_longest_document(small_config):
-    run = Run(small_config(pack=False, seq_len=128), build_registry(), echo=quiet)
+def test_unpacked_batches_are_cut_to_their_longest_document(small_config, registry):
+    run = build_run(small_config(pack=False, seq_len=128), registry, echo=quiet)
     batch = run.batches.next()
     real = (batch["labels"] != -100).sum(1)
     assert batch["doc_ids"] is None
@@ -122,14 +122,14 @@ def test_unpacked_batches_are_cut_to_their_longest_document(small_config):
     assert batch["input_ids"].shape[1] >= int(real.max())
 
 
-def test_keep_last_prunes_old_checkpoints(small_config, tmp_path):
-    train(small_config(steps=6, save_every=1, keep_last=2), build_registry(), echo=quiet)
+def test_keep_last_prunes_old_checkpoints(small_config, tmp_path, registry):
+    train(small_config(steps=6, save_every=1, keep_last=2), registry, echo=quiet)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["latest", "step-5", "step-6"]
 
 
-def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_config, tmp_path):
-    run = Run(small_config(dtype="bf16", steps=3, out=str(tmp_path / "bf16")), build_registry(), echo=quiet)
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_config, tmp_path, registry):
+    run = build_run(small_config(dtype="bf16", steps=3, out=str(tmp_path / "bf16")), registry, echo=quiet)
     frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16}
     assert {p.dtype for p in run.params} == {torch.float32} and len(run.params) > 0
@@ -138,12 +138,12 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
     # The same first update with an fp32 base (full-precision weights, bf16 autocast) gives
     # the same loss to bf16 rounding.
-    full_base, _ = first_update_grads(small_config(dtype="fp32", out=str(tmp_path / "fp32")))
+    full_base, _ = first_update_grads(small_config(dtype="fp32", out=str(tmp_path / "fp32")), registry)
     assert records[0]["loss"] == pytest.approx(full_base["loss"], rel=2e-2)
 
 
-def test_fsdp_in_one_process_trains_unsharded_and_says_so(small_config):
+def test_fsdp_in_one_process_trains_unsharded_and_says_so(small_config, registry):
     lines = []
-    summary = train(small_config(full=True, strategy="fsdp", steps=2), build_registry(), echo=lines.append)
+    summary = train(small_config(full=True, strategy="fsdp", steps=2), registry, echo=lines.append)
     assert summary["steps"] == 2
     assert any(line.startswith("strategy: fsdp shards across processes; this run has one") for line in lines)

@@ -1,0 +1,108 @@
+"""The architecture as a test: the import rules of DESIGN.md, read from every import statement.
+
+- kernels/ import nothing of sftplug (torch, triton and each other only);
+- plugins/ never import the CLI;
+- the core (sftplug/) never imports a built-in plugin: only the registry names the list of them.
+
+Imports inside functions count too: they are read with ``ast``, not by importing.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where each installed package lives in the repository (pyproject.toml's package-dir).
+FOLDERS = {"sftplug": ROOT / "sftplug", "sftplug.plugins": ROOT / "plugins", "sftplug.kernels": ROOT / "kernels"}
+
+
+def module_name(path: Path) -> str:
+    for package, folder in sorted(FOLDERS.items(), key=lambda item: -len(item[0])):
+        if path.is_relative_to(folder):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            return ".".join([package, *parts])
+    raise AssertionError(path)
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = module_name(path).split(".")
+    is_package = path.name == "__init__.py"
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here if is_package else here[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            found.append((node.lineno, module))
+            # `from sftplug import cli` imports the module sftplug.cli
+            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def violations(folder: Path, forbidden) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in files(folder)
+        for line, module in imports(path)
+        if forbidden(path, module)
+    ]
+
+
+def test_the_rules_are_read_from_real_imports():
+    # the reader itself: a relative import, an import inside a function, `from package import module`
+    found = {m for _, m in imports(ROOT / "sftplug" / "registry.py")}
+    assert "sftplug.plugins" in found and "sftplug.hookspecs" in found
+    assert module_name(ROOT / "plugins" / "sdpa.py") == "sftplug.plugins.sdpa"
+    assert module_name(ROOT / "sftplug" / "attention" / "__init__.py") == "sftplug.attention"
+    assert len(files(ROOT / "sftplug")) > 30 and files(ROOT / "kernels") and files(ROOT / "plugins")
+
+
+def test_kernels_import_nothing_of_sftplug():
+    def forbidden(path, module):
+        return within(module, "sftplug") and not within(module, "sftplug.kernels")
+
+    assert violations(FOLDERS["sftplug.kernels"], forbidden) == []
+
+
+def test_plugins_never_import_the_cli():
+    assert violations(FOLDERS["sftplug.plugins"], lambda path, module: within(module, "sftplug.cli")) == []
+
+
+def test_the_core_reaches_built_in_plugins_only_through_the_registry():
+    registry = FOLDERS["sftplug"] / "registry.py"
+
+    def forbidden(path, module):
+        if not within(module, "sftplug.plugins"):
+            return False
+        # the registry reads the list of built-ins (sftplug.plugins.BUILTIN_PLUGINS), nothing else
+        return not (path == registry and module in ("sftplug.plugins", "sftplug.plugins.BUILTIN_PLUGINS"))
+
+    assert violations(FOLDERS["sftplug"], forbidden) == []
+
+
+SUBPACKAGES = sorted(p.name for p in (ROOT / "sftplug").iterdir() if (p / "__init__.py").is_file())
+
+
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_tests_mirror_the_tree(package):
+    assert (ROOT / "tests" / package).is_dir(), f"sftplug/{package}/ has no tests/{package}/"
