@@ -39,7 +39,8 @@ class PackPlan:
     ``take``: for every flat position b * T + t, its row in the concatenated outputs.
     """
 
-    def __init__(self, doc_ids: torch.Tensor, causal: bool):
+    def __init__(self, doc_ids: torch.Tensor, causal: bool, device=None):
+        device = doc_ids.device if device is None else device  # where the attention runs
         B, T = doc_ids.shape
         groups: dict[int, list[tuple[int, int]]] = {}  # L -> [(flat start, length)]
         for b, lengths in enumerate(document_lengths(doc_ids)):
@@ -61,9 +62,9 @@ class PackPlan:
             valid = j < lengths  # [n, L]
             slots = offset + torch.arange(len(docs) * L).view(len(docs), L)
             take[index[valid]] = slots[valid]
-            self.buckets.append((L, len(docs), index.flatten().to(doc_ids.device, non_blocking=True)))
+            self.buckets.append((L, len(docs), _to(index.flatten(), device)))
             offset += len(docs) * L
-        self.take = take.to(doc_ids.device, non_blocking=True)
+        self.take = _to(take, device)
         self.shape = (B, T)
 
     def attend(self, q, k, v, causal: bool, gqa: bool):
@@ -80,18 +81,28 @@ class PackPlan:
         return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]
 
 
-_plan_cache: tuple[torch.Tensor, bool, PackPlan | None] | None = None
+def _to(index: torch.Tensor, device) -> torch.Tensor:
+    """A host index on the attention's device: pinned, so the copy neither blocks nor syncs."""
+    device = torch.device(device)
+    if device.type == "cuda" and index.device.type == "cpu":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
 
 
-def pack_plan(doc_ids: torch.Tensor, causal: bool) -> PackPlan | None:
+_plan_cache: tuple[torch.Tensor, bool, torch.device, PackPlan | None] | None = None
+
+
+def pack_plan(doc_ids: torch.Tensor, causal: bool, device=None) -> PackPlan | None:
     """The plan for ``doc_ids`` (None when every row is one document), cached across layers.
 
-    Every layer of one forward gets the same ``doc_ids`` tensor, so the plan (and its host
-    sync) is built once per batch, not once per layer.
+    Every layer of one forward gets the same ``doc_ids`` tensor, so the plan is built once
+    per batch, not once per layer. Built from host ``doc_ids`` it reads nothing back from
+    the GPU; ``device`` is where the attention runs (default: doc_ids' own).
     """
     global _plan_cache
-    if _plan_cache is not None and _plan_cache[0] is doc_ids and _plan_cache[1] == causal:
-        return _plan_cache[2]
-    plan = None if one_document_per_row(doc_ids) else PackPlan(doc_ids, causal)
-    _plan_cache = (doc_ids, causal, plan)
+    device = doc_ids.device if device is None else torch.device(device)
+    if _plan_cache is not None and _plan_cache[0] is doc_ids and _plan_cache[1:3] == (causal, device):
+        return _plan_cache[3]
+    plan = None if one_document_per_row(doc_ids) else PackPlan(doc_ids, causal, device)
+    _plan_cache = (doc_ids, causal, device, plan)
     return plan

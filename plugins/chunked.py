@@ -26,6 +26,7 @@ class Chunked(AttentionBackend):
     name = "chunked"
     description = "sftplug's CPU attention: query chunks as batched matmuls (fp32, GQA native)"
     priority = 35  # above SDPA flash (30) on the CPU: measured at W0's shapes, see BENCHMARKS.md
+    host_doc_ids = True  # it runs on the CPU: nothing to move
 
     @hookimpl
     def select_attention(self, request: AttentionRequest):

@@ -58,6 +58,7 @@ class SdpaBackend(AttentionBackend):
 
     cuda_only = True
     packed_documents = True  # bucketed per-document calls, see the module docstring
+    host_doc_ids = True  # the plan is built from the host copy: no GPU sync
 
     @property
     def sdp_backend(self) -> SDPBackend:
@@ -134,7 +135,7 @@ class SdpaBackend(AttentionBackend):
             gqa = False
         try:
             with sdpa_kernel([self.sdp_backend]):
-                plan = None if doc_ids is None else pack_plan(doc_ids, causal)
+                plan = None if doc_ids is None else pack_plan(doc_ids, causal, q.device)
                 if plan is None:
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
                 return plan.attend(q, k, v, causal, gqa)

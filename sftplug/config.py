@@ -75,7 +75,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "Comma-separated linear layers of the blocks.",
                                            "lora")
     # -- runtime
-    dtype: str = option("fp32", "Training precision.", "runtime", choices=dtypes.TRAINING)
+    dtype: str = option("auto", "Training precision; auto: bf16 on a GPU that runs it, else fp32.", "runtime",
+                        choices=("auto",) + dtypes.TRAINING)
     tf32: bool = option(False, "TF32 matmuls for fp32 on Ampere+ GPUs.", "runtime")
     attention: str = option("auto", "Attention backend (see `sftplug plugins`).", "runtime")
     grad_ckpt: bool = option(False, "Activation checkpointing per block.", "runtime")

@@ -56,14 +56,6 @@ def init_world(device_name: str) -> World:
     return world
 
 
-def sum_int(world: World, value: int, device: torch.device) -> int:
-    if not world.active:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return int(t.item())
-
-
 def sum_tensor_(world: World, t: torch.Tensor) -> torch.Tensor:
     if world.active:
         dist.all_reduce(t)

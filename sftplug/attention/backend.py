@@ -32,13 +32,15 @@ class AttentionBackend:
     [B, Hkv, T, D] (Hq a multiple of Hkv), ``doc_ids`` [B, T] non-decreasing along T or
     None; returns [B, Hq, T, D]. With ``doc_ids`` a query attends only to keys of its own
     document. A backend that cannot do that sets ``packed_documents = False`` and is
-    never chosen for packed rows (its reason is shown instead).
+    never chosen for packed rows (its reason is shown instead). ``doc_ids`` is on q's
+    device, or on the host for a backend that sets ``host_doc_ids = True``.
     """
 
     name = ""
     priority = 0  # "auto" picks the highest priority whose check passes
     description = ""
     packed_documents = True  # honours doc_ids (attends within documents only)
+    host_doc_ids = False  # True: doc_ids arrive on the host (CPU), to plan packed rows there without a GPU sync
 
     def priority_for(self, request: AttentionRequest) -> int:
         return self.priority

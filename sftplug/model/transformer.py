@@ -231,6 +231,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         x = self.embed_tokens(input_ids)  # [B, T, C]
+        if doc_ids is not None and not getattr(self.layers[0].attn.backend, "host_doc_ids", False):
+            doc_ids = doc_ids.to(x.device, non_blocking=True)  # once for every layer
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = self.rope(positions, dtype)
         for i, block in enumerate(self.layers):

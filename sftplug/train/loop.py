@@ -40,16 +40,19 @@ def _train(run: Run) -> dict:
     before_answer = sample_answer(run, prompt)
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")
+    if run.device.type == "cuda":  # the peak of the training steps, not of loading or generation
+        torch.cuda.reset_peak_memory_stats(run.device)
     started, first_step = time.perf_counter(), run.step
     compile_seconds = None
     interrupted = False
     with _StopOnSignal(echo) as stop:
         while run.step < config.steps:
-            # all ranks stop together, even if the signal reached them at different updates
-            if distributed.sum_int(run.world, int(stop.requested), run.device):
+            if stop.requested and not run.world.active:
                 interrupted = True
                 break
-            record = run.update()
+            # under torchrun the ranks agree on stopping in the update's own all-reduce
+            record = run.update(stop_requested=stop.requested)
+            interrupted = record.pop("stop")
             if config.torch_compile and compile_seconds is None:
                 compile_seconds = record["s_per_update"]  # the first update compiles every block
                 record["includes_compile"] = True
@@ -59,9 +62,12 @@ def _train(run: Run) -> dict:
                 record["eval_loss"] = run.eval_loss()
             run.log(record)
             _report(run, record, started, first_step)
+            if interrupted:
+                break
             if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
                 save_checkpoint(run)
     seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
     run.batches.close()
     folder = save_checkpoint(run)
     if interrupted:
@@ -81,8 +87,8 @@ def _train(run: Run) -> dict:
         "answer_after": sample_answer(run, prompt),
         "data": {k: run.data.stats.get(k, 0) for k in ("records", "skipped_bad", "truncated", "dropped")},
     }
-    if run.device.type == "cuda":
-        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if peak is not None:
+        summary["peak_memory_gib"] = peak
     if run.world.is_main:
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -110,9 +116,11 @@ def sample_answer(run: Run, prompt: str | None) -> str | None:
 def _report(run: Run, record: dict, started: float, first_step: int) -> None:
     c = run.config
     if c.profile:
+        mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
         run.echo(
             f"[profile] forward {record['fwd_ms']:.0f} ms  backward {record['bwd_ms']:.0f} ms  "
-            f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s | {record['s_per_update']:.2f} s/upd"
+            f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s{mfu} | "
+            f"{record['s_per_update']:.2f} s/upd"
         )
     if run.step % c.log_every == 0 or run.step == c.steps:
         done = run.step - first_step

@@ -53,10 +53,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096):
-    """(sum of token losses, number of targets) for hidden [B, T, C] and labels [B, T]."""
-    mask = labels != IGNORE
-    h = hidden[mask]  # [N, C]
-    y = labels[mask]  # [N]
+    """(sum of token losses, number of targets) for hidden [B, T, C] and labels [B, T].
+
+    ``labels`` may stay on the host: the target positions are found there and only their
+    index moves to the device, so no boolean mask is applied on the GPU (a sync).
+    """
+    flat = labels.reshape(-1)
+    where = (flat != IGNORE).nonzero().squeeze(1)  # [N], on the labels' device
+    y = flat.index_select(0, where).to(hidden.device, non_blocking=True)  # [N]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where.to(hidden.device, non_blocking=True))  # [N, C]
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     with torch.autocast(device_type, enabled=False):

@@ -24,6 +24,7 @@ from sftplug.data.packing import IGNORE
 from sftplug.data.prepare import Prepared
 from sftplug.errors import SftplugError
 from sftplug.model.lora import lm_head_weight
+from sftplug.train.flops import update_flops
 from sftplug.train.loss import target_loss_sum
 from sftplug.train.precision import PrecisionPolicy
 from sftplug.train.schedule import Schedule
@@ -49,6 +50,7 @@ class Run:
     attention: AttentionChoice
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    peak_flops: float | None = None  # per device, for MFU (sftplug.train.flops)
     step: int = 0  # updates done
     tokens_seen: int = 0
     tokens_at_start: int = 0  # tokens_seen when this process started timing
@@ -63,23 +65,38 @@ class Run:
 
     # -- one update ---------------------------------------------------------------
     def loss_sum(self, mb: dict, model=None) -> tuple[torch.Tensor, int]:
-        """(sum of target-token losses, number of targets) of one micro-batch."""
-        mb = {k: (v.to(self.device, non_blocking=True) if v is not None else None) for k, v in mb.items()}
+        """(sum of target-token losses, number of targets) of one micro-batch.
+
+        Labels and doc_ids stay on the host: target positions and packed-row plans are
+        found there, so the GPU is never asked for them.
+        """
+        ids, positions = (mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "positions"))
         with self.precision.autocast(self.device):
-            hidden = (model or self.model)(mb["input_ids"], mb["positions"], mb["doc_ids"], hidden_only=True)
+            hidden = (model or self.model)(ids, positions, mb["doc_ids"], hidden_only=True)
             return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
 
-    def update(self) -> dict:
-        """One optimizer update over ``--accum`` micro-batches; returns its metrics record."""
+    def update(self, stop_requested: bool = False) -> dict:
+        """One optimizer update over ``--accum`` micro-batches; returns its metrics record.
+
+        The device is read once, after backward (:func:`host_values`): the loss and the
+        gradient norm, and under torchrun the update's token counts and whether any rank
+        was asked to stop (``record["stop"]``), all-reduced together. fp16's GradScaler
+        reads its own scale besides.
+        """
         c, device = self.config, self.device
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = [self.batches.next() for _ in range(c.accum)]
-        # Every rank divides by the target tokens of the whole update, all ranks together.
-        targets_here = sum(int((mb["labels"] != IGNORE).sum()) for mb in micro)
-        n_targets = distributed.sum_int(self.world, targets_here, device)
-        n_tokens = distributed.sum_int(self.world, sum(mb["labels"].numel() for mb in micro), device)
+        # Counted on the host, where the labels are; every rank divides by the target
+        # tokens of the whole update, all ranks together.
+        here = [sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), sum(mb["labels"].numel() for mb in micro),
+                int(stop_requested)]
+        counts = None
+        n_targets = here[0]
+        if self.world.active:  # one all-reduce for the three, read back with the loss
+            counts = distributed.sum_tensor_(self.world, torch.tensor(here).to(device, non_blocking=True))
+            n_targets = counts[0]
         scaler = self.precision.scaler
         timer = Timer(device, c.profile)
         loss_sum = torch.zeros((), device=device)
@@ -95,51 +112,64 @@ class Run:
             loss_sum += total.detach()
         with timer("opt"):
             distributed.sum_tensor_(self.world, loss_sum)
-            skipped, grad_norm = self._step(loss_sum, scaler)
+            grad_norm = self._clip(scaler)
+            values = host_values(loss_sum, grad_norm, *([] if counts is None else [counts]))
+            loss_value, norm_value = values[:2]
+            n_targets, n_tokens, stop = (int(v) for v in values[2:]) if counts is not None else here
+            skipped = self._step(scaler, math.isfinite(loss_value) and math.isfinite(norm_value), loss_value)
         seconds = timer.elapsed()
         self.step += 1
         self.tokens_seen += n_tokens
         record = {
             "step": self.step,
-            "loss": float(loss_sum) / n_targets,
+            "loss": loss_value / n_targets,
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": norm_value,
             "tokens": n_tokens,
             "target_tokens": n_targets,
             "tps": n_tokens / seconds,
             "s_per_update": seconds,
+            "stop": bool(stop),
         }
         if skipped or scaler is not None:
             record["skipped"] = skipped
+        if self.peak_flops:
+            adapters = 0 if c.full else sum(p.numel() for p in self.params)
+            model_flops = update_flops(self.model.config, n_tokens, n_targets, c.seq_len, c.full, adapters)
+            record["mfu"] = model_flops / seconds / (self.peak_flops * self.world.size)
         if c.profile:
             record.update(fwd_ms=timer.ms("fwd"), bwd_ms=timer.ms("bwd"), opt_ms=timer.ms("opt"))
         return record
 
-    def _step(self, loss_sum: torch.Tensor, scaler) -> tuple[bool, torch.Tensor]:
-        """Clip, then step unless the update is not finite; returns (skipped, grad norm)."""
-        c = self.config
+    def _clip(self, scaler) -> torch.Tensor:
+        """The gradient norm (a device tensor), after clipping to --max-grad-norm."""
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+        c = self.config
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30)
         if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a sharded norm
             grad_norm = grad_norm.full_tensor()
+        return grad_norm
+
+    def _step(self, scaler, finite: bool, loss_value: float) -> bool:
+        """Step the optimizer unless the update is not finite; returns whether it was skipped."""
         skipped = False
         if scaler is not None:
             scale = scaler.get_scale()
             scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
             scaler.update()
             skipped = scaler.get_scale() < scale
-        elif not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
-            if c.on_nonfinite == "stop":
+        elif not finite:
+            if self.config.on_nonfinite == "stop":
                 raise SftplugError(
-                    f"loss is {float(loss_sum)} at step {self.step + 1}: training stopped and the last checkpoint "
+                    f"loss is {loss_value} at step {self.step + 1}: training stopped and the last checkpoint "
                     "kept; lower --lr, or pass --on-nonfinite skip to skip such updates"
                 )
             skipped = True
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return skipped, grad_norm
+        return skipped
 
     # -- held-out loss and metrics ------------------------------------------------------
     @torch.no_grad()
@@ -163,6 +193,12 @@ class Run:
         if self.world.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def host_values(*tensors: torch.Tensor) -> list[float]:
+    """The values of device tensors on the host, in one copy: an update's one read of the GPU."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    return flat.cpu().tolist()
 
 
 class Timer:

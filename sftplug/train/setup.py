@@ -20,7 +20,8 @@ from sftplug.data.prepare import Prepared, prepare_data
 from sftplug.errors import SftplugError
 from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora
-from sftplug.train.precision import PrecisionPolicy
+from sftplug.train.flops import peak_flops
+from sftplug.train.precision import PrecisionPolicy, resolve_dtype
 from sftplug.train.run import Run
 from sftplug.train.schedule import Schedule
 
@@ -34,7 +35,7 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
     echo = echo if world.is_main else _silent
     out = check_output_dir(config.out)
     device = training_device(config.device, world)
-    precision = choose_precision(registry, config, device)
+    precision, precision_why = choose_precision(registry, config, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = load_model(config.model, dtype=base_dtype(config, precision), device=device, registry=registry,
@@ -50,7 +51,7 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
                        packed=bool(int(data.train.docs_per_row.max()) > 1), seq_len=config.seq_len)
     mode = "full fine-tune" if config.full else f"LoRA r={config.lora_r}"
     echo(f"model: {loaded.description}; {mode}, {sum(p.numel() for p in params):,} trainable params on {device}")
-    echo(f"precision: {precision.name}; attention: {attention.reason}")
+    echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
     for note in steering_notes():
         echo(f"environment: {note}")
     if config.torch_compile:
@@ -62,6 +63,7 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
         optimizer=torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
                                     eps=1e-8),
         schedule=Schedule(config.schedule, config.lr, config.warmup, config.steps, config.min_lr_ratio),
+        peak_flops=peak_flops(device, half=precision.autocast_dtype is not None),
     )  # fmt: skip
 
 
@@ -73,11 +75,13 @@ def training_device(name: str, world: distributed.World) -> torch.device:
     return device
 
 
-def choose_precision(registry, config: TrainConfig, device: torch.device) -> PrecisionPolicy:
-    policy = registry.hook.configure_precision(dtype=config.dtype, device=device, tf32=config.tf32)
+def choose_precision(registry, config: TrainConfig, device: torch.device) -> tuple[PrecisionPolicy, str]:
+    """The policy the plugins give for ``--dtype`` (auto resolved first), and why auto chose it."""
+    dtype, why = resolve_dtype(config.dtype, device)
+    policy = registry.hook.configure_precision(dtype=dtype, device=device, tf32=config.tf32)
     if policy is None:  # the built-in precision plugin cannot be disabled, but a hook may decline
-        raise SftplugError(f"--dtype {config.dtype}: no plugin configures this precision")
-    return policy
+        raise SftplugError(f"--dtype {dtype}: no plugin configures this precision")
+    return policy, why
 
 
 def base_dtype(config: TrainConfig, precision: PrecisionPolicy) -> torch.dtype:
