@@ -182,5 +182,5 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
     from sftplug.diagnostics.step_bench import format_step_table
 
     result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
-                       variants=variants)
+                       variants=variants, echo=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))

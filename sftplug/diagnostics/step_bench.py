@@ -53,9 +53,22 @@ def _rss_mib(field: str) -> float:
     return 0.0
 
 
-def _peak_mib(device: torch.device, base_rss: float) -> float:
+def _reset_peak(device: torch.device) -> None:
+    """Peaks from here on: set-up (building, loading) is not part of a training step."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the peak resident set size (VmHWM) to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mib(device: torch.device, base_rss: float) -> float:
+    """Peak memory since :func:`_reset_peak`: the live weights included, load-time transients not."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return _rss_mib("VmHWM") - base_rss
 
 
@@ -90,6 +103,7 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
                          lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], profile=True,
                          eval_data=None, warmup=1, **VARIANTS.get(variant, {}))
     run = build_run(config, build_registry(), echo=lambda *a: None, rows=rows)
+    _reset_peak(run.device)
     records = [run.update() for _ in range(steps + warmup)][warmup:]  # compilation happens in warm-up
     run.batches.close()
     return _summarise("+".join(filter(None, ["sftplug", variant])), records, _peak_mib(run.device, base_rss))
@@ -123,6 +137,7 @@ def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     tokens = synthetic_tokens(p["vocab_size"], w["micro_bsz"] * (steps + warmup), w["seq_len"])
     clock, records = _Clock(device), []
+    _reset_peak(device)
     for i in range(steps + warmup):
         batch = tokens[i * w["micro_bsz"] : (i + 1) * w["micro_bsz"]].to(device)
         input_ids = batch[:, :-1]
@@ -149,29 +164,43 @@ def _summarise(side: str, records: list[dict], peak: float) -> SideResult:
     return SideResult(side, tps, mean("fwd_ms"), mean("bwd_ms"), mean("opt_ms"), peak)
 
 
-def run_side_in_child(side: str, workload: str, steps: int, warmup: int, full: bool, attention: str) -> SideResult:
+def run_side_in_child(side: str, workload: str, steps: int, warmup: int, full: bool, attention: str):
+    """One side in a process of its own: its SideResult, or the error it ended with (one line)."""
     cmd = [sys.executable, "-m", "sftplug.diagnostics.step_bench", side, workload, str(steps), str(warmup),
            str(int(full)), attention]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{side} benchmark failed:\n{done.stderr[-2000:]}")
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or [f"exit code {done.returncode}"]
+        return f"{side} failed: {lines[-1].strip()}"
     return SideResult(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def bench_step(workload: str, rounds: int = 2, steps: int = 5, warmup: int = 2, full: bool = False,
-               attention: str = "auto", variants: tuple[str, ...] = ()) -> dict:
-    """Alternate sftplug (and its variants) and the peer for ``rounds`` rounds; medians and ratios."""
+               attention: str = "auto", variants: tuple[str, ...] = (), echo=None) -> dict:
+    """Alternate sftplug (and its variants) and the peer for ``rounds`` rounds; medians and ratios.
+
+    A side that fails is reported with its error; the others are still timed and compared.
+    ``echo`` gets one line per side as it finishes.
+    """
     sides = ["sftplug", *(f"sftplug+{v}" for v in variants), "hf+peft"]
     results: dict[str, list[SideResult]] = {side: [] for side in sides}
+    errors: dict[str, str] = {}
     for r in range(rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:
-            results[side].append(run_side_in_child(side, workload, steps, warmup, full, attention))
-    med = {side: {k: statistics.median(getattr(x, k) for x in rs) for k in ("tps", "fwd_ms", "bwd_ms", "opt_ms",
-                                                                           "peak_mem_mib")}
-           for side, rs in results.items()}
-    peer = med["hf+peft"]
+            result = run_side_in_child(side, workload, steps, warmup, full, attention)
+            if isinstance(result, str):
+                errors[side] = result
+            else:
+                results[side].append(result)
+            if echo is not None:
+                echo(f"round {r + 1}/{rounds} {side}: " + (result if isinstance(result, str) else
+                     f"{result.tps:,.0f} tok/s, peak {result.peak_mem_mib:,.0f} MiB"))
+    fields = ("tps", "fwd_ms", "bwd_ms", "opt_ms", "peak_mem_mib")
+    med = {side: {k: statistics.median(getattr(x, k) for x in rs) for k in fields}
+           for side, rs in results.items() if rs}
+    peer = med.get("hf+peft")
     ratios = {side: {"tps": m["tps"] / peer["tps"], "memory": m["peak_mem_mib"] / max(peer["peak_mem_mib"], 1e-9)}
-              for side, m in med.items() if side != "hf+peft"}
+              for side, m in med.items() if side != "hf+peft" and peer is not None}
     return {
         "workload": workload,
         "mode": "full" if full else "lora",
@@ -180,9 +209,10 @@ def bench_step(workload: str, rounds: int = 2, steps: int = 5, warmup: int = 2, 
         "device": _device_name(WORKLOADS[workload]["device"]),
         "torch": torch.__version__,
         "sides": med,
+        "errors": errors,
         "ratios": ratios,
-        "tps_ratio": ratios["sftplug"]["tps"],
-        "memory_ratio": ratios["sftplug"]["memory"],
+        "tps_ratio": ratios.get("sftplug", {}).get("tps"),
+        "memory_ratio": ratios.get("sftplug", {}).get("memory"),
     }
 
 
@@ -201,6 +231,7 @@ def format_step_table(result: dict) -> str:
                      f"{m['peak_mem_mib']:>10.0f}")
     for side, r in result["ratios"].items():
         lines.append(f"{side} / hf+peft: {r['tps']:.2f}x tokens/s, {r['memory']:.2f}x peak memory")
+    lines += [f"failed: {error}" for error in result["errors"].values()]
     return "\n".join(lines)
 
 
