@@ -104,8 +104,9 @@ class MergedLoRALinear(torch.autograd.Function):
 
 
 def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """W + scale·B·A, summed in fp32, then in the compute dtype."""
-    return torch.addmm(weight.float(), lora_b.float(), lora_a.float(), alpha=scale).to(dtype)
+    """W + scale·B·A in the compute dtype: one addmm (products accumulated in fp32, one rounding),
+    so a bf16 run makes no weight-sized fp32 temporaries."""
+    return torch.addmm(weight.to(dtype), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
 
 
 def use_merged_forward(model: nn.Module) -> None:

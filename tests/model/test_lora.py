@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, inject_adapter_in_model
 
-from sftplug.model.lora import MergedLoRALinear, use_merged_forward
+from sftplug.model.lora import MergedLoRALinear, merged_weight, use_merged_forward
 
 
 def lora_pair(dropout=0.0, bias=False, seed=0):
@@ -70,6 +70,23 @@ def test_merged_path_under_bf16_autocast_is_as_close_as_peft_to_fp32():
         ours_err = (ours_bf16[2][name] - exact[2][name]).norm() / exact[2][name].norm()
         peft_err = (peft_bf16[2][name] - exact[2][name]).norm() / exact[2][name].norm()
         assert ours_err < max(2 * peft_err, 1e-2), name
+
+
+@pytest.mark.parametrize("base", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_the_bf16_merged_weight_is_the_exact_sum_rounded_once(base):
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 96, generator=g) * 0.05).to(base)
+    a, b, scale = torch.randn(8, 96, generator=g) * 0.1, torch.randn(64, 8, generator=g) * 0.1, 3.0
+    got = merged_weight(weight, a, b, scale, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == weight.shape
+    exact = weight.double() + scale * b.double() @ a.double()
+    # one rounding of the result, plus the rounding of A and B to bf16 inside the product
+    ulp = 2.0**-8
+    bound = ulp * exact.abs() + 2 * ulp * scale * (b.double().abs() @ a.double().abs()) + 1e-12
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    # in fp32 it is the fp32 sum itself
+    torch.testing.assert_close(merged_weight(weight, a, b, scale, torch.float32),
+                               weight.float() + scale * b @ a, rtol=1e-6, atol=1e-7)
 
 
 def test_dropout_in_training_goes_through_peft():
