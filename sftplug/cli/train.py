@@ -54,7 +54,7 @@ def summary_text(s: dict) -> str:
         drop = 100 * (1 - s["eval_loss_after"] / s["eval_loss_before"])
         lines.append(f"held-out loss: {s['eval_loss_before']:.4f} -> {s['eval_loss_after']:.4f} ({drop:.0f}% lower)")
     if s.get("peak_memory_gib") is not None:
-        lines.append(f"peak GPU memory: {s['peak_memory_gib']:.2f} GiB")
+        lines.append(f"peak GPU memory of the training steps: {s['peak_memory_gib']:.2f} GiB")
     if s["sample_prompt"]:
         lines += [
             f"sample prompt: {s['sample_prompt']}",
