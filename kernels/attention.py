@@ -12,8 +12,10 @@ whose fp32 partial sums are added afterwards) and one kernel computes dQ (one pr
 per (query block, batch * query head)).
 
 On a GPU the block sizes, warps and stages are autotuned over a small candidate set per
-head dim (keyed by head dim, a power-of-two length bucket and causality); under
-TRITON_INTERPRET=1 one fixed 16 x 16 configuration is used.
+head dim (keyed by head dim, a power-of-two length bucket and causality), cached on disk
+across runs; SFTPLUG_TRITON_TUNE=0 takes the first candidate without tuning. Every
+candidate compiles for sm_80 and sm_90a without spills (sftplug.kernels.compile_report).
+Under TRITON_INTERPRET=1 one fixed 16 x 16 configuration is used.
 
 Which keys a query row sees is a contiguous range ``[lo, hi)``: the row's document
 (or the whole row), cut at the diagonal when causal. Every program reduces the ranges
@@ -44,11 +46,12 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["attention_reference", "triton_attention", "triton_attention_available", "TritonAttention"]
+__all__ = ["HEAD_DIMS", "attention_reference", "candidate_configs", "kernel_of", "triton_attention",
+           "triton_attention_available", "TritonAttention"]
 
 _LOG2E = 1.4426950408889634
 _BIG = 1 << 30  # larger than any sequence length; neutral element for the range reductions
-_HEAD_DIMS = (16, 32, 64, 128, 256)
+HEAD_DIMS = (16, 32, 64, 128, 256)
 _INTERPRET_BLOCK = 16  # the one fixed block size used under TRITON_INTERPRET=1
 
 
@@ -524,34 +527,49 @@ if triton is not None:
 # Launch configurations
 # ---------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head dim; BLOCK_M
-# counts query rows and BLOCK_N key rows in every kernel. Chosen by compiling for sm_90
-# (no register spills, shared memory within Hopper's 227 KB); their speed is measured
-# by the autotuner on the first call. The sets are small so that first call tunes in
-# seconds, and Triton caches the result on disk (cache_results=True).
-_CONFIGS = {
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per GPU generation, kernel and head
+# dim; BLOCK_M counts query rows and BLOCK_N key rows in every kernel. Each one compiles
+# without register spills, within the generation's shared memory, and on Hopper with wgmma
+# (tests/kernels/test_compile_report.py, `sftplug doctor --compile`); which is fastest
+# the autotuner measures on the first call, and Triton keeps its answer on disk.
+# Hopper (227 KB of shared memory) takes the larger tiles and deeper pipelines.
+_HOPPER = {
     "fwd": {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
-        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
-        256: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4)],
+        256: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2)],
     },
     "dkdv": {
         64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)],
-        256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+        128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
+        # No wgmma tile fits D=256's two fp32 [BLOCK_N, 256] accumulators without spills:
+        # these use mma.sync, and auto leaves D=256 on Hopper to flash (plugins/triton_attention.py).
+        256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
     "dq": {
         64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+        256: [(128, 32, 8, 2), (128, 32, 8, 3)],
     },
 }
-# Small configs that fit in about 64 KB of shared memory: added on GPUs with less shared
-# memory than Hopper (A100 has 163 KB, consumer Ampere/Ada 99 KB).
-_FALLBACK = {
-    "fwd": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
-    "dkdv": {64: (32, 64, 4, 2), 128: (16, 64, 4, 2), 256: (16, 32, 4, 2)},
-    "dq": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
+# Ampere and Ada (A100 163 KB, consumer cards 99 KB): mma.sync needs more registers, so
+# smaller tiles; all within 99 KB but fwd D=64's 128 x 128 (80 KB).
+_AMPERE = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)],
+        128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2), (32, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2)],
+        128: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
+    },
+    "dq": {
+        64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+        128: [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+    },
 }
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "CAUSAL"]
 _TUNED: dict = {}  # kernel kind -> autotuned launcher, built on the first GPU call
@@ -561,21 +579,24 @@ def _config_dim(head_dim: int) -> int:
     return 64 if head_dim <= 64 else head_dim
 
 
-def _big_shared_memory(device) -> bool:
-    try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = triton.runtime.driver.active.utils.get_device_properties(index)
-        return props["max_shared_mem"] >= 200 * 1024
-    except Exception:  # pragma: no cover - be conservative
-        return False
+def _hopper(device) -> bool:
+    """Hopper's configs need sm_90's wgmma and 227 KB of shared memory."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def candidate_configs(kind: str, head_dim: int, hopper: bool) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may choose for one kernel kind."""
+    return list((_HOPPER if hopper else _AMPERE)[kind][_config_dim(head_dim)])
+
+
+def kernel_of(kind: str):
+    """The Triton kernel of a kind: "fwd", "dkdv" or "dq"."""
+    return {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
 
 
 def _candidates(kind: str, head_dim: int, device) -> list:
-    dim = _config_dim(head_dim)
-    configs = list(_CONFIGS[kind][dim])
-    if not _big_shared_memory(device):
-        configs.append(_FALLBACK[kind][dim])
-    return configs
+    return candidate_configs(kind, head_dim, _hopper(device))
 
 
 def _prune(kind):
@@ -586,8 +607,9 @@ def _prune(kind):
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         # Short sequences: drop blocks far longer than the sequence (they only add padding).
         T = named_args["T"]
-        short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, T)]
-        return short or kept
+        short = [c for c in kept if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= max(64, T)] or kept
+        # SFTPLUG_TRITON_TUNE=0: the first candidate only, no tuning (tests, quick checks)
+        return short[:1] if os.environ.get("SFTPLUG_TRITON_TUNE") == "0" else short
 
     return prune
 
@@ -595,8 +617,8 @@ def _prune(kind):
 def _tuned(kind: str):
     """The autotuned GPU launcher for one kernel kind (built on first use)."""
     if kind not in _TUNED:
-        kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-        every = sorted({c for per_dim in _CONFIGS[kind].values() for c in per_dim} | set(_FALLBACK[kind].values()))
+        kernel = kernel_of(kind)
+        every = sorted({c for table in (_HOPPER, _AMPERE) for per_dim in table[kind].values() for c in per_dim})
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in every]
         tune = dict(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(kind)})
         try:  # keep the tuning result on disk for the next run (Triton >= 3.2)
@@ -610,7 +632,7 @@ def _tuned(kind: str):
 def _launch(kind: str, grid_m, grid_bh: int, *args, **kwargs):
     """Launch a kernel: fixed small blocks under the interpreter, autotuned on a GPU."""
     if _jit_interpreted:
-        kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+        kernel = kernel_of(kind)
         block = _INTERPRET_BLOCK
         kernel[(grid_m(block, block), grid_bh)](*args, **kwargs, BLOCK_M=block, BLOCK_N=block)
     else:
@@ -765,8 +787,8 @@ def _check_inputs(q, k, v, doc_ids, scale):
                          f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[1] == 0 or HQ % k.shape[1] != 0:
         raise ValueError(f"query heads ({HQ}) must be a multiple of kv heads ({k.shape[1]})")
-    if D not in _HEAD_DIMS:
-        raise ValueError(f"head dim {D} is not supported (supported: {', '.join(map(str, _HEAD_DIMS))})")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} is not supported (supported: {', '.join(map(str, HEAD_DIMS))})")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q, k, v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from sftplug.kernels.packed_documents import pack_plan
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sftplug import hookimpl, probes
 from sftplug.attention import AttentionBackend, AttentionRequest
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
+from sftplug.kernels.packed_documents import pack_plan
 
 # auto's order, fastest first, by device generation: causal fwd+bwd at the DESIGN.md
 # shapes (on Hopper cuDNN is reported well ahead of FlashAttention-2, DESIGN.md; PyTorch's
@@ -205,6 +205,17 @@ class Cudnn(SdpaBackend):
     name = "cudnn"
     description = "SDPA cuDNN fused attention (CUDA sm80+, cuDNN 9+, fp16/bf16)"
     priority = 25
+
+    def priority_for(self, request: AttentionRequest) -> int:
+        # Ahead of flash on Hopper only where it gave flash's gradients here (cuDNN SM90
+        # backward bugs are reported for some lengths), and never for packed rows: their
+        # per-document calls have many short odd lengths.
+        priority = super().priority_for(request)
+        if priority <= PRIORITIES["sm90+"]["flash"] or request.dtype not in _HALF:
+            return priority
+        if request.packed or probes.sdpa_parity("cudnn", "flash", request.dtype, request.head_dim) is not None:
+            return PRIORITIES["sm80"]["cudnn"]  # below flash
+        return priority
 
     def cuda_rule(self, request):
         version = probes.cudnn_version()

@@ -1,18 +1,24 @@
 """Built-in `triton` attention: sftplug's own fused kernel (kernels/attention.py).
 
 Registers where Triton imports and a CUDA GPU of compute capability 8.0+ drives it, or
-under TRITON_INTERPRET=1 (the CPU interpreter, used by tests). Packed rows run natively:
+under TRITON_INTERPRET=1 (the CPU interpreter, used by tests). Before it is offered for
+a dtype and head dim, it compiles and runs one tiny forward and backward there and
+compares them with the plain-PyTorch reference (once per process), so ``auto`` never
+picks a kernel that has not worked once on this machine. Packed rows run natively:
 blocks of other documents are skipped, so it is the first choice for packed data.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from sftplug import hookimpl
 from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.dtypes import dtype_name
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
+HEAD_DIMS = (16, 32, 64, 128, 256)  # the kernel's own list (sftplug.kernels.attention.HEAD_DIMS)
 
 
 class Triton(AttentionBackend):
@@ -31,8 +37,12 @@ class Triton(AttentionBackend):
         return self
 
     def priority_for(self, request: AttentionRequest) -> int:
+        from sftplug import probes
+
         if request.device.type != "cuda":
             return -10  # the CPU interpreter is for tests: only when asked for by name
+        if request.head_dim == 256 and (probes.gpu_capability() or (0, 0)) >= (9, 0):
+            return 10  # its D=256 backward has no wgmma on Hopper (kernels/attention.py): flash there
         return 40 if request.packed else self.priority
 
     def check(self, request: AttentionRequest) -> str | None:
@@ -43,17 +53,44 @@ class Triton(AttentionBackend):
         if request.device.type == "cuda":
             if request.dtype not in (torch.float16, torch.bfloat16):
                 return "triton attention on the GPU needs fp16/bf16 (use --dtype bf16)"
-            return None
-        if probes.triton_interpreter():
-            if request.dtype == torch.bfloat16:
-                return "the Triton interpreter computes bf16 wrongly; use fp32 or fp16 on the CPU"
-            return None
-        return f"triton attention runs on CUDA GPUs, not {request.device.type}"
+        elif not probes.triton_interpreter():
+            return f"triton attention runs on CUDA GPUs, not {request.device.type}"
+        elif request.dtype == torch.bfloat16:
+            return "the Triton interpreter computes bf16 wrongly; use fp32 or fp16 on the CPU"
+        return first_run(str(request.device), request.dtype, request.head_dim)
 
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
         from sftplug.kernels.attention import triton_attention
 
         return triton_attention(q, k, v, causal=causal, doc_ids=doc_ids)
+
+
+@functools.cache
+def first_run(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when one tiny causal GQA forward and backward match the reference here, else what went wrong."""
+    from sftplug.kernels.attention import attention_reference, triton_attention
+
+    what = f"{dtype_name(dtype)}, head dim {head_dim} on {device}"
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(shape, generator=gen) for shape in [(1, 4, 24, head_dim), (1, 2, 24, head_dim),
+                                                                   (1, 2, 24, head_dim), (1, 4, 24, head_dim)])
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+        try:
+            x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+            out = triton_attention(*x, causal=True)
+            got = [out, *torch.autograd.grad(out, x, do.to(device, dtype))]
+        except Exception as exc:  # compilation, launch or a driver error: the reason, not a crash
+            return f"triton attention failed its first run for {what}: {type(exc).__name__}: {exc}"
+        x = [t.double().requires_grad_() for t in (q, k, v)]
+        ref_out = attention_reference(*x, causal=True)
+        ref = [ref_out, *torch.autograd.grad(ref_out, x, do.double())]
+    # relative to the largest value: a few roundings of the dtype pass, a broken kernel is off by O(1)
+    tolerance = max(8 * torch.finfo(dtype).eps, 1e-4)
+    for name, a, r in zip(("output", "dq", "dk", "dv"), got, ref):
+        error = float((a.detach().double().cpu() - r.detach()).abs().max() / r.detach().abs().max())
+        if not error <= tolerance:
+            return f"triton attention's first run for {what} is wrong: {name} off by {error:.1e} (> {tolerance:.0e})"
+    return None
 
 
 triton = Triton()

@@ -218,6 +218,46 @@ def _run_probe(kernel, device_type, dtype, head_dim, gqa, causal, sdpa_kernel) -
     return None
 
 
+# Lengths at which cuDNN's SM90 backward was reported to give NaNs or wrong gradients.
+PARITY_LENGTHS = (704, 1000, 2048)
+
+
+@functools.cache
+def sdpa_parity(backend: str, reference: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when ``backend`` gives ``reference``'s output and gradients on this GPU, else where not.
+
+    Causal GQA at :data:`PARITY_LENGTHS` and once with large logits (scores near +-60),
+    each kernel run alone. Agreement: within 16 roundings of the dtype, relative to the
+    largest value, and finite.
+    """
+    from torch.nn.attention import sdpa_kernel
+
+    if not cuda_available():
+        return no_gpu_reason()
+    kernels = sdpa_backends()
+    tolerance = 16 * torch.finfo(dtype).eps
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cases = [(T, 1.0) for T in PARITY_LENGTHS] + [(1000, 8.0)]
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
+        for T, spread in cases:
+            q, k, v, do = (torch.randn(1, h, T, head_dim, device="cuda", generator=gen) for h in (8, 2, 2, 8))
+            q, k = q * spread, k * spread
+            results = []
+            for name in (backend, reference):
+                x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+                try:
+                    with sdpa_kernel([kernels[name]]):
+                        out = torch.nn.functional.scaled_dot_product_attention(*x, is_causal=True, enable_gqa=True)
+                        results.append([out, *torch.autograd.grad(out, x, do.to(dtype))])
+                except RuntimeError as exc:
+                    return f"{name} cannot run the parity case T={T}: {_first_line(exc)}"
+            for what, a, b in zip(("output", "dq", "dk", "dv"), *results):
+                error = float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                if not error <= tolerance:  # NaN fails too
+                    return f"{backend} differs from {reference} at T={T} (scale {spread:g}): {what} off by {error:.1e}"
+    return None
+
+
 def sdpa_can_use(backend: str, q, k, v, *, causal: bool = True, gqa: bool = False) -> tuple[bool, list[str]]:
     """PyTorch's ``can_use_*_attention(SDPAParams, debug=True)`` for CUDA tensors: (ok, reasons).
 

@@ -45,8 +45,10 @@ def _shape(text: str) -> tuple[int, ...]:
 @click.option("--head-dim", type=int, default=64, show_default=True, help="Head dim to check backends for.")
 @click.option("--heads", type=int, default=32, show_default=True, help="Query heads.")
 @click.option("--kv-heads", type=int, default=4, show_default=True, help="Key/value heads (GQA).")
+@click.option("--compile", "compile_report", is_flag=True,
+              help="Instead: compile every Triton attention config for sm_80 and sm_90a (no GPU needed; minutes).")
 @user_errors
-def doctor(as_json, device, head_dim, heads, kv_heads):
+def doctor(as_json, device, head_dim, heads, kv_heads, compile_report):
     """Show what this machine can run and what is steering it.
 
     Prints the torch, CUDA, cuDNN and Triton versions; the GPU and its compute
@@ -61,7 +63,16 @@ def doctor(as_json, device, head_dim, heads, kv_heads):
       sftplug doctor
       sftplug doctor --json
       sftplug doctor --head-dim 128 --heads 32 --kv-heads 8
+      sftplug doctor --compile        # shared memory, registers, spills, wgmma per kernel config
     """
+    if compile_report:
+        from sftplug.kernels.compile_report import format_report, report
+
+        rows = report()
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2) if as_json else format_report(rows))
+        if not all(r.ok for r in rows):
+            raise SftplugError("some Triton attention configs spill, miss wgmma or exceed shared memory (see above)")
+        return
     from sftplug.diagnostics.doctor import doctor_report, format_doctor
     from sftplug.probes import resolve_device
     from sftplug.registry import build_registry
@@ -83,8 +94,10 @@ def doctor(as_json, device, head_dim, heads, kv_heads):
 @click.option("--repeats", type=int, help="Timed iterations per row (default 10 on CUDA, 3 on the CPU).")
 @click.option("--budget", type=float, default=150.0, show_default=True,
               help="Seconds after which remaining rows are skipped.")
+@click.option("--jsonl", "jsonl", type=click.Path(dir_okay=False),
+              help="Also append each row to this file as a JSON line as soon as it is timed.")
 @user_errors
-def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, budget):
+def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, budget, jsonl):
     """Time forward and backward of every attention backend.
 
     Prints a table: backend, dtype, case (B, H[/H_kv], S, D, or packed), forward and
@@ -116,7 +129,7 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
         repeats=repeats,
         causal=causal,
         budget_s=budget,
-        echo=None if as_json else _progress,
+        echo=_reporter(not as_json, jsonl),
     )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -124,10 +137,18 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
         click.echo(format_table(rows))
 
 
-def _progress(row: dict) -> None:
-    if row["status"] == "ok":
-        click.echo(f"  {row['backend']} {row['dtype']} {row['case']}: "
-                   f"{row['fwd_ms']:.3f} + {row['bwd_ms']:.3f} ms", err=True)
+def _reporter(progress: bool, jsonl: str | None):
+    """Each finished row: a progress line on stderr, and/or a JSON line appended to ``jsonl``."""
+
+    def report(row: dict) -> None:
+        if progress and row["status"] == "ok":
+            click.echo(f"  {row['backend']} {row['dtype']} {row['case']}: "
+                       f"{row['fwd_ms']:.3f} + {row['bwd_ms']:.3f} ms", err=True)
+        if jsonl:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return report
 
 
 @click.group(context_settings=CONTEXT)

@@ -1,4 +1,5 @@
 import torch
+
 from sftplug.kernels.packed_documents import PackPlan, bucket_length, document_lengths, one_document_per_row
 
 

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from sftplug.kernels.attention import attention_reference
-from sftplug.kernels.chunked_attention import chunked_attention
-from sftplug.plugins.chunked import FASTER_UP_TO, chunked
 
 from sftplug.attention import AttentionRequest
 from sftplug.attention.choice import choose_backend
 from sftplug.config import DEFAULT_DATA
+from sftplug.kernels.attention import attention_reference
+from sftplug.kernels.chunked_attention import chunked_attention
+from sftplug.plugins.chunked import FASTER_UP_TO, chunked
 
 B, T, D = 2, 40, 32  # T not a multiple of the chunks below
 DOC_LENGTHS = [[7, 13, 1, 19], [40]]

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sftplug.kernels.packed_documents import bucket_length
-from sftplug.plugins import sdpa
 from torch.profiler import profile
 
 from sftplug import probes
 from sftplug.attention import AttentionRequest
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
+from sftplug.kernels.packed_documents import bucket_length
+from sftplug.plugins import sdpa
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = {"flash": sdpa.flash, "efficient": sdpa.efficient, "cudnn": sdpa.cudnn, "math": sdpa.math}
@@ -238,3 +238,24 @@ def test_probes_work_in_any_mode_and_leave_the_run_rng_alone():
     with torch.inference_mode():
         assert probes.sdpa_refusal("math", DEVICE.type, torch.float32, 40) is None
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_cudnn_leads_hopper_only_after_matching_flash_and_never_for_packed_rows(monkeypatch):
+    monkeypatch.setattr(sdpa, "gpu_generation", lambda device: "sm90+")
+    verdict = {"answer": None}
+    asked = []
+
+    def parity(backend, reference, dtype, head_dim):
+        asked.append((backend, reference, dtype, head_dim))
+        return verdict["answer"]
+
+    monkeypatch.setattr(probes, "sdpa_parity", parity)
+
+    def request(packed=False, dtype=torch.bfloat16):
+        return AttentionRequest("auto", torch.device("cuda"), dtype, 128, 32, 8, packed)
+
+    flash = sdpa.flash.priority_for(request())
+    assert sdpa.cudnn.priority_for(request()) > flash and asked == [("cudnn", "flash", torch.bfloat16, 128)]
+    assert sdpa.cudnn.priority_for(request(packed=True)) < flash  # packed rows go to flash
+    verdict["answer"] = "cudnn differs from flash at T=704 (scale 1): dq off by 3.0e-01"
+    assert sdpa.cudnn.priority_for(request()) < flash

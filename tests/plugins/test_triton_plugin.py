@@ -56,3 +56,41 @@ def test_triton_training_matches_flash_on_the_gpu(tmp_path):
                         "--seq-len", "2048", "--micro-bsz", "8", "--attention", name, "--out", str(tmp_path / name),
                         "--sample-prompt", "Hi"], check=True)
     assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "flash"), rel=2e-2)
+
+
+def test_the_first_run_must_match_the_reference_before_triton_is_offered(monkeypatch):
+    import sftplug.kernels.attention as kernel
+    from sftplug.plugins.triton_attention import first_run
+
+    def broken(q, k, v, causal=True):
+        return kernel.attention_reference(q, k, v, causal=causal) * 1.5  # a miscompiled kernel
+
+    def crashing(q, k, v, causal=True):
+        raise RuntimeError("ptxas fatal: out of resources")
+
+    check = first_run.__wrapped__  # uncached
+    monkeypatch.setattr(kernel, "triton_attention", kernel.attention_reference)
+    assert check("cpu", torch.float32, 32) is None
+    monkeypatch.setattr(kernel, "triton_attention", broken)
+    assert check("cpu", torch.float16, 32).startswith(
+        "triton attention's first run for fp16, head dim 32 on cpu is wrong: output off by")
+    monkeypatch.setattr(kernel, "triton_attention", crashing)
+    assert check("cpu", torch.float32, 64) == ("triton attention failed its first run for fp32, head dim 64 on cpu: "
+                                               "RuntimeError: ptxas fatal: out of resources")
+
+
+def test_auto_leaves_head_dim_256_on_hopper_to_flash(monkeypatch):
+    from sftplug import probes
+    from sftplug.attention import AttentionRequest
+    from sftplug.plugins.sdpa import flash
+    from sftplug.plugins.triton_attention import triton
+
+    def request(head_dim, packed=True):
+        return AttentionRequest("auto", torch.device("cuda"), torch.bfloat16, head_dim, 32, 8, packed)
+
+    monkeypatch.setattr(probes, "gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr("sftplug.plugins.sdpa.gpu_generation", lambda device: "sm90+")
+    assert triton.priority_for(request(128)) > flash.priority_for(request(128))  # packed rows: triton first
+    assert triton.priority_for(request(256)) < flash.priority_for(request(256))  # no wgmma tile at D=256
+    monkeypatch.setattr(probes, "gpu_capability", lambda: (8, 0))
+    assert triton.priority_for(request(256)) > flash.priority_for(request(256))  # Ampere: mma.sync everywhere

@@ -1,0 +1,178 @@
+"""The Triton attention kernels compiled for real GPU targets, on a machine without a GPU.
+
+``triton.compile`` with a ``GPUTarget`` builds the PTX and the cubin anywhere (the Triton
+wheel ships ptxas). For each launch configuration this reports what the GPU would pay:
+shared memory (Triton's metadata), registers and spilled bytes (``ptxas -v``), and, on
+Hopper, whether the matrix products use ``wgmma`` (the PTX). ``sftplug doctor --compile``
+prints the table; the tests require every configuration the autotuner may choose to spill
+nothing, use wgmma on sm_90a and fit the target's shared memory.
+
+The kernels are compiled as a training run launches them: contiguous [B, H, T, D]
+tensors (pointers and strides divisible by 16), 32 query heads over 8 K/V heads, causal,
+packed documents on (the variant with every code path).
+
+Public API: :data:`TARGETS`, :func:`compile_config`, :func:`report`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from sftplug.kernels import attention
+
+# name -> (compute capability, warp size, shared memory a block may use in bytes: A100's
+# 163 KB, Hopper's 227 KB)
+TARGETS = {"sm_80": (80, 32, 163 * 1024), "sm_90a": (90, 64, 227 * 1024)}
+KINDS = ("fwd", "dkdv", "dq")
+# Kernels that use mma.sync on Hopper by design (no wgmma tile fits without spills), which
+# is why auto never takes Triton for these head dims on Hopper.
+WITHOUT_WGMMA = {("dkdv", 256)}
+_HQ, _HKV = 32, 8
+_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "RANGES": "i32"}
+
+
+@dataclass
+class Compiled:
+    kernel: str
+    target: str
+    dtype: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    shared: int | None = None  # bytes of dynamic shared memory
+    registers: int | None = None  # per thread
+    spills: int | None = None  # bytes spilled (stores + loads)
+    wgmma: bool | None = None  # Hopper's warpgroup matrix products (sm_90a only)
+    fits: bool | None = None  # shared memory within the target's limit
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """No spills, within shared memory, and wgmma where auto may choose the kernel on Hopper."""
+        wgmma_ok = self.wgmma is not False or (self.kernel, self.head_dim) in WITHOUT_WGMMA
+        return self.error is None and bool(self.fits) and self.spills == 0 and wgmma_ok
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _signature(kernel, kind: str, dtype: str, constexprs: dict) -> dict:
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in ("qk_scale", "sm_scale"):
+            types[name] = "fp32"
+        elif _is_tensor(name):
+            types[name] = "*" + _POINTER_DTYPES.get(name, dtype)
+        else:  # strides, T and the tuning key
+            types[name] = "i32"
+    return types
+
+
+def _is_tensor(name: str) -> bool:
+    return name[0].isupper() and name not in ("T", "T_BUCKET")  # tensors are named in capitals
+
+
+def _divisible_by_16(kernel, constexprs: dict) -> dict:
+    """Triton's launch-time specialisation of contiguous tensors: pointers and strides % 16 == 0."""
+    names = [n for n in kernel.arg_names if n not in constexprs and (_is_tensor(n) or n.startswith("stride_"))]
+    return {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
+def _constexprs(kind: str, head_dim: int, block_m: int, block_n: int) -> dict:
+    values = dict(HQ=_HQ, GROUP=_HQ // _HKV, HEAD_DIM=head_dim, CAUSAL=True, HAS_DOCS=True, BLOCK_M=block_m,
+                  BLOCK_N=block_n)
+    if kind == "dkdv":
+        values.update(HKV=_HKV, SPLIT=1)
+    return values
+
+
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spilled bytes) as ptxas -v reports them for the PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", path, "-o", path + ".o"],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1])
+    registers = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr))
+    return registers, spills
+
+
+def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tuple) -> Compiled:
+    """Compile one kernel in one (BLOCK_M, BLOCK_N, warps, stages) configuration for ``target``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_m, block_n, warps, stages = config
+    row = Compiled(kind, target, dtype, head_dim, block_m, block_n, warps, stages)
+    capability, warp_size, shared_limit = TARGETS[target]
+    kernel = attention.kernel_of(kind)
+    constexprs = _constexprs(kind, head_dim, block_m, block_n)
+    try:
+        source = ASTSource(fn=kernel, signature=_signature(kernel, kind, dtype, constexprs), constexprs=constexprs,
+                           attrs=_divisible_by_16(kernel, constexprs))
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, warp_size),
+                                  options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
+        row.shared = int(compiled.metadata.shared)
+        row.fits = row.shared <= shared_limit
+        row.registers, row.spills = _ptxas_usage(compiled.asm["ptx"], capability)
+        if capability >= 90:
+            row.wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
+    except Exception as exc:  # a config that does not compile is a finding, not a crash
+        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    return row
+
+
+def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, workers: int | None = None
+           ) -> list[Compiled]:
+    """Every configuration the autotuner may choose on each target, compiled and measured.
+
+    ``head_dims``: default every supported one (16 and 32 use the configurations of 64).
+    """
+    head_dims = head_dims or attention.HEAD_DIMS
+    jobs = []
+    for target in targets:
+        hopper = TARGETS[target][0] >= 90  # as attention._candidates decides on a real GPU
+        for kind in KINDS:
+            for head_dim in head_dims:
+                for config in attention.candidate_configs(kind, head_dim, hopper):
+                    jobs += [(kind, target, dtype, head_dim, config) for dtype in dtypes]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # ptxas runs outside the GIL
+        return list(pool.map(lambda job: compile_config(*job), jobs))
+
+
+def format_report(rows: list[Compiled]) -> str:
+    """The report as a table, findings first."""
+    header = f"{'kernel':<5} {'target':<7} {'dtype':<5} {'D':>4} {'config':<16} {'smem KB':>8} {'regs':>5} " \
+             f"{'spill B':>8} {'wgmma':<6} verdict"
+    lines = [header]
+    for r in sorted(rows, key=lambda r: (r.ok, r.kernel, r.target, r.head_dim, r.dtype)):
+        config = f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages}"
+        if r.error:
+            lines.append(f"{r.kernel:<5} {r.target:<7} {r.dtype:<5} {r.head_dim:>4} {config:<16} failed: {r.error}")
+            continue
+        wgmma = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
+        verdict = "ok" if r.ok else ", ".join(
+            why for why, bad in (("spills", r.spills), ("no wgmma", r.wgmma is False), ("too much smem", not r.fits))
+            if bad)
+        lines.append(f"{r.kernel:<5} {r.target:<7} {r.dtype:<5} {r.head_dim:>4} {config:<16} {r.shared / 1024:>8.0f} "
+                     f"{r.registers:>5} {r.spills:>8} {wgmma:<6} {verdict}")
+    bad = sum(not r.ok for r in rows)
+    lines.append(f"{len(rows)} configurations, {bad} with findings")
+    return "\n".join(lines)
