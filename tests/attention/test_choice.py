@@ -186,9 +186,9 @@ def test_a_run_reports_overrides_and_still_runs_the_chosen_kernel(small_config, 
     ops: set[str] = set()
     real_update = Run.update
 
-    def profiled_update(run):  # the training steps only (not the sample generation)
+    def profiled_update(run, **options):  # the training steps only (not the sample generation)
         with profile() as prof:
-            record = real_update(run)
+            record = real_update(run, **options)
         ops.update(e.name for e in prof.events())
         return record
 
