@@ -12,11 +12,11 @@ kernels measured about even, so auto keeps PyTorch's flash for packed rows.
 from __future__ import annotations
 
 import torch
-from sftplug.kernels.packed_documents import one_document_per_row
 
 from sftplug import hookimpl
 from sftplug.attention import AttentionBackend, AttentionRequest
 from sftplug.dtypes import dtype_name
+from sftplug.kernels.packed_documents import one_document_per_row
 
 # Measured against SDPA's CPU flash kernel: faster up to this many positions, slower at 2048.
 FASTER_UP_TO = 1024

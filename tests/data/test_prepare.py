@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-import sftplug.plugins.sdpa as sdpa
 import torch
 import torch.nn.functional as F
 
+import sftplug.plugins.sdpa as sdpa
 from sftplug.config import ASSETS
 from sftplug.data import prepare as data
 from sftplug.data.batches import batch_of
