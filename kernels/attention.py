@@ -529,19 +529,19 @@ if triton is not None:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per GPU generation, kernel and head
 # dim; BLOCK_M counts query rows and BLOCK_N key rows in every kernel. Each one compiles
-# without register spills, within the generation's shared memory, and on Hopper with wgmma
-# (tests/kernels/test_compile_report.py, `sftplug doctor --compile`); which is fastest
-# the autotuner measures on the first call, and Triton keeps its answer on disk.
+# without register spills, within the generation's shared memory, and on Hopper with wgmma,
+# with Triton 3.6 and 3.9 (tests/kernels/test_compile_report.py, `sftplug doctor --compile`);
+# which is fastest the autotuner measures on the first call, and Triton keeps its answer on disk.
 # Hopper (227 KB of shared memory) takes the larger tiles and deeper pipelines.
 _HOPPER = {
     "fwd": {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4)],
-        256: [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2)],
+        256: [(128, 32, 8, 2), (64, 32, 8, 2)],
     },
     "dkdv": {
         64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
+        128: [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3)],
         # No wgmma tile fits D=256's two fp32 [BLOCK_N, 256] accumulators without spills:
         # these use mma.sync, and auto leaves D=256 on Hopper to flash (plugins/triton_attention.py).
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
@@ -552,21 +552,21 @@ _HOPPER = {
         256: [(128, 32, 8, 2), (128, 32, 8, 3)],
     },
 }
-# Ampere and Ada (A100 163 KB, consumer cards 99 KB): mma.sync needs more registers, so
-# smaller tiles; all within 99 KB but fwd D=64's 128 x 128 (80 KB).
+# Ampere and Ada (A100 163 KB of shared memory, consumer cards 99 KB, where the autotuner
+# skips the one config that needs 100 KB): mma.sync needs more registers, so smaller tiles.
 _AMPERE = {
     "fwd": {
-        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
         128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-        256: [(64, 32, 8, 2), (32, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 1)],
     },
     "dkdv": {
-        64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2)],
+        64: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
         128: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
     },
     "dq": {
-        64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 2)],
+        64: [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
         128: [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
         256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
     },
