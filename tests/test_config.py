@@ -13,7 +13,7 @@ from sftplug.errors import SftplugError
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(dtype="fp8"), "--dtype must be one of bf16, fp16, fp32, got 'fp8'"),
+        (dict(dtype="fp8"), "--dtype must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         (dict(strategy="tp"), "--strategy must be ddp or fsdp, got 'tp'"),
         (dict(format="csv"), "--format must be one of auto, chat, prompt, alpaca, text, got 'csv'"),
         (dict(overlong="wrap"), "--overlong must be truncate or drop, got 'wrap'"),

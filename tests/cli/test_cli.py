@@ -41,7 +41,7 @@ def test_plugins_table():
     "args, message",
     [
         (["--attention", "warp-drive"], "unknown attention backend 'warp-drive'"),
-        (["--dtype", "fp8"], "--dtype must be one of bf16, fp16, fp32, got 'fp8'"),
+        (["--dtype", "fp8"], "--dtype must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl: data file not found"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--lora-targets", "qkv,wq"], "no linear layer named wq"),
