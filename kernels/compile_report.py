@@ -63,7 +63,7 @@ class Compiled:
         return {**asdict(self), "ok": self.ok}
 
 
-def _signature(kernel, kind: str, dtype: str, constexprs: dict) -> dict:
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     types = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -125,7 +125,7 @@ def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tu
     kernel = attention.kernel_of(kind)
     constexprs = _constexprs(kind, head_dim, block_m, block_n)
     try:
-        source = ASTSource(fn=kernel, signature=_signature(kernel, kind, dtype, constexprs), constexprs=constexprs,
+        source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
                            attrs=_divisible_by_16(kernel, constexprs))
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, warp_size),
                                   options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})

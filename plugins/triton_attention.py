@@ -17,8 +17,7 @@ import torch
 from sftplug import hookimpl
 from sftplug.attention import AttentionBackend, AttentionRequest
 from sftplug.dtypes import dtype_name
-
-HEAD_DIMS = (16, 32, 64, 128, 256)  # the kernel's own list (sftplug.kernels.attention.HEAD_DIMS)
+from sftplug.kernels.attention import HEAD_DIMS  # importing never fails, Triton or not
 
 
 class Triton(AttentionBackend):

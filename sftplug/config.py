@@ -25,8 +25,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OVERLONG = ("truncate", "drop")
 STRATEGIES = ("ddp", "fsdp")
 ON_NONFINITE = ("stop", "skip")
-# Option groups, in the order `sftplug train -h` shows them.
-GROUPS = ("model", "data", "optimizer", "lora", "runtime", "run")
+# Option groups and their titles, in the order `sftplug train -h` shows them.
+GROUPS = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "lora": "LoRA", "runtime": "Runtime",
+          "run": "Run"}
 
 
 def option(default, help: str, group: str, *, choices=None, minimum=None, shown_default=None):

@@ -57,7 +57,9 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: list[PluginInfo] = []
         self.disabled = {n.strip() for n in os.environ.get("SFTPLUG_DISABLE_PLUGINS", "").split(",") if n.strip()}
-        for name in sorted(self.disabled & set(ESSENTIAL)):
+        essential = sorted(self.disabled & set(ESSENTIAL))
+        if essential:
+            name = essential[0]
             raise SftplugError(
                 f"SFTPLUG_DISABLE_PLUGINS={os.environ['SFTPLUG_DISABLE_PLUGINS']}: '{name}' cannot be disabled: "
                 f"{ESSENTIAL[name]}; remove it from the list (a plugin of your own takes precedence without that)"

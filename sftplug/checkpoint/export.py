@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sftplug.checkpoint import folders as ckpt
+from sftplug.checkpoint import folders
 from sftplug.dtypes import as_dtype
 from sftplug.errors import SftplugError
 from sftplug.hf.config import config_to_hf
@@ -74,11 +74,11 @@ def export_checkpoint(
     wanted_dtype = as_dtype(dtype)  # a bad dtype fails before anything is loaded
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SftplugError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    folder = ckpt.resolve(checkpoint)
-    if folder.is_dir() and (folder / ckpt.MANIFEST).exists():
-        manifest = ckpt.verify(folder)  # a precise message for an incomplete or corrupt checkpoint
+    folder = folders.resolve(checkpoint)
+    if folder.is_dir() and (folder / folders.MANIFEST).exists():
+        manifest = folders.verify(folder)  # a precise message for an incomplete or corrupt checkpoint
         if not isinstance(manifest.get("base_model"), str):
-            raise SftplugError(f"{folder / ckpt.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
+            raise SftplugError(f"{folder / folders.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
     loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry, attention=None)
     model, tokenizer = loaded.model, loaded.tokenizer
     config: ModelConfig = model.config

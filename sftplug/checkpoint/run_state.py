@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from sftplug import distributed
 from sftplug.checkpoint import folders, shards
+from sftplug.config import flag
 from sftplug.errors import SftplugError
 from sftplug.hf.names import load_state_dict_exact
 from sftplug.model.lora import lora_settings, trainable_state_dict
@@ -111,8 +112,9 @@ def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, fol
             old = list(old)
             new = list(new)
         if old != new:
-            flag = "--" + key.replace("_", "-")
-            raise SftplugError(f"{flag} is {new!r} but {folder} was trained with {old!r}; it cannot change on resume")
+            raise SftplugError(
+                f"{flag(key)} is {new!r} but {folder} was trained with {old!r}; it cannot change on resume"
+            )
     if saved_sha256 and current_sha256 and saved_sha256 != current_sha256:
         raise SftplugError(
             f"--data {current['data']}: the file changed since {folder} was saved; it cannot change on resume"

@@ -29,6 +29,7 @@ def plugins(as_json):
         if not p.available:
             click.echo(f"{'':<20} reason: {p.reason}")
 
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.replace("x", ",").split(","))

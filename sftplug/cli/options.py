@@ -14,8 +14,6 @@ from sftplug.config import GROUPS, TrainConfig, flag
 from sftplug.errors import SftplugError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-GROUP_TITLES = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "lora": "LoRA",
-                "runtime": "Runtime", "run": "Run"}
 
 
 class UserError(click.ClickException):
@@ -112,7 +110,7 @@ class GroupedCommand(click.Command):
                 (sections[group_of[param.name]] if param.name in group_of else other).append(record)
         for group, records in sections.items():
             if records:
-                with formatter.section(f"{GROUP_TITLES[group]} options"):
+                with formatter.section(f"{GROUPS[group]} options"):
                     formatter.write_dl(records)
         with formatter.section("Other options"):
             formatter.write_dl(other)
