@@ -57,6 +57,8 @@ class TrainConfig:
                            choices=OVERLONG)
     skip_bad_records: bool = option(False, "Skip and count bad records instead of stopping.", "data")
     train_on_prompt: bool = option(False, "Also train on prompt tokens.", "data")
+    field_map: dict[str, str] | None = option(None, "Rename record fields before the format is detected: "
+                                              "question=prompt,answer=completion.", "data")
     # -- optimizer
     steps: int = option(200, "Optimizer updates.", "optimizer", minimum=1)
     micro_bsz: int = option(8, "Rows per micro-batch.", "optimizer", minimum=1)
@@ -93,6 +95,8 @@ class TrainConfig:
     eval_every: int = option(0, "Eval loss every N updates; 0: before and after only.", "run", minimum=0)
     save_every: int = option(0, "Checkpoint every N updates; 0: at the end only.", "run", minimum=0)
     keep_last: int = option(0, "Checkpoints kept; 0 keeps every one.", "run", minimum=0)
+    log_to: tuple[str, ...] = option((), "Loggers besides OUT/metrics.jsonl, comma-separated: tensorboard, "
+                                     "wandb, or a logger plugin's name.", "run")
     resume: str | None = option(None, "auto (newest complete checkpoint of --out), or a checkpoint folder.", "run")
     on_nonfinite: str = option("stop", "A NaN/inf loss stops the run (keeping the last checkpoint) or skips "
                                "the update.", "run", choices=ON_NONFINITE)
@@ -101,6 +105,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
+        self.log_to = tuple(self.log_to)
+        self.field_map = parse_field_map(self.field_map)
         if self.eval_data == "auto":
             bundled = Path(self.data) == DEFAULT_DATA and not self.eval_split
             self.eval_data = str(DEFAULT_EVAL) if bundled else None
@@ -122,12 +128,34 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        d["log_to"] = list(self.log_to)
         return d
 
 
 def flag(name: str) -> str:
     """The command-line spelling of a field: ``micro_bsz`` -> ``--micro-bsz``."""
     return "--" + name.replace("_", "-")
+
+
+def parse_field_map(value) -> dict[str, str] | None:
+    """``--field-map``: "question=prompt,answer=completion" or a mapping -> {field in the file: field sftplug reads}."""
+    if value is None or value == "" or value == {}:
+        return None
+    if isinstance(value, str):
+        pairs = [p.strip() for p in value.split(",") if p.strip()]
+        if not all(p.count("=") == 1 for p in pairs):
+            raise SftplugError(f"--field-map {value}: expected FIELD=NAME pairs separated by commas, "
+                               "e.g. question=prompt,answer=completion")
+        value = dict(tuple(x.strip() for x in p.split("=")) for p in pairs)
+    if not isinstance(value, dict):
+        raise SftplugError(f"--field-map must map fields of the file to names sftplug reads, got {value!r}")
+    for source, target in value.items():
+        if not (isinstance(source, str) and isinstance(target, str) and source and target):
+            raise SftplugError(f"--field-map {source}={target}: both names must be non-empty strings")
+    targets = list(value.values())
+    if len(set(targets)) != len(targets):
+        raise SftplugError(f"--field-map maps two fields to the same name: {value}")
+    return dict(value)
 
 
 def _check_field(f, value) -> None:

@@ -93,7 +93,9 @@ def config_from_options(options: dict) -> TrainConfig:
     """The TrainConfig of a command's parsed options (comma lists split)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in options.items() if k in names}
-    values["lora_targets"] = tuple(t.strip() for t in values["lora_targets"].split(",") if t.strip())
+    for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, tuple) and isinstance(values.get(f.name), str):  # comma lists
+            values[f.name] = tuple(t.strip() for t in values[f.name].split(",") if t.strip())
     return TrainConfig(**values)
 
 
