@@ -1,4 +1,4 @@
-"""Training records: JSONL or a JSON array read with line numbers, their formats, bad records.
+"""Training records: their formats, bad records (reading them: :mod:`sftplug.data.sources`).
 
 A record is chat (``messages``), prompt/completion, Alpaca (``instruction``/``output``) or
 ``text``; the format is detected once per file or given. A bad record is an error naming
@@ -7,8 +7,7 @@ the file, the line and the problem, or is skipped and counted (:class:`BadLog`).
 
 from __future__ import annotations
 
-import json
-import re
+import io
 from pathlib import Path
 
 from sftplug.errors import SftplugError
@@ -57,78 +56,14 @@ def read_bytes(path) -> bytes:
         raise SftplugError(f"{path}: cannot be read ({exc.strerror})") from None
 
 
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _utf8_problem(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
-    line = raw.count(b"\n", 0, exc.start) + 1
-    column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-    return line, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); re-encode the file as UTF-8"
-
-
 def iter_records(path, raw: bytes, bad: BadLog):
-    """(line, record) for every record of a JSONL file or JSON array held in ``raw``."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if raw.lstrip()[:1] == b"[":
-            line, problem = _utf8_problem(raw, exc)
-            raise SftplugError(f"{path}:{line}: {problem}") from None
-        text = None  # JSONL: each line is decoded on its own, and a bad one reported
-    if text is not None and text.lstrip()[:1] == "[":
-        yield from _iter_json_array(path, text)
-        return
-    lines = text.split("\n") if text is not None else raw.split(b"\n")
-    for lineno, line in enumerate(lines, start=1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad(path, lineno, _utf8_problem(line, exc)[1])
-                continue
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})")
+    """(line, record) of a JSONL file or JSON array held in ``raw``.
 
+    Kept for prepare.py until it reads through :func:`sftplug.data.sources.iter_records`.
+    """
+    from sftplug.data import sources  # sources imports this module
 
-def _iter_json_array(path, text: str):
-    decoder = json.JSONDecoder()
-    pos = _WS.match(text, text.index("[") + 1).end()
-    line, counted = 1, 0
-    if text.startswith("]", pos):
-        return
-    while True:
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise SftplugError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        line += text.count("\n", counted, pos)
-        counted = pos
-        yield line, record
-        pos = _WS.match(text, end).end()
-        if text.startswith(",", pos):
-            pos = _WS.match(text, pos + 1).end()
-        elif text.startswith("]", pos):
-            if text[pos + 1 :].strip():
-                where = line + text.count("\n", counted, pos)
-                raise SftplugError(f"{path}:{where}: invalid JSON (extra data after the closing ']')")
-            return
-        else:
-            where = line + text.count("\n", counted, pos)
-            raise SftplugError(f"{path}:{where}: invalid JSON (expected ',' or ']' between records)")
-
-
-def first_record(path: str | Path) -> dict:
-    """The first record of a data file, without parsing the rest."""
-    found = next(iter_records(path, read_bytes(path), BadLog(skip=False)), None)
-    if found is None:
-        raise SftplugError(f"{path}: no records (the file is empty)")
-    return found[1]
+    return sources._reported(path, sources._json_records(path, lambda *_: io.BytesIO(raw)), bad)
 
 
 def detect_format(record) -> str | None:

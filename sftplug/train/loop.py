@@ -14,7 +14,7 @@ import torch
 from sftplug import distributed
 from sftplug.checkpoint.run_state import resume, save_checkpoint
 from sftplug.config import TrainConfig
-from sftplug.data import records
+from sftplug.data import records, sources
 from sftplug.model.generate import answer
 from sftplug.train.run import Run
 from sftplug.train.setup import build_run
@@ -98,7 +98,7 @@ def sample_prompt(config: TrainConfig) -> str | None:
     """``--sample-prompt``, or the first user turn of the first eval (else training) record."""
     if config.sample_prompt:
         return config.sample_prompt
-    record = records.first_record(config.eval_data or config.data)
+    record = sources.first_record(config.eval_data or config.data, config.field_map)
     fmt = records.detect_format(record)
     if fmt in (None, "text"):
         return None
