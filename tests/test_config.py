@@ -40,7 +40,7 @@ def test_every_field_is_an_option_with_its_default_and_help():
         assert option.help == f.metadata["help"]
         default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         assert option.default == default, f.name
-    assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)} | {"nproc"}
+    assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)} | {"nproc", "config_file", "print_config"}
 
 
 def test_the_command_line_gives_the_config_the_api_gives(monkeypatch):

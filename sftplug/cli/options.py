@@ -9,8 +9,10 @@ import os
 import re
 
 import click
+from click.core import ParameterSource
 
 from sftplug.config import GROUPS, TrainConfig, flag
+from sftplug.config_file import comma_list, load_config
 from sftplug.errors import SftplugError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -89,14 +91,27 @@ def config_options(fn):
     return fn
 
 
-def config_from_options(options: dict) -> TrainConfig:
-    """The TrainConfig of a command's parsed options (comma lists split)."""
+def config_from_options(options: dict, config_file: str | None = None,
+                        given: set[str] = frozenset()) -> tuple[TrainConfig, int | None]:
+    """The TrainConfig of a command's parsed options (comma lists split), and a config file's nproc.
+
+    With ``config_file``, the options named in ``given`` (those on the command line) override
+    the file, and the file overrides the defaults.
+    """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in options.items() if k in names}
     for f in dataclasses.fields(TrainConfig):
         if isinstance(f.default, tuple) and isinstance(values.get(f.name), str):  # comma lists
-            values[f.name] = tuple(t.strip() for t in values[f.name].split(",") if t.strip())
-    return TrainConfig(**values)
+            values[f.name] = comma_list(values[f.name])
+    if config_file is None:
+        return TrainConfig(**values), None
+    return load_config(config_file, overrides={k: v for k, v in values.items() if k in given})
+
+
+def given_options(ctx: click.Context) -> set[str]:
+    """The names of the options given on the command line (not left at their defaults)."""
+    defaults = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    return {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) not in defaults}
 
 
 class GroupedCommand(click.Command):

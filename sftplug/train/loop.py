@@ -16,6 +16,7 @@ from sftplug.checkpoint.run_state import resume, save_checkpoint
 from sftplug.config import TrainConfig
 from sftplug.data import records, sources
 from sftplug.model.generate import answer
+from sftplug.train import lock
 from sftplug.train.run import Run
 from sftplug.train.setup import build_run
 
@@ -26,6 +27,7 @@ def train(config: TrainConfig, registry, echo=print) -> dict:
     try:
         return _train(run)
     finally:
+        lock.release(run.out)
         distributed.close(run.world)
 
 

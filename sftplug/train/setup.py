@@ -14,12 +14,14 @@ import torch
 from sftplug import distributed, probes
 from sftplug.attention.choice import attach, steering_notes
 from sftplug.config import TrainConfig, check_output_dir
+from sftplug.config_file import dump_config
 from sftplug.data.batches import Batches
 from sftplug.data.packing import Rows
 from sftplug.data.prepare import Prepared, prepare_data
 from sftplug.errors import SftplugError
 from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora
+from sftplug.train import lock
 from sftplug.train.flops import peak_flops
 from sftplug.train.precision import PrecisionPolicy, resolve_dtype
 from sftplug.train.run import Run
@@ -34,6 +36,9 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
     world = distributed.init_world(config.device)
     echo = echo if world.is_main else _silent
     out = check_output_dir(config.out)
+    if world.is_main:  # rank 0 holds the run's lock, then records the run's config
+        lock.acquire(out, echo)
+        (out / "config.yaml").write_text(dump_config(config, nproc=world.size))
     device = training_device(config.device, world)
     precision, precision_why = choose_precision(registry, config, device)
     torch.manual_seed(config.seed)

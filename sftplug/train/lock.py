@@ -1,0 +1,104 @@
+"""One run per folder: a run holds an exclusive ``flock`` on OUT/run.lock for its whole life.
+
+The kernel drops the lock when its process dies, so a lock nobody holds is free, whatever
+the file says. The file holds the holder's pid, host and start time as JSON, for the
+message a second run gets; a run that ends cleanly empties it, so finding it filled
+means the run before was killed and its lock is taken over with a note.
+
+The lock belongs to a process: building a second run on the same OUT in the process that
+holds it (tests, benchmarks) shares it, and it is released when the last of them ends,
+or when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftplug.errors import SftplugError
+
+LOCK_FILE = "run.lock"
+
+
+@dataclass
+class _Held:
+    fd: int
+    pid: int  # the process that took it: a forked DataLoader worker must not release it
+    count: int = 1
+
+
+_held: dict[Path, _Held] = {}
+
+
+def acquire(out: Path, echo=print) -> None:
+    """Hold OUT's lock, or raise a one-line SftplugError naming the run that holds it.
+
+    Nothing is written into OUT unless the lock is taken.
+    """
+    key = Path(out).resolve()
+    if key in _held:
+        _held[key].count += 1
+        return
+    path = Path(out) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _describe(_read(fd)) or "a run that is just starting or ending"
+        os.close(fd)
+        raise SftplugError(f"--out {out} is in use by another run ({holder}); wait for it to end or choose "
+                           "another --out") from None
+    except OSError as exc:  # a file system without locks (some network mounts)
+        os.close(fd)
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        echo(f"note: cannot lock {path} ({exc.strerror}); another run on --out {out} would not be noticed")
+        return
+    previous = _describe(_read(fd))
+    if previous:
+        echo(f"note: {path} was left by a run that did not end cleanly ({previous}); taking it over")
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+    _held[key] = _Held(fd, os.getpid())
+
+
+def release(out: Path) -> None:
+    """Let go of OUT's lock (when the last run of this process on OUT ends); no-op if not held."""
+    key = Path(out).resolve()
+    held = _held.get(key)
+    if held is None or held.pid != os.getpid():
+        return
+    held.count -= 1
+    if held.count == 0:
+        del _held[key]
+        os.ftruncate(held.fd, 0)  # empty: this run ended cleanly
+        os.close(held.fd)  # closing drops the flock
+
+
+@atexit.register
+def _release_all() -> None:
+    for out in list(_held):
+        _held[out].count = 1
+        release(out)
+
+
+def _read(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # half written by a run killed while taking the lock
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
