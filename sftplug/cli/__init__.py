@@ -8,6 +8,7 @@ import click
 
 from sftplug import __version__
 from sftplug.cli.checkpoints import export, generate
+from sftplug.cli.data import data
 from sftplug.cli.diagnostics import bench, doctor, plugins
 from sftplug.cli.options import CONTEXT
 from sftplug.cli.train import train
@@ -22,13 +23,14 @@ def cli():
     Examples:
       sftplug train                          # the built-in demo run on the CPU
       sftplug train --attention efficient --dtype bf16 --model ./Llama-3.2-1B --data chat.jsonl
+      sftplug data preview --data chat.jsonl --model ./Llama-3.2-1B
       sftplug plugins --json
       sftplug generate runs/default "Count from 4 to 9."
       sftplug export runs/default --out exported/
     """
 
 
-for command in (train, generate, export, plugins, doctor, bench):
+for command in (train, data, generate, export, plugins, doctor, bench):
     cli.add_command(command)
 
 

@@ -7,9 +7,6 @@ the file, the line and the problem, or is skipped and counted (:class:`BadLog`).
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 from sftplug.errors import SftplugError
 
 FORMATS = ("chat", "prompt", "alpaca", "text")
@@ -40,30 +37,6 @@ class BadLog:
         self.count += 1
         if len(self.first) < SHOW_LINES:
             self.first.append(where)
-
-
-def read_bytes(path) -> bytes:
-    path = Path(path)
-    if str(path).endswith(".parquet"):
-        raise SftplugError(f"{path}: parquet files need pyarrow, which sftplug does not use; convert to JSONL")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise SftplugError(f"{path}: data file not found") from None
-    except IsADirectoryError:
-        raise SftplugError(f"{path}: is a folder; pass a JSONL or JSON file") from None
-    except OSError as exc:
-        raise SftplugError(f"{path}: cannot be read ({exc.strerror})") from None
-
-
-def iter_records(path, raw: bytes, bad: BadLog):
-    """(line, record) of a JSONL file or JSON array held in ``raw``.
-
-    Kept for prepare.py until it reads through :func:`sftplug.data.sources.iter_records`.
-    """
-    from sftplug.data import sources  # sources imports this module
-
-    return sources._reported(path, sources._json_records(path, lambda *_: io.BytesIO(raw)), bad)
 
 
 def detect_format(record) -> str | None:

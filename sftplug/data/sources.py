@@ -105,7 +105,7 @@ def iter_records(path, bad: BadLog, field_map: dict[str, str] | None = None):
     else:
         records = _table_records(path, kind)
     if field_map:
-        records = _renamed(path, records, bad, field_map)
+        records = _renamed(records, field_map)
     yield from _reported(path, records, bad)
 
 
@@ -122,11 +122,14 @@ def _reported(path, records, bad: BadLog):
 
 
 class _BadLine:
+    """What a reader yields instead of a record it could not read, for :func:`_reported` to log."""
+
     def __init__(self, problem: str):
         self.problem = problem
 
 
-def _renamed(path, records, bad: BadLog, field_map: dict[str, str]):
+def _renamed(records, field_map: dict[str, str]):
+    """Records with their fields renamed; one that cannot be renamed becomes a bad line."""
     for number, record in records:
         if isinstance(record, dict):
             problem = _rename_problem(record, field_map)

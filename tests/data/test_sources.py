@@ -105,16 +105,12 @@ def test_every_source_gives_the_jsonl_rows(tok, tmp_path, kind):
     assert documents(path) == documents(reference)
 
 
-# strict: passes, and must then lose this mark, once prepare.py reads through sources.iter_records
-_NOT_YET = pytest.mark.xfail(raises=SftplugError, strict=True, reason="prepare_data still reads JSON bytes only")
-
-
-@pytest.mark.parametrize("kind", [k if k == "json array" else pytest.param(k, marks=_NOT_YET) for k in KINDS[1:]])
+@pytest.mark.parametrize("kind", KINDS[1:])
 def test_every_source_gives_the_jsonl_rows_through_prepare_data(tok, tmp_path, kind):
     reference, path = write("jsonl", tmp_path), write(kind, tmp_path)
     expected, got = prepare_data(tok, data=reference, seq_len=48), prepare_data(tok, data=path, seq_len=48)
-    for name in ("input_ids", "labels", "positions", "doc_ids"):
-        assert torch.equal(getattr(got.train, name), getattr(expected.train, name)), name
+    for name in ("input_ids", "labels", "positions", "doc_ids", "docs_per_row"):
+        assert torch.equal(getattr(got.train.dense(), name), getattr(expected.train.dense(), name)), name
     assert got.stats["records"] == expected.stats["records"] == len(RECORDS)
 
 
@@ -146,10 +142,13 @@ def test_field_map_through_tokenising_equals_the_renamed_file(tok, tmp_path):
         bad = BadLog(skip=False)
         return tokenize_records(path, sources.iter_records(path, bad, field_map), tok, "auto", False, bad)[0].ids
 
+    field_map = {"question": "prompt", "answer": "completion"}
     with pytest.raises(SftplugError, match="no known format"):
         ids(mapped)
-    assert torch.equal(torch.as_tensor(ids(mapped, {"question": "prompt", "answer": "completion"})),
-                       torch.as_tensor(ids(plain)))
+    assert torch.equal(torch.as_tensor(ids(mapped, field_map)), torch.as_tensor(ids(plain)))
+    expected = prepare_data(tok, data=plain, seq_len=32).train.dense()
+    got = prepare_data(tok, data=mapped, seq_len=32, field_map=field_map).train.dense()
+    assert torch.equal(got.input_ids, expected.input_ids) and torch.equal(got.labels, expected.labels)
 
 
 def test_field_map_problems_are_the_records(tmp_path):
