@@ -43,7 +43,8 @@ class TrainConfig:
     model: str = option("tiny", "Preset name (tiny, w0, w1), HF folder or sftplug checkpoint.", "model")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", "model")
     # -- data
-    data: str = option(str(DEFAULT_DATA), "Training records (JSONL or JSON array).", "data",
+    data: str = option(str(DEFAULT_DATA), "Training records: JSONL or JSON (optionally .gz), parquet, or a "
+                       "datasets save_to_disk folder.", "data",
                        shown_default="the bundled demo data")
     eval_data: str | None = option("auto", "Held-out records for eval loss (auto: the bundled held-out "
                                    "file with the bundled data, else none).", "data")
