@@ -13,4 +13,6 @@ BUILTIN_PLUGINS = [
     ("presets", "sftplug.plugins.loaders:presets"),
     ("sftplug-checkpoint", "sftplug.plugins.loaders:sftplug_checkpoint"),
     ("resume", "sftplug.plugins.resume:resume"),
+    ("tensorboard", "sftplug.plugins.loggers:tensorboard"),
+    ("wandb", "sftplug.plugins.loggers:wandb"),
 ]

@@ -73,3 +73,22 @@ def on_resume(run, state):
     :param state: the merged dict of every plugin's :func:`resume_state` at save time;
         take your own namespace from it.
     """
+
+
+@hookspec(firstresult=True)
+def open_logger(name, config, out):
+    """Open the metrics logger ``name`` for a run, or return None.
+
+    Stops at the first non-None result. Called on rank 0 only, once per name of
+    ``--log-to``, before the first update; a plugin provides the logger of its own name
+    (the name it is registered under). The logger gets ``log(record)`` after each update
+    with the record exactly as written to OUT/metrics.jsonl (which the core always
+    writes), and ``close()`` at the end of the run, also when the run fails.
+
+    :param name: the logger's name, as given in ``--log-to``.
+    :param config: the run's :class:`sftplug.config.TrainConfig` (``config.to_dict()`` for a
+        plain dict); the one time the logger sees it.
+    :param out: the run folder (a :class:`pathlib.Path`); write files under it.
+    :returns: an :class:`sftplug.train.loggers.Logger` (any object with ``log(record)`` and
+        ``close()``), or None when this plugin does not provide ``name``.
+    """

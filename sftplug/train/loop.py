@@ -17,16 +17,22 @@ from sftplug.config import TrainConfig
 from sftplug.data import records, sources
 from sftplug.model.generate import answer
 from sftplug.train import lock
+from sftplug.train.loggers import check_log_to, close_loggers, open_loggers
+from sftplug.train.progress import Progress
 from sftplug.train.run import Run
 from sftplug.train.setup import build_run
 
 
 def train(config: TrainConfig, registry, echo=print) -> dict:
     """Run a whole training job; returns the summary (also written to OUT/summary.json)."""
+    check_log_to(registry, config.log_to)  # a bad --log-to fails before the model loads
     run = build_run(config, registry, echo)
     try:
+        if run.world.is_main:  # loggers run on rank 0 only
+            run.loggers = open_loggers(registry, config, run.out, run.echo)
         return _train(run)
     finally:
+        close_loggers(run.loggers, run.echo)
         lock.release(run.out)
         distributed.close(run.world)
 
@@ -44,10 +50,10 @@ def _train(run: Run) -> dict:
         echo(f"held-out loss before: {before_loss:.4f}")
     if run.device.type == "cuda":  # the peak of the training steps, not of loading or generation
         torch.cuda.reset_peak_memory_stats(run.device)
-    started, first_step = time.perf_counter(), run.step
+    started = time.perf_counter()
     compile_seconds = None
     interrupted = False
-    with _StopOnSignal(echo) as stop:
+    with Progress(run) as progress, _StopOnSignal(progress.echo) as stop:
         while run.step < config.steps:
             if stop.requested and not run.world.active:
                 interrupted = True
@@ -58,12 +64,13 @@ def _train(run: Run) -> dict:
             if config.torch_compile and compile_seconds is None:
                 compile_seconds = record["s_per_update"]  # the first update compiles every block
                 record["includes_compile"] = True
-                echo(f"torch.compile: first update took {compile_seconds:.1f}s (compilation included)")
-                started, first_step, run.tokens_at_start = time.perf_counter(), run.step, run.tokens_seen
+                progress.echo(f"torch.compile: first update took {compile_seconds:.1f}s (compilation included)")
+                started, run.tokens_at_start = time.perf_counter(), run.tokens_seen
+                progress.restart()
             if config.eval_every and run.step % config.eval_every == 0:
                 record["eval_loss"] = run.eval_loss()
             run.log(record)
-            _report(run, record, started, first_step)
+            progress.show(record)
             if interrupted:
                 break
             if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
@@ -83,6 +90,7 @@ def _train(run: Run) -> dict:
         "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(seconds, 1e-9),
         "eval_loss_before": before_loss,
         "eval_loss_after": after_loss,
+        "out": str(run.out),
         "checkpoint": str(folder),
         "sample_prompt": prompt,
         "answer_before": before_answer,
@@ -113,26 +121,6 @@ def sample_answer(run: Run, prompt: str | None) -> str | None:
     if prompt is None or not run.world.is_main or run.sharded:
         return None
     return answer(run.model, run.tokenizer, prompt)
-
-
-def _report(run: Run, record: dict, started: float, first_step: int) -> None:
-    c = run.config
-    if c.profile:
-        mfu = f" | MFU {record['mfu']:.1%}" if "mfu" in record else ""
-        run.echo(
-            f"[profile] forward {record['fwd_ms']:.0f} ms  backward {record['bwd_ms']:.0f} ms  "
-            f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s{mfu} | "
-            f"{record['s_per_update']:.2f} s/upd"
-        )
-    if run.step % c.log_every == 0 or run.step == c.steps:
-        done = run.step - first_step
-        eta = (time.perf_counter() - started) / done * (c.steps - run.step) if done else 0.0
-        skipped = "  (skipped: inf/NaN grads)" if record.get("skipped") else ""
-        run.echo(
-            f"step {run.step:>{len(str(c.steps))}}/{c.steps}  loss {record['loss']:.4f}  "
-            f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  | {record['tps']:,.0f} tok/s  "
-            f"eta {eta:.0f}s{skipped}"
-        )
 
 
 class _StopOnSignal:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ class Run:
     step: int = 0  # updates done
     tokens_seen: int = 0
     tokens_at_start: int = 0  # tokens_seen when this process started timing
+    loggers: list = field(default_factory=list)  # the --log-to loggers (rank 0), sftplug.train.loggers
 
     @property
     def sharded(self) -> bool:
@@ -189,10 +190,12 @@ class Run:
         return total / max(count, 1)
 
     def log(self, record: dict) -> None:
-        """Append one update's record to OUT/metrics.jsonl (rank 0)."""
+        """Append one update's record to OUT/metrics.jsonl and hand it to every logger (rank 0)."""
         if self.world.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for logger in self.loggers:
+                logger.log(record)
 
 
 def host_values(*tensors: torch.Tensor) -> list[float]:
