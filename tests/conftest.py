@@ -1,4 +1,5 @@
 import copy
+import os
 import shutil
 
 import pytest
@@ -6,6 +7,10 @@ import torch
 
 from sftplug.config import ASSETS, TrainConfig
 from sftplug.registry import build_registry
+
+# `sftplug train` draws OUT/plot.png at the end (about a second); the suite runs many trainings
+# (tests/diagnostics/test_plot.py checks the plot itself)
+os.environ.setdefault("SFTPLUG_NO_PLOT", "1")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import click
 from sftplug import __version__
 from sftplug.cli.checkpoints import export, generate
 from sftplug.cli.data import data
-from sftplug.cli.diagnostics import bench, doctor, plugins
+from sftplug.cli.diagnostics import bench, doctor, plot, plugins
 from sftplug.cli.options import CONTEXT
 from sftplug.cli.train import train
 
@@ -27,10 +27,11 @@ def cli():
       sftplug plugins --json
       sftplug generate runs/default "Count from 4 to 9."
       sftplug export runs/default --out exported/
+      sftplug plot runs/default
     """
 
 
-for command in (train, data, generate, export, plugins, doctor, bench):
+for command in (train, data, generate, export, plugins, doctor, bench, plot):
     cli.add_command(command)
 
 

@@ -130,7 +130,7 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
         repeats=repeats,
         causal=causal,
         budget_s=budget,
-        echo=_reporter(not as_json, jsonl),
+        echo=_reporter(jsonl),
     )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -138,13 +138,13 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
         click.echo(format_table(rows))
 
 
-def _reporter(progress: bool, jsonl: str | None):
-    """Each finished row: a progress line on stderr, and/or a JSON line appended to ``jsonl``."""
+def _reporter(jsonl: str | None):
+    """Each row as it finishes: a line on stderr (stdout keeps the table or the JSON), and a JSON
+    line appended to ``jsonl`` if given."""
 
     def report(row: dict) -> None:
-        if progress and row["status"] == "ok":
-            click.echo(f"  {row['backend']} {row['dtype']} {row['case']}: "
-                       f"{row['fwd_ms']:.3f} + {row['bwd_ms']:.3f} ms", err=True)
+        result = f"{row['fwd_ms']:.3f} + {row['bwd_ms']:.3f} ms" if row["status"] == "ok" else row["status"]
+        click.echo(f"  {row['backend']} {row['dtype']} {row['case']}: {result}", err=True)
         if jsonl:
             with open(jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -206,3 +206,26 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
     result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
                        variants=variants, echo=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="The PNG to write. Default: FOLDER/plot.png for one run; required for several.")
+@user_errors
+def plot(folders, out_file):
+    """Plot loss (with eval loss), learning rate, gradient norm and tokens/s against the step.
+
+    Reads each run folder's metrics.jsonl; several folders are overlaid, named by their
+    folder in the legend. Needs matplotlib (pip install 'sftplug[plot]').
+
+    \b
+    Examples:
+      sftplug plot runs/default
+      sftplug plot runs/lr3e-3 runs/lr1e-3 --out compare.png
+    """
+    from sftplug.diagnostics.plot import plot_runs
+
+    if out_file is None and len(folders) > 1:
+        raise SftplugError(f"{len(folders)} runs: name the image to write with --out FILE, e.g. --out compare.png")
+    click.echo(f"plot: {plot_runs(folders, out_file or f'{folders[0]}/plot.png')}")

@@ -1,0 +1,101 @@
+"""`sftplug plot`: one PNG of a run's metrics.jsonl (several runs overlaid) against the step.
+
+Panels: loss (eval loss as points), learning rate, gradient norm, tokens/s. matplotlib is an
+optional extra, imported only here, drawn with the Agg canvas (no window, no global backend).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.util import find_spec
+from pathlib import Path
+
+from sftplug.errors import SftplugError
+
+INSTALL = "pip install 'sftplug[plot]'"
+# (record key, panel title); loss also shows eval_loss
+PANELS = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tps", "tokens/s")]
+
+
+def matplotlib_missing() -> str | None:
+    """Why plots cannot be drawn here (one line, with the install command), or None."""
+    return None if find_spec("matplotlib") else f"plots need matplotlib: {INSTALL}"
+
+
+def read_metrics(folder: str | Path) -> list[dict]:
+    """A run's records by step; a resumed run's repeated steps keep the record written last.
+
+    A last line cut short (a killed run) is left out; any other bad line is an error.
+    """
+    path = Path(folder) / "metrics.jsonl"
+    if not path.is_file():
+        raise SftplugError(f"{folder}: no metrics.jsonl here; give the folder of a run (sftplug train --out)")
+    lines = path.read_text().splitlines()
+    by_step = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise SftplugError(f"{path}:{number}: not a JSON record; fix or remove the line") from None
+        by_step[record["step"]] = record
+    if not by_step:
+        raise SftplugError(f"{path}: no records yet; plot the run after its first update")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def labels(folders: list[Path]) -> list[str]:
+    """The legend's names: each folder's name, or the path as given where names repeat."""
+    names = [Path(f).resolve().name for f in folders]
+    return [name if names.count(name) == 1 else str(f) for name, f in zip(names, folders)]
+
+
+def plot_runs(folders: list[str | Path], out_file: str | Path) -> Path:
+    """Draw the runs of ``folders`` into the PNG ``out_file``; returns its path."""
+    reason = matplotlib_missing()
+    if reason:
+        raise SftplugError(reason)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [read_metrics(f) for f in folders]  # every folder checked before anything is drawn
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex=True).flat
+    for (key, title), ax in zip(PANELS, axes):
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        for n, (records, label) in enumerate(zip(runs, labels([Path(f) for f in folders]))):
+            color = f"C{n % 10}"
+            steps = [r["step"] for r in records if key in r]
+            ax.plot(steps, [r[key] for r in records if key in r], color=color, label=label, linewidth=1.2)
+            if key == "loss":
+                evals = [r for r in records if r.get("eval_loss") is not None]
+                ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=color,
+                        markersize=4, label=f"{label} eval")
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    for ax in fig.axes[2:]:
+        ax.set_xlabel("step")
+    fig.axes[0].legend(fontsize="small")
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_file, dpi=100)
+    return out_file
+
+
+def plot_after_run(out: str | Path) -> str | None:
+    """The line ``sftplug train`` ends with: where the run's plot is, or how to get one.
+
+    SFTPLUG_NO_PLOT=1 skips it (None): drawing costs about a second, which test suites
+    running many short trainings do not want.
+    """
+    if os.environ.get("SFTPLUG_NO_PLOT", "") in ("1", "true", "yes"):
+        return None
+    if matplotlib_missing():
+        return f"plot: {INSTALL}, then sftplug plot {out}"
+    return f"plot: {plot_runs([out], Path(out) / 'plot.png')}"
