@@ -104,8 +104,8 @@ def test_the_end_of_a_run_names_its_plot_or_how_to_get_one(tmp_path, monkeypatch
 def test_sftplug_train_ends_with_where_its_plot_is(tmp_path, monkeypatch):
     monkeypatch.delenv("SFTPLUG_NO_PLOT")  # the suite's conftest turns the plot off for other tests
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Count to {n}.", "completion": ", ".join(map(str, range(n)))})
-                            + "\n" for n in range(2, 12)))
+    data.write_text("".join(json.dumps({"text": f"Count to {n}: " + ", ".join(map(str, range(n)))}) + "\n"
+                            for n in range(2, 12)))
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--steps", "2", "--seq-len", "64",
                                       "--micro-bsz", "2", "--out", str(out)])

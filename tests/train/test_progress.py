@@ -1,6 +1,8 @@
 """A run's progress: a live tqdm line when stderr is a terminal, plain lines every --log-every otherwise."""
 
+import functools
 import io
+import json
 import sys
 from types import SimpleNamespace
 
@@ -55,14 +57,18 @@ def test_other_ranks_show_no_live_line():
     assert terminal.getvalue() == ""
 
 
-def test_a_training_on_a_terminal_shows_the_live_line(small_config, registry, monkeypatch):
+def test_a_training_on_a_terminal_shows_the_live_line(small_config, registry, monkeypatch, tmp_path):
+    data = tmp_path / "text.jsonl"  # plain text: no sample answers to generate, a quicker run
+    data.write_text("".join(json.dumps({"text": f"Counting to {k}: " + " ".join(map(str, range(k)))}) + "\n"
+                            for k in range(2, 40)))
+    small_config = functools.partial(small_config, data=str(data), steps=3, log_every=1)
     terminal, lines = Terminal(), []
     monkeypatch.setattr(sys, "stderr", terminal)
-    train(small_config(steps=3, log_every=1), registry, echo=lines.append)
+    train(small_config(), registry, echo=lines.append)
     assert "step 3/3 |" in terminal.getvalue() and "tok/s" in terminal.getvalue()
     assert not any(line.startswith("step ") for line in lines)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     lines.clear()
-    train(small_config(steps=3, log_every=1, out=small_config().out + "-plain"), registry, echo=lines.append)
+    train(small_config(out=str(tmp_path / "plain")), registry, echo=lines.append)
     assert [line.split("  loss")[0] for line in lines if line.startswith("step ")] == ["step 1/3", "step 2/3",
                                                                                         "step 3/3"]
