@@ -106,7 +106,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
-        self.log_to = tuple(self.log_to)
+        self.log_to = tuple(dict.fromkeys(self.log_to))  # a logger named twice opens once
         self.field_map = parse_field_map(self.field_map)
         if self.eval_data == "auto":
             bundled = Path(self.data) == DEFAULT_DATA and not self.eval_split

@@ -56,3 +56,7 @@ def test_the_command_line_gives_the_config_the_api_gives(monkeypatch):
     assert seen["config"] == TrainConfig(steps=7, pack=False, lora_targets=("qkv", "o"), full=True)
     assert TrainConfig().eval_data == str(DEFAULT_EVAL)  # the bundled held-out file with the bundled data
     assert TrainConfig(data="mine.jsonl").eval_data is None
+
+
+def test_a_logger_named_twice_opens_once():
+    assert TrainConfig(log_to=("tensorboard", "wandb", "tensorboard")).log_to == ("tensorboard", "wandb")
