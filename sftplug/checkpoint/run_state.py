@@ -23,8 +23,8 @@ from sftplug.hf.names import load_state_dict_exact
 from sftplug.model.lora import lora_settings, trainable_state_dict
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
-FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "seq_len", "pack", "seed", "micro_bsz",
-          "strategy")
+FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "field_map", "seq_len", "pack", "seed",
+          "micro_bsz", "strategy")
 
 
 def save_checkpoint(run) -> Path:

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from sftplug.data.packing import Rows
+from sftplug.data.packing import PackedRows, Rows
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -16,7 +16,8 @@ class MicroBatches(torch.utils.data.Dataset):
     DataLoader workers prefetch without owning any state.
     """
 
-    def __init__(self, rows: Rows, micro_bsz: int, seed: int, trim: bool = False, rank: int = 0, world: int = 1):
+    def __init__(self, rows: Rows | PackedRows, micro_bsz: int, seed: int, trim: bool = False, rank: int = 0,
+                 world: int = 1):
         self.rows, self.micro_bsz, self.seed, self.trim = rows, micro_bsz, seed, trim
         self.rank, self.global_bsz = rank, micro_bsz * world  # each rank takes its slice of a global batch
         self.per_epoch = -(-len(rows) // self.global_bsz)  # the last one wraps around
@@ -38,12 +39,7 @@ class MicroBatches(torch.utils.data.Dataset):
         return [order[(first + i) % len(order)] for i in range(self.micro_bsz)]
 
     def __getitem__(self, m: int) -> dict:
-        batch = batch_of(self.rows, self.picks(m))
-        if self.trim and batch["doc_ids"] is None:
-            # one document per row: cut the columns that are padding in every row
-            longest = int((self.rows.doc_ids[self.picks(m)] == 0).sum(1).max())
-            batch = {k: v[:, :longest] if v is not None else None for k, v in batch.items()}
-        return batch
+        return batch_of(self.rows, self.picks(m), self.trim)
 
 
 class _CountFrom(torch.utils.data.Sampler):
@@ -57,7 +53,7 @@ class _CountFrom(torch.utils.data.Sampler):
 class Batches:
     """The run's stream of micro-batches; ``workers`` > 0 prefetches them in DataLoader workers."""
 
-    def __init__(self, rows: Rows, micro_bsz: int, seed: int, workers: int = 0, pin_memory: bool = False,
+    def __init__(self, rows: Rows | PackedRows, micro_bsz: int, seed: int, workers: int = 0, pin_memory: bool = False,
                  trim: bool = False, rank: int = 0, world: int = 1):
         self.dataset = MicroBatches(rows, micro_bsz, seed, trim, rank, world)
         self.workers, self.pin_memory = workers, pin_memory
@@ -89,12 +85,8 @@ class Batches:
         self._stream = None  # ends the workers
 
 
-def batch_of(rows: Rows, picked) -> dict[str, torch.Tensor]:
-    # Rows of one document and trailing padding need plain causal attention only.
-    single = int(rows.docs_per_row[picked].max()) <= 1
-    return {
-        "input_ids": rows.input_ids[picked],
-        "labels": rows.labels[picked],
-        "positions": rows.positions[picked],
-        "doc_ids": None if single else rows.doc_ids[picked],
-    }
+def batch_of(rows: Rows | PackedRows, picked, trim: bool = False) -> dict[str, torch.Tensor | None]:
+    """The picked rows: input_ids, labels, positions (int64 [B, S]) and doc_ids (int32 [B, S]; None when
+    no picked row holds two documents: plain causal attention). ``trim``: rows of one document each are cut
+    to the longest of them."""
+    return rows.batch(picked, trim)

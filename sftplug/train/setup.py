@@ -119,8 +119,8 @@ def load_data(config: TrainConfig, tokenizer, world: distributed.World, out, ech
         prepared = prepare_data(
             tokenizer, data=config.data, eval_data=config.eval_data, eval_split=config.eval_split,
             seq_len=config.seq_len, pack=config.pack, fmt=config.format, train_on_prompt=config.train_on_prompt,
-            overlong=config.overlong, skip_bad_records=config.skip_bad_records, cache_dir=out / "cache",
-            seed=config.seed,
+            overlong=config.overlong, skip_bad_records=config.skip_bad_records, field_map=config.field_map,
+            cache_dir=out / "cache", seed=config.seed,
         )  # fmt: skip
     echo(prepared.describe())
     return prepared

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 import sftplug.plugins.sdpa as sdpa
 from sftplug.config import ASSETS
-from sftplug.data import prepare as data
+from sftplug.data import packing as data_packing
 from sftplug.data.batches import batch_of
-from sftplug.data.packing import IGNORE, Rows, Tokenized, pack_tokenized
+from sftplug.data.packing import IGNORE, PackedRows, Rows, Tokenized, pack_tokenized
 from sftplug.data.prepare import prepare_data, tokenize_records
-from sftplug.data.records import BadLog, iter_records, read_bytes
+from sftplug.data.records import SHOW_LINES, BadLog
+from sftplug.data.sources import iter_records
 from sftplug.data.tokenizer import Tokenizer
 from sftplug.errors import SftplugError
 from sftplug.model.transformer import ModelConfig, Transformer
@@ -46,16 +47,61 @@ class Document(NamedTuple):
 def tokenize_file(path, tok, fmt="auto", train_on_prompt=False) -> list[Document]:
     """Every record of a data file as a tokenised document with its loss mask (prepare_data's first half)."""
     bad = BadLog(skip=False)
-    tokenized, _, _ = tokenize_records(path, iter_records(path, read_bytes(path), bad), tok, fmt, train_on_prompt, bad)
+    tokenized, _, _ = tokenize_records(path, iter_records(path, bad), tok, fmt, train_on_prompt, bad)
     ids, trained, s = tokenized.ids.tolist(), tokenized.trained.tolist(), tokenized.starts.tolist()
     return [Document(ids[a:b], trained[a:b]) for a, b in zip(s[:-1], s[1:])]
 
 
-def pack(docs: list[Document], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
-    """Rows of the documents (prepare_data's second half)."""
+def tokenized_docs(docs: list[Document]) -> Tokenized:
     parts = [(np.asarray(d.ids, np.int32), np.asarray(d.trained, bool), np.array([len(d.ids)])) for d in docs]
-    tokenized = Tokenized.concat(parts, np.arange(1, len(docs) + 1), "data")
-    return pack_tokenized(tokenized, seq_len, pad_id, packed, "truncate")[0]
+    return Tokenized.concat(parts, np.arange(1, len(docs) + 1), "data")
+
+
+def pack(docs: list[Document], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
+    """Rows of the documents (prepare_data's second half), every row materialised."""
+    return pack_tokenized(tokenized_docs(docs), seq_len, pad_id, packed, "truncate")[0].dense()
+
+
+def reference_pack(docs: Tokenized, seq_len: int, pad_id: int, packed: bool, overlong: str) -> tuple[Rows, dict]:
+    """The dense construction rows had before they were built per batch (DATA_FORMAT_VERSION 2), kept as a reference."""
+    starts = docs.starts[:-1]
+    length = docs.starts[1:] - starts
+    positions_needed = length - 1
+    over = positions_needed > seq_len
+    need = np.minimum(positions_needed, seq_len)
+    trained_sum = np.zeros(len(docs.trained) + 1, dtype=np.int64)
+    np.cumsum(docs.trained, out=trained_sum[1:])
+    targets = trained_sum[starts + 1 + need] - trained_sum[np.minimum(starts + 1, len(docs.trained))]
+    dropped = over & (overlong == "drop")
+    untrainable = ~dropped & ((need < 1) | (targets == 0))
+    keep = np.flatnonzero(~dropped & ~untrainable)
+    truncated = over & ~dropped & ~untrainable
+    counts = {}
+    for name, mask in (("truncated", truncated), ("dropped", dropped), ("untrainable", untrainable)):
+        counts[name] = int(mask.sum())
+        counts[name + "_lines"] = [f"{docs.source}:{n}" for n in docs.lines[mask][:SHOW_LINES].tolist()]
+    need = need[keep]
+    row, col, rank, n_rows = data_packing._place(need, seq_len, packed)
+    total = int(need.sum())
+    doc_of = np.repeat(np.arange(len(keep)), need)
+    within = np.arange(total) - np.repeat(np.cumsum(need) - need, need)
+    src = starts[keep][doc_of] + within
+    dest = (row * seq_len + col)[doc_of] + within
+    used = np.bincount(row, weights=need, minlength=n_rows).astype(np.int64)
+    docs_per_row = np.bincount(row, minlength=n_rows).astype(np.int64)
+    input_ids = np.full(n_rows * seq_len, pad_id, dtype=np.int64)
+    input_ids[dest] = docs.ids[src]
+    labels = np.full(n_rows * seq_len, IGNORE, dtype=np.int64)
+    labels[dest] = np.where(docs.trained[src + 1], docs.ids[src + 1], IGNORE)
+    positions = (np.arange(seq_len)[None, :] - used[:, None]).reshape(-1)
+    positions[dest] = within
+    doc_ids = np.repeat(docs_per_row, seq_len).astype(np.int32)
+    doc_ids[dest] = rank[doc_of]
+    shape = (n_rows, seq_len)
+    rows = Rows(*(torch.from_numpy(a).view(shape) for a in (input_ids, labels, positions, doc_ids)),
+                torch.from_numpy(docs_per_row))
+    counts.update(documents=len(keep), tokens=total, target_tokens=int((labels != IGNORE).sum()))
+    return rows, counts
 
 
 def tokens_and_mask(tok, tmp_path, record, **kwargs):
@@ -144,7 +190,7 @@ def test_train_on_prompt_trains_everything(tok, tmp_path):
 
 def test_labels_in_rows_follow_the_mask(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [MASK_CASES["chat"][0]])
-    rows = prepare_data(tok, data=path, seq_len=16).train
+    rows = prepare_data(tok, data=path, seq_len=16).train.dense()
     names = [tok.backend.id_to_token(i) if i != IGNORE else "-" for i in rows.labels[0].tolist()]
     inputs = [tok.backend.id_to_token(i) for i in rows.input_ids[0].tolist()]
     # 13 tokens -> 12 positions: token t predicts token t+1; the last token is never an input.
@@ -255,10 +301,10 @@ def test_overlong_truncate_and_drop(tok, tmp_path):
     kept = prepare_data(tok, data=path, seq_len=16, overlong="truncate")
     assert kept.stats["truncated"] == 1 and kept.stats["truncated_lines"] == [f"{path}:4"]
     assert kept.stats["dropped"] == 0
-    assert int((kept.train.input_ids != tok.pad_id).sum()) == 3 * 12 + 16
+    assert int((kept.train.dense().input_ids != tok.pad_id).sum()) == 3 * 12 + 16
     dropped = prepare_data(tok, data=path, seq_len=16, overlong="drop")
     assert dropped.stats["dropped"] == 1 and dropped.stats["truncated"] == 0
-    assert int((dropped.train.input_ids != tok.pad_id).sum()) == 3 * 12
+    assert int((dropped.train.dense().input_ids != tok.pad_id).sum()) == 3 * 12
     assert "1 truncated" in kept.describe() and "1 dropped" in dropped.describe()
     # A prompt longer than a row leaves nothing to train: left out and counted, not trained on.
     write_jsonl(path, records[:3] + [{"prompt": "Count to 3. " * 5, "completion": "Yes."}])
@@ -321,8 +367,8 @@ def small_data(tmp_path_factory):
 @pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
 def test_packed_equals_unpacked_per_token_losses(tok, model, small_data, backend):
     model.set_attention(backend)
-    packed = prepare_data(tok, data=small_data, seq_len=96, pack=True).train
-    unpacked = prepare_data(tok, data=small_data, seq_len=96, pack=False).train
+    packed = prepare_data(tok, data=small_data, seq_len=96, pack=True).train.dense()
+    unpacked = prepare_data(tok, data=small_data, seq_len=96, pack=False).train.dense()
     assert len(packed) < len(unpacked) == 24 and int(packed.docs_per_row.max()) > 2
     a, b = losses_by_document(model, packed), losses_by_document(model, unpacked)
     assert a.keys() == b.keys() and len(a) == 24
@@ -335,7 +381,7 @@ def test_packed_equals_unpacked_per_token_losses(tok, model, small_data, backend
 @pytest.mark.parametrize("backend", backends(), ids=lambda b: b.name)
 def test_changing_one_document_leaves_its_neighbours_alone(tok, model, small_data, backend):
     model.set_attention(backend)
-    rows = prepare_data(tok, data=small_data, seq_len=96).train
+    rows = prepare_data(tok, data=small_data, seq_len=96).train.dense()
     r = int(torch.argmax(rows.docs_per_row))
     (s0, e0, _), *rest = segments(rows, r)
     changed = Rows(rows.input_ids.clone(), rows.labels, rows.positions, rows.doc_ids, rows.docs_per_row)
@@ -472,10 +518,10 @@ def test_eval_split_is_seeded_and_disjoint(tok, small_data):
     b = prepare_data(tok, data=small_data, seq_len=64, eval_split=0.25, seed=1)
     c = prepare_data(tok, data=small_data, seq_len=64, eval_split=0.25, seed=2)
     assert a.stats["records"] == 18 and a.stats["eval_records"] == 6
-    assert torch.equal(a.eval.input_ids, b.eval.input_ids)
-    assert not torch.equal(a.eval.input_ids, c.eval.input_ids)
-    train_docs = set(losses_keys(a.train))
-    eval_docs = set(losses_keys(a.eval))
+    assert torch.equal(a.eval.dense().input_ids, b.eval.dense().input_ids)
+    assert not torch.equal(a.eval.dense().input_ids, c.eval.dense().input_ids)
+    train_docs = set(losses_keys(a.train.dense()))
+    eval_docs = set(losses_keys(a.eval.dense()))
     assert len(train_docs) == 18 and len(eval_docs) == 6 and not train_docs & eval_docs
 
 
@@ -494,8 +540,12 @@ def test_eval_data_file(tok, small_data):
 
 
 # -- cache ---------------------------------------------------------------------------------
+ROW_FIELDS = ("input_ids", "labels", "positions", "doc_ids", "docs_per_row")
+
+
 def rows_equal(a, b):
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in data._ROW_FIELDS)
+    a, b = a.dense(), b.dense()
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ROW_FIELDS)
 
 
 def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
@@ -508,8 +558,15 @@ def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
     again = prepare_data(tok, data=path, **kw)
     assert again.stats["cache"] == "hit" and "cache hit" in again.describe()
     assert rows_equal(first.train, again.train) and rows_equal(first.eval, again.eval)
-    assert again.train.input_ids.dtype == torch.long and again.train.doc_ids.dtype == torch.int32
-    assert {p.suffix for p in cache.iterdir()} == {".safetensors", ".json"}  # nothing pickled
+    batch = again.train.batch([0, 1])
+    assert batch["input_ids"].dtype == torch.long and batch["doc_ids"].dtype == torch.int32
+    # mapped, not loaded: the tokens stay in the cache's files
+    assert isinstance(again.train.ids, np.memmap) and isinstance(again.train.trained, np.memmap)
+    assert isinstance(again.train.doc_start, np.memmap) and again.eval.ids is again.train.ids
+    (entry,) = cache.iterdir()
+    assert {p.suffix for p in entry.iterdir()} == {".bin", ".npy", ".json"}  # nothing pickled
+    for npy in entry.glob("*.npy"):
+        np.load(npy, allow_pickle=False)
 
     moved = tmp_path / "moved.jsonl"
     shutil.copy(path, moved)
@@ -524,8 +581,13 @@ def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
         "seed": dict(kw, seed=5),
         "fmt": dict(kw, fmt="prompt"),
         "skip_bad_records": dict(kw, skip_bad_records=True),
+        "field_map": dict(kw, field_map={"prompt": "question"}),
     }
     for name, options in changes.items():
+        if name == "field_map":  # renamed away, prompt records become records of no known format
+            with pytest.raises(SftplugError, match="no known format"):
+                prepare_data(tok, data=path, **options)
+            options = dict(options, field_map={"completion": "response"})
         assert prepare_data(tok, data=path, **options).stats["cache"] == "miss", name
 
     with open(path, "a") as f:
@@ -545,14 +607,29 @@ def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
     assert prepare_data(tok, data=path, **kw).stats["cache"] == "hit"
 
 
-def test_damaged_cache_is_rebuilt(tok, tmp_path, small_data):
+@pytest.mark.parametrize("damage", ["token file cut short", "placement file garbled", "no meta.json"])
+def test_damaged_cache_is_rebuilt(tok, tmp_path, small_data, damage):
     cache = tmp_path / "cache"
     first = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache)
-    (tensors,) = cache.glob("*.safetensors")
-    tensors.write_bytes(b"not a safetensors file")
+    (entry,) = cache.iterdir()
+    if damage == "token file cut short":
+        ids = entry / "ids.bin"
+        ids.write_bytes(ids.read_bytes()[:-4])
+    elif damage == "placement file garbled":
+        (entry / "train.row_ptr.npy").write_bytes(b"not an npy file")
+    else:  # an entry whose writer stopped before its last file
+        (entry / "meta.json").unlink()
     rebuilt = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache)
     assert rebuilt.stats["cache"] == "miss" and rows_equal(first.train, rebuilt.train)
     assert prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache"] == "hit"
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary folder left behind
+
+
+def test_a_failed_tokenisation_leaves_no_cache_entry(tok, tmp_path):
+    path = bad_file(tmp_path, f"{GOOD}\n{{x\n")
+    with pytest.raises(SftplugError, match="invalid JSON"):
+        prepare_data(tok, data=path, seq_len=32, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_prepare_matches_the_old_path(tok):
@@ -561,3 +638,32 @@ def test_prepare_matches_the_old_path(tok):
     old = pack(tokenize_file(ASSETS / "default_train.jsonl", tok), 128, tok.pad_id)
     assert rows_equal(new, old)
     assert np.isclose(new.target_tokens, old.target_tokens)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_rows_built_per_batch_equal_the_dense_reference(tok, packed, overlong):
+    """The bundled data (and synthetic documents with untrained and overlong ones) give, row for row,
+    what the dense construction of DATA_FORMAT_VERSION 2 gave; so does any batch of rows."""
+    real = tokenized_docs(tokenize_file(ASSETS / "default_train.jsonl", tok))
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 90, 400)
+    synthetic = [Document([BOS] + rng.integers(10, 1000, n - 1).tolist(), (rng.random(n) < 0.6).tolist())
+                 for n in lengths]
+    for docs, seq_len in ((real, 128), (tokenized_docs(synthetic), 64)):
+        rows, counts = pack_tokenized(docs, seq_len, tok.pad_id, packed, overlong)
+        want, want_counts = reference_pack(docs, seq_len, tok.pad_id, packed, overlong)
+        assert isinstance(rows, PackedRows) and counts == want_counts and rows.target_tokens == want.target_tokens
+        assert rows_equal(rows, want) and len(rows) == len(want)
+        for picked in ([0], [len(want) - 1, 0, 3], rng.integers(0, len(want), 8).tolist()):
+            for trim in (False, True):
+                got, expected = rows.batch(picked, trim), want.batch(picked, trim)
+                assert got.keys() == expected.keys()
+                for name in got:
+                    assert (got[name] is None) == (expected[name] is None)
+                    assert got[name] is None or torch.equal(got[name], expected[name]), name
+    if overlong == "drop":
+        assert counts["dropped"] > 0
+    else:
+        assert counts["truncated"] > 0
+    assert counts["untrainable"] > 0
