@@ -64,11 +64,11 @@ def phase(args) -> None:
     import numpy as np
 
     from sftplug.config import ASSETS
-    from sftplug.data import prepare
+    from sftplug.data import prepare, tokenizing
     from sftplug.data.tokenizer import Tokenizer
 
     if args.workers:
-        prepare.TOKENIZE_WORKERS = args.workers
+        tokenizing.TOKENIZE_WORKERS = args.workers
     tokenizer = Tokenizer(ASSETS)
     tokenizer.render_spans([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}])
     base = _max_rss_mb()

@@ -1,6 +1,6 @@
 """What training sees: the first records rendered token by token, the trained tokens marked.
 
-The records go through training's own path (:func:`sftplug.data.prepare.tokenize_records`:
+The records go through training's own path (:func:`sftplug.data.tokenizing.tokenize_records`:
 the chat template's trained spans, :meth:`Tokenizer.encode_masked`), so a marked token is
 exactly one whose label the loss counts: a target the model learns to predict. A
 document's first token is never a target (nothing predicts it), tokens past
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from itertools import islice
 
 from sftplug.data import sources
-from sftplug.data.prepare import Prepared, tokenize_records
+from sftplug.data.prepare import Prepared
 from sftplug.data.records import BadLog
 from sftplug.data.tokenizer import Tokenizer
+from sftplug.data.tokenizing import tokenize_records
 
 OPEN, CLOSE = "\u27e6", "\u27e7"
 

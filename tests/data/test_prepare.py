@@ -9,6 +9,7 @@ strings below tokens are separated by spaces and the trained ones are in [bracke
 import json
 import random
 import shutil
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -21,10 +22,11 @@ from sftplug.config import ASSETS
 from sftplug.data import packing as data_packing
 from sftplug.data.batches import batch_of
 from sftplug.data.packing import IGNORE, PackedRows, Rows, Tokenized, pack_tokenized
-from sftplug.data.prepare import prepare_data, tokenize_records
+from sftplug.data.prepare import prepare_data
 from sftplug.data.records import SHOW_LINES, BadLog
 from sftplug.data.sources import iter_records
 from sftplug.data.tokenizer import Tokenizer
+from sftplug.data.tokenizing import tokenize_records
 from sftplug.errors import SftplugError
 from sftplug.model.transformer import ModelConfig, Transformer
 
@@ -630,6 +632,17 @@ def test_a_failed_tokenisation_leaves_no_cache_entry(tok, tmp_path):
     with pytest.raises(SftplugError, match="invalid JSON"):
         prepare_data(tok, data=path, seq_len=32, cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_killed_tokenisations_folder_is_cleaned_up(tok, tmp_path, small_data):
+    cache = tmp_path / "cache"
+    entry = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache_file"]
+    left = Path(entry + ".tmpkilled")  # what a run killed while writing this entry leaves
+    shutil.rmtree(entry)
+    (left / "ids.bin").parent.mkdir(parents=True)
+    (left / "ids.bin").write_bytes(b"\0" * 12)
+    assert prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache"] == "miss"
+    assert [p.name for p in cache.iterdir()] == [Path(entry).name]
 
 
 def test_prepare_matches_the_old_path(tok):

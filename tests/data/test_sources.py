@@ -15,9 +15,10 @@ import torch
 
 from sftplug.config import ASSETS
 from sftplug.data import sources
-from sftplug.data.prepare import prepare_data, tokenize_records
+from sftplug.data.prepare import prepare_data
 from sftplug.data.records import BadLog
 from sftplug.data.tokenizer import Tokenizer
+from sftplug.data.tokenizing import tokenize_records
 from sftplug.errors import SftplugError
 
 pq = pytest.importorskip("pyarrow.parquet")

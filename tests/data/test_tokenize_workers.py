@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sftplug.config import ASSETS
-from sftplug.data import prepare
+from sftplug.data import tokenizing
 from sftplug.data.batches import Batches
 from sftplug.data.prepare import prepare_data
 from sftplug.data.tokenizer import Tokenizer
@@ -22,11 +22,11 @@ def tok():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 50 records, the first in this process, the rest in workers (when there are any)."""
-    monkeypatch.setattr(prepare, "ENCODE_CHUNK", 50)
-    monkeypatch.setattr(prepare, "INLINE_CHUNKS", 1)
+    monkeypatch.setattr(tokenizing, "ENCODE_CHUNK", 50)
+    monkeypatch.setattr(tokenizing, "INLINE_CHUNKS", 1)
 
     def with_workers(n: int):
-        monkeypatch.setattr(prepare, "TOKENIZE_WORKERS", n)
+        monkeypatch.setattr(tokenizing, "TOKENIZE_WORKERS", n)
 
     return with_workers
 
@@ -55,8 +55,8 @@ def cache_files(folder):
 
 def test_workers_give_the_cache_one_process_gives(tok, tmp_path, small_chunks, monkeypatch):
     path = with_bad_records(tmp_path)
-    pools, real_pool = [], prepare._pool
-    monkeypatch.setattr(prepare, "_pool", lambda tok, workers: pools.append(workers) or real_pool(tok, workers))
+    pools, real_pool = [], tokenizing._pool
+    monkeypatch.setattr(tokenizing, "_pool", lambda tok, workers: pools.append(workers) or real_pool(tok, workers))
     caches = {}
     for workers in (1, 2):
         small_chunks(workers)
