@@ -36,9 +36,19 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
     world = distributed.init_world(config.device)
     echo = echo if world.is_main else _silent
     out = check_output_dir(config.out)
-    if world.is_main:  # rank 0 holds the run's lock, then records the run's config
-        lock.acquire(out, echo)
+    if not world.is_main:
+        return assemble_run(config, registry, world, echo, out, rows)
+    lock.acquire(out, echo)  # rank 0 holds the run's lock, then records the run's config
+    try:
         (out / "config.yaml").write_text(dump_config(config, nproc=world.size))
+        return assemble_run(config, registry, world, echo, out, rows)
+    except BaseException:
+        lock.release(out)  # a run that failed to start leaves its folder free
+        raise
+
+
+def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, out, rows: Rows | None) -> Run:
+    """The run's parts, in the order of the data flow (:func:`build_run` without the folder's lock)."""
     device = training_device(config.device, world)
     precision, precision_why = choose_precision(registry, config, device)
     torch.manual_seed(config.seed)

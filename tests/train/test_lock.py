@@ -130,3 +130,13 @@ def test_a_second_run_on_one_folder_is_refused_while_the_first_finishes_untouche
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert "steps: 3\n" in (out / "config.yaml").read_text()
     assert (out / lock.LOCK_FILE).read_text() == ""  # released at the end
+
+
+def test_a_run_that_fails_to_start_leaves_its_folder_free(tmp_path, registry):
+    from sftplug.config import TrainConfig
+    from sftplug.train.setup import build_run
+
+    with pytest.raises(SftplugError):
+        build_run(TrainConfig(model=str(tmp_path / "no-such-model"), out=str(tmp_path / "run")), registry)
+    assert (tmp_path / "run" / lock.LOCK_FILE).read_text() == ""  # released: emptied as by a clean end
+    assert try_from_another_process(tmp_path / "run") == "taken\n"
