@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def _w1_run(attention: str, steps: int):
     from sftplug.train.setup import build_run
 
     config = TrainConfig(model="w1", dtype="bf16", seq_len=2048, micro_bsz=8, steps=steps, attention=attention,
-                         out=f"/tmp/sftplug-gpu-{attention}", eval_data=None, warmup=1, profile=True)
+                         out=tempfile.mkdtemp(prefix=f"sftplug-gpu-{attention}-"), eval_data=None, warmup=1,
+                         profile=True)
     return build_run(config, build_registry(), echo=print)
 
 

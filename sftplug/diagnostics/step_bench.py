@@ -11,6 +11,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -86,6 +87,7 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
     from sftplug.config import TrainConfig
     from sftplug.data.packing import IGNORE, Rows
     from sftplug.registry import build_registry
+    from sftplug.train import lock
     from sftplug.train.setup import build_run
 
     w = WORKLOADS[workload]
@@ -98,14 +100,16 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
     n, t = labels.shape
     rows = Rows(tokens[:, :-1], labels, torch.arange(t).expand(n, t).clone(), torch.zeros(n, t, dtype=torch.int32),
                 torch.ones(n, dtype=torch.long))
-    config = TrainConfig(model=w["preset"], out="/tmp/sftplug-bench", steps=steps + warmup, micro_bsz=w["micro_bsz"],
-                         seq_len=w["seq_len"], dtype=w["dtype"], device=w["device"], full=full, attention=attention,
-                         lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], profile=True,
-                         eval_data=None, warmup=1, **VARIANTS.get(variant, {}))
-    run = build_run(config, build_registry(), echo=lambda *a: None, rows=rows)
-    _reset_peak(run.device)
-    records = [run.update() for _ in range(steps + warmup)][warmup:]  # compilation happens in warm-up
-    run.batches.close()
+    with tempfile.TemporaryDirectory(prefix="sftplug-bench-") as out:  # its own folder: benches may run side by side
+        config = TrainConfig(model=w["preset"], out=out, steps=steps + warmup, micro_bsz=w["micro_bsz"],
+                             seq_len=w["seq_len"], dtype=w["dtype"], device=w["device"], full=full, attention=attention,
+                             lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], profile=True,
+                             eval_data=None, warmup=1, **VARIANTS.get(variant, {}))
+        run = build_run(config, build_registry(), echo=lambda *a: None, rows=rows)
+        _reset_peak(run.device)
+        records = [run.update() for _ in range(steps + warmup)][warmup:]  # compilation happens in warm-up
+        run.batches.close()
+        lock.release(run.out)
     return _summarise("+".join(filter(None, ["sftplug", variant])), records, _peak_mib(run.device, base_rss))
 
 
