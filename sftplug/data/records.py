@@ -120,7 +120,8 @@ def format_problem(record, fmt: str | None, fmt_from: str) -> str | None:
         expected = (
             f"this file holds {fmt} records, which need {_FORMAT_KEYS[fmt]} ({fmt_from})"
             if fmt
-            else "expected messages, prompt+completion, instruction+output or text"
+            else "expected messages, prompt+completion, instruction+output or text "
+            "(--field-map renames other fields, e.g. question=prompt,answer=completion)"
         )
         return f"record of no known format (keys: {keys}); {expected}"
     return f"a {own} record in a file of {fmt} records ({fmt_from})"

@@ -402,7 +402,7 @@ CHAT_GOOD = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role":
 BAD_FILES = {
     "invalid JSON": (f'{GOOD}\n{{"prompt": "Hi", "completion": \n', 2, r"invalid JSON \(Expecting value"),
     "not an object": (f"{GOOD}\n[1, 2]\n", 2, "record is a JSON list, not an object"),
-    "no known format": ('{"question": "Hi", "answer": "Yes."}\n', 1, "record of no known format"),
+    "no known format": ('{"question": "Hi", "answer": "Yes."}\n', 1, "record of no known format.*--field-map renames"),
     "no known format later": (f'{GOOD}\n{GOOD}\n{{"foo": 1}}\n', 3, "no known format.*'prompt' and 'completion'"),
     "another format": (f'{GOOD}\n{{"text": "Hi"}}\n', 2, "a text record in a file of prompt records"),
     "wrong role": (
