@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=0, help="tokenising processes (0: one per core)")
+    parser.add_argument("--workers", type=int, default=0, help="tokenising processes (0: the default for the cores)")
     parser.add_argument("--profile", action="store_true", help="cProfile the uncached run (to stderr)")
     parser.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
