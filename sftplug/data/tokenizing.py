@@ -4,7 +4,7 @@ Each record is checked against its file's format (given, or detected from the fi
 that has one) and rendered with the chat template; the trained character spans (assistant
 turns) come from the rendering itself (:meth:`Tokenizer.render_spans`) and become token
 masks through the tokenizer's offsets, with its batch API (:meth:`Tokenizer.encode_masked`).
-After the first INLINE_CHUNKS, on POOL_MIN_CORES or more cores, a pool of worker processes
+After the first INLINE_CHUNKS, on a machine of several cores, a pool of worker processes
 renders and encodes the chunks; they are taken back in submission order, so the tokens and
 the bad records reported are the same as in one process.
 """
@@ -29,10 +29,9 @@ from sftplug.errors import SftplugError
 
 ENCODE_CHUNK = 4096  # records per tokenizer batch call
 INLINE_CHUNKS = 2  # chunks tokenised in this process before worker processes take over
-TOKENIZE_WORKERS: int | None = None  # worker processes for large sources; None: one per core from POOL_MIN_CORES
-# On 2 cores a pool measured slower than one process (BENCHMARKS.md): tokenizers already encodes
-# a chunk on both cores, and handing records to workers costs CPU of its own.
-POOL_MIN_CORES = 4
+# Worker processes for large sources; None: one per core. The Jinja rendering is Python on one
+# core; tokenizers' own threads already encode a batch on all of them (BENCHMARKS.md compares).
+TOKENIZE_WORKERS: int | None = None
 
 class Problems:
     """Stands in for the BadLog while reading: keeps (line, problem) until its chunk's turn,
@@ -124,7 +123,7 @@ def _workers() -> int:
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1  # workers inherit the tokenizer by fork
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return TOKENIZE_WORKERS or (cores if cores >= POOL_MIN_CORES else 1)
+    return TOKENIZE_WORKERS or cores
 
 
 @contextlib.contextmanager
