@@ -75,8 +75,9 @@ def plot_runs(folders: list[str | Path], out_file: str | Path) -> Path:
             ax.plot(steps, [r[key] for r in records if key in r], color=color, label=label, linewidth=1.2)
             if key == "loss":
                 evals = [r for r in records if r.get("eval_loss") is not None]
-                ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=color,
-                        markersize=4, label=f"{label} eval")
+                if evals:  # --eval-every; without it no point and no legend entry
+                    ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=color,
+                            markersize=4, label=f"{label} eval")
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in fig.axes[2:]:
