@@ -2,11 +2,19 @@ import copy
 import os
 import shutil
 
-import pytest
-import torch
+# Under pytest-xdist every worker (and every process a test starts) computes on one thread:
+# OpenMP threads that wait on each other on shared cores make tiny ops ~50x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
-from sftplug.config import ASSETS, TrainConfig
-from sftplug.registry import build_registry
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+from sftplug.config import ASSETS, TrainConfig  # noqa: E402
+from sftplug.registry import build_registry  # noqa: E402
 
 # `sftplug train` draws OUT/plot.png at the end (about a second); the suite runs many trainings
 # (tests/diagnostics/test_plot.py checks the plot itself)
