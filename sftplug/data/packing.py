@@ -175,14 +175,14 @@ def doc_targets(trained: np.ndarray, lengths: np.ndarray, seq_len: int) -> np.nd
 
 
 def _place(need: np.ndarray, seq_len: int, packed: bool):
-    """Row, column and rank-in-row of each document, taken longest first (best-fit decreasing)."""
+    """Row and rank-in-row of each document, taken longest first (best-fit decreasing), and the rows."""
     n = len(need)
     order = np.argsort(-need, kind="stable")
     if not packed:
         row = np.empty(n, np.int64)
         row[order] = np.arange(n)
-        return row, np.zeros(n, np.int64), np.zeros(n, np.int64), n
-    row, col, rank = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+        return row, np.zeros(n, np.int64), n
+    row, rank = np.empty(n, np.int64), np.empty(n, np.int64)
     open_rows: list[tuple[int, int]] = []  # (free positions, row), sorted: best fit = first that fits
     used: list[int] = []
     members: list[int] = []
@@ -194,12 +194,12 @@ def _place(need: np.ndarray, seq_len: int, packed: bool):
             r = len(used)
             used.append(0)
             members.append(0)
-        row[i], col[i], rank[i] = r, used[r], members[r]
+        row[i], rank[i] = r, members[r]
         used[r] += k
         members[r] += 1
         if used[r] < seq_len:
             bisect.insort(open_rows, (seq_len - used[r], r))
-    return row, col, rank, len(used)
+    return row, rank, len(used)
 
 
 def plan(start, length, targets, lines, source: str, seq_len: int, packed: bool, overlong: str):
@@ -225,17 +225,9 @@ def plan(start, length, targets, lines, source: str, seq_len: int, packed: bool,
             f"{source}: no trainable examples: every record is empty, fully masked or dropped as overlong"
         )
     need = need[keep]
-    row, _, rank, n_rows = _place(need, seq_len, packed)
+    row, rank, n_rows = _place(need, seq_len, packed)
     order = np.lexsort((rank, row))  # row by row, each row's documents in the order they were placed
     row_ptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(row, minlength=n_rows), out=row_ptr[1:])
     counts.update(documents=len(keep), tokens=int(need.sum()), target_tokens=int(targets[keep].sum()))
     return (np.asarray(start[keep][order], np.int64), need[order].astype(np.int32), row_ptr), counts
-
-
-def pack_tokenized(docs: Tokenized, seq_len: int, pad_id: int, packed: bool, overlong: str) -> tuple[PackedRows, dict]:
-    """Rows of documents held in memory, and what happened to them (truncated, dropped, ...)."""
-    lengths = np.diff(docs.starts)
-    targets = doc_targets(docs.trained, lengths, seq_len)
-    layout, counts = plan(docs.starts[:-1], lengths, targets, docs.lines, docs.source, seq_len, packed, overlong)
-    return PackedRows(docs.ids, docs.trained, *layout, seq_len, pad_id, counts["target_tokens"]), counts

@@ -21,7 +21,7 @@ import sftplug.plugins.sdpa as sdpa
 from sftplug.config import ASSETS
 from sftplug.data import packing as data_packing
 from sftplug.data.batches import batch_of
-from sftplug.data.packing import IGNORE, PackedRows, Rows, Tokenized, pack_tokenized
+from sftplug.data.packing import IGNORE, PackedRows, Rows, Tokenized, doc_targets, plan
 from sftplug.data.prepare import prepare_data
 from sftplug.data.records import SHOW_LINES, BadLog
 from sftplug.data.sources import iter_records
@@ -59,6 +59,14 @@ def tokenized_docs(docs: list[Document]) -> Tokenized:
     return Tokenized.concat(parts, np.arange(1, len(docs) + 1), "data")
 
 
+def pack_tokenized(docs: Tokenized, seq_len: int, pad_id: int, packed: bool, overlong: str) -> tuple[PackedRows, dict]:
+    """Rows of documents held in memory (prepare_data's second half), and what happened to them."""
+    lengths = np.diff(docs.starts)
+    targets = doc_targets(docs.trained, lengths, seq_len)
+    layout, counts = plan(docs.starts[:-1], lengths, targets, docs.lines, docs.source, seq_len, packed, overlong)
+    return PackedRows(docs.ids, docs.trained, *layout, seq_len, pad_id, counts["target_tokens"]), counts
+
+
 def pack(docs: list[Document], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
     """Rows of the documents (prepare_data's second half), every row materialised."""
     return pack_tokenized(tokenized_docs(docs), seq_len, pad_id, packed, "truncate")[0].dense()
@@ -83,7 +91,11 @@ def reference_pack(docs: Tokenized, seq_len: int, pad_id: int, packed: bool, ove
         counts[name] = int(mask.sum())
         counts[name + "_lines"] = [f"{docs.source}:{n}" for n in docs.lines[mask][:SHOW_LINES].tolist()]
     need = need[keep]
-    row, col, rank, n_rows = data_packing._place(need, seq_len, packed)
+    row, rank, n_rows = data_packing._place(need, seq_len, packed)
+    order = np.lexsort((rank, row))  # row by row, each row's documents side by side from column 0
+    before = np.cumsum(need[order]) - need[order]
+    col = np.empty_like(row)
+    col[order] = before - before[np.searchsorted(row[order], row[order])]
     total = int(need.sum())
     doc_of = np.repeat(np.arange(len(keep)), need)
     within = np.arange(total) - np.repeat(np.cumsum(need) - need, need)
