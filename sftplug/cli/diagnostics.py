@@ -226,6 +226,4 @@ def plot(folders, out_file):
     """
     from sftplug.diagnostics.plot import plot_runs
 
-    if out_file is None and len(folders) > 1:
-        raise SftplugError(f"{len(folders)} runs: name the image to write with --out FILE, e.g. --out compare.png")
-    click.echo(f"plot: {plot_runs(folders, out_file or f'{folders[0]}/plot.png')}")
+    click.echo(f"plot: {plot_runs(folders, out_file)}")

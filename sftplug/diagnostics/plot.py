@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-from importlib.util import find_spec
 from pathlib import Path
 
+from sftplug import probes
 from sftplug.errors import SftplugError
 
 INSTALL = "pip install 'sftplug[plot]'"
@@ -20,7 +20,7 @@ PANELS = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient nor
 
 def matplotlib_missing() -> str | None:
     """Why plots cannot be drawn here (one line, with the install command), or None."""
-    return None if find_spec("matplotlib") else f"plots need matplotlib: {INSTALL}"
+    return None if probes.module_available("matplotlib") else f"plots need matplotlib: {INSTALL}"
 
 
 def read_metrics(folder: str | Path) -> list[dict]:
@@ -52,8 +52,11 @@ def labels(folders: list[Path]) -> list[str]:
     return [name if names.count(name) == 1 else str(f) for name, f in zip(names, folders)]
 
 
-def plot_runs(folders: list[str | Path], out_file: str | Path) -> Path:
-    """Draw the runs of ``folders`` into the PNG ``out_file``; returns its path."""
+def plot_runs(folders: list[str | Path], out_file: str | Path | None = None) -> Path:
+    """Draw the runs of ``folders`` into the PNG ``out_file`` (for one run FOLDER/plot.png by default)."""
+    if out_file is None and len(folders) > 1:
+        raise SftplugError(f"{len(folders)} runs: name the image to write with --out FILE, e.g. --out compare.png")
+    out_file = out_file or Path(folders[0]) / "plot.png"
     reason = matplotlib_missing()
     if reason:
         raise SftplugError(reason)
@@ -99,4 +102,4 @@ def plot_after_run(out: str | Path) -> str | None:
         return None
     if matplotlib_missing():
         return f"plot: {INSTALL}, then sftplug plot {out}"
-    return f"plot: {plot_runs([out], Path(out) / 'plot.png')}"
+    return f"plot: {plot_runs([out])}"

@@ -93,7 +93,7 @@ def test_the_end_of_a_run_names_its_plot_or_how_to_get_one(tmp_path, monkeypatch
     monkeypatch.delenv("SFTPLUG_NO_PLOT")  # the suite's conftest turns the plot off for other tests
     run = write_run(tmp_path / "run")
     assert plot.plot_after_run(run) == f"plot: {run / 'plot.png'}" and (run / "plot.png").is_file()
-    monkeypatch.setattr(plot, "find_spec", lambda name: None)
+    monkeypatch.setattr(plot.probes, "module_available", lambda name: False)  # matplotlib missing
     assert plot.plot_after_run(run) == f"plot: pip install 'sftplug[plot]', then sftplug plot {run}"
     with pytest.raises(SftplugError, match=r"plots need matplotlib: pip install 'sftplug\[plot\]'"):
         plot.plot_runs([run], tmp_path / "x.png")
