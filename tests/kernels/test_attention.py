@@ -6,28 +6,13 @@ kernel's error may be at most twice the error of the same-dtype PyTorch implemen
 """
 
 import os
+import subprocess
 import sys
+import textwrap
 
-# @triton.jit chooses interpreter or compiler when it decorates: triton's own library
-# functions when triton is first imported, the kernels when their module is imported.
-# So TRITON_INTERPRET must be set before triton is imported. That is only done in this
-# process when nothing imported triton yet and there is no GPU (a GPU session must keep
-# compiled kernels for test_attention_gpu.py); otherwise these tests run in a child
-# pytest that has TRITON_INTERPRET=1 from its start. The variable is put back after the
-# imports so other test modules do not see it; a fixture sets it for each test here.
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-_TRITON_IMPORTED_BEFORE = "triton" in sys.modules
+import pytest
+import torch
 
-import subprocess  # noqa: E402
-import textwrap  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-IN_PROCESS = _PREVIOUS_INTERPRET == "1" or not (_TRITON_IMPORTED_BEFORE or torch.cuda.is_available())
-if IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 import sftplug.kernels.attention as attention_module  # noqa: E402
@@ -37,32 +22,10 @@ from sftplug.kernels.attention import (  # noqa: E402
     triton_attention_available,
 )
 
-if _PREVIOUS_INTERPRET is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+pytestmark = pytest.mark.interpreted
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(request, monkeypatch):
-    if request.node.name == "test_in_a_child_process":
-        return
-    if not IN_PROCESS:
-        pytest.skip("triton was imported without the interpreter here: test_in_a_child_process runs this")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the interpreter tests run in this process")
-def test_in_a_child_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-
-
-# Allowed error beyond twice torch's, relative to the largest reference value.
-FLOOR = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps}
+NAMES = ("out", "dq", "dk", "dv")
 
 
 def _inputs(B, HQ, HKV, T, D, seed=0):
@@ -72,16 +35,6 @@ def _inputs(B, HQ, HKV, T, D, seed=0):
     v = torch.randn(B, HKV, T, D, generator=g)
     do = torch.randn(B, HQ, T, D, generator=g)
     return q, k, v, do
-
-
-def _assert_within_twice_torch_error(got, ref64, same, dtype, what):
-    for name, a, r, s in zip(("out", "dq", "dk", "dv"), got, ref64, same):
-        assert a.dtype == dtype, f"{what} {name}: dtype {a.dtype}"
-        assert torch.isfinite(a).all(), f"{what} {name}: not finite"
-        err = (a.double() - r).abs().max().item()
-        base = (s.double() - r).abs().max().item()
-        floor = FLOOR[dtype] * max(1.0, r.abs().max().item())
-        assert err <= 2 * base + floor, f"{what} {name}: error {err:.3g} > 2 x torch's {base:.3g} + {floor:.3g}"
 
 
 CASES = [
@@ -100,33 +53,33 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,HQ,HKV,T,D,causal,dtype", CASES)
-def test_matches_reference(B, HQ, HKV, T, D, causal, dtype, grads_of):
+def test_matches_reference(B, HQ, HKV, T, D, causal, dtype, grads_of, assert_close_to_float64):
     q, k, v, do = _inputs(B, HQ, HKV, T, D, seed=T * 31 + D)
-    got = grads_of(triton_attention, q, k, v, do, dtype, causal=causal)
-    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=causal)
-    same = grads_of(attention_reference, q, k, v, do, dtype, causal=causal)
-    _assert_within_twice_torch_error(got, ref64, same, dtype, f"T={T} D={D} {HQ}:{HKV} causal={causal}")
+    got = grads_of(triton_attention, (q, k, v), do, dtype, causal=causal)
+    ref64 = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=causal)
+    same = grads_of(attention_reference, (q, k, v), do, dtype, causal=causal)
+    assert_close_to_float64(got, ref64, same, dtype, f"T={T} D={D} {HQ}:{HKV} causal={causal}", NAMES)
 
 
-def test_custom_scale(grads_of):
+def test_custom_scale(grads_of, assert_close_to_float64):
     q, k, v, do = _inputs(1, 4, 2, 23, 32, seed=5)
-    got = grads_of(triton_attention, q, k, v, do, torch.float32, causal=True, scale=0.3)
-    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True, scale=0.3)
-    same = grads_of(attention_reference, q, k, v, do, torch.float32, causal=True, scale=0.3)
-    _assert_within_twice_torch_error(got, ref64, same, torch.float32, "scale=0.3")
+    got = grads_of(triton_attention, (q, k, v), do, torch.float32, causal=True, scale=0.3)
+    ref64 = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=True, scale=0.3)
+    same = grads_of(attention_reference, (q, k, v), do, torch.float32, causal=True, scale=0.3)
+    assert_close_to_float64(got, ref64, same, torch.float32, "scale=0.3", NAMES)
 
 
 @pytest.mark.parametrize("split", [2, 4])
-def test_gqa_group_split_across_programs(split, monkeypatch, grads_of):
+def test_gqa_group_split_across_programs(split, monkeypatch, grads_of, assert_close_to_float64):
     # On a GPU with few kv heads and a small batch the dK/dV kernel splits each group's
     # query heads over several programs and adds fp32 partial sums; force that here.
     monkeypatch.setattr(attention_module, "_dkdv_split", lambda *args: split)
     q, k, v, do = _inputs(1, 8, 2, 37, 32, seed=split)
     doc_ids = _doc_ids([20, 17])[None]
-    got = grads_of(triton_attention, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
-    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True, doc_ids=doc_ids)
-    same = grads_of(attention_reference, q, k, v, do, torch.float32, causal=True, doc_ids=doc_ids)
-    _assert_within_twice_torch_error(got, ref64, same, torch.float32, f"split={split}")
+    got = grads_of(triton_attention, (q, k, v), do, torch.float32, causal=True, doc_ids=doc_ids)
+    ref64 = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=True, doc_ids=doc_ids)
+    same = grads_of(attention_reference, (q, k, v), do, torch.float32, causal=True, doc_ids=doc_ids)
+    assert_close_to_float64(got, ref64, same, torch.float32, f"split={split}", NAMES)
 
 
 def _doc_ids(lengths, pad_before=0, pad_after=0):
@@ -138,11 +91,11 @@ def _doc_ids(lengths, pad_before=0, pad_after=0):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths", [[45], [13, 30], [1, 9, 17, 3, 20]], ids=["1doc", "2docs", "5docs"])
-def test_packed_documents_equal_separate_runs(lengths, causal, grads_of):
+def test_packed_documents_equal_separate_runs(lengths, causal, grads_of, assert_close_to_float64):
     T = sum(lengths)
     q, k, v, do = _inputs(1, 4, 2, T, 32, seed=len(lengths))
     doc_ids = _doc_ids(lengths)[None]
-    packed = grads_of(triton_attention, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
+    packed = grads_of(triton_attention, (q, k, v), do, torch.float32, causal=causal, doc_ids=doc_ids)
 
     # The same documents run one by one through the kernel, on slices of the same leaves.
     x = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -155,13 +108,13 @@ def test_packed_documents_equal_separate_runs(lengths, causal, grads_of):
     for name, a, b in zip(("out", "dq", "dk", "dv"), packed, separate):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
-    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
-    same = grads_of(attention_reference, q, k, v, do, torch.float32, causal=causal, doc_ids=doc_ids)
-    _assert_within_twice_torch_error(packed, ref64, same, torch.float32, f"docs {lengths}")
+    ref64 = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=causal, doc_ids=doc_ids)
+    same = grads_of(attention_reference, (q, k, v), do, torch.float32, causal=causal, doc_ids=doc_ids)
+    assert_close_to_float64(packed, ref64, same, torch.float32, f"docs {lengths}", NAMES)
 
 
 @pytest.mark.parametrize("causal,dtype", [(True, torch.float32), (False, torch.float16)])
-def test_padding_rows_are_zero(causal, dtype, grads_of):
+def test_padding_rows_are_zero(causal, dtype, grads_of, assert_close_to_float64):
     T = 64
     doc_ids = torch.stack([
         _doc_ids([40], pad_after=24),  # padding shares blocks with a long document
@@ -169,7 +122,7 @@ def test_padding_rows_are_zero(causal, dtype, grads_of):
         torch.full((T,), -1),  # a row of nothing but padding
     ])
     q, k, v, do = _inputs(3, 2, 1, T, 32, seed=11)
-    got = grads_of(triton_attention, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
+    got = grads_of(triton_attention, (q, k, v), do, dtype, causal=causal, doc_ids=doc_ids)
     pad = doc_ids < 0  # [B, T]
     out, dq, dk, dv = got
     for name, t in zip(("out", "dq", "dk", "dv"), got):
@@ -178,9 +131,9 @@ def test_padding_rows_are_zero(causal, dtype, grads_of):
     assert (dq.permute(0, 2, 1, 3)[pad] == 0).all()
     assert (dk.permute(0, 2, 1, 3)[pad] == 0).all()
     assert (dv.permute(0, 2, 1, 3)[pad] == 0).all()
-    ref64 = grads_of(attention_reference, q, k, v, do, torch.float64, causal=causal, doc_ids=doc_ids)
-    same = grads_of(attention_reference, q, k, v, do, dtype, causal=causal, doc_ids=doc_ids)
-    _assert_within_twice_torch_error(got, ref64, same, dtype, "padding")
+    ref64 = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=causal, doc_ids=doc_ids)
+    same = grads_of(attention_reference, (q, k, v), do, dtype, causal=causal, doc_ids=doc_ids)
+    assert_close_to_float64(got, ref64, same, dtype, "padding", NAMES)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the NaN poison
@@ -221,20 +174,20 @@ def test_non_contiguous_inputs(grads_of):
     q, k, v = qkv.view(B, T, HQ + 2 * HKV, D).transpose(1, 2).split([HQ, HKV, HKV], dim=1)
     do = torch.randn(B, T, HQ, D, generator=g).transpose(1, 2)  # [B, HQ, T, D], strided
     assert not (q.is_contiguous() or k.is_contiguous() or do.is_contiguous())
-    strided = grads_of(triton_attention, q, k, v, do, torch.float32, causal=True)
-    dense = grads_of(triton_attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(),
+    strided = grads_of(triton_attention, (q, k, v), do, torch.float32, causal=True)
+    dense = grads_of(triton_attention, (q.contiguous(), k.contiguous(), v.contiguous()), do.contiguous(),
                  torch.float32, causal=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-    ref = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True)
+    ref = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=True)
     for a, r in zip(strided, ref):
         torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-5)
 
 
 def test_bf16_is_computed_in_fp32_under_the_interpreter(grads_of):
     q, k, v, do = _inputs(1, 2, 1, 19, 32, seed=2)
-    got = grads_of(triton_attention, q, k, v, do, torch.bfloat16, causal=True)
-    ref = grads_of(attention_reference, q, k, v, do, torch.float64, causal=True)
+    got = grads_of(triton_attention, (q, k, v), do, torch.bfloat16, causal=True)
+    ref = grads_of(attention_reference, (q, k, v), do, torch.float64, causal=True)
     for a, r in zip(got, ref):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.double(), r, rtol=0, atol=3e-2)
