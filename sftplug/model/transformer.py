@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sftplug.fused import pytorch
+from sftplug.fused.op import OpSet
+
 
 @dataclass
 class ModelConfig:
@@ -67,11 +70,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.op = pytorch.rmsnorm  # or a fused form (Transformer.set_fused_ops)
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.op(x, self.weight, self.eps, False)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -100,37 +102,6 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(middle, smoothed, out)
 
 
-def apply_rope(x, cos, sin):
-    """Rotary embedding of x [B, T, H, D]; cos, sin: [B, T, 1, D/2], each frequency once."""
-    return _Rope.apply(x, cos, sin)
-
-
-class _Rope(torch.autograd.Function):
-    # By hand: the backward is the inverse rotation, with no cat, neg or full-width cos/sin
-    # (a third of autograd's time for this op on the CPU).
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
-
-
-def _rotate(x, cos, sin, sign: float):
-    """Halves (x1, x2) -> (x1 cos - sign x2 sin, x2 cos + sign x1 sin)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    if torch.compiler.is_compiling():  # inductor fuses this anyway; out= into halves breaks its graph
-        return torch.cat((x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin), dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out1, out2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
-    return out
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -139,21 +110,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, qkv_out, bias=config.qkv_bias)
         self.o = nn.Linear(config.n_heads * config.head_dim, config.hidden_size, bias=False)
         self.backend = None  # set by Transformer.set_attention
+        self.rope = pytorch.rope  # or a fused form (Transformer.set_fused_ops)
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None):
         b, t, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), cos, sin)  # [B, T, Hq, D]
-        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), cos, sin)  # [B, T, Hkv, D]
-        v = v.view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
+        heads = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
+        qkv = self.qkv(x).view(b, t, sum(heads), self.head_dim)  # [B, T, Hq + 2 Hkv, D]
+        qkv = self.rope(qkv, cos, sin, self.n_heads + self.n_kv_heads)  # q and k rotated
+        q, k, v = (z.transpose(1, 2) for z in qkv.split(heads, dim=2))  # [B, H, T, D]
         if cache is None:
             y = attend(self.backend, q, k, v, doc_ids)  # [B, Hq, T, D]
         else:  # generation: keys and values of earlier tokens come from the cache
             k, v = cache.append(k, v)  # [B, Hkv, T_past + T, D]
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o(y.transpose(1, 2).reshape(b, t, q_size))
+        return self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 @torch.compiler.disable
@@ -171,10 +141,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.glu = pytorch.glu  # or a fused form (Transformer.set_fused_ops)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.glu(self.gate_up(x), "silu"))
 
 
 class Block(nn.Module):
@@ -218,6 +188,14 @@ class Transformer(nn.Module):
     def set_attention(self, backend) -> None:
         for block in self.layers:
             block.attn.backend = backend
+
+    def set_fused_ops(self, ops: OpSet) -> None:
+        """Compute RMSNorm, the gated MLP and RoPE with these forms (the loss takes ops.cross_entropy)."""
+        for norm in [self.norm, *(n for block in self.layers for n in (block.attn_norm, block.mlp_norm))]:
+            norm.op = ops.rmsnorm
+        for block in self.layers:
+            block.attn.rope = ops.rope
+            block.mlp.glu = ops.glu
 
     def rope(self, positions, dtype):
         # positions: [B, T] -> cos, sin: [B, T, 1, D/2]

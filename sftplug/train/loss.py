@@ -9,13 +9,18 @@ from __future__ import annotations
 import torch
 
 from sftplug.data.packing import IGNORE
+from sftplug.fused import pytorch
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i @ W^T, y_i) with gradients for h (and W when it trains)."""
+    """sum_i CE(h_i @ W^T, y_i) with gradients for h (and W when it trains).
+
+    ``cross_entropy`` is the per-chunk step (the ``cross_entropy`` op of
+    :mod:`sftplug.fused.op`): the loss of a chunk's logits and their gradient.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, cross_entropy):
         # hidden: [N, C]; weight: [V, C]; targets: [N]
         w = weight.to(compute_dtype)
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32 at least
@@ -24,18 +29,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].to(compute_dtype)  # [n, C]
-            y = targets[start : start + chunk_size]  # [n]
-            logits = (h @ w.t()).to(acc_dtype)  # [n, V]
-            # In place, a pass or two each (torch.logsumexp alone was slower, BENCHMARKS.md): shifted
-            # by the row max, the sum of exponentials is at least 1, so its log is finite.
-            shifted = logits.sub_(logits.amax(-1, keepdim=True))
-            target = shifted.gather(1, y[:, None]).squeeze(1)  # [n]
-            probs = shifted.exp_()
-            sums = probs.sum(-1)  # [n]
-            total += (sums.log() - target).sum()
-            probs.div_(sums[:, None])  # softmax
-            probs[torch.arange(len(y), device=y.device), y] -= 1  # d(loss)/d(logits)
-            g = probs.to(compute_dtype)
+            loss, g = cross_entropy(h @ w.t(), targets[start : start + chunk_size])  # g: [n, V]
+            total += loss
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = (g @ w).to(hidden.dtype)
             if grad_weight is not None:
@@ -49,14 +44,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
-def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096):
+def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096, cross_entropy=pytorch.cross_entropy):
     """(sum of token losses, number of targets) for hidden [B, T, C] and labels [B, T].
 
     ``labels`` may stay on the host: the target positions are found there and only their
     index moves to the device, so no boolean mask is applied on the GPU (a sync).
+    ``cross_entropy``: the chosen form of the per-chunk step.
     """
     flat = labels.reshape(-1)
     where = (flat != IGNORE).nonzero().squeeze(1)  # [N], on the labels' device
@@ -65,5 +61,5 @@ def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096):
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     with torch.autocast(device_type, enabled=False):
-        total = ChunkedLinearCrossEntropy.apply(h, weight, y, chunk_size, compute_dtype)
+        total = ChunkedLinearCrossEntropy.apply(h, weight, y, chunk_size, compute_dtype, cross_entropy)
     return total, y.numel()

@@ -1,0 +1,5 @@
+"""Fused ops beside attention: RMSNorm, the gated MLP, RoPE and the loss (see op.py)."""
+
+from sftplug.fused.op import OPS, FusedOp, FusedOpsRequest, OpSet
+
+__all__ = ["OPS", "FusedOp", "FusedOpsRequest", "OpSet"]

@@ -1,0 +1,90 @@
+"""The fused-ops contract: the ops a model computes outside its matrix products, the request a
+run makes for them, and the interface a plugin implements to offer a faster form of one.
+
+Every op has a PyTorch form (:mod:`sftplug.fused.pytorch`) that the model runs unless a
+plugin's fused form is chosen for it. The forms of one op are interchangeable: the same
+inputs, the same result up to rounding, gradients included. The call of each op:
+
+- ``rmsnorm(x, weight, eps, gemma)``: ``x`` [..., C], ``weight`` [C]. Llama form
+  (``gemma=False``): ``weight * normalize(x).to(x.dtype)``, in the promoted dtype of x and
+  weight. Gemma form: ``((1 + weight) * normalize(x))`` in fp32, then ``x.dtype``.
+  ``normalize`` is ``x * rsqrt(mean(x^2) + eps)`` in fp32.
+- ``glu(gate_up, activation)``: ``gate_up`` [..., 2I] (gate first, then up) ->
+  ``act(gate) * up`` [..., I]; ``activation`` is "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
+- ``rope(qkv, cos, sin, n_rotated)``: ``qkv`` [B, T, H, D]; the first ``n_rotated`` heads
+  are rotated over their first R = 2 * cos.shape[-1] dims (pairs i and i + R/2), the rest
+  is left as it is; ``cos``, ``sin`` [B, T, 1, R/2]. May rotate in place; returns the result.
+- ``cross_entropy(logits, targets)``: ``logits`` [n, V], ``targets`` [n] ->
+  ``(loss_sum, grad)``: the sum of the rows' cross-entropies (fp32, 0-dim) and its gradient
+  with respect to the logits, in their dtype. ``grad`` may be ``logits`` itself, overwritten.
+  The LM head and the chunking around it stay in :mod:`sftplug.train.loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sftplug.fused import pytorch
+
+OPS = ("rmsnorm", "glu", "rope", "cross_entropy")
+
+
+@dataclass(frozen=True)
+class FusedOpsRequest:
+    """What a run computes these ops on; a fused form checks it before it is chosen."""
+
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype (autocast's, or the weights')
+    hidden_size: int
+    intermediate_size: int
+    head_dim: int
+    rotary_dim: int  # dims of each head that RoPE rotates (head_dim, or fewer for partial rotary)
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    tokens: int  # tokens of one micro-batch (the rows an op sees at once)
+    activation: str = "silu"  # the gated MLP's: "silu" or "gelu_tanh"
+    gemma_norm: bool = False  # RMSNorm in Gemma's (1 + w) form
+    training: bool = True  # gradients are needed
+
+
+class FusedOp:
+    """Base class: a plugin's fused form of one op. Subclasses set ``op`` (one of :data:`OPS`),
+    ``name`` (the implementation's, e.g. "triton") and implement ``__call__`` with the op's call.
+
+    ``auto`` takes a fused form only where its ``priority_for(request)`` is above 0 (the
+    PyTorch form's) and its ``check(request)`` passes; a form asked for by name needs only
+    the check.
+    """
+
+    op = ""
+    name = ""
+    priority = 0
+    description = ""
+
+    def priority_for(self, request: FusedOpsRequest) -> tuple[int, str]:
+        """(priority, why): above 0 when this form is faster than PyTorch's here, and the reason."""
+        return self.priority, ""
+
+    def check(self, request: FusedOpsRequest) -> str | None:
+        """None when this form can compute the request exactly, else the reason it cannot."""
+        return None
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<fused {self.op} {self.name}>"
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The form a model computes each op with: PyTorch's unless a fused form was chosen."""
+
+    rmsnorm: Callable = pytorch.rmsnorm
+    glu: Callable = pytorch.glu
+    rope: Callable = pytorch.rope
+    cross_entropy: Callable = pytorch.cross_entropy
