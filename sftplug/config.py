@@ -15,6 +15,7 @@ from pathlib import Path
 from sftplug import dtypes
 from sftplug.data.records import FORMATS
 from sftplug.errors import SftplugError
+from sftplug.fused.choice import parse_fused
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
@@ -83,6 +84,9 @@ class TrainConfig:
                         choices=("auto",) + dtypes.TRAINING)
     tf32: bool = option(False, "TF32 matmuls for fp32 on Ampere+ GPUs.", "runtime")
     attention: str = option("auto", "Attention backend (see `sftplug plugins`).", "runtime")
+    fused: str = option("auto", "Fused forms of RMSNorm, the gated MLP, RoPE and the loss: auto (where faster "
+                        "here), none, all, or ops to fuse: rmsnorm,glu,rope,cross_entropy (OP=FORM names a form).",
+                        "runtime")
     grad_ckpt: bool = option(False, "Activation checkpointing per block.", "runtime")
     torch_compile: bool = option(False, "Compile each transformer block (time reported apart).", "runtime")
     compile_mode: str = option("default", "torch.compile mode.", "runtime", choices=COMPILE_MODES)
@@ -123,6 +127,7 @@ class TrainConfig:
             raise SftplugError(f"--eval-split must be a fraction in [0, 1), got {self.eval_split}")
         if self.eval_split and self.eval_data:
             raise SftplugError("use --eval-split or --eval-data, not both")
+        parse_fused(self.fused)
         if self.strategy == "fsdp" and not self.full:
             raise SftplugError("--strategy fsdp shards full fine-tuning; add --full, or use --strategy ddp for LoRA")
 

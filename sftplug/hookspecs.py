@@ -92,3 +92,17 @@ def open_logger(name, config, out):
     :returns: an :class:`sftplug.train.loggers.Logger` (any object with ``log(record)`` and
         ``close()``), or None when this plugin does not provide ``name``.
     """
+
+
+@hookspec
+def select_fused_ops(request):
+    """Offer this plugin's fused forms of the ops outside the matrix products, or return None.
+
+    Every plugin is asked; for each op the core takes the form named by ``--fused``, or for
+    ``auto`` the highest ``priority_for(request)`` above 0 (PyTorch's form) whose
+    ``check(request)`` passes. Not firstresult: all offers are collected.
+
+    :param request: a :class:`sftplug.fused.FusedOpsRequest` (device, compute dtype, the
+        model's sizes, the tokens of a micro-batch, activation and norm form).
+    :returns: a list of :class:`sftplug.fused.FusedOp` (one per op it fuses), or None.
+    """

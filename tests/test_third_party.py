@@ -1,7 +1,7 @@
 """A third-party plugin, installed for real, is listed and selectable by name.
 
 tests/fixtures/sftplug_hello_plugin is a separate package declaring entry points in the
-group "sftplug": ``hello`` (an attention backend), ``hello-broken`` (fails to import),
+group "sftplug": ``hello`` (an attention backend), ``hello-ops`` (a fused RMSNorm), ``hello-broken`` (fails to import),
 ``hello-unavailable`` (its availability check says no) and ``hello-check-raises`` (its
 check crashes). pip installs it into a temporary folder (``--target``), so the shared
 environment is never changed and nothing needs uninstalling; the CLI runs as a
@@ -25,7 +25,7 @@ import torch
 
 from sftplug.attention import AttentionRequest
 from sftplug.attention.choice import attention_skipped, choose_backend
-from sftplug.config import ASSETS
+from sftplug.config import ASSETS, TrainConfig
 from sftplug.diagnostics.doctor import doctor_report
 from sftplug.errors import SftplugError
 from sftplug.registry import build_registry
@@ -149,3 +149,30 @@ def test_doctor_shows_third_party_backends(installed):
     assert rows["hello"]["source"] == "sftplug-hello 0.1.0"
     assert rows["hello"]["dtypes"] == {"bf16": None, "fp16": None, "fp32": None}
     assert not rows["hello-unavailable"]["available"] and not rows["hello-broken"]["available"]
+
+
+def test_a_third_party_fused_form_wins_auto_and_computes_the_model(installed):
+    from sftplug.fused.choice import attach_fused
+    from sftplug.model.transformer import ModelConfig, Transformer
+    from sftplug.train.setup import fused_request
+
+    model = Transformer(ModelConfig.preset("tiny"))
+    model.init_weights(0)
+    model.set_attention(plain_attention)
+    ids = torch.randint(0, 1024, (1, 12))
+    before = model(ids)
+    request = fused_request(model, TrainConfig(micro_bsz=1, seq_len=12), torch.device("cpu"), torch.float32)
+    choice = attach_fused(model, installed, request, "auto")
+    assert choice.forms["rmsnorm"] == "hello" and "always claims" in choice.reasons["rmsnorm"]
+    assert choice.forms["glu"] == "pytorch"
+    norm = choice.ops.rmsnorm
+    calls = norm.calls
+    after = model(ids)
+    assert norm.calls - calls == 2 * len(model.layers) + 1  # every norm of the model went through it
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # float64 vs fp32 norms: fp32 rounding
+    pinned = attach_fused(model, installed, request, "rmsnorm=hello")
+    assert pinned.forms == {"rmsnorm": "hello", "glu": "pytorch", "rope": "pytorch", "cross_entropy": "pytorch"}
+
+
+def plain_attention(q, k, v, causal=True, doc_ids=None):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)

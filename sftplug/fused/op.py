@@ -48,7 +48,7 @@ class FusedOpsRequest:
     tokens: int  # tokens of one micro-batch (the rows an op sees at once)
     activation: str = "silu"  # the gated MLP's: "silu" or "gelu_tanh"
     gemma_norm: bool = False  # RMSNorm in Gemma's (1 + w) form
-    training: bool = True  # gradients are needed
+    trains_norms: bool = False  # the norms' weights train (full fine-tuning), so need their gradient
 
 
 class FusedOp:

@@ -23,6 +23,7 @@ from sftplug.data.batches import Batches, batch_of
 from sftplug.data.packing import IGNORE
 from sftplug.data.prepare import Prepared
 from sftplug.errors import SftplugError
+from sftplug.fused.choice import FusedChoice
 from sftplug.model.lora import lm_head_weight
 from sftplug.train.flops import update_flops
 from sftplug.train.loss import target_loss_sum
@@ -48,6 +49,7 @@ class Run:
     data: Prepared
     batches: Batches
     attention: AttentionChoice
+    fused: FusedChoice  # the form of each fused op; the loss's cross_entropy step among them
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     peak_flops: float | None = None  # per device, for MFU (sftplug.train.flops)
@@ -74,7 +76,8 @@ class Run:
         ids, positions = (mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "positions"))
         with self.precision.autocast(self.device):
             hidden = (model or self.model)(ids, positions, mb["doc_ids"], hidden_only=True)
-            return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model))
+            return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model),
+                                   cross_entropy=self.fused.ops.cross_entropy)
 
     def update(self, stop_requested: bool = False) -> dict:
         """One optimizer update over ``--accum`` micro-batches; returns its metrics record.

@@ -19,6 +19,8 @@ from sftplug.data.batches import Batches
 from sftplug.data.packing import Rows
 from sftplug.data.prepare import Prepared, prepare_data
 from sftplug.errors import SftplugError
+from sftplug.fused.choice import attach_fused
+from sftplug.fused.op import FusedOpsRequest
 from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora
 from sftplug.train import lock
@@ -62,11 +64,15 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     params = [p for p in model.parameters() if p.requires_grad]
     replicated = distributed.replicate(model, world) if world.active and not distributed.is_sharded(model) else None
     data = Prepared(rows, None, {}) if rows is not None else load_data(config, tokenizer, world, out, echo)
-    attention = attach(model, registry, config.attention, device, precision.autocast_dtype or torch.float32,
+    compute_dtype = precision.autocast_dtype or torch.float32
+    attention = attach(model, registry, config.attention, device, compute_dtype,
                        packed=bool(int(data.train.docs_per_row.max()) > 1), seq_len=config.seq_len)
+    fused = attach_fused(model, registry, fused_request(model, config, device, compute_dtype), config.fused,
+                         compiled=config.torch_compile)
     mode = "full fine-tune" if config.full else f"LoRA r={config.lora_r}"
     echo(f"model: {loaded.description}; {mode}, {sum(p.numel() for p in params):,} trainable params on {device}")
     echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
+    echo(f"fused ops: {fused.describe()}")
     for note in steering_notes():
         echo(f"environment: {note}")
     if config.torch_compile:
@@ -74,12 +80,20 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     return Run(
         config=config, registry=registry, world=world, echo=echo, out=out, device=device, precision=precision,
         model=model, tokenizer=tokenizer, params=params, replicated=replicated, data=data,
-        batches=make_batches(data.train, config, device, world), attention=attention,
+        batches=make_batches(data.train, config, device, world), attention=attention, fused=fused,
         optimizer=torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
                                     eps=1e-8),
         schedule=Schedule(config.schedule, config.lr, config.warmup, config.steps, config.min_lr_ratio),
         peak_flops=peak_flops(device, half=precision.autocast_dtype is not None),
     )  # fmt: skip
+
+
+def fused_request(model, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> FusedOpsRequest:
+    c = model.config
+    return FusedOpsRequest(device=device, dtype=dtype, hidden_size=c.hidden_size,
+                           intermediate_size=c.intermediate_size, head_dim=c.head_dim, rotary_dim=c.head_dim,
+                           n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+                           tokens=config.micro_bsz * config.seq_len, trains_norms=config.full)
 
 
 def training_device(name: str, world: distributed.World) -> torch.device:
