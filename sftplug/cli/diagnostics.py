@@ -159,11 +159,51 @@ def bench():
     \b
     Examples:
       sftplug bench attention
+      sftplug bench ops
       sftplug bench step --workload W0
     """
 
 
 bench.add_command(bench_attention)
+
+
+@bench.command("ops", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cpu or auto.")
+@click.option("--dtype", type=click.Choice(TRAINING), help="Default: bf16 on CUDA, fp32 on the CPU.")
+@click.option("--workload", type=click.Choice(["W0", "W1"]), help="Sizes. Default: W1 on CUDA, W0 on the CPU.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Timed repetitions per row.")
+@user_errors
+def bench_ops(as_json, device, dtype, workload, repeats):
+    """Time each fused op's forms (RMSNorm, the gated MLP, RoPE, the loss) against PyTorch's.
+
+    Prints op, form, sizes, forward and backward ms (medians), GB/s of the least memory
+    traffic the op needs, the speed-up over PyTorch's form and the largest difference from
+    its result. On the CPU fused Triton forms run in the interpreter (TRITON_INTERPRET=1):
+    they are checked there, not timed.
+
+    \b
+    Examples:
+      sftplug bench ops
+      sftplug bench ops --dtype fp16 --json > ops.json
+      TRITON_INTERPRET=1 sftplug bench ops --device cpu
+    """
+    from sftplug.diagnostics.ops_bench import format_table, ops_request, run_ops_bench
+    from sftplug.dtypes import as_dtype
+    from sftplug.probes import resolve_device
+    from sftplug.registry import build_registry
+
+    if repeats < 1:
+        raise SftplugError("--repeats must be at least 1")
+    target = resolve_device(device)
+    request = ops_request(target, as_dtype(dtype or ("bf16" if target.type == "cuda" else "fp32")), workload)
+
+    def report(row: dict) -> None:
+        timed = f"{row['fwd_ms']:.3f} + {row['bwd_ms'] or 0:.3f} ms" if row["fwd_ms"] is not None else row["status"]
+        click.echo(f"  {row['op']} {row['form']}: {timed}", err=True)
+
+    rows = run_ops_bench(build_registry(), request, repeats=repeats, echo=report)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 
 @bench.command("step", context_settings=CONTEXT)
@@ -183,8 +223,8 @@ bench.add_command(bench_attention)
     "--variant",
     "variants",
     multiple=True,
-    type=click.Choice(["compile", "workers2"]),
-    help="Also time sftplug with --torch-compile or --workers 2 (repeatable).",
+    type=click.Choice(["compile", "workers2", "fused", "unfused"]),
+    help="Also time sftplug with --torch-compile, --workers 2, --fused all or --fused none (repeatable).",
 )
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
@@ -199,6 +239,7 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
       sftplug bench step --workload W0
       sftplug bench step --workload W1 --rounds 1 --json
       sftplug bench step --workload W1 --variant compile --variant workers2
+      sftplug bench step --workload W1 --variant fused --variant unfused
     """
     from sftplug.diagnostics.step_bench import bench_step as run_bench
     from sftplug.diagnostics.step_bench import format_step_table

@@ -23,7 +23,8 @@ WORKLOADS = {
 }
 LORA = dict(r=16, alpha=32.0, dropout=0.0)
 # sftplug with one option on (`--variant`), timed as a side of its own
-VARIANTS = {"compile": {"torch_compile": True}, "workers2": {"workers": 2}}
+VARIANTS = {"compile": {"torch_compile": True}, "workers2": {"workers": 2}, "fused": {"fused": "all"},
+            "unfused": {"fused": "none"}}
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_FRACTION = 0.25  # labels masked on the first 25% of each row
 
