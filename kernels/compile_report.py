@@ -1,4 +1,4 @@
-"""The Triton attention kernels compiled for real GPU targets, on a machine without a GPU.
+"""sftplug's Triton kernels compiled for real GPU targets, on a machine without a GPU.
 
 ``triton.compile`` with a ``GPUTarget`` builds the PTX and the cubin anywhere (the Triton
 wheel ships ptxas). For each launch configuration this reports what the GPU would pay:
@@ -7,11 +7,13 @@ Hopper, whether the matrix products use ``wgmma`` (the PTX). ``sftplug doctor --
 prints the table; the tests require every configuration the autotuner may choose to spill
 nothing, use wgmma on sm_90a and fit the target's shared memory.
 
-The kernels are compiled as a training run launches them: contiguous [B, H, T, D]
+The attention kernels are compiled as a training run launches them: contiguous [B, H, T, D]
 tensors (pointers and strides divisible by 16), 32 query heads over 8 K/V heads, causal,
-packed documents on (the variant with every code path).
+packed documents on (the variant with every code path). The fused ops' kernels (RMSNorm,
+the gated MLP, RoPE, the loss) are compiled as their modules' ``compile_specs`` say a W1
+run launches them; they have no matrix products, so wgmma is not asked of them.
 
-Public API: :data:`TARGETS`, :func:`compile_config`, :func:`report`.
+Public API: :data:`TARGETS`, :func:`compile_config`, :func:`compile_spec`, :func:`report`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from sftplug.kernels import attention
+from sftplug.kernels import attention, cross_entropy, glu, rms_norm, rope
+
+FUSED_KERNELS = (rms_norm, glu, rope, cross_entropy)  # modules with compile_specs(dtype)
 
 # name -> (compute capability, warp size, shared memory a block may use in bytes: A100's
 # 163 KB, Hopper's 227 KB)
@@ -52,6 +56,7 @@ class Compiled:
     wgmma: bool | None = None  # Hopper's warpgroup matrix products (sm_90a only)
     fits: bool | None = None  # shared memory within the target's limit
     error: str | None = None
+    detail: str = ""  # a fused kernel's constexprs, in place of the attention block sizes
 
     @property
     def ok(self) -> bool:
@@ -81,12 +86,6 @@ def _is_tensor(name: str) -> bool:
     return name[0].isupper() and name not in ("T", "T_BUCKET")  # tensors are named in capitals
 
 
-def _divisible_by_16(kernel, constexprs: dict) -> dict:
-    """Triton's launch-time specialisation of contiguous tensors: pointers and strides % 16 == 0."""
-    names = [n for n in kernel.arg_names if n not in constexprs and (_is_tensor(n) or n.startswith("stride_"))]
-    return {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
-
-
 def _constexprs(kind: str, head_dim: int, block_m: int, block_n: int) -> dict:
     values = dict(HQ=_HQ, GROUP=_HQ // _HKV, HEAD_DIM=head_dim, CAUSAL=True, HAS_DOCS=True, BLOCK_M=block_m,
                   BLOCK_N=block_n)
@@ -113,35 +112,52 @@ def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
-def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tuple) -> Compiled:
-    """Compile one kernel in one (BLOCK_M, BLOCK_N, warps, stages) configuration for ``target``."""
+def _compile(row: Compiled, fn, signature: dict, constexprs: dict, divisible, warps: int, stages: int,
+             wgmma: bool) -> Compiled:
+    """Compile ``fn`` for ``row.target`` and fill in what the GPU would pay (or the error)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    block_m, block_n, warps, stages = config
-    row = Compiled(kind, target, dtype, head_dim, block_m, block_n, warps, stages)
-    capability, warp_size, shared_limit = TARGETS[target]
-    kernel = attention.kernel_of(kind)
-    constexprs = _constexprs(kind, head_dim, block_m, block_n)
+    capability, warp_size, shared_limit = TARGETS[row.target]
     try:
-        source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
-                           attrs=_divisible_by_16(kernel, constexprs))
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, warp_size),
                                   options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
         row.shared = int(compiled.metadata.shared)
         row.fits = row.shared <= shared_limit
         row.registers, row.spills = _ptxas_usage(compiled.asm["ptx"], capability)
-        if capability >= 90:
+        if wgmma and capability >= 90:
             row.wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
     except Exception as exc:  # a config that does not compile is a finding, not a crash
         row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
     return row
 
 
-def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, workers: int | None = None
-           ) -> list[Compiled]:
-    """Every configuration the autotuner may choose on each target, compiled and measured.
+def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tuple) -> Compiled:
+    """Compile one attention kernel in one (BLOCK_M, BLOCK_N, warps, stages) configuration for ``target``."""
+    block_m, block_n, warps, stages = config
+    row = Compiled(kind, target, dtype, head_dim, block_m, block_n, warps, stages)
+    kernel = attention.kernel_of(kind)
+    constexprs = _constexprs(kind, head_dim, block_m, block_n)
+    divisible = [n for n in kernel.arg_names if n not in constexprs and (_is_tensor(n) or n.startswith("stride_"))]
+    return _compile(row, kernel, _signature(kernel, dtype, constexprs), constexprs, divisible, warps, stages,
+                    wgmma=True)
+
+
+def compile_spec(spec: dict, target: str, dtype: str) -> Compiled:
+    """Compile one fused-op kernel as its module's ``compile_specs(dtype)`` describes it."""
+    detail = " ".join(f"{k}={v}" for k, v in spec["constexprs"].items())
+    row = Compiled(spec["name"], target, dtype, 0, 0, 0, spec["num_warps"], spec["num_stages"], detail=detail)
+    return _compile(row, spec["fn"], spec["signature"], spec["constexprs"], spec["divisible"], spec["num_warps"],
+                    spec["num_stages"], wgmma=False)
+
+
+def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, workers: int | None = None,
+           attention_kernels: bool = True, fused: bool = True) -> list[Compiled]:
+    """Every configuration the attention autotuner may choose on each target, and every fused-op
+    kernel as W1 launches it, compiled and measured.
 
     ``head_dims``: default every supported one (16 and 32 use the configurations of 64).
     """
@@ -149,30 +165,38 @@ def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, work
     jobs = []
     for target in targets:
         hopper = TARGETS[target][0] >= 90  # as attention._candidates decides on a real GPU
-        for kind in KINDS:
+        for kind in KINDS if attention_kernels else ():
             for head_dim in head_dims:
                 for config in attention.candidate_configs(kind, head_dim, hopper):
-                    jobs += [(kind, target, dtype, head_dim, config) for dtype in dtypes]
+                    jobs += [(compile_config, kind, target, dtype, head_dim, config) for dtype in dtypes]
+        for module in FUSED_KERNELS if fused else ():
+            jobs += [(compile_spec, spec, target, dtype) for dtype in dtypes for spec in module.compile_specs(dtype)]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # ptxas runs outside the GIL
-        return list(pool.map(lambda job: compile_config(*job), jobs))
+        return list(pool.map(lambda job: job[0](*job[1:]), jobs))
 
 
 def format_report(rows: list[Compiled]) -> str:
     """The report as a table, findings first."""
-    header = f"{'kernel':<5} {'target':<7} {'dtype':<5} {'D':>4} {'config':<16} {'smem KB':>8} {'regs':>5} " \
-             f"{'spill B':>8} {'wgmma':<6} verdict"
+    def config_of(r):
+        return f"{r.detail or f'{r.block_m}x{r.block_n}'} w{r.warps} s{r.stages}"
+
+    width, cwidth = max([5] + [len(r.kernel) for r in rows]), max([16] + [len(config_of(r)) for r in rows])
+    header = f"{'kernel':<{width}} {'target':<7} {'dtype':<5} {'D':>4} {'config':<{cwidth}} {'smem KB':>8} " \
+             f"{'regs':>5} {'spill B':>8} {'wgmma':<6} verdict"
     lines = [header]
     for r in sorted(rows, key=lambda r: (r.ok, r.kernel, r.target, r.head_dim, r.dtype)):
-        config = f"{r.block_m}x{r.block_n} w{r.warps} s{r.stages}"
+        config = config_of(r)
+        head_dim = r.head_dim or "-"
         if r.error:
-            lines.append(f"{r.kernel:<5} {r.target:<7} {r.dtype:<5} {r.head_dim:>4} {config:<16} failed: {r.error}")
+            lines.append(f"{r.kernel:<{width}} {r.target:<7} {r.dtype:<5} {head_dim:>4} {config:<{cwidth}} "
+                         f"failed: {r.error}")
             continue
         wgmma = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
         verdict = "ok" if r.ok else ", ".join(
             why for why, bad in (("spills", r.spills), ("no wgmma", r.wgmma is False), ("too much smem", not r.fits))
             if bad)
-        lines.append(f"{r.kernel:<5} {r.target:<7} {r.dtype:<5} {r.head_dim:>4} {config:<16} {r.shared / 1024:>8.0f} "
-                     f"{r.registers:>5} {r.spills:>8} {wgmma:<6} {verdict}")
+        lines.append(f"{r.kernel:<{width}} {r.target:<7} {r.dtype:<5} {head_dim:>4} {config:<{cwidth}} "
+                     f"{r.shared / 1024:>8.0f} {r.registers:>5} {r.spills:>8} {wgmma:<6} {verdict}")
     bad = sum(not r.ok for r in rows)
     lines.append(f"{len(rows)} configurations, {bad} with findings")
     return "\n".join(lines)

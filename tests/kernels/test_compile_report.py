@@ -1,11 +1,12 @@
-"""Every Triton attention config the autotuner may choose, compiled for sm_80 and sm_90a on
-this CPU machine (triton.compile with a GPUTarget; the Triton wheel ships ptxas): no register
-spills, shared memory within the target's, and wgmma on Hopper wherever auto may pick Triton.
+"""Every Triton attention config the autotuner may choose, and every fused-op kernel as a W1
+run launches it, compiled for sm_80 and sm_90a on this CPU machine (triton.compile with a
+GPUTarget; the Triton wheel ships ptxas): no register spills, shared memory within the
+target's, and wgmma on Hopper wherever auto may pick Triton attention.
 
-The kernels are compiled in bf16 at head dims 64, 128 and 256, which own the config tables
-(16 and 32 take 64's and use fewer registers); fp16 compiles to the same registers and
-shared memory (checked on one config). `sftplug doctor --compile` covers every dtype and
-head dim.
+The attention kernels are compiled in bf16 at head dims 64, 128 and 256, which own the
+config tables (16 and 32 take 64's and use fewer registers); fp16 compiles to the same
+registers and shared memory (checked on one config). `sftplug doctor --compile` covers
+every dtype and head dim.
 """
 
 import os
@@ -17,7 +18,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("TRITON_INTERPRET=1: kernels are interpreted, not compiled", allow_module_level=True)
 
 from sftplug.kernels import attention  # noqa: E402
-from sftplug.kernels.compile_report import TARGETS, WITHOUT_WGMMA, compile_config, format_report, report  # noqa: E402
+from sftplug.kernels.compile_report import (  # noqa: E402
+    FUSED_KERNELS,
+    TARGETS,
+    WITHOUT_WGMMA,
+    compile_config,
+    format_report,
+    report,
+)
 
 
 def test_every_config_the_autotuner_may_choose_compiles_clean():
@@ -28,6 +36,18 @@ def test_every_config_the_autotuner_may_choose_compiles_clean():
     assert all(r.ok for r in rows), format_report(rows)
     hopper = [r for r in rows if r.target == "sm_90a"]
     assert all(r.wgmma for r in hopper if (r.kernel, r.head_dim) not in WITHOUT_WGMMA), format_report(rows)
+
+
+def test_every_fused_op_kernel_compiles_clean_as_w1_launches_it():
+    rows = report(dtypes=("bf16", "fp16"), attention_kernels=False)
+    expected = [(spec["name"], target, dtype) for target in TARGETS for module in FUSED_KERNELS
+                for dtype in ("bf16", "fp16") for spec in module.compile_specs(dtype)]
+    assert sorted((r.kernel, r.target, r.dtype) for r in rows) == sorted(expected)
+    assert all(r.ok and r.spills == 0 for r in rows), format_report(rows)
+    names = {r.kernel for r in rows}  # forward and backward of every op (the loss step has one kernel)
+    for op in ("rms_norm", "glu_silu", "glu_gelu_tanh", "rope"):
+        assert {f"{op}_fwd", f"{op}_bwd"} <= {n.rsplit("_r", 1)[0] if n.startswith("rope") else n for n in names}, op
+    assert "cross_entropy" in names
 
 
 def test_the_report_sees_spills_and_missing_wgmma():
