@@ -59,6 +59,9 @@ class TrainConfig:
                            choices=OVERLONG)
     skip_bad_records: bool = option(False, "Skip and count bad records instead of stopping.", "data")
     train_on_prompt: bool = option(False, "Also train on prompt tokens.", "data")
+    train_turns: str = option("all", "Assistant turns trained: all (each in the context the template renders "
+                              "when it is generated) or last (only the final one).", "data",
+                              choices=("all", "last"))
     field_map: dict[str, str] | None = option(None, "Rename record fields before the format is detected: "
                                               "question=prompt,answer=completion.", "data")
     # -- optimizer
