@@ -20,7 +20,8 @@ from sftplug.fused.choice import parse_fused
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
 DEFAULT_EVAL = ASSETS / "default_eval.jsonl"
-DEFAULT_LORA_TARGETS = ("qkv", "o", "gate_up", "down")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_VARIANTS = ("lora", "dora")
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OVERLONG = ("truncate", "drop")
@@ -80,8 +81,15 @@ class TrainConfig:
     lora_r: int = option(16, "LoRA rank.", "lora", minimum=1)
     lora_alpha: float = option(32.0, "LoRA alpha (scale alpha / r).", "lora")
     lora_dropout: float = option(0.0, "LoRA dropout.", "lora")
-    lora_targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "Comma-separated linear layers of the blocks.",
+    lora_targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "Comma-separated HF projections (q_proj, k_proj, "
+                                           "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), trained as "
+                                           "PEFT trains them; the fused layers' names qkv, o, gate_up, down work too.",
                                            "lora")
+    lora_variant: str = option("lora", "lora, or dora (PEFT's use_dora).", "lora", choices=LORA_VARIANTS)
+    rslora: bool = option(False, "Rank-stabilised scale alpha / sqrt(r) (PEFT's use_rslora).", "lora")
+    adapter: str | None = option(None, "A PEFT LoRA adapter folder (adapter_config.json + "
+                                 "adapter_model.safetensors) to continue training on --model, its base; its r, "
+                                 "alpha, dropout, targets and variant replace --lora-*.", "lora")
     # -- runtime
     dtype: str = option("auto", "Training precision; auto: bf16 on a GPU that runs it, else fp32.", "runtime",
                         choices=("auto",) + dtypes.TRAINING)
@@ -131,6 +139,8 @@ class TrainConfig:
         if self.eval_split and self.eval_data:
             raise SftplugError("use --eval-split or --eval-data, not both")
         parse_fused(self.fused)
+        if self.adapter and self.full:
+            raise SftplugError("--adapter continues a LoRA adapter; it cannot be combined with --full")
         if self.strategy == "fsdp" and not self.full:
             raise SftplugError("--strategy fsdp shards full fine-tuning; add --full, or use --strategy ddp for LoRA")
 
