@@ -20,7 +20,7 @@ from sftplug.data.packing import PackedRows
 from sftplug.data.tokenizer import Tokenizer
 
 # Bump when tokens, masks, row layout or the cache's files produced from the same inputs change.
-DATA_FORMAT_VERSION = 3
+DATA_FORMAT_VERSION = 4
 
 
 def cache_key(data_sha256: str, eval_sha256: str | None, tokenizer: Tokenizer, options: dict) -> str:

@@ -10,7 +10,9 @@
    ``skip_bad_records``.
 3. Render messages with the chat template and tokenise them with their loss masks, a
    chunk of records at a time, in file order (:mod:`sftplug.data.tokenizing`; worker
-   processes on machines with the cores for them).
+   processes on machines with the cores for them). A record is one example (document), or
+   one per assistant turn where the template renders earlier turns differently as the
+   conversation grows; the eval split keeps a record's examples together.
 4. Each chunk's tokens are appended to the cache entry's files as they come (ids int32,
    trained flags bool: 5 bytes per token on disk); memory holds a few chunks and, per
    document, its start, length, targets and line.
@@ -51,7 +53,8 @@ class Prepared:
         """One line for the run header."""
         s = self.stats
         parts = [
-            f"data: {s['records']:,} {s['format']} records -> {s['rows']:,} rows of "
+            f"data: {s['records']:,} {s['format']} records{_examples(s.get('examples'), s['records'])} -> "
+            f"{s['rows']:,} rows of "
             f"{s['seq_len']} ({'packed' if s['pack'] else 'one per row'}, {s['fill']:.0%} filled, "
             f"{s['target_tokens']:,} target tokens)"
         ]
@@ -76,6 +79,11 @@ class Prepared:
         return "; ".join(parts)
 
 
+def _examples(examples: int | None, records: int) -> str:
+    """", as 7 examples" where records gave more examples than themselves (turns in their own contexts)."""
+    return f" as {examples:,} examples" if examples and examples != records else ""
+
+
 # -- reading and checking records ----------------------------------------------------
 def _records(path, bad, field_map):
     """(line, record) of a data source: the one place records come from."""
@@ -85,12 +93,13 @@ class _Store:
     """Tokens appended chunk by chunk, to files in a folder or (no folder) to memory; per-document arrays."""
 
     def __init__(self, folder: Path | None, seq_len: int):
-        self.seq_len, self.tokens, self.documents = seq_len, 0, 0
+        self.seq_len, self.tokens, self.documents, self.records = seq_len, 0, 0, 0
         self.files = [open(folder / name, "wb") for name in ("ids.bin", "trained.bin")] if folder else None
         self.in_memory: list[tuple[np.ndarray, np.ndarray]] = []
-        self.lengths, self.targets, self.lines = [], [], []
+        self.lengths, self.targets, self.lines, self.owners = [], [], [], []
 
-    def add(self, ids, trained, lengths, lines) -> None:
+    def add(self, ids, trained, lengths, lines, owners) -> None:
+        """One chunk's examples; ``owners``: each one's record among the chunk's (0, 1, ...)."""
         if self.files:
             ids.tofile(self.files[0])
             trained.tofile(self.files[1])
@@ -99,17 +108,21 @@ class _Store:
         self.lengths.append(lengths)
         self.targets.append(doc_targets(trained, lengths, self.seq_len))
         self.lines.append(lines)
+        self.owners.append(owners + self.records)
         self.tokens += len(ids)
         self.documents += len(lengths)
+        self.records += int(owners[-1]) + 1 if len(owners) else 0
 
     def close(self) -> tuple[np.ndarray, ...]:
-        """The token arrays if held in memory (else None, None), and per document: start, length, targets, line."""
+        """The token arrays if held in memory (else None, None), and per document: start, length, targets, line,
+        record (0, 1, ... over all sources)."""
         for f in self.files or ():
             f.close()
         tokens = [np.concatenate(a) for a in zip(*self.in_memory)] if self.in_memory else [None, None]
-        length, targets, lines = (np.concatenate(a) for a in (self.lengths, self.targets, self.lines))
-        self.lengths, self.targets, self.lines, self.in_memory = [], [], [], []
-        return *tokens, np.cumsum(length) - length, length, targets, lines
+        length, targets, lines, owners = (np.concatenate(a) for a in (self.lengths, self.targets, self.lines,
+                                                                       self.owners))
+        self.lengths, self.targets, self.lines, self.owners, self.in_memory = [], [], [], [], []
+        return *tokens, np.cumsum(length) - length, length, targets, lines, owners
 
 
 def _split_order(n: int, fraction: float, seed: int) -> tuple[np.ndarray, int]:
@@ -130,6 +143,7 @@ def prepare_data(
     pack: bool = True,
     fmt: str = "auto",
     train_on_prompt: bool = False,
+    train_turns: str = "all",
     overlong: str = "truncate",
     skip_bad_records: bool = False,
     field_map: dict[str, str] | None = None,
@@ -146,6 +160,8 @@ def prepare_data(
     seq_len: positions per row; pack: several documents per row (best-fit decreasing).
     fmt: "auto" (detected per file) or one of records.FORMATS.
     train_on_prompt: train every token, not only assistant turns.
+    train_turns: "all" assistant turns (each in the context the template renders when it is
+    generated) or only the "last" one of each conversation.
     overlong: "truncate" or "drop" documents longer than seq_len + 1 tokens.
     skip_bad_records: skip and count bad records instead of stopping at the first.
     field_map: record fields renamed before anything else reads them ({"question": "prompt"}).
@@ -154,7 +170,8 @@ def prepare_data(
     """
     started = time.perf_counter()
     options = dict(
-        seq_len=seq_len, pack=bool(pack), fmt=fmt, train_on_prompt=bool(train_on_prompt), overlong=overlong,
+        seq_len=seq_len, pack=bool(pack), fmt=fmt, train_on_prompt=bool(train_on_prompt),
+        train_turns=train_turns, overlong=overlong,
         eval_split=float(eval_split), seed=int(seed), skip_bad_records=bool(skip_bad_records),
         field_map=dict(field_map) if field_map else None,
     )  # fmt: skip
@@ -196,15 +213,16 @@ def _prepare(tokenizer: Tokenizer, data, eval_data, folder: Path | None, options
     formats, without_eos, counts = {}, 0, []
 
     def tokenize(path) -> int:
+        """The source's records tokenised into the store; how many."""
         nonlocal without_eos
-        before, docs_before = bad.count, store.documents
+        before, records_before = bad.count, store.records
         problems = Problems()
         records = _records(path, problems, options["field_map"])
         file_fmt, missing = tokenize_source(path, records, problems, tokenizer, fmt, options["train_on_prompt"], bad,
-                                      store.add)
+                                            store.add, options["train_turns"])
         without_eos += missing
         formats[str(path)] = file_fmt or fmt
-        n = store.documents - docs_before
+        n = store.records - records_before
         if not n:
             skipped = bad.count - before
             if skipped:
@@ -214,13 +232,17 @@ def _prepare(tokenizer: Tokenizer, data, eval_data, folder: Path | None, options
 
     n_train = tokenize(data)
     n_eval = tokenize(eval_data) if eval_data else 0
-    ids, trained, start, length, targets, lines = store.close()
-    parts = {"train": np.arange(n_train), "eval": np.arange(n_train, n_train + n_eval) if eval_data else None}
+    ids, trained, start, length, targets, lines, owners = store.close()
+    is_eval = np.zeros(n_train + n_eval, dtype=bool)  # per record
+    is_eval[n_train:] = True
     if eval_split:
         order, n_eval = _split_order(n_train, eval_split, options["seed"])
         if n_eval >= n_train:
             raise SftplugError(f"{data}: {n_train} records are too few for --eval-split {eval_split}")
-        parts = {"train": np.sort(order[n_eval:]), "eval": np.sort(order[:n_eval])}
+        is_eval[order[:n_eval]] = True
+    # Examples by their record's part: one conversation's examples are never split between train and eval.
+    parts = {"train": np.flatnonzero(~is_eval[owners]),
+             "eval": np.flatnonzero(is_eval[owners]) if eval_data or eval_split else None}
     layouts, counts = {}, {}
     for part, index in parts.items():
         if index is not None:
@@ -236,15 +258,18 @@ def _prepare(tokenizer: Tokenizer, data, eval_data, folder: Path | None, options
             for part, layout in layouts.items()}
     train, held_out = counts["train"], counts.get("eval", {})
     seconds = time.perf_counter() - started
-    n_records = len(parts["train"]) + (len(parts["eval"]) if parts["eval"] is not None else 0)
+    n_records = len(is_eval)
+    n_train_records = int((~is_eval).sum())
     stats = {
         "data": str(data),
         "eval_data": str(eval_data) if eval_data else None,
         "format": formats[str(data)],
         "formats": formats,
         "chat_template": tokenizer.template_source,
-        "records": len(parts["train"]),
-        "eval_records": n_records - len(parts["train"]),
+        "records": n_train_records,
+        "eval_records": n_records - n_train_records,
+        "examples": len(parts["train"]),
+        "eval_examples": len(parts["eval"]) if parts["eval"] is not None else 0,
         "skipped_bad": bad.count,
         "skipped_bad_lines": bad.first,
         "rows": len(rows["train"]),

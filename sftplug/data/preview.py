@@ -30,6 +30,8 @@ class Document:
     """One record as training sees it."""
 
     number: int  # the record's line (JSON) or row (tables)
+    example: int  # which of the record's examples (1, 2, ...): one per turn where the template rewrites earlier turns
+    examples: int  # how many examples the record gives
     ids: list[int]  # its tokens, as far as training reads them
     pieces: list[str]  # each token's text ("" for a token that only starts a character)
     marked: list[bool]  # per token: is it a target the loss counts
@@ -38,15 +40,17 @@ class Document:
 
 
 def preview_documents(tokenizer: Tokenizer, path, n: int, *, seq_len: int, fmt: str = "auto",
-                      train_on_prompt: bool = False, overlong: str = "truncate", skip_bad_records: bool = False,
-                      field_map: dict | None = None) -> list[Document]:
-    """The first ``n`` records of ``path`` (bad ones skipped when ``skip_bad_records``), tokenised."""
+                      train_on_prompt: bool = False, train_turns: str = "all", overlong: str = "truncate",
+                      skip_bad_records: bool = False, field_map: dict | None = None) -> list[Document]:
+    """The examples of the first ``n`` records of ``path`` (bad ones skipped when ``skip_bad_records``), tokenised."""
     bad = BadLog(skip_bad_records)
     records = islice(sources.iter_records(path, bad, field_map), n)
-    docs, _, _ = tokenize_records(path, records, tokenizer, fmt, train_on_prompt, bad)
+    docs, _, _, owners = tokenize_records(path, records, tokenizer, fmt, train_on_prompt, bad, train_turns)
+    owners = owners.tolist()
     starts = docs.starts.tolist()
     shown = []
-    for number, a, b in zip(docs.lines.tolist(), starts[:-1], starts[1:]):
+    for k, (number, a, b) in enumerate(zip(docs.lines.tolist(), starts[:-1], starts[1:])):
+        example, examples = owners[:k + 1].count(owners[k]), owners.count(owners[k])
         ids, trained = docs.ids[a:b].tolist(), docs.trained[a:b].tolist()
         over = len(ids) - (seq_len + 1)
         dropped = over > 0 and overlong == "drop"
@@ -54,7 +58,7 @@ def preview_documents(tokenizer: Tokenizer, path, n: int, *, seq_len: int, fmt: 
         if cut:
             ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
         marked = [bool(t) and k > 0 and not dropped for k, t in enumerate(trained)]
-        shown.append(Document(number, ids, token_pieces(tokenizer, ids), marked, cut, dropped))
+        shown.append(Document(number, example, examples, ids, token_pieces(tokenizer, ids), marked, cut, dropped))
     return shown
 
 
@@ -86,6 +90,8 @@ def render(doc: Document, style=None) -> str:
 def heading(doc: Document, path) -> str:
     trained = sum(doc.marked)
     what = f"{len(doc.pieces)} tokens, {trained} trained"
+    if doc.examples > 1:
+        what = f"example {doc.example} of {doc.examples}, " + what
     if doc.cut:
         what += f", {doc.cut} more cut by --seq-len"
     if doc.dropped:
@@ -98,7 +104,9 @@ def stats_lines(prepared: Prepared) -> list[str]:
     s = prepared.stats
     tokens, targets = s["tokens"], s["target_tokens"]
     lines = [
-        f"records: {s['records']:,} ({s['format']})",
+        f"records: {s['records']:,} ({s['format']})" + (
+            f", {s['examples']:,} examples (turns trained in their own contexts)"
+            if s.get("examples", s["records"]) != s["records"] else ""),
         f"tokens: {tokens:,} (input positions); trained: {targets:,} ({targets / max(tokens, 1):.1%})",
         f"rows: {s['rows']:,} of {s['seq_len']} ({'packed' if s['pack'] else 'one record per row'}, "
         f"{s['fill']:.1%} filled)",

@@ -85,6 +85,9 @@ def to_messages(record: dict, fmt: str, train_on_prompt: bool = False) -> list[d
                 raise BadRecord(f"message {k} ({role}) content must be a string, got {type(content).__name__}")
             if not content.strip():
                 raise BadRecord(f"message {k} ({role}) has empty content")
+            reasoning = m.get("reasoning_content")  # passed to the template, which renders it (Qwen3: <think>)
+            if reasoning is not None and (role != "assistant" or not isinstance(reasoning, str)):
+                raise BadRecord(f"message {k} ({role}): reasoning_content must be a string on an assistant message")
             messages.append(m)
         if system is not None:
             if messages[0]["role"] == "system":

@@ -5,7 +5,8 @@ assistant wrote is known while rendering: each assistant turn's text is the diff
 between the conversation rendered up to and including it and the prompt rendered before
 it (with the generation prompt). Those character spans become token masks through the
 tokenizer's offsets (:meth:`Tokenizer.encode_masked`), so the loss mask never depends on
-searching for marker tokens afterwards.
+searching for marker tokens afterwards. A template that renders earlier turns differently
+as the conversation grows gives one example per turn (:meth:`Tokenizer.render_spans`).
 
 When the model's tokenizer_config.json has no chat template, the built-in ``sftplug``
 template is used; ``--chat-template NAME|FILE`` overrides either
@@ -232,31 +233,36 @@ class Tokenizer:
             self._template_for = self.chat_template
         return self._template_base
 
-    def render_spans(self, messages: list[dict], train_on_prompt: bool = False) -> tuple[str, list, int]:
-        """The rendered conversation, its trained character spans, and turns lacking EOS.
+    def render_spans(self, messages: list[dict], train_on_prompt: bool = False,
+                     train_turns: str = "all") -> tuple[list[tuple[str, list]], int]:
+        """The examples one conversation trains, each (rendered text, trained character spans); turns lacking EOS.
 
-        Each assistant turn spans from the end of the prompt before it (rendered with the
-        generation prompt) to the end of the conversation rendered through it; whitespace
-        the template puts after the turn's EOS token is not trained. With
-        train_on_prompt the whole text is trained. Two renders per assistant turn.
+        Assistant turn k is trained in the context the template shows when it is generated:
+        its span runs from the end of messages[:k] rendered with the generation prompt to
+        the end of messages[:k + 1] rendered (whitespace the template puts after the turn's
+        EOS token is not trained). Turns whose renders extend one text share one example.
+        A template that renders earlier turns differently once later ones are added (Qwen3
+        drops the reasoning of earlier turns) starts a new example there, in which the
+        earlier turns are context only. train_turns "last" trains only the final assistant
+        turn; train_on_prompt trains the whole text. Two renders per trained turn.
         """
         if train_on_prompt:
             text = self.render(messages)
-            return text, [(0, len(text))], 0
-        spans, done, without_eos = [], "", 0
+            return [(text, [(0, len(text))])], 0
+        turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        if train_turns == "last":
+            turns = turns[-1:]
+        examples, text, spans, without_eos = [], "", [], 0
         eos = self.eos_token
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
+        for i in turns:
             prompt = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])
-            if not (prompt.startswith(done) and upto.startswith(done)):
-                raise ChatTemplateError(
-                    f"the chat template renders earlier turns differently once assistant turn {i + 1} is added "
-                    "(not prefix-stable), so its loss mask cannot be derived; pass --chat-template"
-                )
+            if not (prompt.startswith(text) and upto.startswith(text)):  # earlier turns rendered anew
+                if spans:
+                    examples.append((text, spans))
+                text, spans = "", []
             start = len(prompt) if upto.startswith(prompt) else _common_prefix(prompt, upto)
-            start, end = max(start, len(done)), len(upto)
+            start, end = max(start, len(text)), len(upto)
             if eos:
                 k = upto.rfind(eos, start, end)
                 if k >= 0 and not upto[k + len(eos) : end].strip():
@@ -265,13 +271,14 @@ class Tokenizer:
                     without_eos += 1
             if end > start:
                 spans.append((start, end))
-            done = upto
-        if messages and messages[-1]["role"] == "assistant":
-            return done, spans, without_eos
-        text = self.render(messages)
-        if not text.startswith(done):
-            raise ChatTemplateError("the chat template renders earlier turns differently once later turns are added")
-        return text, spans, without_eos
+            text = upto
+        if not turns or messages[-1]["role"] != "assistant":
+            whole = self.render(messages)  # later turns are context for none of the trained ones
+            if whole.startswith(text):
+                text = whole
+        if spans or not examples:
+            examples.append((text, spans))
+        return examples, without_eos
 
 
 def _covering_token(encoding, chars) -> int | None:

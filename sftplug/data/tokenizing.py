@@ -4,6 +4,8 @@ Each record is checked against its file's format (given, or detected from the fi
 that has one) and rendered with the chat template; the trained character spans (assistant
 turns) come from the rendering itself (:meth:`Tokenizer.render_spans`) and become token
 masks through the tokenizer's offsets, with its batch API (:meth:`Tokenizer.encode_masked`).
+A record gives one example (a tokenised document), or several where the template renders
+earlier turns differently as the conversation grows; each example knows its record.
 After the first INLINE_CHUNKS, on a machine of several cores, a pool of worker processes
 renders and encodes the chunks; they are taken back in submission order, so the tokens and
 the bad records reported are the same as in one process.
@@ -84,27 +86,36 @@ def _chunks(records, problems: Problems, fmt: str):
     yield chunk
 
 
-def _encode(tokenizer: Tokenizer, train_on_prompt: bool, fmt: str | None, lines: list, records: list):
-    """One chunk's (ids, trained, lengths, lines kept, problems, assistant turns without EOS)."""
-    texts, spans, kept, problems, without_eos = [], [], [], [], 0
+def _encode(tokenizer: Tokenizer, train_on_prompt: bool, train_turns: str, fmt: str | None, lines: list,
+            records: list):
+    """One chunk's (ids, trained, lengths, lines, owners, problems, assistant turns without EOS).
+
+    Per example: its tokens' length, its record's line, and ``owners``: which of the chunk's
+    kept records (0, 1, ...) it comes from.
+    """
+    texts, spans, kept, owners, problems, without_eos = [], [], [], [], [], 0
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
     for line, record in zip(lines, records):
         try:
             if fmt == "text":
                 text = bos + text_field(record, "text") + eos
-                span = [(0, len(text))]
+                examples = [(text, [(0, len(text))])]
             else:
-                text, span, missing = tokenizer.render_spans(to_messages(record, fmt, train_on_prompt),
-                                                             train_on_prompt)
+                messages = to_messages(record, fmt, train_on_prompt)
+                examples, missing = tokenizer.render_spans(messages, train_on_prompt, train_turns)
                 without_eos += missing
         except (BadRecord, ChatTemplateError) as exc:
             problems.append((line, str(exc)))
             continue
-        texts.append(text)
-        spans.append(span)
-        kept.append(line)
+        owner = owners[-1] + 1 if owners else 0
+        for text, span in examples:
+            texts.append(text)
+            spans.append(span)
+            kept.append(line)
+            owners.append(owner)
     ids, trained, lengths = tokenizer.encode_masked(texts, spans)
-    return ids, trained, lengths, np.asarray(kept, dtype=np.int64), problems, without_eos
+    return (ids, trained, lengths, np.asarray(kept, dtype=np.int64), np.asarray(owners, dtype=np.int64), problems,
+            without_eos)
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -145,19 +156,19 @@ def _pool(tokenizer: Tokenizer, workers: int):
         pool.shutdown(cancel_futures=True)
 
 
-def _encoded(chunks, tokenizer: Tokenizer, train_on_prompt: bool):
+def _encoded(chunks, tokenizer: Tokenizer, train_on_prompt: bool, train_turns: str):
     """(chunk, _encode's result) in file order; after INLINE_CHUNKS, from a pool of workers if there are cores."""
     workers = _workers()
     for chunk in chunks if workers == 1 else itertools.islice(chunks, INLINE_CHUNKS):
-        yield chunk, _encode(tokenizer, train_on_prompt, chunk.fmt, chunk.lines, chunk.records)
+        yield chunk, _encode(tokenizer, train_on_prompt, train_turns, chunk.fmt, chunk.lines, chunk.records)
     following = next(chunks, None)
     if following is None:  # a small source: no pool started
         return
     with _pool(tokenizer, workers) as pool:
         pending = []
         for chunk in itertools.chain([following], chunks):
-            pending.append((chunk, pool.submit(_encode_in_worker, train_on_prompt, chunk.fmt, chunk.lines,
-                                               chunk.records)))
+            pending.append((chunk, pool.submit(_encode_in_worker, train_on_prompt, train_turns, chunk.fmt,
+                                               chunk.lines, chunk.records)))
             if len(pending) > 2 * workers:  # bounded: a few chunks in flight, never the file
                 done, future = pending.pop(0)
                 yield done, future.result()
@@ -166,10 +177,11 @@ def _encoded(chunks, tokenizer: Tokenizer, train_on_prompt: bool):
 
 
 def tokenize_source(path, records, problems: Problems, tokenizer: Tokenizer, fmt: str, train_on_prompt: bool,
-              bad: BadLog, add) -> tuple[str | None, int]:
-    """Every record of one source through ``add(ids, trained, lengths, lines)``, a chunk at a time.
+                    bad: BadLog, add, train_turns: str = "all") -> tuple[str | None, int]:
+    """Every record of one source through ``add(ids, trained, lengths, lines, owners)``, a chunk at a time.
 
-    Returns the file's format and its assistant turns without EOS.
+    Per example: lengths, its record's line, and owners: its record's index among the chunk's
+    kept records (0, 1, ...). Returns the file's format and its assistant turns without EOS.
     """
     from tqdm import tqdm
 
@@ -178,25 +190,33 @@ def tokenize_source(path, records, problems: Problems, tokenizer: Tokenizer, fmt
     bar = tqdm(desc=f"tokenising {Path(path).name}", unit=" records", unit_scale=True, leave=False, delay=2,
                disable=not sys.stderr.isatty())
     with bar:
-        for chunk, (ids, trained, lengths, kept, found, missing) in _encoded(_chunks(records, problems, fmt),
-                                                                             tokenizer, train_on_prompt):
+        encoded = _encoded(_chunks(records, problems, fmt), tokenizer, train_on_prompt, train_turns)
+        for chunk, (ids, trained, lengths, kept, owners, found, missing) in encoded:
             for line, problem in sorted(chunk.problems + found):
                 bad(path, line, problem)
             if chunk.error is not None:
                 raise chunk.error
-            add(ids, trained, lengths, kept)
+            add(ids, trained, lengths, kept, owners)
             file_fmt, without_eos = chunk.fmt or file_fmt, without_eos + missing
             bar.update(len(chunk.records) + len(chunk.problems))
     return file_fmt, without_eos
 
 
-def tokenize_records(path, records, tokenizer: Tokenizer, fmt: str, train_on_prompt: bool, bad: BadLog):
-    """Tokenized documents of one source, held in memory; the file's format; assistant turns without EOS."""
-    parts, lines = [], []
+def tokenize_records(path, records, tokenizer: Tokenizer, fmt: str, train_on_prompt: bool, bad: BadLog,
+                     train_turns: str = "all"):
+    """One source's examples held in memory (Tokenized), the file's format, assistant turns without EOS,
+    and per example the index of its record among the kept ones (0, 1, ...)."""
+    parts, lines, owners = [], [], []
+    records_before = 0
 
-    def add(ids, trained, lengths, kept):
+    def add(ids, trained, lengths, kept, chunk_owners):
+        nonlocal records_before
         parts.append((ids, trained, lengths))
         lines.append(kept)
+        owners.append(chunk_owners + records_before)
+        records_before += int(chunk_owners[-1]) + 1 if len(chunk_owners) else 0
 
-    file_fmt, without_eos = tokenize_source(path, records, Problems(), tokenizer, fmt, train_on_prompt, bad, add)
-    return Tokenized.concat(parts, np.concatenate(lines) if lines else [], str(path)), file_fmt, without_eos
+    file_fmt, without_eos = tokenize_source(path, records, Problems(), tokenizer, fmt, train_on_prompt, bad, add,
+                                            train_turns)
+    docs = Tokenized.concat(parts, np.concatenate(lines) if lines else [], str(path))
+    return docs, file_fmt, without_eos, np.concatenate(owners) if owners else np.zeros(0, np.int64)

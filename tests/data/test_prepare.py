@@ -49,7 +49,7 @@ class Document(NamedTuple):
 def tokenize_file(path, tok, fmt="auto", train_on_prompt=False) -> list[Document]:
     """Every record of a data file as a tokenised document with its loss mask (prepare_data's first half)."""
     bad = BadLog(skip=False)
-    tokenized, _, _ = tokenize_records(path, iter_records(path, bad), tok, fmt, train_on_prompt, bad)
+    tokenized, _, _, _ = tokenize_records(path, iter_records(path, bad), tok, fmt, train_on_prompt, bad)
     ids, trained, s = tokenized.ids.tolist(), tokenized.trained.tolist(), tokenized.starts.tolist()
     return [Document(ids[a:b], trained[a:b]) for a, b in zip(s[:-1], s[1:])]
 

@@ -100,7 +100,7 @@ def test_every_source_gives_the_jsonl_rows(tok, tmp_path, kind):
 
     def documents(p):
         bad = BadLog(skip=False)
-        docs, fmt, _ = tokenize_records(p, sources.iter_records(p, bad), tok, "auto", False, bad)
+        docs, fmt, _, _ = tokenize_records(p, sources.iter_records(p, bad), tok, "auto", False, bad)
         return docs.ids.tolist(), docs.trained.tolist(), fmt
 
     assert documents(path) == documents(reference)

@@ -137,15 +137,17 @@ def test_bad_template_does_not_compile():
 
 # -- spans and masks -------------------------------------------------------------------
 def test_render_spans_multi_turn(tok):
-    text, spans, without_eos = tok.render_spans(CHAT)
+    [(text, spans)], without_eos = tok.render_spans(CHAT)
     assert [text[a:b] for a, b in spans] == ["Red.<|eos|>", "Blue.<|eos|>"]  # not the "\n" after EOS
     assert without_eos == 0
-    text, spans, _ = tok.render_spans(CHAT, train_on_prompt=True)
+    [(text, spans)], _ = tok.render_spans(CHAT, train_on_prompt=True)
     assert spans == [(0, len(text))]
+    [(text, spans)], _ = tok.render_spans(CHAT, train_turns="last")
+    assert text == tok.render(CHAT) and [text[a:b] for a, b in spans] == ["Blue.<|eos|>"]
 
 
 def test_render_spans_trailing_user_turn_is_rendered(tok):
-    text, spans, _ = tok.render_spans(CHAT[:3])
+    [(text, spans)], _ = tok.render_spans(CHAT[:3])
     assert text.endswith("<|user|>\nAnd another?\n")
     assert [text[a:b] for a, b in spans] == ["Red.<|eos|>"]
 
@@ -155,19 +157,42 @@ def test_template_without_eos_is_counted():
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    text, spans, without_eos = Tokenizer(ASSETS, chat_template=source).render_spans(CHAT)
+    [(text, spans)], without_eos = Tokenizer(ASSETS, chat_template=source).render_spans(CHAT)
     assert [text[a:b] for a, b in spans] == ["Red.\n", "Blue.\n"]
     assert without_eos == 2
 
 
-def test_not_prefix_stable_template_is_refused():
-    # Renders only the last assistant turn's content: earlier text changes as turns are added.
+def test_template_that_rewrites_earlier_turns_gives_one_example_per_turn():
+    # Renders only the last assistant turn's content: earlier text changes as turns are added,
+    # so each turn is trained in the context shown when it is generated.
     source = (
         "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<a>...{% else %}"
         "<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    with pytest.raises(ChatTemplateError, match="not prefix-stable"):
-        Tokenizer(ASSETS, chat_template=source).render_spans(CHAT)
+    tok = Tokenizer(ASSETS, chat_template=source)
+    examples, without_eos = tok.render_spans(CHAT)
+    assert [(text, [text[a:b] for a, b in spans]) for text, spans in examples] == [
+        ("<user>Name a color.<assistant>Red.", ["Red."]),
+        ("<user>Name a color.<a>...<user>And another?<assistant>Blue.", ["Blue."]),
+    ]
+    assert without_eos == 2  # this template ends turns with no EOS
+    [(text, spans)], _ = tok.render_spans(CHAT + [{"role": "user", "content": "More?"}], train_turns="last")
+    assert [text[a:b] for a, b in spans] == ["Blue."]  # the trailing turn rewrites "Blue.": it is left out
+    assert text == "<user>Name a color.<a>...<user>And another?<assistant>Blue."
+
+
+def test_turns_that_agree_share_an_example():
+    # Rewrites the system line only once a second user turn arrives: turns 1 and 2 share the
+    # first example's text only as far as their renders agree.
+    source = (
+        "{% set n = messages | selectattr('role', 'equalto', 'user') | list | length %}"
+        "[{{ 'long' if n > 1 else 'short' }}]{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    chat = CHAT[:2] + [{"role": "assistant", "content": "Green."}] + CHAT[2:]
+    examples, _ = Tokenizer(ASSETS, chat_template=source).render_spans(chat)
+    assert [[text[a:b] for a, b in spans] for text, spans in examples] == [["Red.", "Green."], ["Blue."]]
+    assert examples[1][0].startswith("[long]<user>Name a color.<assistant>Red.<assistant>Green.<user>")
 
 
 def test_encode_masked_maps_spans_with_offsets(tok):
