@@ -16,7 +16,7 @@ from sftplug.hf.load import CONFIG, load_hf_folder
 from sftplug.hf.names import load_state_dict_exact
 from sftplug.hf.weights import has_weight_files
 from sftplug.loading import LoadedModel
-from sftplug.model.lora import apply_lora
+from sftplug.model.lora import apply_lora_settings, shared_a_layout, upgrade_shared_a
 from sftplug.model.transformer import PRESETS, ModelConfig, Transformer
 
 BASE_SEED = 1234  # presets are a fixed random init, so every run starts from the same base
@@ -64,8 +64,10 @@ class SftplugCheckpoint:
             base.tokenizer.set_chat_template(template)
         lora = manifest.get("lora")
         if lora:
-            model = apply_lora(model, lora["r"], lora["alpha"], lora["dropout"], lora["targets"])
+            model = apply_lora_settings(model, lora)
         weights = folders.load_weights(folder)
+        if lora and shared_a_layout(lora):  # an earlier run's LoRA: one A over q/k/v, exactly as three
+            weights = upgrade_shared_a(model, weights)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad] if lora else None
         load_state_dict_exact(model, weights, str(folder / folders.WEIGHTS), expected=trainable)
         model.eval()

@@ -13,10 +13,11 @@ and renamed when complete):
   ``out_dir/adapter/`` adapter_config.json + adapter_model.safetensors with HF module names.
   Load with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"base"), out_dir/"adapter")``.
 
-sftplug fuses q/k/v and gate/up; HF keeps them apart. A LoRA on the fused ``qkv`` is exactly
-three LoRAs on q_proj / k_proj / v_proj that share A: lora_A is copied to each and lora_B is
-split by rows (gate_up -> gate_proj / up_proj likewise), since B @ A split by rows is
-B[rows] @ A. Merging adds scaling * B @ A to the base weight in fp32 before casting.
+sftplug fuses q/k/v and gate/up; HF keeps them apart. sftplug's LoRA on the fused ``qkv`` is
+PEFT's LoRA on each targeted projection, stacked (sftplug.model.lora): projection i's lora_A is
+its r rows of the stacked A, its lora_B the diagonal block of B (its output rows, its r
+columns), its DoRA magnitude its rows. Merging adds scaling * B @ A to the base weight in fp32
+before casting (DoRA: and scales each row by magnitude / its norm, as PEFT merges).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sftplug.dtypes import as_dtype
 from sftplug.errors import SftplugError
 from sftplug.hf.config import config_to_hf
 from sftplug.hf.load import source_dtype
-from sftplug.hf.names import hf_pieces, map_names_to_model, to_hf_state_dict
+from sftplug.hf.names import map_names_to_model, to_hf_state_dict
 from sftplug.model.transformer import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -130,8 +131,17 @@ def plain_weights(model: torch.nn.Module, merge: bool) -> dict[str, torch.Tensor
             for name, module in model.named_modules():
                 if isinstance(module, LoraLayer) and "default" in module.lora_A:
                     weight = f"{name}.weight"
-                    plain[weight] = plain[weight].float() + module.get_delta_weight("default").float()
+                    plain[weight] = merged_lora_weight(module, plain[weight])
     return plain
+
+
+def merged_lora_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+    """The base weight with the layer's LoRA merged in, in fp32 (DoRA as PEFT's merge_safe)."""
+    merged = weight.float() + layer.get_delta_weight("default").float()
+    if "default" in getattr(layer, "lora_magnitude_vector", {}):
+        magnitude = layer.lora_magnitude_vector["default"].weight.float()
+        merged = merged * (magnitude / torch.linalg.norm(merged, dim=1)).view(-1, 1)
+    return merged
 
 
 def write_hf_model(folder: Path, weights, config: ModelConfig, dtype, tokenizer, max_shard_bytes: int) -> None:
@@ -153,38 +163,24 @@ def write_hf_model(folder: Path, weights, config: ModelConfig, dtype, tokenizer,
         config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def adapter_weights(model: torch.nn.Module, config: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """PEFT adapter tensors under HF module names, and the HF target module names."""
-    from peft.tuners.lora import LoraLayer
-
-    pieces = hf_pieces(config)
-    tensors, targets = {}, set()
-    for name, module in model.named_modules():
-        if not (isinstance(module, LoraLayer) and "default" in module.lora_A):
-            continue
-        a, b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
-        parts = pieces.get(f"{name}.weight") or [(f"{name}.weight", 0, b.shape[0])]  # lm_head, even when tied
-        for hf_name, start, end in parts:
-            hf_module = hf_name.removesuffix(".weight")
-            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a  # shared A: copied to each
-            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = b[start:end]  # B split by rows
-            targets.add(hf_module.rsplit(".", 1)[-1])
-    return tensors, sorted(targets)
-
-
 def write_adapter(folder: Path, model: torch.nn.Module, config: ModelConfig, base_path: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors as PEFT saves them, with HF module names."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    lora = model.lora_config
-    tensors, targets = adapter_weights(model, config)
+    from sftplug.model.lora import peft_tensors
+
+    spec = model.lora_spec
+    tensors = peft_tensors(model)
+    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors})
     folder.mkdir(parents=True)
     save_file({k: t.float().contiguous().clone() for k, t in tensors.items()}, str(folder / ADAPTER_WEIGHTS))
     LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        use_rslora=lora.use_rslora,
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        use_rslora=spec.rslora,
+        use_dora=spec.variant == "dora",
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",

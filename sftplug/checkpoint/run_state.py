@@ -20,11 +20,12 @@ from sftplug.checkpoint import folders, shards
 from sftplug.config import flag
 from sftplug.errors import SftplugError
 from sftplug.hf.names import load_state_dict_exact
-from sftplug.model.lora import lora_settings, trainable_state_dict
+from sftplug.model.lora import hf_targets, lora_settings, shared_a_layout, trainable_state_dict
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
-FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "data", "field_map", "seq_len", "pack", "seed",
-          "micro_bsz", "strategy")
+FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "lora_variant", "rslora", "data", "field_map",
+          "seq_len", "pack", "seed", "micro_bsz", "strategy")
+ADDED_LATER = {"lora_variant": "lora", "rslora": False}  # what a checkpoint saved before these settings existed ran
 
 
 def save_checkpoint(run) -> Path:
@@ -56,6 +57,13 @@ def save_checkpoint(run) -> Path:
 def load_checkpoint(run, folder: Path) -> None:
     """Restore ``run`` from a complete checkpoint: weights (or shards), then every plugin's part."""
     manifest = folders.verify(folder)
+    lora = manifest.get("lora")
+    if lora and shared_a_layout(lora):
+        raise SftplugError(
+            f"{folder} was trained by an earlier sftplug whose LoRA shares one A across q/k/v and gate/up; it "
+            f"cannot resume as per-projection LoRA: export it (sftplug export {folder} --out DIR --adapter) "
+            "and continue with --adapter DIR/adapter"
+        )
     check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"),
                    run.data.stats.get("data_sha256"), folder)
     if run.sharded:  # weights and optimizer state, each rank its own shards
@@ -107,7 +115,9 @@ def manifest_fields(run) -> dict:
 
 def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, folder) -> None:
     for key in FROZEN:
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, ADDED_LATER.get(key)), current.get(key)
+        if key == "lora_targets" and not current.get("full"):  # aliases (qkv) and HF names compare as HF names
+            old, new = hf_targets(old), hf_targets(new)
         if isinstance(old, list):
             old = list(old)
             new = list(new)

@@ -4,6 +4,9 @@ HF Llama-family checkpoints keep q/k/v and gate/up as separate tensors; sftplug 
 (``attn.qkv`` = rows [q; k; v], ``mlp.gate_up`` = rows [gate; up]). :func:`hf_layout` is the
 single table both directions use: HF tensor name -> (sftplug parameter, first row, end row).
 
+LoRA targets are named as HF and PEFT name them (``q_proj`` ... ``down_proj``, ``lm_head``);
+:func:`lora_layout` says which rows of which sftplug layer each one is.
+
 PEFT renames a wrapped layer's weight ``qkv.weight`` -> ``qkv.base_layer.weight``;
 :func:`map_names_to_model` maps state-dict names either way, and :func:`load_state_dict_exact`
 loads a state dict into a plain or wrapped model, failing loudly on any mismatch.
@@ -22,6 +25,18 @@ SHOW = 3  # keys named in one error message; the rest are counted
 
 # Tensors some HF checkpoints carry that are derived from config.json, not learned.
 IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+# LoRA targets: sftplug layer -> the HF projections it holds, in row order.
+LORA_PARTS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+    "lm_head": ("lm_head",),
+}
+LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  # HF order
+LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
 
 
 # -- tensor names ---------------------------------------------------------------------
@@ -49,6 +64,15 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         plan[f"{hf}input_layernorm.weight"] = (f"{ours}attn_norm.weight", 0, config.hidden_size)
         plan[f"{hf}post_attention_layernorm.weight"] = (f"{ours}mlp_norm.weight", 0, config.hidden_size)
     return plan
+
+
+def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """sftplug layer name -> (HF projection, first row, end row) of each projection it holds."""
+    q, kv, inter = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size
+    rows = {"qkv": (0, q, q + kv, q + 2 * kv), "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
+            "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size)}
+    return {layer: tuple((part, rows[layer][i], rows[layer][i + 1]) for i, part in enumerate(parts))
+            for layer, parts in LORA_PARTS.items()}
 
 
 def hf_pieces(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:

@@ -22,7 +22,7 @@ from sftplug.errors import SftplugError
 from sftplug.fused.choice import attach_fused
 from sftplug.fused.op import FusedOpsRequest
 from sftplug.loading import load_model
-from sftplug.model.lora import apply_lora
+from sftplug.model.lora import apply_lora, describe_lora, load_peft_adapter
 from sftplug.train import lock
 from sftplug.train.flops import peak_flops
 from sftplug.train.precision import PrecisionPolicy, resolve_dtype
@@ -69,8 +69,9 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
                        packed=bool(int(data.train.docs_per_row.max()) > 1), seq_len=config.seq_len)
     fused = attach_fused(model, registry, fused_request(model, config, device, compute_dtype), config.fused,
                          compiled=config.torch_compile)
-    mode = "full fine-tune" if config.full else f"LoRA r={config.lora_r}"
-    echo(f"model: {loaded.description}; {mode}, {sum(p.numel() for p in params):,} trainable params on {device}")
+    mode = f"full fine-tune, {sum(p.numel() for p in params):,} trainable params" if config.full else (
+        ("adapter " + config.adapter + ": " if config.adapter else "") + describe_lora(model))
+    echo(f"model: {loaded.description}; {mode} on {device}")
     echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
     echo(f"fused ops: {fused.describe()}")
     for note in steering_notes():
@@ -132,7 +133,11 @@ def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distribu
                  "(start several with --nproc N or torchrun)")
     else:
         model.requires_grad_(False)
-        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        if config.adapter:  # a PEFT adapter continued: its own r, alpha, targets and variant
+            model = load_peft_adapter(model, config.adapter)
+        else:
+            model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                               config.lora_variant, config.rslora)
     model.train()
     return model
 
