@@ -149,7 +149,7 @@ def load_data(config: TrainConfig, tokenizer, world: distributed.World, out, ech
             tokenizer, data=config.data, eval_data=config.eval_data, eval_split=config.eval_split,
             seq_len=config.seq_len, pack=config.pack, fmt=config.format, train_on_prompt=config.train_on_prompt,
             overlong=config.overlong, skip_bad_records=config.skip_bad_records, field_map=config.field_map,
-            cache_dir=out / "cache", seed=config.seed,
+            train_turns=config.train_turns, cache_dir=out / "cache", seed=config.seed,
         )  # fmt: skip
     echo(prepared.describe())
     return prepared
