@@ -242,6 +242,12 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter as PEFT saves it: per HF projection its A rows, its B block (and DoRA magnitude rows)."""
     layers = dict(lora_layers(model))
     r, tensors = model.lora_spec.r, {}
+    for name, layer in layers.items():
+        b, outside = layer.lora_B["default"].weight.detach(), 0
+        for i, (_, start, end) in enumerate(layer.lora_parts):
+            outside -= int(b[start:end, i * r:(i + 1) * r].count_nonzero())
+        if outside + int(b.count_nonzero()):
+            raise SftplugError(f"{name}.lora_B has values outside its diagonal blocks; it is no PEFT adapter")
     for hf, (name, i) in peft_module_names(model).items():
         layer = layers[name]
         _, start, end = layer.lora_parts[i]

@@ -45,13 +45,14 @@ def train_lora(registry, model, out, targets=("qkv", "o", "gate_up", "down")):
         log_every=100, lora_targets=targets,
     )  # fmt: skip
     folder = train(config, registry, echo=lambda *a: None)["checkpoint"]
-    # Training moves B off zero; perturb every B as well so no LoRA (lm_head included) is trivial.
+    # Training moves B off zero; perturb every B as well so no LoRA (lm_head included) is trivial,
+    # within its diagonal blocks (the entries a PEFT adapter has).
     path = folders.resolve(folder) / folders.WEIGHTS
     weights = load_file(str(path))
     generator = torch.Generator().manual_seed(0)
     for name, t in weights.items():
         if ".lora_B." in name:
-            weights[name] = t + 0.05 * torch.randn(t.shape, generator=generator)
+            weights[name] = t + 0.05 * torch.randn(t.shape, generator=generator) * (t != 0)
     save_file(weights, str(path))  # same names and shapes: the manifest's sizes still hold
     return folder
 
@@ -84,7 +85,8 @@ def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, override
     assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(adapter_config["target_modules"])
     adapter = load_file(str(parts["adapter"] / "adapter_model.safetensors"))
     a = "base_model.model.model.layers.0.self_attn.{}_proj.lora_A.weight"
-    assert torch.equal(adapter[a.format("q")], adapter[a.format("v")])  # one shared A, copied
+    assert adapter[a.format("q")].shape == adapter[a.format("v")].shape == (16, 64)
+    assert not torch.equal(adapter[a.format("q")], adapter[a.format("v")])  # an A per projection, as PEFT's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns that a LoRA on a tied lm_head complicates merging
         wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
@@ -175,3 +177,44 @@ def test_bad_inputs_are_user_errors(tmp_path):
     (tmp_path / "taken" / "x").write_text("")
     with pytest.raises(SftplugError, match="already exists and is not an empty folder"):
         export_checkpoint("tiny", tmp_path / "taken")
+
+
+def test_an_earlier_runs_shared_a_lora_loads_and_exports_exactly_but_does_not_resume(tmp_path, registry):
+    """Checkpoints of earlier sftplug runs hold one A of r rows shared by q/k/v and B over all rows."""
+    config = TrainConfig(
+        out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0, log_every=100,
+        lora_targets=("qkv", "down"), lora_r=4,
+    )  # fmt: skip
+    step = folders.resolve(train(config, registry, echo=lambda *a: None)["checkpoint"])
+    weights = load_file(str(step / folders.WEIGHTS))
+    generator = torch.Generator().manual_seed(1)
+    deltas = {}
+    for layer in range(load_model("tiny").model.config.n_layers):
+        name = f"layers.{layer}.attn.qkv"
+        b = weights[f"{name}.lora_B.default.weight"]
+        a_old = 0.1 * torch.randn(4, weights[f"{name}.lora_A.default.weight"].shape[1], generator=generator)
+        b_old = 0.05 * torch.randn(b.shape[0], 4, generator=generator)
+        weights[f"{name}.lora_A.default.weight"], weights[f"{name}.lora_B.default.weight"] = a_old, b_old
+        deltas[f"{name}.weight"] = (32 / 4) * b_old @ a_old
+        down = f"layers.{layer}.mlp.down"
+        deltas[f"{down}.weight"] = (32 / 4) * weights[f"{down}.lora_B.default.weight"] @ weights[
+            f"{down}.lora_A.default.weight"]
+    save_file(weights, str(step / folders.WEIGHTS))
+    manifest = json.loads((step / folders.MANIFEST).read_text())
+    manifest["lora"] = {"r": 4, "alpha": 32.0, "dropout": 0.0, "targets": ["down", "qkv"]}  # as earlier runs saved
+    manifest["files"][folders.WEIGHTS] = (step / folders.WEIGHTS).stat().st_size
+    (step / folders.MANIFEST).write_text(json.dumps(manifest))
+
+    reference = load_model("tiny").model
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            reference.get_parameter(name).add_(delta)
+        expected = reference(IDS)
+    assert relative_error(sftplug_logits(tmp_path / "run"), expected) <= 1e-5
+    parts = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)
+    wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
+    assert relative_error(hf_logits(wrapped), expected) <= 1e-4
+
+    resumed = TrainConfig(**{**config.to_dict(), "steps": 2, "resume": "auto"})
+    with pytest.raises(SftplugError, match="earlier sftplug whose LoRA shares one A .* continue with --adapter"):
+        train(resumed, registry, echo=lambda *a: None)
