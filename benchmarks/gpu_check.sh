@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared device run, for a bare GPU machine with its own torch (nothing is installed:
 # sftplug runs from this checkout). Every step is independent, with its own time budget and
-# its full log in $OUT; a failing step does not stop the others. About 5 minutes on an H200,
-# cold compiles included; 9 minutes at the very most (the budgets' sum, 540 s).
+# its full log in $OUT; a failing step does not stop the others. About 6 minutes on an H200,
+# cold compiles included; 10 minutes at the very most (the budgets' sum, 600 s).
 # Without a GPU it runs the preflight and skips each GPU step with one line.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -39,12 +39,15 @@ step() {  # step NAME BUDGET_S COMMAND...: the full log in $OUT/NAME.log, one li
 : > "$OUT/steps.txt"
 step preflight 30 "$PY" benchmarks/gpu_steps.py preflight "$OUT"
 step doctor 30 "$PY" -m sftplug doctor --head-dim 128 --heads 32 --kv-heads 8
-# Triton against the fp32 reference in bf16/fp16 at real shapes; one config each (no tuning)
-step kernels 90 env SFTPLUG_TRITON_TUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_attention_gpu.py tests/plugins/test_sdpa.py
+# Triton (attention and fused ops) against the reference in bf16/fp16 at real shapes; one config each (no tuning)
+step kernels 100 env SFTPLUG_TRITON_TUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_attention_gpu.py tests/kernels/test_fused_gpu.py tests/plugins/test_sdpa.py
 # every backend's fwd/bwd ms and TFLOP/s, one JSON line per row as it finishes
-step attention 90 "$PY" -m sftplug bench attention --budget 70 --jsonl "$OUT/attention.jsonl"
+step attention 80 "$PY" -m sftplug bench attention --budget 60 --jsonl "$OUT/attention.jsonl"
+# each fused op's forms against PyTorch's at W1's sizes
+step ops 60 "$PY" -m sftplug bench ops --json
 step compare 110 "$PY" benchmarks/gpu_steps.py compare "$OUT"
 step syncs 50 "$PY" benchmarks/gpu_steps.py syncs "$OUT"
-step bench-step 140 "$PY" -m sftplug bench step --workload W1 --rounds 1 --steps 5 --variant compile --json
+# sftplug (fused ops auto) and sftplug --fused none against HF + PEFT
+step bench-step 140 "$PY" -m sftplug bench step --workload W1 --rounds 1 --steps 5 --variant unfused --json
 echo "done; results in $OUT"

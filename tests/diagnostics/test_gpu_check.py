@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_STEPS = ("doctor", "kernels", "attention", "compare", "syncs", "bench-step")
+GPU_STEPS = ("doctor", "kernels", "attention", "ops", "compare", "syncs", "bench-step")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for minutes: run it by hand")

@@ -45,9 +45,9 @@ def _inputs(B, HQ, HKV, T, D, seed):
 
 
 def _check(grads_of, q, k, v, do, dtype, **kw):
-    got = grads_of(triton_attention, q, k, v, do, dtype, **kw)
-    ref = grads_of(attention_reference, q, k, v, do, torch.float32, **kw)
-    same = grads_of(attention_reference, q, k, v, do, dtype, **kw)
+    got = grads_of(triton_attention, (q, k, v), do, dtype, **kw)
+    ref = grads_of(attention_reference, (q, k, v), do, torch.float32, **kw)
+    same = grads_of(attention_reference, (q, k, v), do, dtype, **kw)
     for name, a, r, s in zip(("out", "dq", "dk", "dv"), got, ref, same):
         assert a.dtype == dtype and a.shape == r.shape, name
         assert torch.isfinite(a).all(), f"{name}: not finite"
