@@ -2,8 +2,11 @@
 
 The model calls ``backend(q, k, v, causal=..., doc_ids=...)`` with q [B, Hq, T, D] and
 k, v [B, Hkv, T, D]; ``doc_ids`` [B, T] (non-decreasing along T) marks packed documents,
-and None means one document per row. Plugins offer backends through the
-``select_attention`` hook; :mod:`sftplug.attention.choice` picks one and says why.
+and None means one document per row. Models that need them add ``window=``, ``softcap=``
+and ``scale=`` (only then, so a backend that cannot honour them is never called with them:
+the request says which a run needs, and such a backend is refused with the reason).
+Plugins offer backends through the ``select_attention`` hook;
+:mod:`sftplug.attention.choice` picks one and says why.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ class AttentionRequest:
     n_kv_heads: int
     packed: bool = False  # rows hold several documents (doc_ids will be passed)
     seq_len: int = 0  # the longest row the run attends over; 0 when unknown
+    window: int = 0  # sliding window of the layers that have one (a query at i sees keys i - window < j <= i)
+    softcap: float = 0.0  # attention scores soft-capped, softcap * tanh(s / softcap) (Gemma 2); 0: none
+    scale: float | None = None  # the softmax scale, when it is not head_dim ** -0.5
 
 
 class AttentionBackend:
@@ -34,6 +40,12 @@ class AttentionBackend:
     document. A backend that cannot do that sets ``packed_documents = False`` and is
     never chosen for packed rows (its reason is shown instead). ``doc_ids`` is on q's
     device, or on the host for a backend that sets ``host_doc_ids = True``.
+
+    Keyword options a backend declares it honours, passed only by models that need them:
+    ``window=W`` (``sliding_window = True``: a query at i sees keys i - W < j <= i, within
+    its document), ``softcap=c`` (``softcap = True``: scores s become c * tanh(s / c)
+    before the softmax) and ``scale=s`` (``custom_scale = True``: the softmax scale instead
+    of head_dim ** -0.5).
     """
 
     name = ""
@@ -41,6 +53,9 @@ class AttentionBackend:
     description = ""
     packed_documents = True  # honours doc_ids (attends within documents only)
     host_doc_ids = False  # True: doc_ids arrive on the host (CPU), to plan packed rows there without a GPU sync
+    sliding_window = False  # honours window=
+    softcap = False  # honours softcap=
+    custom_scale = False  # honours scale=
 
     def priority_for(self, request: AttentionRequest) -> int:
         return self.priority

@@ -68,10 +68,24 @@ def _ask(backend: AttentionBackend, request: AttentionRequest) -> Offer:
             "train with --no-pack or pick a backend that can"
         )
         return Offer(backend, priority, reason)
+    missing = _missing_option(backend, request)
+    if missing:
+        return Offer(backend, priority, f"{backend.name} cannot apply {missing}, which this model's attention uses")
     try:
         return Offer(backend, priority, backend.check(request))
     except Exception as exc:  # a third-party check must not break the choice
         return Offer(backend, priority, f"its check raised {type(exc).__name__}: {exc}")
+
+
+def _missing_option(backend: AttentionBackend, request: AttentionRequest) -> str | None:
+    """The first attention option the request needs and the backend does not declare, in words."""
+    if request.window and not getattr(backend, "sliding_window", False):
+        return f"a sliding window ({request.window} keys)"
+    if request.softcap and not getattr(backend, "softcap", False):
+        return f"soft-capped scores (cap {request.softcap:g})"
+    if request.scale is not None and not getattr(backend, "custom_scale", False):
+        return f"a softmax scale of {request.scale:.4g}"
+    return None
 
 
 def attention_skipped(registry) -> dict[str, str]:
@@ -132,7 +146,7 @@ def attach(model, registry, name: str, device, dtype: torch.dtype, packed: bool 
     """Choose the backend ``name`` (or auto) for ``model`` and set it on every block."""
     c = model.config
     request = AttentionRequest(name, torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed,
-                               seq_len)
+                               seq_len, **model.attention_options(seq_len))
     choice = choose_backend(registry.hook, request, attention_skipped(registry))
     model.set_attention(choice.backend)
     return choice
@@ -144,7 +158,10 @@ def describe_request(request: AttentionRequest) -> str:
         f"{request.n_heads} heads"
     )
     packed = ", packed rows" if request.packed else ""
-    return f"{dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed} on {request.device.type}"
+    window = f", sliding window {request.window}" if request.window else ""
+    softcap = f", soft-cap {request.softcap:g}" if request.softcap else ""
+    return (f"{dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed}{window}{softcap} "
+            f"on {request.device.type}")
 
 
 def _reasons(reasons: dict[str, str]) -> str:

@@ -189,6 +189,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.backend = backend
 
+    def attention_options(self, seq_len: int = 0) -> dict:
+        """The attention request's options (sftplug.attention.AttentionRequest) this model needs
+        for rows of ``seq_len`` (0: unknown): none for a Llama-family model."""
+        return {}
+
     def set_fused_ops(self, ops: OpSet) -> None:
         """Compute RMSNorm, the gated MLP and RoPE with these forms (the loss takes ops.cross_entropy)."""
         for norm in [self.norm, *(n for block in self.layers for n in (block.attn_norm, block.mlp_norm))]:
