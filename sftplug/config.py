@@ -16,6 +16,7 @@ from sftplug import dtypes
 from sftplug.data.records import FORMATS
 from sftplug.errors import SftplugError
 from sftplug.fused.choice import parse_fused
+from sftplug.hf.names import hf_targets
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
@@ -120,7 +121,7 @@ class TrainConfig:
                                        "eval record's).", "run")
 
     def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
+        self.lora_targets = hf_targets(self.lora_targets)  # the fused names (qkv) as the HF projections
         self.log_to = tuple(dict.fromkeys(self.log_to))  # a logger named twice opens once
         self.field_map = parse_field_map(self.field_map)
         if self.eval_data == "auto":

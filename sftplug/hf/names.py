@@ -39,6 +39,21 @@ LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  #
 LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
 
 
+def hf_targets(targets) -> tuple[str, ...]:
+    """``--lora-targets`` as HF projection names, in HF order (qkv, o, gate_up, down are aliases)."""
+    names = set()
+    for name in targets:
+        if name not in LORA_TARGETS and name not in LORA_ALIASES:
+            raise SftplugError(
+                f"--lora-targets: no linear layer named {name}; this model has {', '.join(LORA_TARGETS)} "
+                f"(or the fused {', '.join(LORA_ALIASES)})"
+            )
+        names.update(LORA_ALIASES.get(name, (name,)))
+    if not names:
+        raise SftplugError("--lora-targets: name at least one linear layer")
+    return tuple(t for t in LORA_TARGETS if t in names)
+
+
 # -- tensor names ---------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sftplug.errors import SftplugError
-from sftplug.hf.names import LORA_ALIASES, LORA_TARGETS, hf_pieces, lora_layout
+from sftplug.hf.names import LORA_TARGETS, hf_pieces, hf_targets, lora_layout
 
 VARIANTS = ("lora", "dora")
 LAYOUT = "per-projection"  # recorded with a checkpoint's LoRA settings; earlier runs shared one A over qkv
@@ -63,21 +63,6 @@ class LoraSpec:
     def settings(self) -> dict:
         return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets),
                 "variant": self.variant, "rslora": self.rslora, "layout": LAYOUT}
-
-
-def hf_targets(targets) -> tuple[str, ...]:
-    """``--lora-targets`` as HF projection names, in HF order (qkv, o, gate_up, down are aliases)."""
-    names = set()
-    for name in targets:
-        if name not in LORA_TARGETS and name not in LORA_ALIASES:
-            raise SftplugError(
-                f"--lora-targets: no linear layer named {name}; this model has {', '.join(LORA_TARGETS)} "
-                f"(or the fused {', '.join(LORA_ALIASES)})"
-            )
-        names.update(LORA_ALIASES.get(name, (name,)))
-    if not names:
-        raise SftplugError("--lora-targets: name at least one linear layer")
-    return tuple(t for t in LORA_TARGETS if t in names)
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, variant: str = "lora",
