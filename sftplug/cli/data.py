@@ -60,7 +60,8 @@ def preview(n, color, **options):
     click.echo(f"model: {config.model}; chat template: {tokenizer.template_source}")
     docs = preview_documents(
         tokenizer, config.data, n, seq_len=config.seq_len, fmt=config.format, train_on_prompt=config.train_on_prompt,
-        train_turns=config.train_turns, overlong=config.overlong, skip_bad_records=config.skip_bad_records, field_map=config.field_map,
+        train_turns=config.train_turns, overlong=config.overlong, skip_bad_records=config.skip_bad_records,
+        field_map=config.field_map,
     )  # fmt: skip
     for doc in docs:
         click.echo(heading(doc, config.data))
