@@ -76,8 +76,10 @@ class Run:
         ids, positions = (mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "positions"))
         with self.precision.autocast(self.device):
             hidden = (model or self.model)(ids, positions, mb["doc_ids"], hidden_only=True)
+            c = self.model.config
             return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model),
-                                   cross_entropy=self.fused.ops.cross_entropy)
+                                   cross_entropy=self.fused.ops.cross_entropy, logit_scale=c.logit_scale,
+                                   logit_softcap=c.logit_softcap)
 
     def update(self, stop_requested: bool = False) -> dict:
         """One optimizer update over ``--accum`` micro-batches; returns its metrics record.

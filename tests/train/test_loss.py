@@ -68,3 +68,21 @@ def test_confident_wrong_predictions_give_a_finite_exact_loss():
     torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)
     total.backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("scale,softcap", [(1.0, 0.5), (4.0, 0.0), (2.0, 3.0)])
+def test_scaled_and_soft_capped_logits_are_the_models(scale, softcap):
+    # Granite divides the logits, Gemma 2 soft-caps them: the loss must see the model's logits
+    from sftplug.model.transformer import logits_of
+
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 7))
+    labels[0, :3] = IGNORE
+    total, _ = target_loss_sum(hidden, labels, weight, chunk_size=4, logit_scale=scale, logit_softcap=softcap)
+    logits = logits_of(F.linear(hidden, weight), scale, softcap)
+    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(total, [hidden, weight]), torch.autograd.grad(expected, [hidden, weight])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
