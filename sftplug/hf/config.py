@@ -1,6 +1,10 @@
-"""config.json <-> ModelConfig for the HF families sftplug loads (Llama 2/3/3.1, Mistral, Qwen2).
+"""config.json <-> ModelConfig for the HF families sftplug loads: Llama 2/3/3.1, Mistral,
+Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3/4, OLMo 2, SmolLM3, Granite 3.
 
-The source's fields are kept in ``ModelConfig.extra`` so an export writes them back.
+Each family's options become ModelConfig fields; a key sftplug cannot run exactly (a MoE,
+a vision tower, an unknown RoPE type, biases where the family has none) is refused in one
+line naming it. The source's fields are kept in ``ModelConfig.extra`` so an export writes
+them back.
 """
 
 from __future__ import annotations
@@ -12,7 +16,16 @@ from sftplug.errors import SftplugError
 from sftplug.model.transformer import ModelConfig
 
 # model_type -> the transformers class that loads it.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                 "granite": "GraniteForCausalLM"}
+GEMMA = ("gemma2", "gemma3_text")
+# Keys of configurations sftplug cannot run exactly: key -> what it means.
+REFUSED_KEYS = {"num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
+                "n_routed_experts": "a mixture of experts", "vision_config": "a vision tower",
+                "audio_config": "an audio tower"}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -22,19 +35,25 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise SftplugError(
             f"{where}: model_type {model_type!r} is not supported; sftplug loads {', '.join(ARCHITECTURES)}"
         )
+    for key, what in REFUSED_KEYS.items():
+        if hf.get(key):
+            raise SftplugError(f"{where}: {key} ({what}) is not supported; sftplug runs dense decoders")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(key), int):
             raise SftplugError(f"{where}: {key} is missing or not an integer")
-    act = hf.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise SftplugError(f"{where}: hidden_act {act!r} is not supported (sftplug's MLP is SwiGLU: silu)")
-    if model_type == "llama" and hf.get("attention_bias"):
+    act_key = "hidden_activation" if model_type in GEMMA else "hidden_act"
+    act = hf.get(act_key) or ("gelu_pytorch_tanh" if model_type in GEMMA else "silu")
+    if act not in ACTIVATIONS:
+        raise SftplugError(f"{where}: {act_key} {act!r} is not supported (sftplug's gated MLP runs "
+                           f"{', '.join(ACTIVATIONS)})")
+    if model_type != "qwen2" and hf.get("attention_bias"):
         raise SftplugError(f"{where}: attention_bias=true (biases on q/k/v/o) is not supported")
     if hf.get("mlp_bias"):
         raise SftplugError(f"{where}: mlp_bias=true is not supported")
     theta, scaling = _rope_from_hf(hf, where)
     n_heads = hf["num_attention_heads"]
     try:
+        options = _family_options(model_type, hf, where)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -51,26 +70,83 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             qkv_bias=model_type == "qwen2",  # Qwen2: biases on q/k/v, none on o
             architecture=model_type,
             extra=dict(hf),
+            activation=ACTIVATIONS[act],
+            **options,
         )
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
 
 
+def _family_options(model_type: str, hf: dict, where: str) -> dict:
+    """The ModelConfig fields beyond Llama's that this family's config.json asks for."""
+    n_layers, n_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    options: dict = {"layer_windows": _layer_windows(model_type, hf, n_layers, where)}
+    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        options["rotary_dim"] = int(head_dim * partial)
+    if model_type in GEMMA:
+        options.update(norms="sandwich", gemma_norm=True, embed_scale=hf["hidden_size"] ** 0.5,
+                       attn_scale=float(hf.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+                       attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                       logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
+    if model_type in ("qwen3", "gemma3_text"):
+        options["qk_norm"] = "head"
+    if model_type == "gemma3_text":
+        local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+        options["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+    if model_type == "olmo2":
+        options.update(norms="post", qk_norm="projection")
+    if model_type == "smollm3" and hf.get("no_rope_layers"):
+        options["rope_layers"] = tuple(bool(x) for x in hf["no_rope_layers"])
+    if model_type == "granite":
+        options.update(embed_scale=float(hf.get("embedding_multiplier", 1.0)),
+                       residual_scale=float(hf.get("residual_multiplier", 1.0)),
+                       attn_scale=float(hf.get("attention_multiplier", head_dim ** -0.5)),
+                       logit_scale=float(hf.get("logits_scaling", 1.0)))
+    return options
+
+
+def _layer_windows(model_type: str, hf: dict, n_layers: int, where: str) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), from ``layer_types`` where the file has them."""
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return ()
+    types = hf.get("layer_types")
+    if types is None:  # files written before layer_types: each family's own rule
+        if model_type in ("qwen2", "qwen3", "smollm3"):
+            first = hf.get("max_window_layers", 0)
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        elif model_type == "gemma2":
+            types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        elif model_type == "gemma3_text":
+            pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        else:  # Mistral, Phi-3: every layer
+            types = ["sliding_attention"] * n_layers
+    if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise SftplugError(f"{where}: layer_types must name full_attention or sliding_attention for each of the "
+                           f"{n_layers} layers")
+    return tuple(int(window) if kind == "sliding_attention" else 0 for kind in types)
+
+
 def _rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     params = hf.get("rope_parameters")  # transformers 5: rope_theta lives inside
+    if isinstance(params, dict) and "full_attention" in params:  # per layer type (Gemma 3)
+        params = params["full_attention"]
     if isinstance(params, dict) and params:
         theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
     else:  # transformers 4: rope_theta + rope_scaling
         theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise SftplugError(f"{where}: partial_rotary_factor is not supported")
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if kind in (None, "default"):
         return theta, None
     if kind not in ("llama3", "linear"):
         raise SftplugError(f"{where}: rope type {kind!r} is not supported (supported: default, llama3, linear)")
-    return theta, {k: v for k, v in scaling.items() if k != "rope_theta"}
+    return theta, {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dict:
@@ -94,14 +170,20 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_seq_len,
         tie_word_embeddings=config.tie_embeddings,
-        hidden_act="silu",
     )
+    if arch not in GEMMA:
+        hf["hidden_act"] = "silu"
     if "head_dim" in hf or config.head_dim != config.hidden_size // config.n_heads:
         hf["head_dim"] = config.head_dim
     if arch == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
-    if "rope_parameters" in hf:  # keep the source's config style (transformers 5)
-        hf["rope_parameters"] = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
+    if "full_attention" in (hf.get("rope_parameters") or {}):  # per layer type (Gemma 3): as the source has it
+        pass
+    elif "rope_parameters" in hf:  # keep the source's config style (transformers 5)
+        partial = {"partial_rotary_factor": config.rotary_dim / config.head_dim} if (
+            config.rotary_dim != config.head_dim) else {}
+        hf["rope_parameters"] = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta,
+                                 **partial}
     else:
         hf.update(rope_theta=config.rope_theta, rope_scaling=config.rope_scaling)
     hf["dtype" if "dtype" in hf else "torch_dtype"] = hf_dtype_name(dtype)

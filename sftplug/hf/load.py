@@ -22,7 +22,7 @@ from sftplug.hf.config import config_from_hf
 from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error
 from sftplug.hf.weights import WeightFiles, open_weights, read_into
 from sftplug.loading import LoadedModel
-from sftplug.model.transformer import ModelConfig, Transformer, rope_inv_freq
+from sftplug.model.transformer import ModelConfig, Transformer
 
 CONFIG = "config.json"
 
@@ -85,7 +85,7 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config).to(device)  # non-persistent buffer, kept in fp32
+    model.reset_rope(device)  # non-persistent buffers, kept in fp32
     return model
 
 

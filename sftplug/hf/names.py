@@ -56,6 +56,15 @@ def hf_targets(targets) -> tuple[str, ...]:
 
 # -- tensor names ---------------------------------------------------------------------
 
+# ModelConfig.norms -> HF norm name -> sftplug norm, per block (the same HF name means
+# different norms in different families: post_attention_layernorm is Llama's pre-MLP norm).
+NORM_NAMES = {
+    "pre": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
+    "sandwich": {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_post_norm",
+                 "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_post_norm"},
+    "post": {"post_attention_layernorm": "attn_post_norm", "post_feedforward_layernorm": "mlp_post_norm"},
+}
+
 
 def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     """HF tensor name -> (sftplug parameter name, first row, end row) for every learned tensor."""
@@ -68,16 +77,24 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         plan["lm_head.weight"] = ("lm_head.weight", 0, config.vocab_size)
     for i in range(config.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            plan[f"{hf}self_attn.q_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", 0, q)
-            plan[f"{hf}self_attn.k_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", q, q + kv)
-            plan[f"{hf}self_attn.v_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", q + kv, q + 2 * kv)
+        if config.architecture == "phi3":  # stored fused already, in sftplug's row order
+            plan[f"{hf}self_attn.qkv_proj.weight"] = (f"{ours}attn.qkv.weight", 0, q + 2 * kv)
+            plan[f"{hf}mlp.gate_up_proj.weight"] = (f"{ours}mlp.gate_up.weight", 0, 2 * inter)
+        else:
+            for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+                plan[f"{hf}self_attn.q_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", 0, q)
+                plan[f"{hf}self_attn.k_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", q, q + kv)
+                plan[f"{hf}self_attn.v_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", q + kv, q + 2 * kv)
+            plan[f"{hf}mlp.gate_proj.weight"] = (f"{ours}mlp.gate_up.weight", 0, inter)
+            plan[f"{hf}mlp.up_proj.weight"] = (f"{ours}mlp.gate_up.weight", inter, 2 * inter)
         plan[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o.weight", 0, config.hidden_size)
-        plan[f"{hf}mlp.gate_proj.weight"] = (f"{ours}mlp.gate_up.weight", 0, inter)
-        plan[f"{hf}mlp.up_proj.weight"] = (f"{ours}mlp.gate_up.weight", inter, 2 * inter)
         plan[f"{hf}mlp.down_proj.weight"] = (f"{ours}mlp.down.weight", 0, config.hidden_size)
-        plan[f"{hf}input_layernorm.weight"] = (f"{ours}attn_norm.weight", 0, config.hidden_size)
-        plan[f"{hf}post_attention_layernorm.weight"] = (f"{ours}mlp_norm.weight", 0, config.hidden_size)
+        if config.qk_norm:
+            per_head = config.qk_norm == "head"
+            plan[f"{hf}self_attn.q_norm.weight"] = (f"{ours}attn.q_norm.weight", 0, config.head_dim if per_head else q)
+            plan[f"{hf}self_attn.k_norm.weight"] = (f"{ours}attn.k_norm.weight", 0, config.head_dim if per_head else kv)
+        for hf_norm, our_norm in NORM_NAMES[config.norms].items():
+            plan[f"{hf}{hf_norm}.weight"] = (f"{ours}{our_norm}.weight", 0, config.hidden_size)
     return plan
 
 

@@ -287,9 +287,13 @@ class Transformer(nn.Module):
             else:
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=generator) * self.config.init_std)
-        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        self.reset_rope(self.inv_freq.device)
+
+    def reset_rope(self, device) -> None:
+        """Compute the RoPE frequencies (non-persistent fp32 buffers, never loaded) on ``device``."""
+        self.inv_freq = rope_inv_freq(self.config).to(device)
         if self.config.rope_local_theta:
-            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(self.inv_freq.device)
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def set_attention(self, backend) -> None:
         for block in self.layers:

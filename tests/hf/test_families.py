@@ -1,0 +1,68 @@
+"""The dense families sftplug loads, each from a random HF checkpoint saved by transformers:
+logits equal to transformers' (fp32, 1e-4 of their scale) with the family's options on
+(sliding windows shorter than the sequence, partial rotary, soft-capping, multipliers)."""
+
+import pytest
+import torch
+
+import sftplug
+from sftplug.loading import load_model
+from sftplug.errors import SftplugError
+from sftplug.hf.config import config_from_hf
+
+transformers = pytest.importorskip("transformers")
+
+IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(1))
+FAMILIES = {  # make_hf_folder options (tests/conftest.py); windows of 16 < 40 tokens
+    "mistral-window": dict(config_class="MistralConfig", head_dim=16, sliding_window=16),
+    "qwen2-window": dict(config_class="Qwen2Config", use_sliding_window=True, sliding_window=16,
+                         max_window_layers=1),  # layer 0 full, layer 1 windowed
+    "qwen3": dict(config_class="Qwen3Config", head_dim=32),  # explicit head_dim != hidden / heads
+    "gemma2": dict(config_class="Gemma2Config", head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                   attn_logit_softcapping=0.5, final_logit_softcapping=0.5),  # caps small enough to bite
+    "gemma3": dict(config_class="Gemma3TextConfig", head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(config_class="Phi3Config", partial_rotary_factor=0.5, sliding_window=16, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(config_class="Olmo2Config", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": dict(config_class="SmolLM3Config", no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2),  # layer 1 has no RoPE
+    "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.05, logits_scaling=8.0),
+}
+
+
+def relative_error(got, ref) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(tmp_path, family, make_hf_folder):
+    reference = make_hf_folder(tmp_path, **FAMILIES[family])
+    model = load_model(str(tmp_path)).model  # auto: a backend that applies the windows
+    with torch.no_grad():
+        got, ref = model(IDS), reference(IDS).logits
+    assert got.shape == ref.shape == (2, 40, 1024)
+    assert relative_error(got, ref) <= 1e-4, f"{family}: {relative_error(got, ref):.2e}"
+
+
+def test_a_window_longer_than_the_rows_is_no_window(tmp_path, make_hf_folder):
+    make_hf_folder(tmp_path, config_class="MistralConfig", head_dim=16, sliding_window=64)
+    model = sftplug.load_model(str(tmp_path))
+    assert model.attention_options(seq_len=40) == {} and model.attention_options(seq_len=128) == {"window": 64}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("num_local_experts", 8, "num_local_experts (a mixture of experts) is not supported"),
+    ("vision_config", {"hidden_size": 8}, "vision_config (a vision tower) is not supported"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope type 'yarn' is not supported"),
+    ("hidden_act", "relu", "hidden_act 'relu' is not supported"),
+    ("layer_types", ["full_attention", "chunked_attention"], "layer_types must name full_attention or "
+                                                               "sliding_attention"),
+])
+def test_what_cannot_run_exactly_is_refused_naming_the_key(key, value, message):
+    hf = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, sliding_window=8, **{key: value})
+    with pytest.raises(SftplugError) as info:
+        config_from_hf(hf, where="ckpt/config.json")
+    assert str(info.value).startswith("ckpt/config.json: ") and message in str(info.value)
