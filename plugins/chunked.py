@@ -7,6 +7,8 @@ up to 1024 positions, so ``auto`` takes it for those; on a GPU the fused kernels
 far faster, and half-precision softmax in plain matrix products would lose accuracy.
 Packed rows run natively (one mask per chunk hides other documents); there the two
 kernels measured about even, so auto keeps PyTorch's flash for packed rows.
+Sliding windows, soft-capped scores and a custom scale are applied exactly (a window also
+skips the keys before it), so on the CPU it runs Gemma-style attention that flash cannot.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Chunked(AttentionBackend):
     description = "sftplug's CPU attention: query chunks as batched matmuls (fp32, GQA native)"
     priority = 35  # above SDPA flash (30) on the CPU: measured at W0's shapes, see BENCHMARKS.md
     host_doc_ids = True  # it runs on the CPU: nothing to move
+    sliding_window = softcap = custom_scale = True  # applied in the kernel, forward and backward
 
     @hookimpl
     def select_attention(self, request: AttentionRequest):
@@ -49,12 +52,14 @@ class Chunked(AttentionBackend):
     def gqa_mode(self, device, dtype, head_dim) -> str:
         return "native"  # a group's query heads share one product with their K/V head
 
-    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
+    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0, softcap: float = 0.0,
+                 scale: float | None = None):
         from sftplug.kernels.chunked_attention import chunked_attention
 
         if doc_ids is not None and one_document_per_row(doc_ids):
-            doc_ids = None  # one document per row: only the causal diagonal needs a mask
-        return chunked_attention(q, k, v, causal=causal, doc_ids=doc_ids)
+            doc_ids = None  # one document per row: only the causal diagonal (and window) need a mask
+        return chunked_attention(q, k, v, causal=causal, doc_ids=doc_ids, window=window, softcap=softcap,
+                                 scale=scale)
 
 
 chunked = Chunked()

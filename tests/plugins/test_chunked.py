@@ -118,3 +118,88 @@ def test_training_with_chunked_matches_flash(tmp_path):
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     assert losses("chunked") == pytest.approx(losses("flash"), rel=1e-5)
+
+
+# -- sliding windows, soft-capped scores, a custom scale ---------------------------------------
+
+
+def options_reference(q, k, v, causal=True, doc_ids=None, window=0, softcap=0.0, scale=None):
+    """Float64 attention with every option spelled out: scores, soft-cap, causal + window + document masks."""
+    q, k, v = (x.double() for x in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool)
+    if window:
+        allowed = allowed & (j > i - window)
+    allowed = allowed[None, None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+OPTIONS = {  # windows shorter than T, crossing the documents of DOC_LENGTHS (7, 13, 1, 19)
+    "window": dict(window=9),
+    "window1": dict(window=1),
+    "packed-window": dict(window=9, packed=True),
+    "softcap-large-scores": dict(softcap=50.0, scale=0.3, loud=4.0),  # scores well past the cap
+    "all": dict(window=6, softcap=30.0, scale=0.3, packed=True, loud=4.0),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["auto-chunk", "chunk7"])
+@pytest.mark.parametrize("case", list(OPTIONS))
+def test_window_softcap_and_scale_match_float64_reference(case, chunk):
+    options = dict(OPTIONS[case])
+    packed, loud = options.pop("packed", False), options.pop("loud", 1.0)
+    q, k, v, grad = inputs(8, 2, seed=2)
+    with torch.no_grad():
+        q.mul_(loud), k.mul_(loud)
+    doc_ids = doc_ids_for(DOC_LENGTHS) if packed else None
+    if options.get("softcap"):
+        raw = (q @ k.repeat_interleave(4, 1).transpose(-2, -1) * options["scale"]).abs().max()
+        assert raw > 2 * options["softcap"]  # the cap bites
+    if chunk is None:
+        got = grads(lambda *x: chunked(*x, causal=True, doc_ids=doc_ids, **options), q, k, v, grad)
+    else:
+        got = grads(lambda *x: chunked_attention(*x, chunk=chunk, doc_ids=doc_ids, **options), q, k, v, grad)
+    want = grads(lambda *x: options_reference(*x, doc_ids=doc_ids, **options), q, k, v, grad.double())
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double() / scale, b.double() / scale, atol=1e-5, rtol=0, msg=what)
+
+
+def test_a_window_skips_the_keys_before_it(monkeypatch):
+    chunk, window = 8, 5
+    widths = []
+    real_bmm = torch.bmm
+
+    def spy(a, b, **kwargs):
+        if b.shape[-2] == D:  # q k^T or dO v^T: [rows, D] @ [D, keys]
+            widths.append(b.shape[-1])
+        return real_bmm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    q, k, v, grad = inputs(4, 2)
+    chunked_attention(q, k, v, chunk=chunk, window=window).backward(grad)
+    assert max(widths) <= chunk + window - 1 < T
+
+
+def test_a_window_is_causal_only():
+    q, k, v, _ = inputs(4, 4)
+    with pytest.raises(ValueError, match="sliding window is causal"):
+        chunked(q, k, v, causal=False, window=4)
+
+
+def test_chunked_declares_every_option_and_auto_takes_it_for_them_on_the_cpu(registry):
+    assert chunked.sliding_window and chunked.softcap and chunked.custom_scale
+    request = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, True, 512, window=256,
+                               softcap=50.0, scale=0.3)
+    choice = choose_backend(registry.hook, request)
+    assert choice.backend.name == "chunked"
+    uses = "which this model's attention uses"
+    assert choice.rejected["flash"] == f"flash cannot apply a sliding window (256 keys), {uses}"
+    assert choice.rejected["math"] == f"math cannot apply soft-capped scores (cap 50), {uses}"
