@@ -15,6 +15,14 @@ takes that natively (probed); otherwise they are repeated, and ``sftplug doctor`
 Packed rows (``doc_ids``): documents are gathered into batches of equal (causal: padded)
 length and each batch is one SDPA call with ``is_causal`` (sftplug.kernels.packed_documents):
 no T x T mask is ever built and the output is exactly the per-document attention.
+
+Options: every kernel takes SDPA's ``scale=`` (``custom_scale``). A sliding window needs a
+mask, and only efficient and math take an arbitrary one (flash and cuDNN take none): they
+get a boolean band mask (causal and within the window), [T, T] for a row of one document,
+[L, L] per bucket of packed documents (bucket positions are document positions), built
+once per length and window and broadcast over batch and heads, so the extra memory is
+T x T booleans (and the kernel's additive copy of them). No SDPA kernel can soft-cap
+scores (no score hook): the contract refuses them with the reason.
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ class SdpaBackend(AttentionBackend):
     cuda_only = True
     packed_documents = True  # bucketed per-document calls, see the module docstring
     host_doc_ids = True  # the plan is built from the host copy: no GPU sync
+    custom_scale = True  # SDPA's scale= argument, taken by every kernel
+    sliding_window = False  # flash and cuDNN take no mask; efficient and math set it (band masks)
 
     @property
     def sdp_backend(self) -> SDPBackend:
@@ -126,8 +136,12 @@ class SdpaBackend(AttentionBackend):
         return "native" if ok else "repeat"
 
     # -- the call ------------------------------------------------------------------
-    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
+    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0, scale: float | None = None):
         # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; doc_ids: [B, T] or None
+        if window and not self.sliding_window:
+            raise SftplugError(f"{self.name} attention cannot apply a sliding window (the kernel takes no mask)")
+        if window and not causal:
+            raise ValueError("a sliding window is causal (keys i - window < j <= i): pass causal=True")
         kv_shape = tuple(k.shape)
         gqa = q.shape[1] != k.shape[1]
         if gqa and self.name != "math" and self.gqa_mode(q.device, q.dtype, q.shape[-1]) == "repeat":
@@ -137,7 +151,11 @@ class SdpaBackend(AttentionBackend):
             with sdpa_kernel([self.sdp_backend]):
                 plan = None if doc_ids is None else pack_plan(doc_ids, causal, q.device)
                 if plan is None:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                    mask = band_mask(q.shape[2], window, q.device) if window else None
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not window,
+                                                          scale=scale, enable_gqa=gqa)
+                if window or scale is not None:
+                    return attend_buckets(plan, q, k, v, causal, gqa, window, scale)
                 return plan.attend(q, k, v, causal, gqa)
         except RuntimeError as exc:
             if not _no_kernel(exc):
@@ -189,6 +207,7 @@ class Efficient(SdpaBackend):
     name = "efficient"
     description = "SDPA memory-efficient attention (CUDA; fp32, fp16, bf16)"
     priority = 20
+    sliding_window = True  # as a band mask (attn_mask)
 
     def cuda_rule(self, request):
         if request is None:
@@ -238,6 +257,38 @@ class Math(SdpaBackend):
     description = "SDPA reference math kernel (slow: materialises the scores of each document)"
     priority = 0
     cuda_only = False
+    sliding_window = True  # as a band mask (attn_mask)
+
+
+_BAND_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def band_mask(n: int, window: int, device) -> torch.Tensor:
+    """[n, n] boolean, True where query i may see key j: i - window < j <= i (cached: every layer asks)."""
+    key = (n, window, str(device))
+    if key not in _BAND_MASKS:
+        i, j = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
+        _BAND_MASKS[key] = (j <= i) & (j > i - window)
+    return _BAND_MASKS[key]
+
+
+def attend_buckets(plan, q, k, v, causal: bool, gqa: bool, window: int, scale: float | None):
+    """:meth:`PackPlan.attend` with a softmax scale and a sliding window (a band mask per bucket).
+
+    A bucket's positions are its documents' own positions (each starts at 0, causal padding
+    after the end), so the band mask of its length is exact for every document in it.
+    """
+    B, T = plan.shape
+    flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (q, k, v)]  # [B*T, H, D]
+    outs = []
+    for L, n, index in plan.buckets:
+        qb, kb, vb = (x.index_select(0, index).view(n, L, *x.shape[1:]).transpose(1, 2) for x in flat)
+        mask = band_mask(L, window, q.device) if window else None
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and not window, scale=scale,
+                                            enable_gqa=gqa)  # [n, Hq, L, D]
+        outs.append(ob.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[3]))
+    out = torch.cat(outs).index_select(0, plan.take)  # [B*T, Hq, D]
+    return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -44,16 +44,18 @@ def doc_ids_for(lengths: list[list[int]]) -> torch.Tensor:
     return torch.stack(rows).to(DEVICE)
 
 
-def reference(q, k, v, causal: bool, doc_ids=None):
-    """Plain float64 attention with an explicit mask."""
+def reference(q, k, v, causal: bool, doc_ids=None, window: int = 0, scale: float | None = None):
+    """Plain float64 attention with an explicit mask (causal, window: i - window < j <= i, documents)."""
     q, k, v = (x.double() for x in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # [B, H, T, T]
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)  # [B, H, T, T]
     t = q.shape[2]
     allowed = torch.ones(t, t, dtype=torch.bool, device=q.device)
     if causal:
         allowed = allowed.tril()
+    if window:
+        allowed = allowed.triu(1 - window)
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
@@ -259,3 +261,72 @@ def test_cudnn_leads_hopper_only_after_matching_flash_and_never_for_packed_rows(
     assert sdpa.cudnn.priority_for(request(packed=True)) < flash  # packed rows go to flash
     verdict["answer"] = "cudnn differs from flash at T=704 (scale 1): dq off by 3.0e-01"
     assert sdpa.cudnn.priority_for(request()) < flash
+
+
+# -- a custom scale and sliding windows -------------------------------------------------------
+
+OPTIONS = {  # windows of 9 < T cross the documents of DOC_LENGTHS (7, 13, 1, 19)
+    "scale": dict(scale=0.3),
+    "packed-scale": dict(scale=0.3, packed=True),
+    "window": dict(window=9),
+    "packed-window": dict(window=9, packed=True),
+    "packed-window-scale": dict(window=9, scale=0.3, packed=True),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIONS))
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_scale_and_window_match_float64_reference(name, dtype, case):
+    dtype, options = DTYPES[dtype], dict(OPTIONS[case])
+    packed = options.pop("packed", False)
+    backend = usable(name, dtype, (8, 2))
+    if "window" in options and not backend.sliding_window:
+        pytest.skip(f"{name} does not declare sliding windows (refused by the contract, tested below)")
+    q, k, v, grad = inputs(dtype, 8, 2, seed=3)
+    doc_ids = doc_ids_for(DOC_LENGTHS) if packed else None
+    got = run(backend, q, k, v, grad, causal=True, doc_ids=doc_ids, **options)
+    want = run(reference, q, k, v, grad.double(), causal=True, doc_ids=doc_ids, **options)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        close(a, b, dtype, f"{name} {case} {what}")
+
+
+def test_every_kernel_takes_a_scale_only_efficient_and_math_a_window_and_none_a_softcap():
+    assert all(backend.custom_scale for backend in BACKENDS.values())
+    assert {name for name, backend in BACKENDS.items() if backend.sliding_window} == {"efficient", "math"}
+    assert not any(backend.softcap for backend in BACKENDS.values())
+
+
+def test_the_contract_refuses_what_a_kernel_does_not_declare(registry):
+    from sftplug.attention.choice import choose_backend
+
+    def choose(name, **options):
+        request = AttentionRequest(name, torch.device("cpu"), torch.float32, D, 8, 2, True, T, **options)
+        return choose_backend(registry.hook, request)
+
+    uses = "which this model's attention uses"
+    assert choose("flash", scale=0.3).backend is sdpa.flash
+    with pytest.raises(SftplugError, match=f"flash cannot apply a sliding window \\(9 keys\\), {uses}"):
+        choose("flash", window=9)
+    assert choose("math", window=9).backend is sdpa.math
+    with pytest.raises(SftplugError, match=f"math cannot apply soft-capped scores \\(cap 50\\), {uses}"):
+        choose("math", softcap=50.0)
+    q, k, v, _ = inputs(torch.float32, 4, 4)
+    with pytest.raises(SftplugError, match="flash attention cannot apply a sliding window"):
+        sdpa.flash(q, k, v, window=9)  # called anyway: refused, not run without the window
+
+
+def test_packed_windows_build_one_band_mask_per_bucket_never_t_by_t(monkeypatch):
+    backend = usable("math", torch.float32, (4, 2))
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[2], None if attn_mask is None else tuple(attn_mask.shape), kwargs["is_causal"]))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    q, k, v, _ = inputs(torch.float32, 4, 2)
+    backend(q, k, v, causal=True, doc_ids=doc_ids_for([[7, 13, 1, 19], [10, 10, 10, 10]]), window=9)
+    assert calls and all(mask == (L, L) and not is_causal for L, mask, is_causal in calls)
+    assert max(L for L, _, _ in calls) < T
