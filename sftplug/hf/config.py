@@ -9,6 +9,8 @@ them back.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sftplug.dtypes import hf_dtype_name
@@ -144,9 +146,26 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if kind in (None, "default"):
         return theta, None
-    if kind not in ("llama3", "linear"):
-        raise SftplugError(f"{where}: rope type {kind!r} is not supported (supported: default, llama3, linear)")
-    return theta, {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if kind not in ("llama3", "linear", "longrope"):
+        raise SftplugError(f"{where}: rope type {kind!r} is not supported (supported: default, llama3, linear, "
+                           "longrope)")
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if kind == "longrope":
+        scaling = _longrope(scaling, hf, where)
+    return theta, scaling
+
+
+def _longrope(scaling: dict, hf: dict, where: str) -> dict:
+    """LongRoPE's parameters made explicit, as transformers derives them (Phi-3/4)."""
+    original = scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if not original or "short_factor" not in scaling:
+        raise SftplugError(f"{where}: rope type 'longrope' needs original_max_position_embeddings and short_factor")
+    factor = scaling.get("factor") or hf.get("max_position_embeddings", original) / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {**scaling, "rope_type": "longrope", "original_max_position_embeddings": original,
+            "attention_factor": attention}
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dict:

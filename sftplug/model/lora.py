@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sftplug.errors import SftplugError
-from sftplug.hf.names import LORA_TARGETS, hf_pieces, hf_targets, lora_layout
+from sftplug.hf.names import LORA_TARGETS, hf_pieces, hf_targets, lora_layout, targeted
 
 VARIANTS = ("lora", "dora")
 LAYOUT = "per-projection"  # recorded with a checkpoint's LoRA settings; earlier runs shared one A over qkv
@@ -74,7 +74,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
         raise SftplugError(f"--lora-variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     spec = LoraSpec(int(r), float(alpha), float(dropout), hf_targets(targets), variant, bool(rslora))
     layout = lora_layout(model.config)
-    plan = {layer: tuple(p for p in parts if p[0] in spec.targets) for layer, parts in layout.items()}
+    plan = {layer: tuple(p for p in parts if targeted(p[0], spec.targets)) for layer, parts in layout.items()}
     plan = {layer: parts for layer, parts in plan.items() if parts}
     stacked = {layer: len(parts) for layer, parts in plan.items() if len(parts) > 1}
     config = LoraConfig(

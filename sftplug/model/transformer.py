@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sftplug.errors import SftplugError
 from sftplug.fused import pytorch
 from sftplug.fused.op import OpSet
 
@@ -124,9 +125,23 @@ def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
         inv_freq = _llama3_scaled(inv_freq, scaling)
     elif kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "longrope":  # rows up to original_max_position_embeddings: the short factors (Phi-3/4)
+        inv_freq = inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float64)
     elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear)")
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear, longrope)")
     return inv_freq.float()
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """LongRoPE scales cos and sin by this (1 for every other kind)."""
+    scaling = config.rope_scaling or {}
+    return float(scaling.get("attention_factor", 1.0)) if scaling.get("rope_type") == "longrope" else 1.0
+
+
+def rope_longest_rows(config: ModelConfig) -> int | None:
+    """The longest rows RoPE is computed for exactly (LongRoPE switches factors beyond), or None."""
+    scaling = config.rope_scaling or {}
+    return scaling.get("original_max_position_embeddings") if scaling.get("rope_type") == "longrope" else None
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -303,6 +318,11 @@ class Transformer(nn.Module):
         """The attention request's options (sftplug.attention.AttentionRequest) this model needs
         for rows of ``seq_len`` (0: unknown): none for a Llama model."""
         c = self.config
+        longest = rope_longest_rows(c)
+        if longest and seq_len > longest:
+            raise SftplugError(f"rows of {seq_len} tokens: this model's LongRoPE switches to its long factors beyond "
+                               f"original_max_position_embeddings={longest}, which sftplug does not apply; "
+                               f"use --seq-len {longest} or less")
         windows = [w for w in c.layer_windows if w and (seq_len == 0 or w < seq_len)]
         options = {"window": max(windows)} if windows else {}
         if c.attn_softcap:
@@ -323,6 +343,9 @@ class Transformer(nn.Module):
         # positions: [B, T] -> cos, sin: [B, T, 1, R/2]
         freqs = positions[..., None].float() * (self.inv_freq if inv_freq is None else inv_freq)  # [B, T, R/2]
         freqs = freqs[:, :, None, :]
+        factor = rope_attention_factor(self.config)
+        if factor != 1.0:
+            return (freqs.cos() * factor).to(dtype), (freqs.sin() * factor).to(dtype)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
     def hidden_states(self, input_ids, positions=None, doc_ids=None, caches=None):

@@ -24,6 +24,10 @@ FAMILIES = {  # make_hf_folder options (tests/conftest.py); windows of 16 < 40 t
                    layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(config_class="Phi3Config", partial_rotary_factor=0.5, sliding_window=16, pad_token_id=0,
                  bos_token_id=1, eos_token_id=2),
+    "phi4-mini": dict(config_class="Phi3Config", partial_rotary_factor=0.75, max_position_embeddings=256,
+                      original_max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                    "long_factor": [3.0] * 6}),  # LongRoPE on 3/4 of each head
     "olmo2": dict(config_class="Olmo2Config", pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "smollm3": dict(config_class="SmolLM3Config", no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
                     eos_token_id=2),  # layer 1 has no RoPE
@@ -44,6 +48,15 @@ def test_logits_match_transformers(tmp_path, family, make_hf_folder):
         got, ref = model(IDS), reference(IDS).logits
     assert got.shape == ref.shape == (2, 40, 1024)
     assert relative_error(got, ref) <= 1e-4, f"{family}: {relative_error(got, ref):.2e}"
+
+
+def test_longrope_refuses_rows_longer_than_its_short_factors_cover(tmp_path, make_hf_folder):
+    make_hf_folder(tmp_path, **FAMILIES["phi4-mini"])
+    model = load_model(str(tmp_path)).model
+    assert model.attention_options(seq_len=64) == {}
+    with pytest.raises(SftplugError, match="beyond original_max_position_embeddings=64, which sftplug does not "
+                                           "apply; use --seq-len 64 or less"):
+        model.attention_options(seq_len=65)
 
 
 def test_a_window_longer_than_the_rows_is_no_window(tmp_path, make_hf_folder):

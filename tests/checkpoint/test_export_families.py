@@ -1,0 +1,96 @@
+"""Every family sftplug loads trains (3 LoRA and 3 full updates) and exports: merged as an HF
+folder and as base + PEFT adapter, each loaded by transformers / peft with sftplug's logits."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from sftplug.checkpoint.export import export_checkpoint
+from sftplug.config import DEFAULT_DATA, TrainConfig
+from sftplug.loading import load_model
+from sftplug.train.loop import train
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
+    "mistral-window": dict(config_class="MistralConfig", head_dim=16, sliding_window=16),
+    "qwen3": dict(config_class="Qwen3Config", head_dim=32),
+    "gemma2": dict(config_class="Gemma2Config", head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                   attn_logit_softcapping=0.5, final_logit_softcapping=0.5),
+    "gemma3": dict(config_class="Gemma3TextConfig", head_dim=32, query_pre_attn_scalar=24, sliding_window=16,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(config_class="Phi3Config", partial_rotary_factor=0.5, sliding_window=16, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(config_class="Olmo2Config", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": dict(config_class="SmolLM3Config", no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2),
+    "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.05, logits_scaling=8.0),
+}
+IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
+
+
+def relative_error(got, ref) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def sftplug_logits(source):
+    with torch.no_grad():
+        return load_model(str(source)).model(IDS)
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")
+
+
+def run(tmp_path, registry, base, **options):
+    data = tmp_path / "data.jsonl"  # a few records: tokenising is not what is tested here
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:64]))
+    config = TrainConfig(model=str(base), data=str(data), out=str(tmp_path / "run"), steps=3, micro_bsz=2,
+                         seq_len=48, eval_data=None, lr=3e-2, warmup=0, log_every=100, **options)
+    records = []
+    train(config, registry, echo=lambda *a: None)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        records.append(json.loads(line))
+    assert len(records) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_trains_and_exports_merged_and_as_an_adapter(tmp_path, family, make_hf_folder, registry):
+    base = tmp_path / "hf"
+    make_hf_folder(base, **FAMILIES[family])
+    folder = run(tmp_path, registry, base)
+    ours = sftplug_logits(folder)
+    assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3  # the adapter changed the model
+    merged = export_checkpoint(folder, tmp_path / "merged", merge=True)["model"]
+    assert relative_error(hf_logits(hf_model(merged)), ours) <= 1e-4
+    parts = export_checkpoint(folder, tmp_path / "split", merge=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
+    assert relative_error(hf_logits(wrapped), ours) <= 1e-4
+
+
+# the LoRA test's merged export already writes every base weight under its HF name; full fine-tuning
+# adds trained norms: the families whose norms differ (sandwich + q/k per head, post + q/k per
+# projection, fused qkv_proj / gate_up_proj)
+@pytest.mark.parametrize("family", ["gemma3", "olmo2", "phi3"])
+def test_full_fine_tuning_trains_and_exports(tmp_path, family, make_hf_folder, registry):
+    base = tmp_path / "hf"
+    make_hf_folder(base, **FAMILIES[family])
+    folder = run(tmp_path, registry, base, full=True)
+    ours = sftplug_logits(folder)
+    assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3
+    out = export_checkpoint(folder, tmp_path / "out", merge=False)["model"]
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["model_type"] == json.loads((base / "config.json").read_text())["model_type"]
+    assert relative_error(hf_logits(hf_model(out)), ours) <= 1e-4
