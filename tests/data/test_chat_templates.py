@@ -48,6 +48,11 @@ MODELS = {
         specials=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         chat=CHAT, turns=["Red.<|eot_id|>", "A pear, ripe.<|eot_id|>", "Seven 😀<|eot_id|>"], groups=[[0, 1, 2]],
     ),
+    "gemma3": dict(
+        bos="<bos>", eos="<end_of_turn>", specials=["<bos>", "<start_of_turn>", "<end_of_turn>"], added=[],
+        chat=CHAT, turns=["Red.<end_of_turn>", "A pear, ripe.<end_of_turn>", "Seven 😀<end_of_turn>"],
+        groups=[[0, 1, 2]],  # the system prompt joins the first user turn
+    ),
     "phi4": dict(
         bos=None, eos="<|im_end|>", specials=["<|im_start|>", "<|im_sep|>", "<|im_end|>"], added=[],
         chat=CHAT, turns=["Red.<|im_end|>", "A pear, ripe.<|im_end|>", "Seven 😀<|im_end|>"], groups=[[0, 1, 2]],
@@ -77,9 +82,10 @@ def models(tmp_path_factory):
 
 
 def test_fixtures_are_the_shipped_templates():
-    assert sorted(p.name for p in TEMPLATES.glob("*.jinja")) == ["llama3.1.jinja", "phi4.jinja", "qwen3.jinja"]
+    assert sorted(p.name for p in TEMPLATES.glob("*.jinja")) == ["gemma3.jinja", "llama3.1.jinja", "phi4.jinja",
+                                                                 "qwen3.jinja"]
     readme = (TEMPLATES / "README.md").read_text()
-    for name in ("Qwen/Qwen3-0.6B", "meta-llama/Llama-3.1-8B-Instruct", "microsoft/phi-4"):
+    for name in ("Qwen/Qwen3-0.6B", "meta-llama/Llama-3.1-8B-Instruct", "microsoft/phi-4", "google/gemma-3-4b-it"):
         assert name in readme
 
 
