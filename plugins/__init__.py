@@ -8,6 +8,7 @@ BUILTIN_PLUGINS = [
     ("math", "sftplug.plugins.sdpa:math"),
     ("triton", "sftplug.plugins.triton_attention:triton"),
     ("chunked", "sftplug.plugins.chunked:chunked"),
+    ("flex", "sftplug.plugins.flex_attention:flex"),
     ("triton-ops", "sftplug.plugins.triton_ops:triton_ops"),
     ("precision", "sftplug.plugins.precision:precision"),
     ("hf", "sftplug.plugins.loaders:hf_checkpoint"),

@@ -106,6 +106,38 @@ def test_a_backend_that_cannot_keep_documents_apart_is_refused_for_packed_rows()
         choose_backend(registry.hook, request("blind", packed=True))
 
 
+class Declares(Fake):
+    sliding_window = softcap = custom_scale = True
+
+
+@pytest.mark.parametrize("option, missing", [
+    (dict(window=4096), "a sliding window (4096 keys)"),
+    (dict(softcap=50.0), "soft-capped scores (cap 50)"),
+    (dict(scale=0.0625), "a softmax scale of 0.0625"),
+], ids=["window", "softcap", "scale"])
+def test_a_backend_that_does_not_declare_an_option_is_refused_with_the_reason(option, missing):
+    registry = registry_of(Fake("plain", 99), Declares("capable", 1))
+    asked = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, **option)
+    choice = choose_backend(registry.hook, asked)
+    assert choice.backend.name == "capable"
+    assert choice.rejected == {"plain": f"plain cannot apply {missing}, which this model's attention uses"}
+    assert choose_backend(registry.hook, AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2)
+                          ).backend.name == "plain"  # without the option it leads again
+    with pytest.raises(SftplugError, match="^attention backend 'plain' cannot run .*plain cannot apply"):
+        choose_backend(registry.hook, AttentionRequest("plain", torch.device("cpu"), torch.float32, 64, 8, 2,
+                                                       **option))
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="describes a CPU-only machine")
+def test_the_cpu_machine_runs_windows_and_softcaps_in_chunked_and_says_why_not_the_others(registry):
+    asked = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, True, 512, window=256,
+                             softcap=50.0, scale=0.3)
+    choice = choose_backend(registry.hook, asked, attention_skipped(registry))
+    assert choice.backend.name == "chunked" and "usable in order: chunked;" in choice.reason
+    assert "sliding window 256, soft-cap 50" in choice.reason
+    assert set(choice.rejected) == {"flash", "math"}  # flex is skipped on the CPU (no backward there)
+
+
 def test_a_crashing_check_is_a_reason_not_a_crash():
     registry = registry_of(Fake("shaky", 99, raises=True), Fake("solid", 1))
     choice = choose_backend(registry.hook, request())
