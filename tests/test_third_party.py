@@ -1,9 +1,10 @@
 """A third-party plugin, installed for real, is listed and selectable by name.
 
 tests/fixtures/sftplug_hello_plugin is a separate package declaring entry points in the
-group "sftplug": ``hello`` (an attention backend), ``hello-ops`` (a fused RMSNorm), ``hello-broken`` (fails to import),
-``hello-unavailable`` (its availability check says no) and ``hello-check-raises`` (its
-check crashes). pip installs it into a temporary folder (``--target``), so the shared
+group "sftplug": ``hello`` (an attention backend), ``hello-ops`` (a fused RMSNorm),
+``hello-parallel`` (a load_state plugin bringing an architecture sftplug does not ship),
+``hello-broken`` (fails to import), ``hello-unavailable`` (its availability check says no)
+and ``hello-check-raises`` (its check crashes). pip installs it into a temporary folder (``--target``), so the shared
 environment is never changed and nothing needs uninstalling; the CLI runs as a
 subprocess with that folder on PYTHONPATH, which is how importlib.metadata finds the
 entry points of any installed distribution.
@@ -172,6 +173,45 @@ def test_a_third_party_fused_form_wins_auto_and_computes_the_model(installed):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # float64 vs fp32 norms: fp32 rounding
     pinned = attach_fused(model, installed, request, "rmsnorm=hello")
     assert pinned.forms == {"rmsnorm": "hello", "glu": "pytorch", "rope": "pytorch", "cross_entropy": "pytorch"}
+
+
+def test_a_third_party_architecture_trains_resumes_and_generates_through_the_model_contract(installed, tmp_path):
+    from sftplug.checkpoint.export import export_checkpoint
+    from sftplug.loading import load_model
+    from sftplug.model.generate import answer
+    from sftplug.train.loop import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join((ASSETS / "default_train.jsonl").read_text().splitlines()[:40]) + "\n")
+    out = tmp_path / "run"
+    common = dict(model="hello-parallel", seq_len=64, micro_bsz=2, data=str(data), out=str(out), eval_data=None,
+                  log_every=1, warmup=0, sample_prompt=None)
+    lines = []
+    train(TrainConfig(steps=2, **common), installed, echo=lines.append)
+    assert any(line.startswith("model: hello-parallel: GPT-J-style parallel blocks; LoRA r=16") for line in lines)
+    train(TrainConfig(steps=3, resume="auto", **common), installed, echo=lines.append)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    loaded = load_model(str(out), registry=installed)  # the checkpoint's base comes back through the plugin
+    assert type(loaded.model.layers[0]).__name__ == "ParallelBlock"
+    assert isinstance(answer(loaded.model, loaded.tokenizer, "Count from 1 to 3.", max_new_tokens=4), str)
+    with pytest.raises(SftplugError, match="cannot export a 'hello-parallel' model as an HF folder: transformers "
+                                           "has no such model type"):
+        export_checkpoint(out, tmp_path / "hf", registry=installed)
+
+
+def test_the_third_party_architecture_is_what_it_says(installed):
+    from sftplug.loading import load_model
+
+    model = load_model("hello-parallel", registry=installed).model
+    block = model.layers[0]
+    assert type(block).__name__ == "ParallelBlock" and block.mlp_norm is None
+    x = torch.randn(1, 5, model.config.hidden_size)
+    cos, sin = model.rope(torch.arange(5)[None], torch.float32)
+    with torch.no_grad():
+        h = block.attn_norm(x)
+        expected = x + block.attn(h, cos, sin) + block.mlp(h)  # both branches read the same normed input
+        torch.testing.assert_close(block(x, cos, sin), expected, rtol=0, atol=0)
 
 
 def plain_attention(q, k, v, causal=True, doc_ids=None):

@@ -32,7 +32,7 @@ import torch
 from sftplug.checkpoint import folders
 from sftplug.dtypes import as_dtype
 from sftplug.errors import SftplugError
-from sftplug.hf.config import config_to_hf
+from sftplug.hf.config import check_exportable, config_to_hf
 from sftplug.hf.load import source_dtype
 from sftplug.hf.names import map_names_to_model, to_hf_state_dict
 from sftplug.model.transformer import ModelConfig, Transformer
@@ -83,6 +83,7 @@ def export_checkpoint(
     loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry, attention=None)
     model, tokenizer = loaded.model, loaded.tokenizer
     config: ModelConfig = model.config
+    check_exportable(config)
     lora = getattr(model, "lora_config", None)
     out_dtype = wanted_dtype or source_dtype(config)
     as_adapter = lora is not None and not merge

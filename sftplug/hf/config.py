@@ -168,9 +168,17 @@ def _longrope(scaling: dict, hf: dict, where: str) -> dict:
             "attention_factor": attention}
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """Refuse, in one line, a model transformers has no class for (a third-party architecture)."""
+    if config.architecture not in ARCHITECTURES:
+        raise SftplugError(f"cannot export a '{config.architecture}' model as an HF folder: transformers has no such "
+                           f"model type (sftplug exports {', '.join(ARCHITECTURES)})")
+
+
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dict:
     """The config.json that makes transformers build the same model as ``config``."""
-    arch = config.architecture if config.architecture in ARCHITECTURES else "llama"
+    check_exportable(config)
+    arch = config.architecture
     if config.qkv_bias != (arch == "qwen2"):
         raise SftplugError(
             f"cannot export a {arch} model with qkv_bias={config.qkv_bias}: "
