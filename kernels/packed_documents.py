@@ -67,15 +67,22 @@ class PackPlan:
         self.take = _to(take, device)
         self.shape = (B, T)
 
-    def attend(self, q, k, v, causal: bool, gqa: bool):
-        """One SDPA call per bucket (in whichever kernel the caller enabled), scattered back to rows."""
+    def attend(self, q, k, v, causal: bool, gqa: bool, scale: float | None = None, mask_of=None):
+        """One SDPA call per bucket (in whichever kernel the caller enabled), scattered back to rows.
+
+        ``mask_of(L)``: the attention mask of a bucket of length L (a sliding window's band),
+        applied instead of ``is_causal``; exact because a bucket's positions are its documents'
+        own (each starts at 0, causal padding after its end).
+        """
         # q: [B, Hq, T, D] -> flat [B*T, Hq, D]; same for k, v with Hkv heads
         B, T = self.shape
         flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (q, k, v)]
         outs = []
         for L, n, index in self.buckets:
             qb, kb, vb = (x.index_select(0, index).view(n, L, *x.shape[1:]).transpose(1, 2) for x in flat)
-            ob = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, enable_gqa=gqa)  # [n, Hq, L, D]
+            mask = mask_of(L) if mask_of is not None else None
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and mask is None,
+                                                scale=scale, enable_gqa=gqa)  # [n, Hq, L, D]
             outs.append(ob.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[3]))
         out = torch.cat(outs).index_select(0, self.take)  # [B*T, Hq, D]
         return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]

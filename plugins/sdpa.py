@@ -154,9 +154,8 @@ class SdpaBackend(AttentionBackend):
                     mask = band_mask(q.shape[2], window, q.device) if window else None
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not window,
                                                           scale=scale, enable_gqa=gqa)
-                if window or scale is not None:
-                    return attend_buckets(plan, q, k, v, causal, gqa, window, scale)
-                return plan.attend(q, k, v, causal, gqa)
+                mask_of = (lambda n: band_mask(n, window, q.device)) if window else None
+                return plan.attend(q, k, v, causal, gqa, scale=scale, mask_of=mask_of)
         except RuntimeError as exc:
             if not _no_kernel(exc):
                 raise
@@ -270,25 +269,6 @@ def band_mask(n: int, window: int, device) -> torch.Tensor:
         i, j = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
         _BAND_MASKS[key] = (j <= i) & (j > i - window)
     return _BAND_MASKS[key]
-
-
-def attend_buckets(plan, q, k, v, causal: bool, gqa: bool, window: int, scale: float | None):
-    """:meth:`PackPlan.attend` with a softmax scale and a sliding window (a band mask per bucket).
-
-    A bucket's positions are its documents' own positions (each starts at 0, causal padding
-    after the end), so the band mask of its length is exact for every document in it.
-    """
-    B, T = plan.shape
-    flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (q, k, v)]  # [B*T, H, D]
-    outs = []
-    for L, n, index in plan.buckets:
-        qb, kb, vb = (x.index_select(0, index).view(n, L, *x.shape[1:]).transpose(1, 2) for x in flat)
-        mask = band_mask(L, window, q.device) if window else None
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal and not window, scale=scale,
-                                            enable_gqa=gqa)  # [n, Hq, L, D]
-        outs.append(ob.transpose(1, 2).reshape(n * L, q.shape[1], q.shape[3]))
-    out = torch.cat(outs).index_select(0, plan.take)  # [B*T, Hq, D]
-    return out.view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)  # [B, Hq, T, D]
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
