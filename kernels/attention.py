@@ -18,11 +18,17 @@ candidate compiles for sm_80 and sm_90a without spills (sftplug.kernels.compile_
 Under TRITON_INTERPRET=1 one fixed 16 x 16 configuration is used.
 
 Which keys a query row sees is a contiguous range ``[lo, hi)``: the row's document
-(or the whole row), cut at the diagonal when causal. Every program reduces the ranges
-of its rows to a block schedule: masked blocks before, unmasked blocks in the middle
-(no mask arithmetic at all), masked blocks after; blocks outside every range are never
-visited. Without ``doc_ids`` the ranges are computed in the kernel; with ``doc_ids`` the
-host computes them once per call with a few torch ops (no device sync).
+(or the whole row), cut at the diagonal when causal and, with a sliding window W, at
+i - W + 1 below. Every program reduces the ranges of its rows to a block schedule:
+masked blocks before, unmasked blocks in the middle (no mask arithmetic at all), masked
+blocks after; blocks outside every range (other documents, keys behind the window) are
+never visited. Without ``doc_ids`` or a window the ranges are computed in the kernel;
+otherwise the host computes them once per call with a few torch ops (no device sync).
+
+Soft-capping (Gemma 2) turns the scaled scores s into c * tanh(s / c) before the
+softmax, on the natural scale (then the log2(e) factor); it is a constexpr switch, so
+the kernels without it are unchanged. tanh(x) = 2 sigmoid(2x) - 1, and the backward's
+1 - tanh^2 = 4 sigmoid (1 - sigmoid) stays accurate where tanh saturates.
 
 Public API: :func:`triton_attention`, :func:`triton_attention_available`,
 :func:`attention_reference`.
@@ -90,11 +96,13 @@ def triton_attention_available() -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------
 
 
-def _allowed_mask(T: int, device, causal: bool, doc_ids) -> torch.Tensor:
+def _allowed_mask(T: int, device, causal: bool, doc_ids, window: int = 0) -> torch.Tensor:
     """[B or 1, 1, T, T] bool: query t may attend key s."""
     allowed = torch.ones(T, T, dtype=torch.bool, device=device)
     if causal:
         allowed = torch.tril(allowed)
+    if window:
+        allowed = torch.triu(allowed, diagonal=1 - window)  # s > t - window
     allowed = allowed[None, None]
     if doc_ids is not None:
         ids = doc_ids.to(device)
@@ -103,11 +111,13 @@ def _allowed_mask(T: int, device, causal: bool, doc_ids) -> torch.Tensor:
     return allowed
 
 
-def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None):
+def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0, softcap=0.0):
     """Attention in plain PyTorch, in the inputs' dtype: explicit mask, K/V repeated for GQA.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; doc_ids: optional [B, T], equal ids attend each
-    other, negative ids are padding. Rows that may attend nothing give 0 (and 0 gradients).
+    other, negative ids are padding. ``window`` W > 0: query t sees keys t - W < s <= t.
+    ``softcap`` c > 0: scores s become c * tanh(s / c). Rows that may attend nothing give 0
+    (and 0 gradients).
     """
     B, Hq, T, D = q.shape
     group = Hq // k.shape[1]
@@ -115,7 +125,9 @@ def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None):
     k = k.repeat_interleave(group, dim=1)  # [B, Hq, T, D]
     v = v.repeat_interleave(group, dim=1)  # [B, Hq, T, D]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hq, T, T]
-    allowed = _allowed_mask(T, q.device, causal, doc_ids)  # [B|1, 1, T, T]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = _allowed_mask(T, q.device, causal, doc_ids, window)  # [B|1, 1, T, T]
     row_any = allowed.any(dim=-1, keepdim=True)  # [B|1, 1, T, 1]
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_any, 0.0)
     probs = torch.softmax(scores, dim=-1) * row_any  # empty rows: all zero, no NaN
@@ -129,6 +141,23 @@ def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None):
 if triton is not None:
 
     _RANGE_INF = tl.constexpr(_BIG)  # jit functions may only read constexpr globals
+    _LOG2E_C = tl.constexpr(_LOG2E)
+
+    @triton.jit
+    def _softcap_sigmoid(qk, sm_scale, softcap):
+        """sigmoid(2 s / c) of the natural-scale scores s = sm_scale * qk: tanh(s / c) = 2 sigmoid - 1."""
+        e = tl.exp2(qk * (-2.0 * _LOG2E_C * sm_scale / softcap))
+        # IEEE division (div.rn): with "/" (div.full) ptxas spills in one D=256 backward config (measured)
+        return tl.fdiv(tl.zeros_like(e) + 1.0, 1.0 + e, ieee_rounding=True)
+
+    @triton.jit
+    def _log2_scores(qk, qk_scale, sm_scale, softcap, SOFTCAP: tl.constexpr):
+        """The scores in log2 units: s * log2(e), with s soft-capped to c * tanh(s / c) first if SOFTCAP."""
+        if SOFTCAP:
+            s = (2.0 * _softcap_sigmoid(qk, sm_scale, softcap) - 1.0) * (softcap * _LOG2E_C)
+        else:
+            s = qk * qk_scale
+        return s
 
     @triton.jit
     def _attn_ranges(
@@ -196,10 +225,11 @@ if triton is not None:
         v_base,  # V of this (batch, kv head), row 0
         stride_kt, stride_vt,
         lo, hi,  # int32 [BLOCK_M]: key range of each query row
-        start, end, T, qk_scale,
+        start, end, T, qk_scale, sm_scale, softcap,
         offs_d,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         offs_n0 = tl.arange(0, BLOCK_N)
         for start_n in range(start, end, BLOCK_N):
@@ -208,12 +238,17 @@ if triton is not None:
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
             if MASKED:
                 seen = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-                qk = tl.where(seen, qk * qk_scale, float("-inf"))
+                qk = tl.where(seen, _log2_scores(qk, qk_scale, sm_scale, softcap, SOFTCAP), float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
                 p = tl.exp2(qk - m_ref[:, None])
                 alpha = tl.exp2(m_i - m_ref)
-            else:
+            elif SOFTCAP:
+                qk = _log2_scores(qk, qk_scale, sm_scale, softcap, SOFTCAP)
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.exp2(qk - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+            else:  # the scale is applied after the row max (it is positive): one FMA per score
                 m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
                 p = tl.exp2(qk * qk_scale - m_new[:, None])
                 alpha = tl.exp2(m_i - m_new)
@@ -229,19 +264,21 @@ if triton is not None:
         K,  # [B, Hkv, T, D] keys
         V,  # [B, Hkv, T, D] values
         O,  # [B, Hq, T, D] output, written here
-        LSE,  # fp32 [B, Hq, T] log2-sum-exp2 of the scaled scores (+inf for empty rows)
+        LSE,  # fp32 [B, Hq, T] log2-sum-exp2 of the scaled (and capped) scores (+inf for empty rows)
         RANGES,  # int32 [B, 4, T] per-token attention ranges (read only if HAS_DOCS)
         stride_qb, stride_qh, stride_qt,
         stride_kb, stride_kh, stride_kt,
         stride_vb, stride_vh, stride_vt,
         stride_ob, stride_oh, stride_ot,
-        T, qk_scale,
+        T, qk_scale, sm_scale,  # sm_scale * log2(e), and the softmax scale itself
+        softcap,  # fp32 c of c * tanh(s / c) (read only if SOFTCAP)
         T_BUCKET,  # autotuning key only: next power of two of T, capped
         HQ: tl.constexpr,
         GROUP: tl.constexpr,  # query heads per kv head
         HEAD_DIM: tl.constexpr,
         CAUSAL: tl.constexpr,
-        HAS_DOCS: tl.constexpr,
+        HAS_DOCS: tl.constexpr,  # RANGES holds the ranges (packed documents or a sliding window)
+        SOFTCAP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -267,11 +304,11 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
-                                        start, a, T, qk_scale, offs_d, BLOCK_N, True)
+                                        start, a, T, qk_scale, sm_scale, softcap, offs_d, BLOCK_N, True, SOFTCAP)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
-                                        a, b, T, qk_scale, offs_d, BLOCK_N, False)
+                                        a, b, T, qk_scale, sm_scale, softcap, offs_d, BLOCK_N, False, SOFTCAP)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi,
-                                        b, end, T, qk_scale, offs_d, BLOCK_N, True)
+                                        b, end, T, qk_scale, sm_scale, softcap, offs_d, BLOCK_N, True, SOFTCAP)
 
         # Padding rows may have ridden along through unmasked blocks: they still give 0.
         empty = (l_i == 0.0) | (hi <= lo)
@@ -318,11 +355,12 @@ if triton is not None:
         delta_head0,  # DELTA likewise
         stride_qh, stride_qt, stride_doh, stride_dot,
         qlo, qhi,  # int32 [BLOCK_N]: query range that sees each key
-        start, n_blocks, T, qk_scale,
+        start, n_blocks, T, qk_scale, sm_scale, softcap,
         offs_d,
         HEADS: tl.constexpr,  # query heads to visit, starting at the *_head0 pointers
         BLOCK_M: tl.constexpr,
         MASKED: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         # One flat loop over (query head of the group, query block): a loop over heads
         # around the block loops keeps far more registers live (measured: spills).
@@ -346,13 +384,21 @@ if triton is not None:
                 lse = tl.load(lse_ptrs)
                 delta = tl.load(delta_ptrs)
             qkT = tl.dot(k, tl.trans(q))  # [BLOCK_N, BLOCK_M]
-            pT = tl.exp2(qkT * qk_scale - lse[None, :])
+            if SOFTCAP:
+                sigT = _softcap_sigmoid(qkT, sm_scale, softcap)
+                pT = tl.exp2((2.0 * sigT - 1.0) * (softcap * _LOG2E_C) - lse[None, :])
+            else:
+                pT = tl.exp2(qkT * qk_scale - lse[None, :])
             if MASKED:
                 seen = (offs_m[None, :] >= qlo[:, None]) & (offs_m[None, :] < qhi[:, None])
                 pT = tl.where(seen, pT, 0.0)
+            if SOFTCAP:  # through c * tanh(s / c): ds gets 1 - tanh^2, folded in now so sigT dies here
+                pT_ds = pT * (4.0 * sigT * (1.0 - sigT))
+            else:
+                pT_ds = pT
             dv = tl.dot(pT.to(do.dtype), do, dv)  # [BLOCK_N, HEAD_DIM]
             dpT = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
-            dsT = pT * (dpT - delta[None, :])
+            dsT = pT_ds * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk)  # [BLOCK_N, HEAD_DIM]
         return dk, dv
 
@@ -374,6 +420,7 @@ if triton is not None:
         stride_dks, stride_dkb, stride_dkh, stride_dkt,
         stride_dvs, stride_dvb, stride_dvh, stride_dvt,
         T, qk_scale, sm_scale,
+        softcap,  # fp32 c of c * tanh(s / c) (read only if SOFTCAP)
         T_BUCKET,  # autotuning key only
         HQ: tl.constexpr,
         HKV: tl.constexpr,
@@ -382,6 +429,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_DOCS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -414,13 +462,16 @@ if triton is not None:
         n_trail = (end - b) // BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_head0, do_head0, LSE + row0, DELTA + row0,
                                       stride_qh, stride_qt, stride_doh, stride_dot, qlo, qhi,
-                                      start, n_lead, T, qk_scale, offs_d, HEADS, BLOCK_M, True)
+                                      start, n_lead, T, qk_scale, sm_scale, softcap, offs_d, HEADS, BLOCK_M, True,
+                                      SOFTCAP)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_head0, do_head0, LSE + row0, DELTA + row0,
                                       stride_qh, stride_qt, stride_doh, stride_dot, qlo, qhi,
-                                      a, n_full, T, qk_scale, offs_d, HEADS, BLOCK_M, False)
+                                      a, n_full, T, qk_scale, sm_scale, softcap, offs_d, HEADS, BLOCK_M, False,
+                                      SOFTCAP)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_head0, do_head0, LSE + row0, DELTA + row0,
                                       stride_qh, stride_qt, stride_doh, stride_dot, qlo, qhi,
-                                      b, n_trail, T, qk_scale, offs_d, HEADS, BLOCK_M, True)
+                                      b, n_trail, T, qk_scale, sm_scale, softcap, offs_d, HEADS, BLOCK_M, True,
+                                      SOFTCAP)
 
         # Padding keys may have ridden along through unmasked blocks: their gradients are 0.
         dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
@@ -439,20 +490,27 @@ if triton is not None:
         v_base,  # V of this (batch, kv head), row 0
         stride_kt, stride_vt,
         lo, hi,  # int32 [BLOCK_M]: key range of each query row
-        start, end, T, qk_scale,
+        start, end, T, qk_scale, sm_scale, softcap,
         offs_d,
         BLOCK_N: tl.constexpr,
         MASKED: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         offs_n0 = tl.arange(0, BLOCK_N)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + offs_n0
             k, v = _load_kv_block(k_base, v_base, offs_n, offs_d, stride_kt, stride_vt, T, MASKED)
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
-            p = tl.exp2(qk * qk_scale - lse[:, None])
+            if SOFTCAP:
+                sig = _softcap_sigmoid(qk, sm_scale, softcap)
+                p = tl.exp2((2.0 * sig - 1.0) * (softcap * _LOG2E_C) - lse[:, None])
+            else:
+                p = tl.exp2(qk * qk_scale - lse[:, None])
             if MASKED:
                 seen = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
                 p = tl.where(seen, p, 0.0)
+            if SOFTCAP:  # through c * tanh(s / c): ds gets 1 - tanh^2, folded in now so sig dies here
+                p = p * (4.0 * sig * (1.0 - sig))
             dp = tl.dot(do, tl.trans(v))  # [BLOCK_M, BLOCK_N]
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -474,12 +532,14 @@ if triton is not None:
         stride_dob, stride_doh, stride_dot,
         stride_dqb, stride_dqh, stride_dqt,
         T, qk_scale, sm_scale,
+        softcap,  # fp32 c of c * tanh(s / c) (read only if SOFTCAP)
         T_BUCKET,  # autotuning key only
         HQ: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         CAUSAL: tl.constexpr,
         HAS_DOCS: tl.constexpr,
+        SOFTCAP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -506,11 +566,11 @@ if triton is not None:
 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
-                                start, a, T, qk_scale, offs_d, BLOCK_N, True)
+                                start, a, T, qk_scale, sm_scale, softcap, offs_d, BLOCK_N, True, SOFTCAP)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
-                                a, b, T, qk_scale, offs_d, BLOCK_N, False)
+                                a, b, T, qk_scale, sm_scale, softcap, offs_d, BLOCK_N, False, SOFTCAP)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, hi,
-                                b, end, T, qk_scale, offs_d, BLOCK_N, True)
+                                b, end, T, qk_scale, sm_scale, softcap, offs_d, BLOCK_N, True, SOFTCAP)
         dq = tl.where(valid[:, None], dq * sm_scale, 0.0)
         tl.store(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
                  + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -571,7 +631,7 @@ _AMPERE = {
         256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
     },
 }
-_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "CAUSAL"]
+_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "CAUSAL", "SOFTCAP"]
 _TUNED: dict = {}  # kernel kind -> autotuned launcher, built on the first GPU call
 
 
@@ -645,26 +705,39 @@ def _launch(kind: str, grid_m, grid_bh: int, *args, **kwargs):
 # ---------------------------------------------------------------------------------------
 
 
-def _doc_ranges(doc_ids: torch.Tensor, T: int, causal: bool) -> torch.Tensor:
+def _doc_ranges(doc_ids: torch.Tensor | None, T: int, causal: bool, window: int = 0, batch: int = 1,
+                device=None) -> torch.Tensor:
     """int32 [B, 4, T]: for every token, the key range [lo, hi) a query there sees, and the
-    query range that sees a key there. Documents are runs of equal ids; ids < 0 are padding
-    (empty ranges). A handful of elementwise ops and scans; no host-device sync."""
-    ids = doc_ids
-    B = ids.shape[0]
-    pos = torch.arange(T, device=ids.device, dtype=torch.int32).expand(B, T)
-    first = torch.ones(B, T, dtype=torch.bool, device=ids.device)
-    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    last = torch.ones_like(first)
-    last[:, :-1] = first[:, 1:]
-    start = torch.cummax(torch.where(first, pos, 0), dim=1).values  # first token of the run
-    stop = torch.where(last, pos + 1, T).flip(1).cummin(dim=1).values.flip(1)  # one past its last
-    pad = ids < 0
+    query range that sees a key there. Documents are runs of equal ids (None: one document
+    of ``batch`` rows); ids < 0 are padding (empty ranges). A sliding window W (causal)
+    cuts a query i's keys to j > i - W and a key j's queries to i < j + W. A handful of
+    elementwise ops and scans; no host-device sync."""
+    device = doc_ids.device if doc_ids is not None else device
+    B = doc_ids.shape[0] if doc_ids is not None else batch
+    pos = torch.arange(T, device=device, dtype=torch.int32).expand(B, T)
+    if doc_ids is None:
+        start, stop = torch.zeros_like(pos), torch.full_like(pos, T)
+        pad = torch.zeros(B, T, dtype=torch.bool, device=device)
+    else:
+        ids = doc_ids
+        first = torch.ones(B, T, dtype=torch.bool, device=device)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        last = torch.ones_like(first)
+        last[:, :-1] = first[:, 1:]
+        start = torch.cummax(torch.where(first, pos, 0), dim=1).values  # first token of the run
+        stop = torch.where(last, pos + 1, T).flip(1).cummin(dim=1).values.flip(1)  # one past its last
+        pad = ids < 0
+    q_lo, q_hi = start, pos + 1 if causal else stop
+    k_lo, k_hi = pos if causal else start, stop
+    if window:
+        q_lo = torch.maximum(q_lo, pos - (window - 1))
+        k_hi = torch.minimum(k_hi, pos + window)
     empty_lo = torch.full_like(pos, T)
     empty_hi = torch.zeros_like(pos)
-    q_lo = torch.where(pad, empty_lo, start)
-    q_hi = torch.where(pad, empty_hi, pos + 1 if causal else stop)
-    k_lo = torch.where(pad, empty_lo, pos if causal else start)
-    k_hi = torch.where(pad, empty_hi, stop)
+    q_lo = torch.where(pad, empty_lo, q_lo)
+    q_hi = torch.where(pad, empty_hi, q_hi)
+    k_lo = torch.where(pad, empty_lo, k_lo)
+    k_hi = torch.where(pad, empty_hi, k_hi)
     return torch.stack([q_lo, q_hi, k_lo, k_hi], dim=1).to(torch.int32).contiguous()
 
 
@@ -703,7 +776,7 @@ def _t_bucket(T: int) -> int:
     return min(triton.next_power_of_2(max(T, 16)), 16384)
 
 
-def _attn_forward(q, k, v, causal: bool, scale: float, ranges):
+def _attn_forward(q, k, v, causal: bool, scale: float, softcap: float, ranges):
     B, HQ, T, D = q.shape
     HKV = k.shape[1]
     o = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
@@ -712,13 +785,13 @@ def _attn_forward(q, k, v, causal: bool, scale: float, ranges):
         "fwd", lambda bm, bn: triton.cdiv(T, bm), B * HQ,
         q, k, v, o, lse, ranges if ranges is not None else lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        T, scale * _LOG2E, _t_bucket(T),
-        HQ=HQ, GROUP=HQ // HKV, HEAD_DIM=D, CAUSAL=causal, HAS_DOCS=ranges is not None,
+        T, scale * _LOG2E, scale, softcap or 1.0, _t_bucket(T),  # (the cap is read only if SOFTCAP)
+        HQ=HQ, GROUP=HQ // HKV, HEAD_DIM=D, CAUSAL=causal, HAS_DOCS=ranges is not None, SOFTCAP=softcap > 0,
     )
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, ranges):
+def _attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, softcap: float, ranges):
     B, HQ, T, D = q.shape
     HKV = k.shape[1]
     if do.stride(-1) != 1:
@@ -738,19 +811,19 @@ def _attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, ranges):
         dk = torch.empty(split, *k.shape, device=k.device, dtype=torch.float32)
         dv = torch.empty(split, *v.shape, device=v.device, dtype=torch.float32)
     rng = ranges if ranges is not None else lse
-    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_DOCS=ranges is not None)
+    common = dict(HEAD_DIM=D, CAUSAL=causal, HAS_DOCS=ranges is not None, SOFTCAP=softcap > 0)
     _launch(
         "dkdv", lambda bm, bn: triton.cdiv(T, bn), B * HKV * split,
         q, k, v, do, lse, delta, dk, dv, rng,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *dk.stride()[:4], *dv.stride()[:4],
-        T, scale * _LOG2E, scale, _t_bucket(T),
+        T, scale * _LOG2E, scale, softcap or 1.0, _t_bucket(T),
         HQ=HQ, HKV=HKV, GROUP=HQ // HKV, SPLIT=split, **common,
     )
     _launch(
         "dq", lambda bm, bn: triton.cdiv(T, bm), B * HQ,
         q, k, v, do, lse, delta, dq, rng,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        T, scale * _LOG2E, scale, _t_bucket(T),
+        T, scale * _LOG2E, scale, softcap or 1.0, _t_bucket(T),
         HQ=HQ, GROUP=HQ // HKV, **common,
     )
     if split == 1:
@@ -759,26 +832,27 @@ def _attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, ranges):
 
 
 class TritonAttention(torch.autograd.Function):
-    """softmax(scale * Q K^T + mask) V with the fused Triton kernels, forward and backward."""
+    """softmax(cap(scale * Q K^T) + mask) V with the fused Triton kernels, forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, ranges):
+    def forward(ctx, q, k, v, causal: bool, scale: float, softcap: float, ranges):
         with _on_device(q):
-            o, lse = _attn_forward(q, k, v, causal, scale, ranges)
+            o, lse = _attn_forward(q, k, v, causal, scale, softcap, ranges)
         ctx.save_for_backward(q, k, v, o, lse, ranges)
         ctx.causal = causal
         ctx.scale = scale
+        ctx.softcap = softcap
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, ranges = ctx.saved_tensors
         with _on_device(q):
-            dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ranges)
-        return dq, dk, dv, None, None, None
+            dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.softcap, ranges)
+        return dq, dk, dv, None, None, None, None
 
 
-def _check_inputs(q, k, v, doc_ids, scale):
+def _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, HQ, T, D = q.shape
@@ -799,17 +873,26 @@ def _check_inputs(q, k, v, doc_ids, scale):
                              f"got {doc_ids.dtype} {tuple(doc_ids.shape)}")
     if not scale > 0:
         raise ValueError(f"scale must be positive; got {scale}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an integer >= 0 (0: none); got {window!r}")
+    if window and not causal:
+        raise ValueError("a sliding window needs causal=True (non-causal windows are not supported)")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be finite and >= 0 (0: none); got {softcap}")
 
 
-def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None):
+def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0, softcap=0.0):
     """Fused attention: q [B, Hq, T, D], k and v [B, Hkv, T, D] -> [B, Hq, T, D] in q's dtype.
 
     ``causal``: a query attends only to keys at or before it. ``scale``: defaults to
     1/sqrt(D). ``doc_ids``: optional [B, T] integer tensor of packed documents, ids
     non-decreasing along T (the kernel treats each run of equal ids as one document): a
     token attends only within its own document; a negative id marks padding, whose
-    output and gradients are 0 and which no token attends. GQA (Hq a multiple of Hkv) is
-    handled in the kernel; K/V are never repeated. Differentiable in q, k and v.
+    output and gradients are 0 and which no token attends. ``window`` W > 0 (causal
+    only): a query at i sees keys i - W < j <= i (within its document); key blocks behind
+    the window are skipped. ``softcap`` c > 0: the scaled scores s become c * tanh(s / c)
+    before the softmax. GQA (Hq a multiple of Hkv) is handled in the kernel; K/V are never
+    repeated. Differentiable in q, k and v.
 
     Runs fp16 / bf16 on CUDA GPUs of compute capability 8.0+, and fp32 / fp16 (bf16 via
     fp32) under TRITON_INTERPRET=1 on the CPU; see :func:`triton_attention_available`.
@@ -819,7 +902,8 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None):
         raise RuntimeError(f"triton_attention cannot run here: {why}")
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    _check_inputs(q, k, v, doc_ids, scale)
+    softcap = float(softcap or 0.0)
+    _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # keeps the graph
     if not _jit_interpreted:
@@ -834,8 +918,14 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None):
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     T = q.shape[2]
-    ranges = _doc_ranges(doc_ids.to(q.device), T, causal) if doc_ids is not None else None
-    out = TritonAttention.apply(q, k, v, bool(causal), scale, ranges)
+    window = window if window < T else 0  # a window as long as the row cuts nothing
+    if doc_ids is not None:
+        ranges = _doc_ranges(doc_ids.to(q.device), T, causal, window)
+    elif window:
+        ranges = _doc_ranges(None, T, causal, window, batch=q.shape[0], device=q.device)
+    else:
+        ranges = None  # computed in the kernel
+    out = TritonAttention.apply(q, k, v, bool(causal), scale, softcap, ranges)
     return out.to(out_dtype)
 
 

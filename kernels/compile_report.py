@@ -9,7 +9,9 @@ nothing, use wgmma on sm_90a and fit the target's shared memory.
 
 The attention kernels are compiled as a training run launches them: contiguous [B, H, T, D]
 tensors (pointers and strides divisible by 16), 32 query heads over 8 K/V heads, causal,
-packed documents on (the variant with every code path). The fused ops' kernels (RMSNorm,
+packed documents on (the variant with every code path; a sliding window takes the same
+one, its ranges come from the host), with and without soft-capped scores (the "softcap"
+variant: a constexpr switch, compiled apart, with one more tile live). The fused ops' kernels (RMSNorm,
 the gated MLP, RoPE, the loss) are compiled as their modules' ``compile_specs`` say a W1
 run launches them; they have no matrix products, so wgmma is not asked of them.
 
@@ -57,6 +59,7 @@ class Compiled:
     fits: bool | None = None  # shared memory within the target's limit
     error: str | None = None
     detail: str = ""  # a fused kernel's constexprs, in place of the attention block sizes
+    variant: str = ""  # an attention kernel's compiled variant beyond the default: "softcap"
 
     @property
     def ok(self) -> bool:
@@ -73,7 +76,7 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     for name in kernel.arg_names:
         if name in constexprs:
             types[name] = "constexpr"
-        elif name in ("qk_scale", "sm_scale"):
+        elif name in ("qk_scale", "sm_scale", "softcap"):
             types[name] = "fp32"
         elif _is_tensor(name):
             types[name] = "*" + _POINTER_DTYPES.get(name, dtype)
@@ -86,9 +89,9 @@ def _is_tensor(name: str) -> bool:
     return name[0].isupper() and name not in ("T", "T_BUCKET")  # tensors are named in capitals
 
 
-def _constexprs(kind: str, head_dim: int, block_m: int, block_n: int) -> dict:
-    values = dict(HQ=_HQ, GROUP=_HQ // _HKV, HEAD_DIM=head_dim, CAUSAL=True, HAS_DOCS=True, BLOCK_M=block_m,
-                  BLOCK_N=block_n)
+def _constexprs(kind: str, head_dim: int, block_m: int, block_n: int, softcap: bool = False) -> dict:
+    values = dict(HQ=_HQ, GROUP=_HQ // _HKV, HEAD_DIM=head_dim, CAUSAL=True, HAS_DOCS=True, SOFTCAP=softcap,
+                  BLOCK_M=block_m, BLOCK_N=block_n)
     if kind == "dkdv":
         values.update(HKV=_HKV, SPLIT=1)
     return values
@@ -135,12 +138,15 @@ def _compile(row: Compiled, fn, signature: dict, constexprs: dict, divisible, wa
     return row
 
 
-def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tuple) -> Compiled:
-    """Compile one attention kernel in one (BLOCK_M, BLOCK_N, warps, stages) configuration for ``target``."""
+def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tuple,
+                   softcap: bool = False) -> Compiled:
+    """Compile one attention kernel in one (BLOCK_M, BLOCK_N, warps, stages) configuration for ``target``
+    (``softcap``: the soft-capped variant)."""
     block_m, block_n, warps, stages = config
-    row = Compiled(kind, target, dtype, head_dim, block_m, block_n, warps, stages)
+    row = Compiled(kind, target, dtype, head_dim, block_m, block_n, warps, stages,
+                   variant="softcap" if softcap else "")
     kernel = attention.kernel_of(kind)
-    constexprs = _constexprs(kind, head_dim, block_m, block_n)
+    constexprs = _constexprs(kind, head_dim, block_m, block_n, softcap)
     divisible = [n for n in kernel.arg_names if n not in constexprs and (_is_tensor(n) or n.startswith("stride_"))]
     return _compile(row, kernel, _signature(kernel, dtype, constexprs), constexprs, divisible, warps, stages,
                     wgmma=True)
@@ -155,11 +161,12 @@ def compile_spec(spec: dict, target: str, dtype: str) -> Compiled:
 
 
 def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, workers: int | None = None,
-           attention_kernels: bool = True, fused: bool = True) -> list[Compiled]:
+           attention_kernels: bool = True, fused: bool = True, softcap=(False, True)) -> list[Compiled]:
     """Every configuration the attention autotuner may choose on each target, and every fused-op
     kernel as W1 launches it, compiled and measured.
 
     ``head_dims``: default every supported one (16 and 32 use the configurations of 64).
+    ``softcap``: the attention variants to compile, without and with soft-capping.
     """
     head_dims = head_dims or attention.HEAD_DIMS
     jobs = []
@@ -168,7 +175,8 @@ def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, work
         for kind in KINDS if attention_kernels else ():
             for head_dim in head_dims:
                 for config in attention.candidate_configs(kind, head_dim, hopper):
-                    jobs += [(compile_config, kind, target, dtype, head_dim, config) for dtype in dtypes]
+                    jobs += [(compile_config, kind, target, dtype, head_dim, config, capped)
+                             for dtype in dtypes for capped in softcap]
         for module in FUSED_KERNELS if fused else ():
             jobs += [(compile_spec, spec, target, dtype) for dtype in dtypes for spec in module.compile_specs(dtype)]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # ptxas runs outside the GIL
@@ -178,7 +186,9 @@ def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, work
 def format_report(rows: list[Compiled]) -> str:
     """The report as a table, findings first."""
     def config_of(r):
-        return f"{r.detail or f'{r.block_m}x{r.block_n}'} w{r.warps} s{r.stages}"
+        size = r.detail or f"{r.block_m}x{r.block_n}"
+        variant = f" {r.variant}" if r.variant else ""
+        return f"{size}{variant} w{r.warps} s{r.stages}"
 
     width, cwidth = max([5] + [len(r.kernel) for r in rows]), max([16] + [len(config_of(r)) for r in rows])
     header = f"{'kernel':<{width}} {'target':<7} {'dtype':<5} {'D':>4} {'config':<{cwidth}} {'smem KB':>8} " \

@@ -4,8 +4,10 @@ Registers where Triton imports and a CUDA GPU of compute capability 8.0+ drives 
 under TRITON_INTERPRET=1 (the CPU interpreter, used by tests). Before it is offered for
 a dtype and head dim, it compiles and runs one tiny forward and backward there and
 compares them with the plain-PyTorch reference (once per process), so ``auto`` never
-picks a kernel that has not worked once on this machine. Packed rows run natively:
-blocks of other documents are skipped, so it is the first choice for packed data.
+picks a kernel that has not worked once on this machine (with a sliding window and
+soft-capping when the request has them). Packed rows run natively: blocks of other
+documents are skipped, so it is the first choice for packed data; so are key blocks
+behind a sliding window.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from sftplug.kernels.attention import HEAD_DIMS  # importing never fails, Triton
 
 class Triton(AttentionBackend):
     name = "triton"
-    description = "sftplug's Triton FlashAttention-2 kernel (GQA and packed documents native)"
+    description = "sftplug's Triton FlashAttention-2 kernel (GQA, packed documents, sliding windows, soft-capping)"
     priority = 28
+    sliding_window = True
+    softcap = True
+    custom_scale = True
 
     def why_unavailable(self) -> str | None:
         from sftplug.kernels.attention import triton_attention_available
@@ -56,32 +61,48 @@ class Triton(AttentionBackend):
             return f"triton attention runs on CUDA GPUs, not {request.device.type}"
         elif request.dtype == torch.bfloat16:
             return "the Triton interpreter computes bf16 wrongly; use fp32 or fp16 on the CPU"
-        return first_run(str(request.device), request.dtype, request.head_dim)
+        return first_run(str(request.device), request.dtype, request.head_dim, window=bool(request.window),
+                         softcap=bool(request.softcap))
 
-    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):
+    def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0, softcap: float = 0.0,
+                 scale: float | None = None):
         from sftplug.kernels.attention import triton_attention
 
-        return triton_attention(q, k, v, causal=causal, doc_ids=doc_ids)
+        return triton_attention(q, k, v, causal=causal, doc_ids=doc_ids, window=window, softcap=softcap, scale=scale)
+
+
+# What the first run adds for a request with a window or soft-capping: a window shorter than its
+# 24 tokens, and a cap low enough that tanh bends the scores (they are about N(0, 1) there).
+_FIRST_RUN_WINDOW = 7
+_FIRST_RUN_SOFTCAP = 1.5
 
 
 @functools.cache
-def first_run(device: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """None when one tiny causal GQA forward and backward match the reference here, else what went wrong."""
+def first_run(device: str, dtype: torch.dtype, head_dim: int, window: bool = False,
+              softcap: bool = False) -> str | None:
+    """None when one tiny causal GQA forward and backward match the reference here (with a sliding
+    window and soft-capped scores if asked), else what went wrong."""
     from sftplug.kernels.attention import attention_reference, triton_attention
 
-    what = f"{dtype_name(dtype)}, head dim {head_dim} on {device}"
+    options = {"causal": True}
+    if window:
+        options["window"] = _FIRST_RUN_WINDOW
+    if softcap:
+        options["softcap"] = _FIRST_RUN_SOFTCAP
+    what = f"{dtype_name(dtype)}, head dim {head_dim}{', sliding window' if window else ''}" \
+           f"{', soft-capped' if softcap else ''} on {device}"
     gen = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(shape, generator=gen) for shape in [(1, 4, 24, head_dim), (1, 2, 24, head_dim),
                                                                    (1, 2, 24, head_dim), (1, 4, 24, head_dim)])
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
         try:
             x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
-            out = triton_attention(*x, causal=True)
+            out = triton_attention(*x, **options)
             got = [out, *torch.autograd.grad(out, x, do.to(device, dtype))]
         except Exception as exc:  # compilation, launch or a driver error: the reason, not a crash
             return f"triton attention failed its first run for {what}: {type(exc).__name__}: {exc}"
         x = [t.double().requires_grad_() for t in (q, k, v)]
-        ref_out = attention_reference(*x, causal=True)
+        ref_out = attention_reference(*x, **options)
         ref = [ref_out, *torch.autograd.grad(ref_out, x, do.double())]
     # relative to the largest value: a few roundings of the dtype pass, a broken kernel is off by O(1)
     tolerance = max(8 * torch.finfo(dtype).eps, 1e-4)

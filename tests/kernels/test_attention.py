@@ -5,6 +5,7 @@ kernel's error may be at most twice the error of the same-dtype PyTorch implemen
 (plus a small floor). Shapes are tiny: the interpreter runs each program in Python.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +90,85 @@ def _doc_ids(lengths, pad_before=0, pad_after=0):
     return torch.tensor(ids + [-1] * pad_after)
 
 
+@pytest.fixture
+def against_reference(grads_of, assert_close_to_float64):
+    """``check(inputs, do, dtype, what, score_bound=0, **options)``: the kernel's output and gradients
+    against float64. ``score_bound``: the largest |score| the softmax sees, when it is large."""
+
+    def check(inputs, do, dtype, what, score_bound=0.0, **options):
+        got = grads_of(triton_attention, inputs, do, dtype, **options)
+        ref64 = grads_of(attention_reference, inputs, do, torch.float64, **options)
+        same = grads_of(attention_reference, inputs, do, dtype, **options)
+        if not score_bound:
+            assert_close_to_float64(got, ref64, same, dtype, what, NAMES)
+            return
+        # Large scores: the backward recomputes P from the stored log-sum-exp (log2 units), whose
+        # rounding, eps * |score| * log2(e) relative, the PyTorch form (it keeps P) does not have.
+        floor = (16 if dtype == torch.float32 else 1) + 2 * score_bound * math.log2(math.e)
+        for name, a, r, same_dtype in zip(NAMES, got, ref64, same):
+            err = (a.double() - r).abs().max().item()
+            base = (same_dtype.double() - r).abs().max().item()
+            allowed = 2 * base + floor * torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+            assert torch.isfinite(a).all() and err <= allowed, f"{what} {name}: error {err:.3g} > {allowed:.3g}"
+
+    return check
+
+
+WINDOW_CASES = [
+    # window, dtype, document lengths (None: one per row), Hq, Hkv; T = 97
+    (1, torch.float32, None, 2, 1),
+    (5, torch.float16, [40, 57], 4, 2),
+    (16, torch.float32, [7, 50, 30], 4, 2),  # a document shorter than the window, then padding
+    (40, torch.float16, None, 2, 2),
+    (40, torch.float32, [3, 60, 34], 2, 1),  # the window crosses both document boundaries
+]
+
+
+@pytest.mark.parametrize("window,dtype,lengths,HQ,HKV", WINDOW_CASES)
+def test_sliding_window(window, dtype, lengths, HQ, HKV, against_reference):
+    T = 97
+    q, k, v, do = _inputs(1, HQ, HKV, T, 32, seed=window)
+    doc_ids = None if lengths is None else _doc_ids(lengths, pad_after=T - sum(lengths))[None]
+    against_reference((q, k, v), do, dtype, f"window={window} docs={lengths} {HQ}:{HKV}",
+                      causal=True, window=window, doc_ids=doc_ids)
+
+
+def test_window_ranges_match_the_mask():
+    # The host's ranges, row by row and key by key, are the reference's mask.
+    T, window = 53, 6
+    doc_ids = torch.stack([_doc_ids([2, 20, 25], pad_before=3, pad_after=3), _doc_ids([53])])
+    ranges = attention_module._doc_ranges(doc_ids, T, True, window)
+    allowed = attention_module._allowed_mask(T, "cpu", True, doc_ids, window)[:, 0]  # [B, T, T]
+    pos = torch.arange(T)
+    q_lo, q_hi, k_lo, k_hi = ranges.unbind(1)  # each [B, T]
+    rows = (pos >= q_lo[:, :, None]) & (pos < q_hi[:, :, None])  # [B, query, key]
+    cols = (pos >= k_lo[:, :, None]) & (pos < k_hi[:, :, None])  # [B, key, query]
+    assert torch.equal(rows, allowed)
+    assert torch.equal(cols, allowed.transpose(1, 2))
+    single = attention_module._doc_ranges(None, T, True, window, batch=2, device="cpu")
+    assert torch.equal(single[1], ranges[1])  # no doc_ids: one document per row
+
+
+SOFTCAP_CASES = [
+    # dtype, causal, window, document lengths, Hq, Hkv, T
+    (torch.float32, True, 0, None, 4, 2, 41),
+    (torch.float16, True, 9, [20, 30], 2, 1, 50),
+    (torch.float32, False, 0, [13, 20], 2, 2, 33),
+]
+
+
+@pytest.mark.parametrize("dtype,causal,window,lengths,HQ,HKV,T", SOFTCAP_CASES)
+def test_softcap(dtype, causal, window, lengths, HQ, HKV, T, against_reference):
+    # Scores far beyond the cap (|s| up to ~80 with scale 1): tanh saturates for many of them.
+    q, k, v, do = _inputs(1, HQ, HKV, T, 32, seed=T)
+    q = 4 * q
+    doc_ids = None if lengths is None else _doc_ids(lengths)[None]
+    scores = (q @ k.repeat_interleave(HQ // HKV, dim=1).transpose(-1, -2)).abs()
+    assert scores.max() > 60  # the cap bites
+    against_reference((q, k, v), do, dtype, f"softcap {dtype} causal={causal} window={window}", score_bound=30.0,
+                      causal=causal, scale=1.0, softcap=30.0, window=window, doc_ids=doc_ids)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lengths", [[45], [13, 30], [1, 9, 17, 3, 20]], ids=["1doc", "2docs", "5docs"])
 def test_packed_documents_equal_separate_runs(lengths, causal, grads_of, assert_close_to_float64):
@@ -166,6 +246,26 @@ def test_blocks_outside_the_ranges_are_skipped():
     for name, g in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(g[:, :, 32:]).all(), name
 
+    # A sliding window of 16 keys: rows 32..47 see keys from 17 on, so their programs (forward
+    # and dQ) start there; keys 0..16 are poisoned and rows 16..31, which do see them, turn NaN.
+    x = [t.clone() for t in (q, k, v)]
+    x[1][:, :, :17] = nan
+    x[2][:, :, :17] = nan
+    x = [t.requires_grad_() for t in x]
+    out = triton_attention(*x, causal=True, window=16)
+    dq, _, _ = torch.autograd.grad(out, x, do)
+    assert out[:, :, 16:32].isnan().all()
+    assert torch.isfinite(out[:, :, 32:]).all() and torch.isfinite(dq[:, :, 32:]).all()
+
+    # dK/dV: key j is seen by queries j <= i < j + 16, so keys below 32 never read queries from 48 on.
+    x = [t.clone() for t in (q, k, v)]
+    x[0][:, :, 48:] = nan
+    x = [t.requires_grad_() for t in x]
+    out = triton_attention(*x, causal=True, window=16)
+    _, dk, dv = torch.autograd.grad(out, x, do)
+    assert dk[:, :, 33:48].isnan().all()  # they are seen by poisoned queries
+    assert torch.isfinite(dk[:, :, :32]).all() and torch.isfinite(dv[:, :, :32]).all()
+
 
 def test_non_contiguous_inputs(grads_of):
     B, T, HQ, HKV, D = 2, 33, 4, 2, 32
@@ -203,6 +303,12 @@ def test_input_checks():
         triton_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="doc_ids"):
         triton_attention(q, k, v, doc_ids=torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs causal=True"):
+        triton_attention(q, k, v, causal=False, window=4)
+    with pytest.raises(ValueError, match="window must be an integer"):
+        triton_attention(q, k, v, window=-1)
+    with pytest.raises(ValueError, match="softcap must be"):
+        triton_attention(q, k, v, softcap=-5.0)
 
 
 def test_available_under_the_interpreter(monkeypatch):

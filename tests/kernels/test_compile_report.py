@@ -4,9 +4,10 @@ GPUTarget; the Triton wheel ships ptxas): no register spills, shared memory with
 target's, and wgmma on Hopper wherever auto may pick Triton attention.
 
 The attention kernels are compiled in bf16 at head dims 64, 128 and 256, which own the
-config tables (16 and 32 take 64's and use fewer registers); fp16 compiles to the same
-registers and shared memory (checked on one config). `sftplug doctor --compile` covers
-every dtype and head dim.
+config tables (16 and 32 take 64's and use fewer registers), without and with soft-capping
+(a constexpr variant with one more tile live; a sliding window compiles as packed documents
+do); fp16 compiles to the same registers and shared memory (checked on one config).
+`sftplug doctor --compile` covers every dtype and head dim.
 """
 
 import os
@@ -28,11 +29,13 @@ from sftplug.kernels.compile_report import (  # noqa: E402
 )
 
 
-def test_every_config_the_autotuner_may_choose_compiles_clean():
-    rows = report(dtypes=("bf16",), head_dims=(64, 128, 256), fused=False)
+@pytest.mark.parametrize("softcap", [False, True], ids=["plain", "softcap"])
+def test_every_config_the_autotuner_may_choose_compiles_clean(softcap):
+    rows = report(dtypes=("bf16",), head_dims=(64, 128, 256), fused=False, softcap=(softcap,))
     expected = sum(len(attention.candidate_configs(kind, d, TARGETS[t][0] >= 90))
                    for t in TARGETS for kind in ("fwd", "dkdv", "dq") for d in (64, 128, 256))
     assert len(rows) == expected
+    assert {r.variant for r in rows} == {"softcap" if softcap else ""}
     assert all(r.ok for r in rows), format_report(rows)
     hopper = [r for r in rows if r.target == "sm_90a"]
     assert all(r.wgmma for r in hopper if (r.kernel, r.head_dim) not in WITHOUT_WGMMA), format_report(rows)
