@@ -146,9 +146,8 @@ if triton is not None:
     @triton.jit
     def _softcap_sigmoid(qk, sm_scale, softcap):
         """sigmoid(2 s / c) of the natural-scale scores s = sm_scale * qk: tanh(s / c) = 2 sigmoid - 1."""
-        e = tl.exp2(qk * (-2.0 * _LOG2E_C * sm_scale / softcap))
-        # IEEE division (div.rn): with "/" (div.full) ptxas spills in one D=256 backward config (measured)
-        return tl.fdiv(tl.zeros_like(e) + 1.0, 1.0 + e, ieee_rounding=True)
+        # As tl.sigmoid, the scale folded into exp2's argument ("/" is div.full.f32: IEEE division spills)
+        return 1.0 / (1.0 + tl.exp2(qk * (-2.0 * _LOG2E_C * sm_scale / softcap)))
 
     @triton.jit
     def _log2_scores(qk, qk_scale, sm_scale, softcap, SOFTCAP: tl.constexpr):
