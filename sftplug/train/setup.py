@@ -92,9 +92,10 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
 def fused_request(model, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> FusedOpsRequest:
     c = model.config
     return FusedOpsRequest(device=device, dtype=dtype, hidden_size=c.hidden_size,
-                           intermediate_size=c.intermediate_size, head_dim=c.head_dim, rotary_dim=c.head_dim,
+                           intermediate_size=c.intermediate_size, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
                            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-                           tokens=config.micro_bsz * config.seq_len, trains_norms=config.full)
+                           tokens=config.micro_bsz * config.seq_len, activation=c.activation,
+                           gemma_norm=c.gemma_norm, trains_norms=config.full)
 
 
 def training_device(name: str, world: distributed.World) -> torch.device:
