@@ -644,9 +644,16 @@ def _hopper(device) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def candidate_configs(kind: str, head_dim: int, hopper: bool) -> list[tuple[int, int, int, int]]:
+# Configs that spill registers once scores are soft-capped (tanh and its derivative live in
+# the loop): (kind, head dim, hopper) -> configs the soft-capped variant leaves out.
+_SOFTCAP_SPILLS = {("dq", 256, False): {(64, 32, 8, 2), (32, 32, 4, 2)}}
+
+
+def candidate_configs(kind: str, head_dim: int, hopper: bool, softcap: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may choose for one kernel kind."""
-    return list((_HOPPER if hopper else _AMPERE)[kind][_config_dim(head_dim)])
+    dim = _config_dim(head_dim)
+    spills = _SOFTCAP_SPILLS.get((kind, dim, hopper), set()) if softcap else set()
+    return [c for c in (_HOPPER if hopper else _AMPERE)[kind][dim] if c not in spills]
 
 
 def kernel_of(kind: str):
@@ -654,15 +661,16 @@ def kernel_of(kind: str):
     return {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
 
 
-def _candidates(kind: str, head_dim: int, device) -> list:
-    return candidate_configs(kind, head_dim, _hopper(device))
+def _candidates(kind: str, head_dim: int, device, softcap: bool) -> list:
+    return candidate_configs(kind, head_dim, _hopper(device), softcap)
 
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
         head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+        softcap = bool(named_args.get("SOFTCAP", kwargs.get("SOFTCAP", False)))
         q = named_args["Q"]
-        wanted = set(_candidates(kind, head_dim, q.device))
+        wanted = set(_candidates(kind, head_dim, q.device, softcap))
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         # Short sequences: drop blocks far longer than the sequence (they only add padding).
         T = named_args["T"]

@@ -174,9 +174,9 @@ def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, work
         hopper = TARGETS[target][0] >= 90  # as attention._candidates decides on a real GPU
         for kind in KINDS if attention_kernels else ():
             for head_dim in head_dims:
-                for config in attention.candidate_configs(kind, head_dim, hopper):
-                    jobs += [(compile_config, kind, target, dtype, head_dim, config, capped)
-                             for dtype in dtypes for capped in softcap]
+                for capped in softcap:
+                    jobs += [(compile_config, kind, target, dtype, head_dim, config, capped) for dtype in dtypes
+                             for config in attention.candidate_configs(kind, head_dim, hopper, capped)]
         for module in FUSED_KERNELS if fused else ():
             jobs += [(compile_spec, spec, target, dtype) for dtype in dtypes for spec in module.compile_specs(dtype)]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # ptxas runs outside the GIL

@@ -32,7 +32,7 @@ from sftplug.kernels.compile_report import (  # noqa: E402
 @pytest.mark.parametrize("softcap", [False, True], ids=["plain", "softcap"])
 def test_every_config_the_autotuner_may_choose_compiles_clean(softcap):
     rows = report(dtypes=("bf16",), head_dims=(64, 128, 256), fused=False, softcap=(softcap,))
-    expected = sum(len(attention.candidate_configs(kind, d, TARGETS[t][0] >= 90))
+    expected = sum(len(attention.candidate_configs(kind, d, TARGETS[t][0] >= 90, softcap))
                    for t in TARGETS for kind in ("fwd", "dkdv", "dq") for d in (64, 128, 256))
     assert len(rows) == expected
     assert {r.variant for r in rows} == {"softcap" if softcap else ""}
