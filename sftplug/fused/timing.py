@@ -96,21 +96,15 @@ def outputs(form, args, grad, leaves) -> list[torch.Tensor]:
 def time_op(form, case: OpCase, reps: int = 10, warmup: int = 2) -> tuple[float, float | None]:
     """(forward ms, backward ms or None for the loss step, which computes its gradient in the
     forward): medians over ``reps``, after ``warmup`` untimed repetitions."""
-    forward, both = [], []
+    forward, backward = [], []
     for i in range(warmup + reps):
         args, grad, _ = case.make(seed=i)
-        t_forward = _timed(case.device, lambda: form(*args))  # noqa: B023 - called at once
-        if grad is None:
-            forward.append(t_forward)
-            continue
-        args, grad, _ = case.make(seed=i)
-        t_both = _timed(case.device, lambda: form(*args).backward(grad))  # noqa: B023 - called at once
-        forward.append(t_forward)
-        both.append(t_both)
+        out = []
+        forward.append(_timed(case.device, lambda: out.append(form(*args))))  # noqa: B023 - called at once
+        if grad is not None:
+            backward.append(_timed(case.device, lambda: out[0].backward(grad)))  # noqa: B023 - called at once
     forward_ms = statistics.median(forward[warmup:])
-    if not both:
-        return forward_ms, None
-    return forward_ms, max(statistics.median(both[warmup:]) - forward_ms, 0.0)
+    return forward_ms, statistics.median(backward[warmup:]) if backward else None
 
 
 def _timed(device: torch.device, fn) -> float:
