@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import sftplug
-from sftplug.loading import load_model
 from sftplug.errors import SftplugError
 from sftplug.hf.config import config_from_hf
+from sftplug.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 
