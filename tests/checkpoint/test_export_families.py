@@ -80,10 +80,7 @@ def test_lora_trains_and_exports_merged_and_as_an_adapter(tmp_path, family, make
     assert relative_error(hf_logits(wrapped), ours) <= 1e-4
 
 
-# the LoRA test's merged export already writes every base weight under its HF name; full fine-tuning
-# adds trained norms: the families whose norms differ (sandwich + q/k per head, post + q/k per
-# projection, fused qkv_proj / gate_up_proj)
-@pytest.mark.parametrize("family", ["gemma3", "olmo2", "phi3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_full_fine_tuning_trains_and_exports(tmp_path, family, make_hf_folder, registry):
     base = tmp_path / "hf"
     make_hf_folder(base, **FAMILIES[family])

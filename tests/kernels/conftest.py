@@ -16,6 +16,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
+    # the interpreter's child pytest first: with --dist loadfile it then runs beside the other files,
+    # not after them
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/kernels/test_interpreted.py")
     if INTERPRETED:
         return
     interpreted = [item for item in items if item.get_closest_marker("interpreted")]
