@@ -18,9 +18,9 @@ Public API: :func:`rope`, :func:`rope_reference`, :func:`compile_specs`.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from sftplug.kernels.attention import _on_device  # launch on the tensor's GPU
 
 try:  # importing this module must never fail: the trainer probes it on any machine
     import triton
@@ -213,11 +213,6 @@ def _check_runnable(x: torch.Tensor) -> None:
                            "set it before the first import")
     if not _jit_interpreted and not x.is_cuda:
         raise ValueError(f"the Triton RoPE needs CUDA tensors (got {x.device}); TRITON_INTERPRET=1 runs it on the CPU")
-
-
-def _on_device(x: torch.Tensor):
-    """Launch on the tensor's GPU, not the current one."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------
