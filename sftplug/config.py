@@ -27,6 +27,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OVERLONG = ("truncate", "drop")
 STRATEGIES = ("ddp", "fsdp")
+QUANT_TYPES = ("none", "nf4", "fp4")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 ON_NONFINITE = ("stop", "skip")
 # Option groups and their titles, in the order `sftplug train -h` shows them.
 GROUPS = {"model": "Model", "data": "Data", "optimizer": "Optimizer", "lora": "LoRA", "runtime": "Runtime",
@@ -75,6 +77,8 @@ class TrainConfig:
     warmup: int = option(10, "Warmup updates.", "optimizer", minimum=0)
     schedule: str = option("cosine", "Learning-rate schedule.", "optimizer", choices=SCHEDULES)
     weight_decay: float = option(0.0, "AdamW weight decay.", "optimizer")
+    optimizer: str = option("adamw", "torch's AdamW, or bitsandbytes' 8-bit (adamw8bit) and paged (paged_adamw, "
+                            "paged_adamw8bit: GPU only) AdamW.", "optimizer", choices=OPTIMIZERS)
     max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.", "optimizer")
     seed: int = option(0, "Seed of the data order, eval split and LoRA init.", "optimizer")
     # -- LoRA
@@ -88,6 +92,11 @@ class TrainConfig:
                                            "lora")
     lora_variant: str = option("lora", "lora, or dora (PEFT's use_dora).", "lora", choices=LORA_VARIANTS)
     rslora: bool = option(False, "Rank-stabilised scale alpha / sqrt(r) (PEFT's use_rslora).", "lora")
+    quantize: str = option("none", "QLoRA: keep the frozen base's block weights in 4-bit through bitsandbytes "
+                           "(nf4 or fp4), computing in --dtype; embeddings and the LM head stay unquantised.",
+                           "lora", choices=QUANT_TYPES)
+    double_quant: bool = option(True, "With --quantize, quantise the 4-bit blocks' scales too (QLoRA's double "
+                                "quantisation).", "lora")
     adapter: str | None = option(None, "A PEFT LoRA adapter folder (adapter_config.json + "
                                  "adapter_model.safetensors) to continue training on --model, its base; its r, "
                                  "alpha, dropout, targets and variant replace --lora-*.", "lora")
@@ -100,10 +109,12 @@ class TrainConfig:
                         "here), none, all, or ops to fuse: rmsnorm,glu,rope,cross_entropy (OP=FORM names a form).",
                         "runtime")
     grad_ckpt: bool = option(False, "Activation checkpointing per block.", "runtime")
+    offload_activations: bool = option(False, "Keep each block's saved activations in pinned CPU memory between "
+                                       "forward and backward (with --grad-ckpt: the blocks' inputs).", "runtime")
     torch_compile: bool = option(False, "Compile each transformer block (time reported apart).", "runtime")
     compile_mode: str = option("default", "torch.compile mode.", "runtime", choices=COMPILE_MODES)
-    strategy: str = option("ddp", "Under torchrun: replicate the model (ddp) or shard it with FSDP2 (fsdp, "
-                           "with --full).", "runtime", choices=STRATEGIES)
+    strategy: str = option("ddp", "Under torchrun: replicate the model (ddp) or shard it with FSDP2 per block "
+                           "(fsdp; LoRA shards the frozen base and the adapters).", "runtime", choices=STRATEGIES)
     workers: int = option(0, "DataLoader workers prefetching batches.", "runtime", minimum=0)
     profile: bool = option(False, "Print forward/backward/optimizer ms per update.", "runtime")
     # -- the run
@@ -142,8 +153,9 @@ class TrainConfig:
         parse_fused(self.fused)
         if self.adapter and self.full:
             raise SftplugError("--adapter continues a LoRA adapter; it cannot be combined with --full")
-        if self.strategy == "fsdp" and not self.full:
-            raise SftplugError("--strategy fsdp shards full fine-tuning; add --full, or use --strategy ddp for LoRA")
+        if self.quantize != "none" and self.full:
+            raise SftplugError(f"--quantize {self.quantize} keeps the frozen base quantised under LoRA adapters "
+                               "(QLoRA); it cannot be combined with --full")
 
     def to_dict(self) -> dict:
         d = asdict(self)

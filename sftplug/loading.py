@@ -25,13 +25,16 @@ class LoadedModel:
     attention: AttentionChoice | None = None  # set by load_model
 
 
-def load_model(source: str, *, dtype=None, device="cpu", registry=None, attention: str | None = "auto") -> LoadedModel:
+def load_model(source: str, *, dtype=None, device="cpu", registry=None, attention: str | None = "auto",
+               quantize=None) -> LoadedModel:
     """The model and tokenizer ``source`` names, loaded by the first plugin that knows it.
 
     :param dtype: the weights' dtype, or None for the source's own.
     :param attention: the backend for every block: "auto" (the fastest for the weights'
         dtype on ``device``) or a name; None leaves it unset for a caller that chooses
         later (a training run knows whether its rows are packed only after tokenising).
+    :param quantize: a :class:`sftplug.model.quantize.QuantSpec` to keep the base's block
+        weights in 4-bit (QLoRA), or None.
     """
     from sftplug.registry import build_registry
 

@@ -85,6 +85,20 @@ def module_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+BITSANDBYTES_INSTALL = "pip install 'sftplug[quantize]' (bitsandbytes)"
+
+
+def import_bitsandbytes(what: str):
+    """bitsandbytes, or an SftplugError saying that ``what`` (an option) needs it and how to install it."""
+    from sftplug.errors import SftplugError
+
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SftplugError(f"{what} needs bitsandbytes: {BITSANDBYTES_INSTALL}") from None
+    return bitsandbytes
+
+
 @functools.cache
 def triton_version() -> str | None:
     if not module_available("triton"):

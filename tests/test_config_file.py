@@ -68,7 +68,7 @@ def test_overrides_win_over_the_file_and_the_file_over_the_defaults(tmp_path):
         ("dtype: fp8\n", "run.yaml, key 'dtype': --dtype must be one of auto, bf16, fp16, fp32, got 'fp8'"),
         ("lr: -1e-4\n", "run.yaml, key 'lr': --lr must be positive, got -0.0001"),
         ("field_map: question\n", "run.yaml, key 'field_map': --field-map question: expected FIELD=NAME pairs"),
-        ("strategy: fsdp\n", "run.yaml, key 'strategy': --strategy fsdp shards full fine-tuning; add --full"),
+        ("quantize: nf4\nfull: true\n", "run.yaml, keys 'quantize', 'full': --quantize nf4 keeps the frozen base"),
         ("eval_split: 0.1\neval_data: e.jsonl\n", "run.yaml, keys 'eval_split', 'eval_data': use --eval-split or"),
         # the file itself
         ("steps: 3\n  lr: 1\n", "run.yaml: not valid YAML: line 2, column 5: mapping values are not allowed here"),

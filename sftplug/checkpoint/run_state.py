@@ -24,8 +24,9 @@ from sftplug.model.lora import hf_targets, lora_settings, shared_a_layout, train
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "lora_variant", "rslora", "data", "field_map",
-          "seq_len", "pack", "seed", "micro_bsz", "strategy")
-ADDED_LATER = {"lora_variant": "lora", "rslora": False}  # what a checkpoint saved before these settings existed ran
+          "seq_len", "pack", "seed", "micro_bsz", "strategy", "quantize", "double_quant", "optimizer")
+# what a checkpoint saved before these settings existed ran
+ADDED_LATER = {"lora_variant": "lora", "rslora": False, "quantize": "none", "double_quant": True, "optimizer": "adamw"}
 
 
 def save_checkpoint(run) -> Path:

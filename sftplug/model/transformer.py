@@ -291,6 +291,7 @@ class Transformer(nn.Module):
         if config.rope_local_theta:
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing (--grad-ckpt)
+        self.offload_activations = False  # saved activations kept in CPU memory (--offload-activations)
 
     def init_weights(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)

@@ -23,8 +23,10 @@ from sftplug.fused.choice import attach_fused
 from sftplug.fused.op import FusedOpsRequest
 from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora, describe_lora, load_peft_adapter
+from sftplug.model.quantize import quant_spec
 from sftplug.train import lock
 from sftplug.train.flops import peak_flops
+from sftplug.train.optimizers import make_optimizer
 from sftplug.train.precision import PrecisionPolicy, resolve_dtype
 from sftplug.train.run import Run
 from sftplug.train.schedule import Schedule
@@ -56,7 +58,7 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = load_model(config.model, dtype=base_dtype(config, precision), device=device, registry=registry,
-                        attention=None)
+                        attention=None, quantize=quant_spec(config.quantize, config.double_quant))
     tokenizer = loaded.tokenizer
     if config.chat_template:
         tokenizer.set_chat_template(config.chat_template)
@@ -74,6 +76,10 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     echo(f"model: {loaded.description}; {mode} on {device}")
     echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
     echo(f"fused ops: {fused.describe()}")
+    if config.offload_activations:
+        from sftplug.train.offload import describe_offload
+
+        echo(f"activations: {describe_offload(device, config.grad_ckpt)}")
     for note in steering_notes():
         echo(f"environment: {note}")
     if config.torch_compile:
@@ -82,8 +88,7 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
         config=config, registry=registry, world=world, echo=echo, out=out, device=device, precision=precision,
         model=model, tokenizer=tokenizer, params=params, replicated=replicated, data=data,
         batches=make_batches(data.train, config, device, world), attention=attention, fused=fused,
-        optimizer=torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay,
-                                    eps=1e-8),
+        optimizer=make_optimizer(config.optimizer, params, config.lr, config.weight_decay, device),
         schedule=Schedule(config.schedule, config.lr, config.warmup, config.steps, config.min_lr_ratio),
         peak_flops=peak_flops(device, half=precision.autocast_dtype is not None),
     )  # fmt: skip
@@ -125,6 +130,7 @@ def base_dtype(config: TrainConfig, precision: PrecisionPolicy) -> torch.dtype:
 def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distributed.World, echo) -> torch.nn.Module:
     """The loaded model made trainable: every weight (sharded under FSDP), or LoRA adapters."""
     model.checkpoint_blocks = config.grad_ckpt
+    model.offload_activations = config.offload_activations
     if config.full:
         model.requires_grad_(True)
         if config.strategy == "fsdp" and world.active:
