@@ -1,4 +1,5 @@
-"""FSDP checkpoints: each rank's shards of weights and optimizer state (torch.distributed.checkpoint).
+"""FSDP checkpoints: each rank's shards of the trainable weights and optimizer state
+(torch.distributed.checkpoint); a LoRA run's shards hold the adapter alone.
 
 :func:`save` and :func:`load` are collective calls in a sharded run (the world size must
 be the one that saved); :func:`read_full_weights` reassembles full tensors in one process
@@ -16,23 +17,42 @@ from sftplug.errors import SftplugError
 
 
 def save(model: torch.nn.Module, optimizer, folder: Path) -> None:
-    """Every rank writes its own shards of the weights and optimizer state."""
+    """Every rank writes its own shards of the trainable weights and their optimizer state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = _state(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
 def load(model: torch.nn.Module, optimizer, folder: Path) -> None:
     """Each rank reads back its shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # also creates Adam's state to fill
+    model_state, optimizer_state = _state(model, optimizer)  # also creates Adam's state to fill
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_options(strict=False))  # the frozen base is not in it: it came from --model
+
+
+def _options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # the frozen base (LoRA) is neither gathered nor written
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The sharded state dicts a checkpoint holds: the trainable weights (LoRA: the adapter, named
+    as an unsharded run saves it) and the optimizer's state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
+    if any(not p.requires_grad for p in model.parameters()):  # nor what a 4-bit base adds to its state dict
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        model_state = {name: t for name, t in model_state.items() if name in trainable}
+    return model_state, optimizer_state
 
 
 def read_full_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -53,6 +53,8 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
 
 def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, out, rows: Rows | None) -> Run:
     """The run's parts, in the order of the data flow (:func:`build_run` without the folder's lock)."""
+    world = distributed.share_out(world, out)  # whether every node sees rank 0's OUT
+    check_shared_out(config, world, echo)
     device = training_device(config.device, world)
     precision, precision_why = choose_precision(registry, config, device)
     torch.manual_seed(config.seed)
@@ -128,16 +130,11 @@ def base_dtype(config: TrainConfig, precision: PrecisionPolicy) -> torch.dtype:
 
 
 def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distributed.World, echo) -> torch.nn.Module:
-    """The loaded model made trainable: every weight (sharded under FSDP), or LoRA adapters."""
+    """The loaded model made trainable: every weight, or LoRA adapters; sharded under --strategy fsdp."""
     model.checkpoint_blocks = config.grad_ckpt
     model.offload_activations = config.offload_activations
     if config.full:
         model.requires_grad_(True)
-        if config.strategy == "fsdp" and world.active:
-            distributed.shard(model)
-        elif config.strategy == "fsdp":
-            echo("strategy: fsdp shards across processes; this run has one, so nothing is sharded "
-                 "(start several with --nproc N or torchrun)")
     else:
         model.requires_grad_(False)
         if config.adapter:  # a PEFT adapter continued: its own r, alpha, targets and variant
@@ -145,13 +142,44 @@ def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distribu
         else:
             model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
                                config.lora_variant, config.rslora)
+    if config.strategy == "fsdp":  # LoRA: the frozen base and the adapters, after the adapters' hooks are set
+        shard_model(model, world, echo)
     model.train()
     return model
 
 
+def shard_model(model: torch.nn.Module, world: distributed.World, echo) -> None:
+    """``--strategy fsdp``: FSDP2 per block under torchrun; says what stays whole on every rank."""
+    if not world.active:
+        echo("strategy: fsdp shards across processes; this run has one, so nothing is sharded "
+             "(start several with --nproc N or torchrun)")
+        return
+    whole = distributed.shard(model)
+    if whole:
+        size = sum(p.numel() * p.element_size() for p in whole)
+        echo(f"strategy: fsdp shards the rest, but the {len(whole)} 4-bit weights ({size / 2**20:,.1f} MiB) stay whole "
+             "on every process (FSDP2 cannot split bitsandbytes' Params4bit)")
+
+
+def check_shared_out(config: TrainConfig, world: distributed.World, echo) -> None:
+    """What every process reads or writes in OUT needs one folder that all of them see."""
+    if world.shared_out:
+        return
+    if config.strategy == "fsdp":
+        raise SftplugError(f"--strategy fsdp: every process writes its checkpoint shards into --out {config.out}, but "
+                           "some nodes do not see rank 0's folder; give all nodes one shared --out, or use "
+                           "--strategy ddp")
+    if config.resume:
+        raise SftplugError(f"--resume: every process reads the checkpoint from --out {config.out}, but some nodes do "
+                           "not see rank 0's folder; give all nodes one shared --out to resume")
+    echo(f"out: some nodes do not see rank 0's --out {config.out}; each node's first process keeps the data cache "
+         "in its own, checkpoints and logs are rank 0's")
+
+
 def load_data(config: TrainConfig, tokenizer, world: distributed.World, out, echo) -> Prepared:
-    """Tokenised rows; rank 0 tokenises and fills the cache, the other ranks then read it."""
-    with distributed.main_first(world):
+    """Tokenised rows; one process per OUT folder (rank 0 where all share it, else each node's
+    first process) tokenises and fills the cache, the other processes then read it."""
+    with distributed.leaders_first(world, world.writes_cache):
         prepared = prepare_data(
             tokenizer, data=config.data, eval_data=config.eval_data, eval_split=config.eval_split,
             seq_len=config.seq_len, pack=config.pack, fmt=config.format, train_on_prompt=config.train_on_prompt,
