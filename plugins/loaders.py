@@ -11,12 +11,14 @@ from sftplug import hookimpl
 from sftplug.checkpoint import folders
 from sftplug.config import ASSETS
 from sftplug.data.tokenizer import Tokenizer
+from sftplug.dtypes import as_dtype
 from sftplug.errors import SftplugError
 from sftplug.hf.load import CONFIG, load_hf_folder
 from sftplug.hf.names import load_state_dict_exact
 from sftplug.hf.weights import has_weight_files
 from sftplug.loading import LoadedModel
 from sftplug.model.lora import apply_lora_settings, shared_a_layout, upgrade_shared_a
+from sftplug.model.quantize import QuantSpec
 from sftplug.model.transformer import PRESETS, ModelConfig, Transformer
 
 BASE_SEED = 1234  # presets are a fixed random init, so every run starts from the same base
@@ -37,7 +39,7 @@ class Presets:
 
 class HFCheckpoint:
     @hookimpl
-    def load_state(self, source, dtype, device):
+    def load_state(self, source, dtype, device, quantize):
         folder = Path(source)
         if not folder.is_dir() or (folder / folders.MANIFEST).is_file():
             return None  # not a folder, or an sftplug checkpoint (its own loader)
@@ -45,24 +47,25 @@ class HFCheckpoint:
             if has_weight_files(folder):
                 raise SftplugError(f"{folder}: has weights but no {CONFIG}; an HF checkpoint folder needs both")
             return None
-        return load_hf_folder(folder, dtype=dtype, device=device)
+        return load_hf_folder(folder, dtype=dtype, device=device, quantize=quantize)  # quantised as it is read
 
 
 class SftplugCheckpoint:
     @hookimpl
-    def load_state(self, source, dtype, device, load_model):
+    def load_state(self, source, dtype, device, load_model, quantize):
         if not folders.is_checkpoint(source):
             return None
         folder = folders.resolve(source)
         manifest = folders.verify(folder)
         if "base_model" not in manifest:
             raise SftplugError(f"{folder / folders.MANIFEST}: no base_model; the checkpoint cannot be loaded")
-        base = load_model(manifest["base_model"])
+        lora = manifest.get("lora")
+        quantized = base_quantization(manifest, folder, quantize) if lora else None  # a full fine-tune: dense
+        base = load_model(manifest["base_model"], quantize=quantized)
         model = base.model
         template = manifest.get("config", {}).get("chat_template")
         if template:  # the run trained with this template; answer with it too
             base.tokenizer.set_chat_template(template)
-        lora = manifest.get("lora")
         if lora:
             model = apply_lora_settings(model, lora)
         weights = folders.load_weights(folder)
@@ -72,7 +75,28 @@ class SftplugCheckpoint:
         load_state_dict_exact(model, weights, str(folder / folders.WEIGHTS), expected=trainable)
         model.eval()
         info = {"base_model": manifest["base_model"], "lora": lora, "step": manifest["step"]}
-        return LoadedModel(model, base.tokenizer, str(folder), f"sftplug checkpoint {folder}", info)
+        description = f"sftplug checkpoint {folder}"
+        if base.info.get("quantized"):
+            info["quantized"] = base.info["quantized"]
+            description += f" (base: {base.description})"
+        return LoadedModel(model, base.tokenizer, str(folder), description, info)
+
+
+def base_quantization(manifest: dict, folder: Path, asked: QuantSpec | None) -> QuantSpec | None:
+    """How a LoRA checkpoint's base is quantised: as its run trained it (--quantize, --double-quant
+    and the dtype it quantised from), else as ``asked``."""
+    config = manifest.get("config", {})
+    kind = config.get("quantize", "none")
+    if kind == "none":
+        return asked
+    trained = QuantSpec(kind, config.get("double_quant", True), as_dtype(manifest["lora"].get("base_dtype")))
+    if trained.dtype is None:
+        raise SftplugError(f"{folder / folders.MANIFEST}: trained on a {kind} base but records no base_dtype; "
+                           "the checkpoint is incomplete")
+    if asked is not None and (asked.kind, asked.double_quant) != (trained.kind, trained.double_quant):
+        raise SftplugError(f"--quantize {asked.kind}: {folder} was trained on a {kind} base "
+                           f"(double_quant={trained.double_quant}); use its settings")
+    return trained
 
 
 presets = Presets()

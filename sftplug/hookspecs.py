@@ -39,7 +39,7 @@ def configure_precision(dtype, device, tf32):
 
 
 @hookspec(firstresult=True)
-def load_state(source, dtype, device, load_model):
+def load_state(source, dtype, device, load_model, quantize):
     """Load the model and tokenizer that ``source`` names.
 
     Stops at the first non-None result.
@@ -48,8 +48,13 @@ def load_state(source, dtype, device, load_model):
         checkpoint folder, as given by ``--model`` or ``sftplug generate``.
     :param dtype: the :class:`torch.dtype` for the weights, or None for the source's own.
     :param device: the :class:`torch.device` to load onto.
-    :param load_model: the core's loader, callable as ``load_model(source)``, for
-        formats that build on another model (an adapter on its base).
+    :param load_model: the core's loader, callable as ``load_model(source, quantize=None)``,
+        for formats that build on another model (an adapter on its base).
+    :param quantize: a :class:`sftplug.model.quantize.QuantSpec` when the run keeps the base's
+        block linears in 4-bit (``--quantize``), else None. A plugin may quantise while it reads
+        (never holding the dense model) and set ``info["quantized"]``; one that ignores this
+        argument (or leaves it out) returns dense weights, and the core quantises them
+        afterwards, layer by layer.
     :returns: an :class:`sftplug.loading.LoadedModel`, or None when this plugin does not
         handle the source.
     """

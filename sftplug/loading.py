@@ -34,20 +34,33 @@ def load_model(source: str, *, dtype=None, device="cpu", registry=None, attentio
         dtype on ``device``) or a name; None leaves it unset for a caller that chooses
         later (a training run knows whether its rows are packed only after tokenising).
     :param quantize: a :class:`sftplug.model.quantize.QuantSpec` to keep the base's block
-        weights in 4-bit (QLoRA), or None.
+        weights in 4-bit (QLoRA), or None. A loader that does not quantise while it reads (presets,
+        third-party loaders) returns dense weights; they are quantised here, layer by layer.
     """
     from sftplug.registry import build_registry
 
     registry = registry or build_registry()
     device = torch.device(device) if isinstance(device, str) else device
 
-    def load_base(inner_source: str) -> LoadedModel:  # for formats built on another model
-        return load_model(inner_source, dtype=dtype, device=device, registry=registry, attention=None)
+    def load_base(inner_source: str, quantize=None) -> LoadedModel:  # for formats built on another model
+        return load_model(inner_source, dtype=dtype, device=device, registry=registry, attention=None,
+                          quantize=quantize)
 
-    loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_model=load_base)
+    loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_model=load_base,
+                                      quantize=quantize)
     if loaded is None:
         raise SftplugError(f"{source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint")
+    if quantize is not None and not loaded.info.get("quantized"):  # a loader that returned dense weights
+        quantize_dense(loaded, quantize)
     if attention is not None:
         dtype = next(loaded.model.parameters()).dtype
         loaded.attention = attach(loaded.model, registry, attention, device, dtype)
     return loaded
+
+
+def quantize_dense(loaded: LoadedModel, spec) -> None:
+    from sftplug.model.quantize import describe_quantized, quantize_model, quantized_info
+
+    quantize_model(loaded.model, spec)
+    loaded.info["quantized"] = quantized_info(loaded.model)
+    loaded.description += f"; {describe_quantized(loaded.model)}"

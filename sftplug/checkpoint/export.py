@@ -18,6 +18,12 @@ PEFT's LoRA on each targeted projection, stacked (sftplug.model.lora): projectio
 its r rows of the stacked A, its lora_B the diagonal block of B (its output rows, its r
 columns), its DoRA magnitude its rows. Merging adds scaling * B @ A to the base weight in fp32
 before casting (DoRA: and scales each row by magnitude / its norm, as PEFT merges).
+
+A LoRA trained on a 4-bit base (QLoRA, ``--quantize``) is exported on the base it trained on:
+the block linears dequantised (quantised again from the base model exactly as the run did),
+so the exported base is the nf4- (or fp4-) rounded base, not the original weights. Both
+layouts hold it: merged, plus the adapter; as base + adapter, the dequantised base in base/.
+Embeddings, norms and the LM head were never quantised and are the original weights.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from sftplug.errors import SftplugError
 from sftplug.hf.config import check_exportable, config_to_hf
 from sftplug.hf.load import source_dtype
 from sftplug.hf.names import map_names_to_model, to_hf_state_dict
+from sftplug.model.quantize import dequantize_model
 from sftplug.model.transformer import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
@@ -82,6 +89,8 @@ def export_checkpoint(
             raise SftplugError(f"{folder / folders.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
     loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry, attention=None)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if getattr(model, "quantized_base", None) is not None:
+        dequantize_model(model, torch.float32)  # the 4-bit base the adapter trained on, as plain weights
     config: ModelConfig = model.config
     check_exportable(config)
     lora = getattr(model, "lora_config", None)

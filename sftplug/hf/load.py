@@ -6,14 +6,23 @@ given empty storage in the target dtype, and filled tensor by tensor straight fr
 files: q/k/v and gate/up rows land directly in the fused ``qkv`` / ``gate_up`` parameters,
 so the model is never held twice. Every tensor is accounted for: a missing, unexpected or
 wrongly shaped one is an SftplugError naming it.
+
+With a :class:`~sftplug.model.quantize.QuantSpec` (QLoRA) the full-precision model is never
+held at all: the block linears' weights stay on the meta device, each is read into a dense
+buffer of its own (qkv from its q, k and v tensors, whichever files they are in), quantised
+as soon as its last rows are read, and the buffer dropped. Tensors are read layer by layer, so
+at most one layer's buffers are alive at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from sftplug.data.tokenizer import Tokenizer
 from sftplug.dtypes import as_dtype, dtype_name
@@ -22,6 +31,16 @@ from sftplug.hf.config import config_from_hf
 from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error
 from sftplug.hf.weights import WeightFiles, open_weights, read_into
 from sftplug.loading import LoadedModel
+from sftplug.model.quantize import (
+    QuantSpec,
+    block_linear_names,
+    describe_quantized,
+    mark_quantized,
+    numel,
+    quantize_linear,
+    quantized_info,
+    set_submodule,
+)
 from sftplug.model.transformer import ModelConfig, Transformer
 
 CONFIG = "config.json"
@@ -47,8 +66,9 @@ def source_dtype(config: ModelConfig) -> torch.dtype:
         return torch.float32
 
 
-def load_hf_folder(folder, dtype=None, device="cpu") -> LoadedModel:
-    """Model and tokenizer of an HF checkpoint folder, without attention (the caller chooses it)."""
+def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None = None) -> LoadedModel:
+    """Model and tokenizer of an HF checkpoint folder, without attention (the caller chooses it);
+    with ``quantize``, its block linears in 4-bit, quantised while they are read."""
     folder = Path(folder)
     device = torch.device(device)
     config = read_hf_config(folder)
@@ -60,40 +80,55 @@ def load_hf_folder(folder, dtype=None, device="cpu") -> LoadedModel:
             f"{config.vocab_size}; the tokenizer does not belong to these weights"
         )
     dtype = as_dtype(dtype) or source_dtype(config)
-    model = empty_model(config, dtype, device)
-    ignored = load_hf_weights(model, weights)
+    model = empty_model(config, dtype, device, quantized=quantize is not None)
+    ignored = load_hf_weights(model, weights, quantize)
     model.eval()
     info = {"format": "hf", "model_type": config.architecture, "files": [p.name for p in weights.files]}
     notes = []
+    if quantize:
+        info["quantized"] = quantized_info(model)
+        notes.append(describe_quantized(model))
     if ignored:
         info["ignored"] = ignored
         notes.append(f"ignored {len(ignored)} derived tensor(s) such as {ignored[0]}")
     window = config.extra.get("sliding_window")
     if window and (config.architecture == "mistral" or config.extra.get("use_sliding_window")):
         notes.append(f"sliding_window {window} not applied: exact for sequences up to {window} tokens")
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(numel(p) for p in model.parameters())
     description = (
         f"HF {config.architecture} checkpoint {folder} ({params / 1e6:.1f}M params, {dtype_name(dtype)}, "
         f"{len(weights.files)} file{'s' * (len(weights.files) > 1)})" + "".join(f"; {n}" for n in notes)
     )
     return LoadedModel(model, tokenizer, str(folder), description, info)
-def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The model with uninitialised storage: built on the meta device, then given memory once."""
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> Transformer:
+    """The model with uninitialised storage: built on the meta device, then given memory once.
+
+    :param quantized: leave the block linears' weights on meta (the loader quantises each from a
+        buffer of its own); their biases get storage.
+    """
     with torch.device("meta"):
         model = Transformer(config)
     model.to(dtype=dtype)  # free on meta
-    model.to_empty(device=device)
+    left_out = set(block_linear_names(model)) if quantized else set()
+    for name, module in model.named_modules():
+        if name not in left_out:
+            module.to_empty(device=device, recurse=False)
+        elif module.bias is not None:
+            module.bias = nn.Parameter(torch.empty_like(module.bias, device=device), requires_grad=False)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.reset_rope(device)  # non-persistent buffers, kept in fp32
     return model
 
 
-def load_hf_weights(model: torch.nn.Module, weights: WeightFiles) -> list[str]:
+def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: QuantSpec | None = None) -> list[str]:
     """Fill ``model`` (plain or PEFT-wrapped) from HF tensors; returns the ignored derived tensors.
 
     Every parameter of the base model must be covered: missing, unexpected or wrongly shaped
-    tensors raise an SftplugError naming them, before any tensor is read.
+    tensors raise an SftplugError naming them, before any tensor is read. With ``quantize``, the
+    block linears left on meta by :func:`empty_model` are quantised as they are read.
     """
     config = model.config
     plan = hf_layout(config)
@@ -123,6 +158,9 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles) -> list[str]:
         raise mismatch_error(
             str(weights.folder), unexpected, missing, wrong, plan, weights.where, _layer_note(missing, plan, config)
         )
+    if quantize:
+        read_quantizing(model, weights, plan, {ours: own[name] for ours, name in names.items()}, quantize)
+        return sorted(ignored)
     for path, entries in weights.by_file().items():
         with open(path, "rb", buffering=0) as handle:
             for entry in entries:
@@ -130,6 +168,50 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles) -> list[str]:
                     ours, start, end = plan[entry.key]
                     read_into(entry, own[names[ours]].data[start:end], handle)
     return sorted(ignored)
+
+
+def read_quantizing(model: torch.nn.Module, weights: WeightFiles, plan: dict, targets: dict, spec: QuantSpec) -> None:
+    """Read every tensor of ``plan``: into its parameter, or for a block linear's weight (still on
+    meta) into a dense buffer that is quantised once its last rows are in, then dropped.
+
+    :param targets: sftplug's parameter name -> the model's tensor (names as in ``plan``).
+    """
+    layers = {f"{name}.weight": name for name in block_linear_names(model)}
+    pending: dict[str, set[str]] = {}  # block linear weight -> the HF tensors still to read into it
+    for key, (ours, _, _) in plan.items():
+        if ours in layers:
+            pending.setdefault(ours, set()).add(key)
+    embedding = targets["embed_tokens.weight"]
+    dtype, device = spec.dtype or embedding.dtype, embedding.device
+    entries = [e for es in weights.by_file().values() for e in es if e.key in plan]
+    entries.sort(key=lambda e: _layer_index(e.key))  # stable: in file order within a layer
+    buffers: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(open(path, "rb", buffering=0)) for path in weights.files}
+        for entry in entries:
+            ours, start, end = plan[entry.key]
+            if ours not in layers:
+                read_into(entry, targets[ours].data[start:end], handles[entry.file])
+                continue
+            if ours not in buffers:
+                buffers[ours] = dense_buffer(targets[ours].shape, dtype, device)
+            read_into(entry, buffers[ours][start:end], handles[entry.file])
+            pending[ours].discard(entry.key)
+            if not pending[ours]:
+                name = layers[ours]
+                set_submodule(model, name, quantize_linear(model.get_submodule(name), buffers.pop(ours), spec))
+    mark_quantized(model, QuantSpec(spec.kind, spec.double_quant, dtype))
+
+
+def dense_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The temporary full-precision weight of one block linear while it is read."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _layer_index(key: str) -> int:
+    """The layer an HF tensor belongs to; -1 for the embeddings, final norm and head."""
+    match = re.search(r"\.layers\.(\d+)\.", key)
+    return int(match.group(1)) if match else -1
 
 
 def _layer_note(missing: list[str], plan: dict, config: ModelConfig) -> str:

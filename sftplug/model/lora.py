@@ -37,8 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.names import LORA_TARGETS, hf_pieces, hf_targets, lora_layout, targeted
+from sftplug.model.quantize import bitsandbytes_dequantizes_exactly, dense_weight, is_quantized
 
 VARIANTS = ("lora", "dora")
 LAYOUT = "per-projection"  # recorded with a checkpoint's LoRA settings; earlier runs shared one A over qkv
@@ -84,6 +86,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
         # the scaling of one projection: alpha/r (rslora alpha/sqrt(r)) at rank n·r
         alpha_pattern={layer: spec.alpha * (math.sqrt(n) if spec.rslora else n) for layer, n in stacked.items()},
     )  # fmt: skip
+    if variant == "dora":
+        _check_dora_base(model, plan)
     model = inject_adapter_in_model(config, model)
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
@@ -91,6 +95,17 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
     model.lora_config, model.lora_spec = config, spec
     use_merged_forward(model)
     return model
+
+
+def _check_dora_base(model: nn.Module, layers) -> None:
+    """PEFT's DoRA takes the row norms of the base weight as bitsandbytes dequantises it; refuse a 4-bit
+    layer where that is wrong (bitsandbytes' CPU kernel, rows that are not whole 64-weight blocks)."""
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name.rsplit(".", 1)[-1] in layers and is_quantized(weight) and not bitsandbytes_dequantizes_exactly(weight):
+            raise SftplugError(f"--lora-variant dora: bitsandbytes dequantises the 4-bit {name}.weight "
+                               f"({module.out_features}x{module.in_features}) wrongly on {weight.device.type}, and "
+                               "PEFT's DoRA norm uses it; train plain LoRA there, or without --quantize")
 
 
 def _prepare_layer(layer, parts, spec: LoraSpec) -> None:
@@ -154,8 +169,16 @@ def describe_lora(model: nn.Module) -> str:
 
 
 def lora_settings(model: nn.Module) -> dict | None:
+    """The LoRA's settings as a checkpoint records them; on a 4-bit base also the dtype it was
+    quantised from (the checkpoint's loader quantises the base again exactly so)."""
     spec = getattr(model, "lora_spec", None)
-    return None if spec is None else spec.settings()
+    if spec is None:
+        return None
+    settings = spec.settings()
+    quantized = getattr(model, "quantized_base", None)
+    if quantized is not None:
+        settings["base_dtype"] = dtype_name(quantized.dtype)
+    return settings
 
 
 def shared_a_layout(settings: dict) -> bool:
@@ -358,14 +381,14 @@ class MergedLoRALinear(torch.autograd.Function):
             u = x @ lora_a.to(dtype).t()  # [..., r], kept for the gradient of B
             bias = None if bias is None else bias.to(dtype)
             y = F.linear(x, merged_weight(weight, lora_a, lora_b, scale, dtype), bias)
-        ctx.save_for_backward(x, u, weight, lora_a, lora_b)
-        ctx.scale, ctx.dtype = scale, dtype
+        ctx.save_for_backward(x, u, lora_a, lora_b)
+        ctx.weight, ctx.scale, ctx.dtype = weight, scale, dtype  # the frozen (maybe 4-bit) weight itself, not saved
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, weight, lora_a, lora_b = ctx.saved_tensors
-        scale, dtype = ctx.scale, ctx.dtype
+        x, u, lora_a, lora_b = ctx.saved_tensors
+        weight, scale, dtype = ctx.weight, ctx.scale, ctx.dtype
         dy = dy.to(dtype)
         dx = dy @ merged_weight(weight, lora_a, lora_b, scale, dtype) if ctx.needs_input_grad[0] else None
         dy2, x2, u2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
@@ -376,8 +399,9 @@ class MergedLoRALinear(torch.autograd.Function):
 
 def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """W + scale·B·A in the compute dtype: one addmm (products accumulated in fp32, one rounding),
-    so a bf16 run makes no weight-sized fp32 temporaries."""
-    return torch.addmm(weight.to(dtype), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
+    so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA) is dequantised here,
+    in forward and again in backward."""
+    return torch.addmm(dense_weight(weight, dtype), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
 
 
 def use_merged_forward(model: nn.Module) -> None:
