@@ -117,17 +117,18 @@ def dense_weight(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A weight in ``dtype``: dequantised from 4-bit (in the dtype it was quantised from, then cast),
     or an ordinary weight cast.
 
-    The 4-bit blocks run over the flattened weight, and it is dequantised as that flat vector:
+    The 4-bit blocks run over the flattened weight, and it is dequantised as that one row:
     bitsandbytes 0.50's CPU kernel dequantises a 2-D weight whose rows are not whole blocks
-    (e.g. 96 inputs) wrongly; flat, every backend gives the same, right values.
+    (e.g. 96 inputs) wrongly; as one row, every backend gives the same, right values. (1, n)
+    rather than (n,): the CPU kernel returns a 1-D shape as (1, n), which torch.compile refuses.
     """
     if not is_quantized(param):
         return param.to(dtype)
     import bitsandbytes.functional
 
     state = param.quant_state
-    flat = copy.copy(state)  # the same tensors, a 1-D shape
-    flat.shape = torch.Size([state.shape.numel()])
+    flat = copy.copy(state)  # the same tensors, the weight as one row
+    flat.shape = torch.Size([1, state.shape.numel()])
     return bitsandbytes.functional.dequantize_4bit(param.data, flat).view(state.shape).to(dtype)
 
 

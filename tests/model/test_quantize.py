@@ -254,6 +254,20 @@ def test_dropout_and_dora_on_4bit_are_peft_bnb_s_own_computation():
     assert all(torch.equal(g1[n], g2[n]) for n in g1)
 
 
+def test_a_compiled_4bit_lora_layer_is_the_eager_one():
+    """--torch-compile with --quantize: bitsandbytes' dequantisation is an op torch.compile traces."""
+    _, ours = lora_pair()
+    x = torch.randn(3, 7, 64)
+    eager = run(ours, x)
+    ours["up"].compile()
+    compiled = run(ours, x)
+    # the same matmuls; inductor may fuse the elementwise ops around them: fp32 rounding at most
+    for got, want in zip(compiled[:2], eager[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name in eager[2]:
+        torch.testing.assert_close(compiled[2][name], eager[2][name], rtol=1e-5, atol=1e-5)
+
+
 def test_dora_is_refused_where_bitsandbytes_dequantises_wrongly(hf_folder):
     """PEFT's DoRA norms come from bitsandbytes' own dequantisation; its CPU kernel gets the 64x96 down
     projection of this model wrong (sftplug's flat dequantisation does not)."""
