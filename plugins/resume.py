@@ -40,7 +40,7 @@ class Resume:
         if len(state["rng"]) != run.world.size:
             raise SftplugError(
                 f"the checkpoint was saved by {len(state['rng'])} process(es); resume it with the same number "
-                f"(torchrun --nproc-per-node {len(state['rng'])}), not {run.world.size}"
+                f"(torchrun's --nnodes times --nproc-per-node: {len(state['rng'])}), not {run.world.size}"
             )
         trainer, rng = state["trainer"], state["rng"][run.world.rank]
         run.step, run.tokens_seen = int(trainer["step"]), int(trainer["tokens_seen"])

@@ -2,8 +2,9 @@
 ``save_checkpoint`` / ``load_checkpoint``.
 
 :func:`save_checkpoint` writes OUT/checkpoints/step-N/ with the trainable weights (or,
-sharded, every rank's shards of weights and optimizer state), every plugin's
-``resume_state`` in ``state.pt``, and the manifest. :func:`load_checkpoint` reads the
+sharded, every rank's shards of the trainable weights and their optimizer state: a LoRA's
+adapter, never the frozen base), every plugin's ``resume_state`` in ``state.pt``, and the
+manifest. :func:`load_checkpoint` reads the
 same back in the same order and hands ``state.pt`` to every plugin's ``on_resume``.
 """
 

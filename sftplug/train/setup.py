@@ -1,8 +1,9 @@
 """Building a run: small steps that each return what they build, in the order of the data flow.
 
-:func:`build_run` joins the process group, creates the run folder, asks the plugins for
-the precision, loads the model (LoRA or full, sharded or replicated), prepares the data
-(rank 0 first), chooses attention for that data, and makes the optimizer and schedule.
+:func:`build_run` joins the process group, creates the run folder (and finds whether all
+nodes see it), asks the plugins for the precision, loads the model (LoRA or full, sharded or
+replicated), prepares the data (one process per run folder first), chooses attention for that
+data, and makes the optimizer and schedule.
 """
 
 from __future__ import annotations

@@ -1,70 +1,15 @@
-"""LoRA under FSDP2: sharded like a full fine-tune, trained as one process trains, checkpointed as an adapter.
-
-The torchrun run here is also the several-nodes run: two torchrun launchers on this machine
-(``--nnodes 2``, one process each, one shared OUT) meet at a c10d rendezvous.
-"""
-
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
+"""LoRA under FSDP2, in a process group of one rank in this process: FSDP2 swaps the parameters
+for DTensors and unsharded copies just as with many ranks. tests/train/test_multinode.py trains
+LoRA under FSDP in two processes."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from sftplug import distributed
-from sftplug.checkpoint import folders, shards
-from sftplug.config import DEFAULT_DATA, TrainConfig
+from sftplug.checkpoint import shards
 from sftplug.model.lora import apply_lora, lora_layers
 from sftplug.model.transformer import ModelConfig, Transformer
-
-COMMON = ["--steps", "4", "--seq-len", "64", "--log-every", "1", "--sample-prompt", "Hi", "--accum", "2",
-          "--save-every", "2"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def sftplug_train(out, model, data, *extra) -> list[str]:
-    return ["-m", "sftplug", "train", "--out", str(out), "--model", str(model), "--data", str(data), *COMMON, *extra]
-
-
-def finish(procs, timeout=240) -> str:
-    """Wait for every launcher; the output of the one whose rank 0 printed the summary."""
-    outputs = []
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            outputs.append(stdout)
-            assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    finally:
-        for proc in procs:
-            proc.kill()
-    return next(out for out in outputs if "done:" in out)
-
-
-def launch(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on shared cores
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def two_nodes(outs, model, data, *extra) -> str:
-    """Two torchrun launchers, one process each, as two nodes would start them (c10d rendezvous)."""
-    port = free_port()
-    return finish([launch(["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend",
-                           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *sftplug_train(out, model, data, *extra)])
-                   for node, out in enumerate(outs)])
-
-
-def metrics(out, key="loss"):
-    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def lora_model(dtype=torch.float32):
@@ -141,57 +86,3 @@ def test_4bit_weights_stay_whole_and_the_shards_hold_the_adapter_alone(one_proce
     adapter = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     assert saved.keys() == adapter.keys()
     assert all(torch.equal(saved[n], adapter[n]) for n in adapter)
-
-
-def test_fsdp_lora_over_two_nodes_equals_one_process_resumes_and_exports(tmp_path, make_hf_folder, registry):
-    from transformers import AutoModelForCausalLM
-
-    from sftplug.checkpoint.export import export_checkpoint
-    from sftplug.loading import load_model
-    from sftplug.train.loop import train
-
-    hf = tmp_path / "hf"
-    make_hf_folder(hf)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:200]))
-    one, two = tmp_path / "one", tmp_path / "two"
-    options = dict(steps=4, seq_len=64, log_every=1, sample_prompt="Hi", accum=2, save_every=2)
-    train(TrainConfig(out=str(one), model=str(hf), data=str(data), micro_bsz=4, **options), registry,
-          echo=lambda *a: None)
-    output = two_nodes([two, two], hf, data, "--micro-bsz", "2", "--strategy", "fsdp")
-    assert output.count("precision:") == 1 and "out:" not in output  # rank 0 speaks; both nodes see one OUT
-
-    # Each update's loss and gradient norm as one process's: fp32 rounding of the same sums in
-    # another order (see test_distributed). The adapter after Adam: Adam divides by sqrt(v), which
-    # turns rounding-level differences of near-zero gradient entries into larger steps in a few
-    # entries, so each tensor is compared as a whole (a rank's tokens missing moves it by 10% or more).
-    assert metrics(two) == pytest.approx(metrics(one), rel=1e-6)
-    assert metrics(two, "grad_norm") == pytest.approx(metrics(one, "grad_norm"), rel=1e-5)
-    step4 = two / "checkpoints" / "step-4"
-    expected, adapter = folders.load_weights(one / "checkpoints" / "step-4"), folders.load_weights(step4)
-    assert adapter.keys() == expected.keys()
-    for name, weight in expected.items():
-        assert float((adapter[name] - weight).norm() / weight.norm()) < 1e-3, name
-
-    # The checkpoint: each rank's shards of the adapter and its optimizer state, nothing of the base.
-    assert sorted(p.name for p in (step4 / folders.SHARDS).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    loaded = load_model(str(step4)).model.eval()
-    assert adapter.keys() == {n for n, p in loaded.named_parameters() if p.requires_grad}
-    assert all(torch.equal(p, adapter[n]) for n, p in loaded.named_parameters() if p.requires_grad)
-    fused = [layer for _, layer in lora_layers(loaded) if len(layer.lora_parts) > 1]
-    assert fused and all(not off_diagonal(layer).any() for layer in fused)  # the gradient hook held under FSDP
-    exported = export_checkpoint(step4, tmp_path / "export")["model"]
-    ids = torch.arange(3, 40).unsqueeze(0)
-    with torch.no_grad():
-        logits = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()(ids).logits
-        torch.testing.assert_close(logits, loaded(ids), rtol=1e-4, atol=1e-4)
-
-    # Resumed from step 2 in one launcher's two processes: the same updates, bitwise.
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(two / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    finish([launch(["--nproc-per-node", "2", "--master-port", free_port(),
-                    *sftplug_train(resumed, hf, data, "--micro-bsz", "2", "--strategy", "fsdp", "--resume", "auto")])])
-    assert metrics(resumed) == metrics(two)[2:]
-    final = folders.load_weights(resumed / "checkpoints" / "step-4")
-    assert all(torch.equal(final[n], adapter[n]) for n in adapter)
