@@ -105,7 +105,8 @@ def _check_dora_base(model: nn.Module, layers) -> None:
         if name.rsplit(".", 1)[-1] in layers and is_quantized(weight) and not bitsandbytes_dequantizes_exactly(weight):
             raise SftplugError(f"--lora-variant dora: bitsandbytes dequantises the 4-bit {name}.weight "
                                f"({module.out_features}x{module.in_features}) wrongly on {weight.device.type}, and "
-                               "PEFT's DoRA norm uses it; train plain LoRA there, or without --quantize")
+                               "PEFT's DoRA norm uses it; leave it out of --lora-targets, use --lora-variant lora, "
+                               "or drop --quantize")
 
 
 def _prepare_layer(layer, parts, spec: LoraSpec) -> None:
