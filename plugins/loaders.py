@@ -33,6 +33,7 @@ class Presets:
         model = Transformer(config)
         model.init_weights(BASE_SEED)
         model.to(device=device, dtype=dtype or torch.float32)
+        model.reset_rope(device)  # .to(bf16) rounded the RoPE frequencies; they stay fp32, as HF keeps them
         params = sum(p.numel() for p in model.parameters())
         return LoadedModel(model, Tokenizer(ASSETS), source, f"built-in preset '{source}' ({params / 1e6:.1f}M params)")
 

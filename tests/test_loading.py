@@ -51,3 +51,10 @@ def test_attention_none_leaves_the_choice_to_the_caller(registry):
 def test_a_source_no_loader_knows_is_one_line(tmp_path, registry):
     with pytest.raises(SftplugError, match="not a built-in preset, an HF checkpoint folder or an sftplug checkpoint"):
         load_model(str(tmp_path / "nothing-here"), registry=registry)
+
+
+def test_a_bf16_preset_keeps_its_rope_frequencies_in_fp32(registry):
+    fp32 = load_model("tiny", registry=registry, attention=None).model
+    bf16 = load_model("tiny", dtype=torch.bfloat16, registry=registry, attention=None).model
+    assert bf16.embed_tokens.weight.dtype == torch.bfloat16
+    assert bf16.inv_freq.dtype == torch.float32 and torch.equal(bf16.inv_freq, fp32.inv_freq)
