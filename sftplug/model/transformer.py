@@ -8,6 +8,7 @@ q, k, v and hands them over. Module names (qkv, o, gate_up, down) are what LoRA 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -292,6 +293,7 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing (--grad-ckpt)
         self.offload_activations = False  # saved activations kept in CPU memory (--offload-activations)
+        self.offloader = None  # its sftplug.train.offload.ActivationOffloader, made at the first such forward
 
     def init_weights(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -362,15 +364,30 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ropes = {False: self.rope(positions, dtype)}  # keyed by "a sliding-window layer"
         ropes[True] = self.rope(positions, dtype, self.inv_freq_local) if self.config.rope_local_theta else ropes[False]
+        offload = self.offload_pass(x.device, [*ropes[False], *ropes[True], doc_ids]) if caches is None else None
         for i, block in enumerate(self.layers):
             cos, sin = ropes[bool(block.attn.window)]
             if caches is not None:
                 x = block(x, cos, sin, cache=caches[i])
-            elif self.checkpoint_blocks and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
             else:
-                x = block(x, cos, sin, doc_ids)
+                with offload.saving(i) if offload else contextlib.nullcontext():
+                    x = self.run_block(block, x, cos, sin, doc_ids)
         return self.norm(x)
+
+    def run_block(self, block, x, cos, sin, doc_ids):
+        if self.checkpoint_blocks and self.training:
+            return torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
+        return block(x, cos, sin, doc_ids)
+
+    def offload_pass(self, device, shared):
+        """This forward's activation offloading (sftplug.train.offload), or None: only training with grad."""
+        if not (self.offload_activations and self.training and torch.is_grad_enabled()):
+            return None
+        from sftplug.train.offload import ActivationOffloader
+
+        if self.offloader is None:
+            self.offloader = ActivationOffloader()
+        return self.offloader.new_pass(device, len(self.layers), shared)
 
     def forward(self, input_ids, positions=None, doc_ids=None, hidden_only: bool = False, caches=None):
         """Logits [B, T, vocab] for input_ids [B, T]; the final hidden states with ``hidden_only``.
