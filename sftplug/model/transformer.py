@@ -370,7 +370,7 @@ class Transformer(nn.Module):
             if caches is not None:
                 x = block(x, cos, sin, cache=caches[i])
             else:
-                with offload.saving(i) if offload else contextlib.nullcontext():
+                with offload.saving(i) if offload is not None else contextlib.nullcontext():
                     x = self.run_block(block, x, cos, sin, doc_ids)
         return self.norm(x)
 
