@@ -140,8 +140,8 @@ class OffloadPass:
         return stored, tensor.dtype, tensor.storage_offset(), tensor.size(), tensor.stride(), tensor.device
 
     def _stays(self, tensor: torch.Tensor) -> bool:
-        if tensor.layout != torch.strided or _is_weight(tensor):
-            return True
+        if _is_weight(tensor) or type(tensor) is not torch.Tensor or tensor.layout != torch.strided:
+            return True  # weights; subclasses (DTensor, quantized) and sparse tensors have storages of their own kind
         storage = tensor.untyped_storage()
         return storage.nbytes() < self.offloader.min_bytes or storage.data_ptr() in self.shared
 
