@@ -83,8 +83,9 @@ def share_out(world: World, out: Path) -> World:
     """``world`` with ``out_node`` and ``shared_out`` found: which nodes' OUT is this process's.
 
     Each node's first process writes a random token into a marker file of that name in its OUT
-    (a name never used before, so no file system has it cached); every process then reads, node
-    by node, until a marker holds its token. The markers go once all have read. A collective call.
+    (a name never used before, so no file system has it cached); every process then reads the
+    nodes' markers in node order, and the first it finds, holding its node's token, names the node
+    whose OUT it is. The markers go once all have read. A collective call.
     """
     if not world.active:
         return world
