@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sftplug.errors import SftplugError
 from sftplug.fused import pytorch
 from sftplug.fused.op import OpSet
+from sftplug.model.offload import ActivationOffloader
 
 
 @dataclass
@@ -293,7 +294,7 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing (--grad-ckpt)
         self.offload_activations = False  # saved activations kept in CPU memory (--offload-activations)
-        self.offloader = None  # its sftplug.train.offload.ActivationOffloader, made at the first such forward
+        self.offloader = None  # its sftplug.model.offload.ActivationOffloader, made at the first such forward
 
     def init_weights(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -380,11 +381,9 @@ class Transformer(nn.Module):
         return block(x, cos, sin, doc_ids)
 
     def offload_pass(self, device, shared):
-        """This forward's activation offloading (sftplug.train.offload), or None: only training with grad."""
+        """This forward's activation offloading (sftplug.model.offload), or None: only training with grad."""
         if not (self.offload_activations and self.training and torch.is_grad_enabled()):
             return None
-        from sftplug.train.offload import ActivationOffloader
-
         if self.offloader is None:
             self.offloader = ActivationOffloader()
         return self.offloader.new_pass(device, len(self.layers), shared)

@@ -9,7 +9,7 @@ Two parts, each counted as sftplug stores it:
 - activations: what autograd saves in one micro-batch's forward, per token and block, for the
   PyTorch forms of the ops (``--fused none``, the CPU's choice) and the attention kernel;
   with ``--grad-ckpt`` the blocks' inputs plus one block's recompute; with
-  ``--offload-activations`` only three blocks' worth stays on the device (sftplug.train.offload);
+  ``--offload-activations`` only three blocks' worth stays on the device (sftplug.model.offload);
   and the loss's largest transient, one chunk of logits (sftplug.train.loss).
 
 The peak is their sum: an upper bound that counts every gradient beside every activation
@@ -318,7 +318,7 @@ def activation_bytes(c: ModelConfig, s: Setting) -> int:
     tokens, targets = s.tokens, s.tokens if s.targets is None else s.targets
     block = sum(x.total(tokens) for x in block_saved(c, s))
     outside = sum(x.total(tokens) for x in outside_saved(c, s, targets))
-    # Offloaded (sftplug.train.offload), at most three blocks' tensors are on the device at once: two in
+    # Offloaded (sftplug.model.offload), at most three blocks' tensors are on the device at once: two in
     # flight and the last block's, which backward needs first.
     blocks = min(c.n_layers, OFFLOAD_BLOCKS) if s.offload else c.n_layers
     if s.grad_ckpt:  # checkpoint keeps each block's input; backward recomputes one block at a time

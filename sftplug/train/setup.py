@@ -80,7 +80,7 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
     echo(f"fused ops: {fused.describe()}")
     if config.offload_activations:
-        from sftplug.train.offload import describe_offload
+        from sftplug.model.offload import describe_offload
 
         echo(f"activations: {describe_offload(device, config.grad_ckpt)}")
     for note in steering_notes():

@@ -5,9 +5,9 @@ import torch
 
 from sftplug.attention.choice import attach
 from sftplug.model.lora import apply_lora
+from sftplug.model.offload import ActivationOffloader, OffloadPass, describe_offload
 from sftplug.model.transformer import ModelConfig, Transformer
 from sftplug.train import lock
-from sftplug.train.offload import ActivationOffloader, OffloadPass, describe_offload
 from sftplug.train.setup import build_run
 
 SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, n_layers=3, n_heads=4, n_kv_heads=2)
@@ -80,7 +80,7 @@ def saved_in_forward(model, grad_ckpt: bool):
 
     ids, _ = batch()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("sftplug.train.offload.OffloadPass.pack", pack)
+        patch.setattr("sftplug.model.offload.OffloadPass.pack", pack)
         loss = model(ids).float().square().mean()
     return saved, loss
 
@@ -112,7 +112,7 @@ def test_with_grad_ckpt_only_the_block_inputs_are_offloaded(registry):
     assert sorted(s["block"] for s in offloaded) == list(range(len(model.layers)))
     assert all(s["shape"] == (2, 24, SMALL["hidden_size"]) for s in offloaded)
     with pytest.MonkeyPatch.context() as patch:  # the recomputation in backward must not be offloaded again
-        patch.setattr("sftplug.train.offload.OffloadPass.pack", lambda self, t: pytest.fail("packed in backward"))
+        patch.setattr("sftplug.model.offload.OffloadPass.pack", lambda self, t: pytest.fail("packed in backward"))
         loss.backward()
     assert model.offloader.held == 0
 
