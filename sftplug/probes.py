@@ -88,6 +88,16 @@ def module_available(name: str) -> bool:
 BITSANDBYTES_INSTALL = "pip install 'sftplug[quantize]' (bitsandbytes)"
 
 
+def bitsandbytes_version() -> str | None:
+    """The installed bitsandbytes' version, read from its metadata (importing it costs memory)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
 def import_bitsandbytes(what: str):
     """bitsandbytes, or an SftplugError saying that ``what`` (an option) needs it and how to install it."""
     from sftplug.errors import SftplugError

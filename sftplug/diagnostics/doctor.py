@@ -50,6 +50,7 @@ def doctor_report(registry, device: torch.device | str | None = None, head_dim: 
         "cudnn": probes.cudnn_version_text(),
         "triton": probes.triton_version(),
         "triton_interpreter": probes.triton_interpreter(),
+        "bitsandbytes": probes.bitsandbytes_version(),
         "device": str(device),
         "gpu": gpu,
         "no_gpu_reason": None if gpu else probes.no_gpu_reason(),
@@ -146,6 +147,12 @@ def format_doctor(report: dict) -> str:
         lines.append(f"GPU: {g['name']}{count}, compute capability {g['capability']}, {g['memory_gib']} GiB")
     else:
         lines.append(f"GPU: none; {r['no_gpu_reason']}")
+    bnb = r["bitsandbytes"]
+    if bnb:
+        lines.append(f"bitsandbytes {bnb}: for --quantize nf4|fp4 and --optimizer adamw8bit (paged ones on a GPU)")
+    else:
+        lines.append(f"bitsandbytes: not installed; --quantize and the 8-bit / paged optimizers need it "
+                     f"({probes.BITSANDBYTES_INSTALL})")
     cpu = r["cpu"]
     lines.append(f"CPU: {cpu['name']} ({cpu['capability']}, {cpu['threads']} threads)")
     impl = "" if r["flash_impl"] == "built-in" else f", flash implementation: {r['flash_impl']}"

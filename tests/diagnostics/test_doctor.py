@@ -1,5 +1,6 @@
 """`sftplug doctor`: versions, which attention backends run each dtype here, auto's picks, overrides."""
 
+import importlib.util
 import json
 
 import torch
@@ -46,3 +47,13 @@ def test_doctor_command(monkeypatch):
     assert json.loads(as_json.stdout)["shape"]["head_dim"] == 128
     bad = invoke("doctor", "--heads", "6", "--kv-heads", "4")
     assert bad.exit_code == 2 and "multiple of --kv-heads" in bad.output
+
+
+def test_doctor_says_whether_bitsandbytes_is_there_and_how_to_get_it(registry, monkeypatch):
+    report = doctor_report(registry)
+    installed = importlib.util.find_spec("bitsandbytes") is not None
+    assert (report["bitsandbytes"] is not None) == installed
+    if installed:
+        assert f"bitsandbytes {report['bitsandbytes']}: for --quantize nf4|fp4" in format_doctor(report)
+    missing = format_doctor({**report, "bitsandbytes": None})
+    assert "bitsandbytes: not installed; --quantize and the 8-bit / paged optimizers need it (pip install" in missing
