@@ -375,55 +375,34 @@ def peft_module_names_of(model: nn.Module, layer: str, parts) -> list[str]:
 
 
 class MergedLoRALinear(torch.autograd.Function):
-    """``x (W + s·B·A)^T + b`` with B block-diagonal: ``blocks`` are the output rows of each r-column
-    block of B (a plain layer has one block, all rows). The products use the diagonal blocks only,
-    the zero blocks of a fused layer's B are never multiplied."""
-
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype, blocks):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the compute dtype
             x = x.to(dtype)
-            u = x @ lora_a.to(dtype).t()  # [..., n·r], kept for the gradient of B
+            u = x @ lora_a.to(dtype).t()  # [..., r], kept for the gradient of B
             bias = None if bias is None else bias.to(dtype)
-            y = F.linear(x, merged_weight(weight, lora_a, lora_b, scale, dtype, blocks), bias)
+            y = F.linear(x, merged_weight(weight, lora_a, lora_b, scale, dtype), bias)
         ctx.save_for_backward(x, u, lora_a, lora_b)
         ctx.weight, ctx.scale, ctx.dtype = weight, scale, dtype  # the frozen (maybe 4-bit) weight itself, not saved
-        ctx.blocks = blocks
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, u, lora_a, lora_b = ctx.saved_tensors
-        weight, scale, dtype, blocks = ctx.weight, ctx.scale, ctx.dtype, ctx.blocks
+        weight, scale, dtype = ctx.weight, ctx.scale, ctx.dtype
         dy = dy.to(dtype)
-        dx = dy @ merged_weight(weight, lora_a, lora_b, scale, dtype, blocks) if ctx.needs_input_grad[0] else None
+        dx = dy @ merged_weight(weight, lora_a, lora_b, scale, dtype) if ctx.needs_input_grad[0] else None
         dy2, x2, u2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
-        r = lora_a.shape[0] // len(blocks)
-        grad_b = torch.zeros(lora_b.shape, dtype=lora_b.dtype, device=lora_b.device)  # [out, n·r]
-        dy_b = []  # dy·B, one [N, r] block per projection
-        for i, (start, end) in enumerate(blocks):
-            cols = slice(i * r, (i + 1) * r)
-            grad_b[start:end, cols] = (dy2[:, start:end].t() @ u2[:, cols]).mul_(scale)
-            dy_b.append(dy2[:, start:end] @ lora_b[start:end, cols].to(dtype))
-        grad_a = (torch.cat(dy_b, dim=1).t() @ x2).mul_(scale).to(lora_a.dtype)  # [n·r, in]
-        return dx, None, None, grad_a, grad_b, None, None, None
+        grad_b = (dy2.t() @ u2).mul_(scale).to(lora_b.dtype)  # [out, r]
+        grad_a = ((dy2 @ lora_b.to(dtype)).t() @ x2).mul_(scale).to(lora_a.dtype)  # [r, in]
+        return dx, None, None, grad_a, grad_b, None, None
 
 
-def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype, blocks) -> torch.Tensor:
-    """W + scale·B·A in the compute dtype, one addmm per diagonal block of B (products accumulated
-    in fp32, one rounding), so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA)
-    is dequantised here, in forward and again in backward."""
-    dense = dense_weight(weight, dtype)
-    r = lora_a.shape[0] // len(blocks)
-    pieces, row = [], 0
-    for i, (start, end) in sorted(enumerate(blocks), key=lambda block: block[1]):
-        pieces.append(dense[row:start])  # rows no projection targets: W itself
-        cols = slice(i * r, (i + 1) * r)
-        pieces.append(torch.addmm(dense[start:end], lora_b[start:end, cols].to(dtype), lora_a[cols].to(dtype),
-                                  alpha=scale))
-        row = end
-    pieces.append(dense[row:])
-    return torch.cat(pieces)
+def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """W + scale·B·A in the compute dtype: one addmm (products accumulated in fp32, one rounding),
+    so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA) is dequantised here,
+    in forward and again in backward."""
+    return torch.addmm(dense_weight(weight, dtype), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
 
 
 def use_merged_forward(model: nn.Module) -> None:
@@ -443,9 +422,7 @@ def _forward(self, x, *args, **kwargs):
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    parts = getattr(self, "lora_parts", ((None, 0, b.shape[0]),))  # a layer PEFT injected alone: one block
-    blocks = tuple((start, end) for _, start, end in parts)
-    return MergedLoRALinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[adapter]), dtype, blocks)
+    return MergedLoRALinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[adapter]), dtype)
 
 
 def _forward_with_dropout(self, x, adapter: str):
