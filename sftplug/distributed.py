@@ -152,46 +152,45 @@ def gradient_sync(replicated, enabled: bool):
     return replicated.no_sync()
 
 
-def shard(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def shard(model: torch.nn.Module) -> int:
     """FSDP2: shard each block and the root across ranks (FSDP averages their gradients).
 
     A block is one group, a LoRA block's frozen base and its fp32 adapters together (FSDP2
     wants one dtype among a group's trainable parameters; a bf16 base is all-gathered with
-    them as bytes). 4-bit weights (bitsandbytes' Params4bit, with their ``quant_state``)
-    cannot be split and stay whole on every rank: returned, so the run can say so.
+    them as bytes). A 4-bit base is sharded as its packed bytes, its layers keeping the
+    quantisation state (sftplug.model.quantize.unwrap_for_sharding); returns those bytes.
     Gradient hooks registered on parameters before (LoRA's block-diagonal B) still hold.
     """
     from torch.distributed.fsdp import fully_shard
 
-    whole = [p for p in model.parameters() if getattr(p, "quant_state", None) is not None]
-    options = {}
-    if whole:
-        if "ignored_params" not in inspect.signature(fully_shard).parameters:
-            raise SftplugError(f"--strategy fsdp with --quantize needs a torch whose fully_shard takes ignored_params "
-                               f"(this is {torch.__version__}); upgrade torch, or use --strategy ddp")
-        options["ignored_params"] = set(whole)
-    _check_group_dtypes(model, whole)
+    from sftplug.model.quantize import unwrap_for_sharding
+
+    spec = getattr(model, "lora_spec", None)
+    if spec is not None and spec.variant == "dora" and getattr(model, "quantized_base", None) is not None:
+        raise SftplugError("--strategy fsdp with --quantize and --lora-variant dora: PEFT's DoRA reads the 4-bit "
+                           "weight itself, which FSDP holds as plain bytes; use plain LoRA, or --strategy ddp")
+    packed = unwrap_for_sharding(model)
+    _check_group_dtypes(model)
     hooks = {name: list(p._backward_hooks.values()) for name, p in model.named_parameters()
              if p.requires_grad and p._backward_hooks}
     for block in model.layers:
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+        fully_shard(block)
+    fully_shard(model)
     for i, block in enumerate(model.layers):
         _carry_gradient_hooks(block, {n[len(f"layers.{i}.") :]: h for n, h in hooks.items()
                                       if n.startswith(f"layers.{i}.")})
     _carry_gradient_hooks(model, {n: h for n, h in hooks.items() if not n.startswith("layers.")})
-    return whole
+    return packed
 
 
-def _check_group_dtypes(model: torch.nn.Module, whole: list) -> None:
+def _check_group_dtypes(model: torch.nn.Module) -> None:
     """FSDP2 before torch 2.8 wants one dtype in a group, frozen parameters included."""
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8):
         return
-    skip = {id(p) for p in whole}
-    if len({p.dtype for p in model.parameters() if id(p) not in skip}) > 1:
-        raise SftplugError(f"--strategy fsdp: LoRA on a half-precision base (--dtype bf16/fp16) needs torch 2.8 or "
-                           f"newer to shard the base with its fp32 adapters (this is {torch.__version__}); upgrade "
-                           "torch, or use --dtype fp32 or --strategy ddp")
+    if len({p.dtype for p in model.parameters()}) > 1:
+        raise SftplugError(f"--strategy fsdp: LoRA on a bf16/fp16 or 4-bit base needs torch 2.8 or newer to shard "
+                           f"the base with its fp32 adapters (this is {torch.__version__}); upgrade torch, or use "
+                           "--strategy ddp")
 
 
 def _carry_gradient_hooks(unit: torch.nn.Module, hooks: dict) -> None:

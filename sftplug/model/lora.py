@@ -376,14 +376,15 @@ def peft_module_names_of(model: nn.Module, layer: str, parts) -> list[str]:
 
 class MergedLoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype, state=None):
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the compute dtype
             x = x.to(dtype)
             u = x @ lora_a.to(dtype).t()  # [..., r], kept for the gradient of B
             bias = None if bias is None else bias.to(dtype)
-            y = F.linear(x, merged_weight(weight, lora_a, lora_b, scale, dtype), bias)
+            y = F.linear(x, merged_weight(weight, lora_a, lora_b, scale, dtype, state), bias)
         ctx.save_for_backward(x, u, lora_a, lora_b)
         ctx.weight, ctx.scale, ctx.dtype = weight, scale, dtype  # the frozen (maybe 4-bit) weight itself, not saved
+        ctx.state = state
         return y
 
     @staticmethod
@@ -391,18 +392,18 @@ class MergedLoRALinear(torch.autograd.Function):
         x, u, lora_a, lora_b = ctx.saved_tensors
         weight, scale, dtype = ctx.weight, ctx.scale, ctx.dtype
         dy = dy.to(dtype)
-        dx = dy @ merged_weight(weight, lora_a, lora_b, scale, dtype) if ctx.needs_input_grad[0] else None
+        dx = dy @ merged_weight(weight, lora_a, lora_b, scale, dtype, ctx.state) if ctx.needs_input_grad[0] else None
         dy2, x2, u2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
         grad_b = (dy2.t() @ u2).mul_(scale).to(lora_b.dtype)  # [out, r]
         grad_a = ((dy2 @ lora_b.to(dtype)).t() @ x2).mul_(scale).to(lora_a.dtype)  # [r, in]
-        return dx, None, None, grad_a, grad_b, None, None
+        return dx, None, None, grad_a, grad_b, None, None, None
 
 
-def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype, state=None) -> torch.Tensor:
     """W + scale·B·A in the compute dtype: one addmm (products accumulated in fp32, one rounding),
     so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA) is dequantised here,
-    in forward and again in backward."""
-    return torch.addmm(dense_weight(weight, dtype), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
+    in forward and again in backward (``state``: its QuantState, when FSDP holds it as plain bytes)."""
+    return torch.addmm(dense_weight(weight, dtype, state), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
 
 
 def use_merged_forward(model: nn.Module) -> None:
@@ -422,7 +423,8 @@ def _forward(self, x, *args, **kwargs):
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    return MergedLoRALinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[adapter]), dtype)
+    return MergedLoRALinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[adapter]), dtype,
+                                  getattr(base, "quant_state", None))
 
 
 def _forward_with_dropout(self, x, adapter: str):

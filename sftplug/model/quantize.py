@@ -113,20 +113,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def dense_weight(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dense_weight(param: torch.Tensor, dtype: torch.dtype, state=None) -> torch.Tensor:
     """A weight in ``dtype``: dequantised from 4-bit (in the dtype it was quantised from, then cast),
-    or an ordinary weight cast.
+    or an ordinary weight cast. ``state``: the layer's QuantState, for packed bytes that FSDP
+    all-gathered into a plain parameter (:func:`unwrap_for_sharding`).
 
     The 4-bit blocks run over the flattened weight, and it is dequantised as that one row:
     bitsandbytes 0.50's CPU kernel dequantises a 2-D weight whose rows are not whole blocks
     (e.g. 96 inputs) wrongly; as one row, every backend gives the same, right values. (1, n)
     rather than (n,): the CPU kernel returns a 1-D shape as (1, n), which torch.compile refuses.
     """
-    if not is_quantized(param):
+    state = state if state is not None else getattr(param, "quant_state", None)
+    if state is None:
         return param.to(dtype)
     import bitsandbytes.functional
 
-    state = param.quant_state
     flat = copy.copy(state)  # the same tensors, the weight as one row
     flat.shape = torch.Size([1, state.shape.numel()])
     return bitsandbytes.functional.dequantize_4bit(param.data, flat).view(state.shape).to(dtype)
@@ -201,21 +202,35 @@ class DequantizedLinear(torch.autograd.Function):
     """``x W^T + b`` with W dequantised in forward and again in backward, never kept."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, dtype: torch.dtype, state):
         with torch.autocast(x.device.type, enabled=False):  # the caller chose the compute dtype
-            y = F.linear(x.to(dtype), dense_weight(weight, dtype), None if bias is None else bias.to(dtype))
-        ctx.weight, ctx.dtype, ctx.batch_dims = weight, dtype, x.dim() - 1
+            y = F.linear(x.to(dtype), dense_weight(weight, dtype, state), None if bias is None else bias.to(dtype))
+        ctx.weight, ctx.dtype, ctx.state, ctx.batch_dims = weight, dtype, state, x.dim() - 1
         return y
 
     @staticmethod
     def backward(ctx, dy):
         dy = dy.to(ctx.dtype)
-        dx = dy @ dense_weight(ctx.weight, ctx.dtype) if ctx.needs_input_grad[0] else None
+        dx = dy @ dense_weight(ctx.weight, ctx.dtype, ctx.state) if ctx.needs_input_grad[0] else None
         db = dy.sum(dim=tuple(range(ctx.batch_dims))) if ctx.needs_input_grad[2] else None
-        return dx, None, db, None
+        return dx, None, db, None, None
 
 
 def _forward(self, x):
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return DequantizedLinear.apply(x, self.weight, self.bias, dtype)
+    return DequantizedLinear.apply(x, self.weight, self.bias, dtype, self.quant_state)
+
+
+def unwrap_for_sharding(model: nn.Module) -> int:
+    """Make each 4-bit weight a plain frozen parameter of its packed bytes, so FSDP2 can shard and
+    all-gather it like any other; its layer keeps the QuantState (scales and shape) whole, and
+    every forward reads it from there. Returns the bytes of packed weights now shardable."""
+    packed = 0
+    for module in model.modules():
+        weight = dict(module.named_parameters(recurse=False)).get("weight")
+        if is_quantized(weight):
+            module.quant_state = weight.quant_state
+            module.weight = nn.Parameter(weight.data, requires_grad=False)
+            packed += weight.numel() * weight.element_size()
+    return packed

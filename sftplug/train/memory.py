@@ -4,8 +4,8 @@ Two parts, each counted as sftplug stores it:
 
 - persistent: the frozen base (in its dtype, or 4-bit packed with its scales), the trainable
   weights, their gradients and the optimizer's state; FSDP over N processes keeps 1/N of each
-  (a 4-bit base stays whole on every process) and gathers the root's and one block's weights
-  at a time;
+  (a 4-bit base as its packed bytes, its scales whole on every process) and gathers the root's
+  and one block's weights at a time;
 - activations: what autograd saves in one micro-batch's forward, per token and block, for the
   PyTorch forms of the ops (``--fused none``, the CPU's choice) and the attention kernel;
   with ``--grad-ckpt`` the blocks' inputs plus one block's recompute; with
@@ -193,6 +193,11 @@ def quantized_bytes(elements: int, double_quant: bool) -> int:
     return packed + blocks + (math.ceil(blocks / QUANT_SCALE_BLOCK) + 1 + SCALE_CODE) * FP32
 
 
+def packed_bytes(c: ModelConfig) -> int:
+    """The 4-bit data alone of every block linear (what FSDP shards of a 4-bit base)."""
+    return c.n_layers * sum(math.ceil(i * o / 2) for i, o in linear_shapes(c).values())
+
+
 def quantized_linear_bytes(c: ModelConfig, s: Setting) -> int:
     """Every block linear's 4-bit weight (biases stay dense)."""
     return c.n_layers * sum(quantized_bytes(i * o, s.double_quant) for i, o in linear_shapes(c).values())
@@ -345,8 +350,9 @@ def estimate(c: ModelConfig, s: Setting | None = None, **options) -> Estimate:
     shard = s.world
     trainable = [math.ceil(n / shard) for n in trainable_tensors(c, s)]  # FSDP: each rank's shard of each tensor
     base = base_bytes(c, s)
-    if s.quantized:  # 4-bit weights are replicated; the rest of the base is sharded
-        base = quantized_linear_bytes(c, s) + (base - quantized_linear_bytes(c, s)) // shard
+    if s.quantized:  # the packed 4-bit data is sharded; the scales stay whole on every process
+        scales = quantized_linear_bytes(c, s) - packed_bytes(c)
+        base = scales + (base - scales) // shard
     else:
         base //= shard
     weights = sum(trainable) * FP32
@@ -354,8 +360,9 @@ def estimate(c: ModelConfig, s: Setting | None = None, **options) -> Estimate:
     if shard > 1:  # the root's weights stay gathered through the step; blocks are gathered one at a time
         dtype = FP32 if not s.lora else BYTES[s.dtype]
         block = (0 if s.quantized else block_linear_params(c)) + norm_params(c)
+        packed = packed_bytes(c) // c.n_layers if s.quantized else 0  # one block's 4-bit data
         adapters = sum(lora_tensors(c, s)) // c.n_layers if s.lora else 0
-        in_flight = root_params(c) * dtype + block * dtype + adapters * FP32
+        in_flight = root_params(c) * dtype + block * dtype + packed + adapters * FP32
     return Estimate(
         params=model_params(c), base=base, trainable=weights, gradients=weights,
         optimizer=optimizer_bytes(trainable, s.optimizer), in_flight=in_flight,

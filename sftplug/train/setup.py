@@ -150,16 +150,15 @@ def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distribu
 
 
 def shard_model(model: torch.nn.Module, world: distributed.World, echo) -> None:
-    """``--strategy fsdp``: FSDP2 per block under torchrun; says what stays whole on every rank."""
+    """``--strategy fsdp``: FSDP2 per block under torchrun; says how a 4-bit base is sharded."""
     if not world.active:
         echo("strategy: fsdp shards across processes; this run has one, so nothing is sharded "
              "(start several with --nproc N or torchrun)")
         return
-    whole = distributed.shard(model)
-    if whole:
-        size = sum(p.numel() * p.element_size() for p in whole)
-        echo(f"strategy: fsdp shards the rest, but the {len(whole)} 4-bit weights ({size / 2**20:,.1f} MiB) stay whole "
-             "on every process (FSDP2 cannot split bitsandbytes' Params4bit)")
+    packed = distributed.shard(model)
+    if packed:
+        echo(f"strategy: fsdp shards the 4-bit base as its packed bytes ({packed / 2**20:,.1f} MiB in all), "
+             "each layer's quantisation scales kept whole")
 
 
 def check_shared_out(config: TrainConfig, world: distributed.World, echo) -> None:

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from sftplug import distributed
 from sftplug.checkpoint import shards
+from sftplug.errors import SftplugError
 from sftplug.model.lora import apply_lora, lora_layers
 from sftplug.model.quantize import quant_spec, quantize_model
 from sftplug.model.transformer import ModelConfig, Transformer
@@ -74,7 +75,7 @@ def assert_same_adapter(plain, sharded):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-base"])
 def test_sharded_lora_keeps_b_block_diagonal_and_trains_as_unsharded(one_process_group, dtype):
     plain, sharded = lora_model(dtype), lora_model(dtype)
-    assert distributed.shard(sharded) == []
+    assert distributed.shard(sharded) == 0  # no 4-bit weights
     assert all(hasattr(p, "full_tensor") for p in sharded.parameters())  # the bf16 base with its fp32 adapters
     train_both(plain, sharded, half=dtype == torch.bfloat16)
     fused = [layer for _, layer in lora_layers(sharded) if len(layer.lora_parts) > 1]
@@ -82,23 +83,34 @@ def test_sharded_lora_keeps_b_block_diagonal_and_trains_as_unsharded(one_process
     assert_same_adapter(plain, sharded)
 
 
-def test_qlora_shards_all_but_the_4bit_weights(one_process_group):
+def test_qlora_shards_the_packed_4bit_base_and_trains_as_unsharded(one_process_group):
     pytest.importorskip("bitsandbytes")
     plain, sharded = lora_model(quantize="nf4"), lora_model(quantize="nf4")
-    whole = distributed.shard(sharded)
-    assert len(whole) == 8 and all(p.quant_state is not None and not hasattr(p, "full_tensor") for p in whole)
-    assert all(hasattr(p, "full_tensor") for p in sharded.parameters() if all(p is not w for w in whole))
+    packed = {n: p.data.clone() for n, p in sharded.named_parameters() if getattr(p, "quant_state", None)}
+    assert len(packed) == 8
+    assert distributed.shard(sharded) == sum(t.numel() for t in packed.values())  # uint8: one byte each
+    weights = dict(sharded.named_parameters())
+    assert all(hasattr(p, "full_tensor") for p in weights.values())  # the 4-bit base sharded too
+    assert all(torch.equal(weights[n].full_tensor(), t) for n, t in packed.items())
     train_both(plain, sharded, steps=2)
     assert_same_adapter(plain, sharded)
 
 
-def test_4bit_weights_stay_whole_and_the_shards_hold_the_adapter_alone(one_process_group, tmp_path):
-    model = lora_model()
-    quantized = model.layers[0].mlp.down.weight
-    quantized.quant_state = object()  # what marks bitsandbytes' Params4bit
-    whole = distributed.shard(model)
-    assert len(whole) == 1 and whole[0] is quantized
-    assert model.layers[0].mlp.down.weight is quantized and not hasattr(quantized, "full_tensor")
+def test_dora_on_a_4bit_base_under_fsdp_is_refused_in_one_line(one_process_group):
+    pytest.importorskip("bitsandbytes")
+    model = Transformer(ModelConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, n_layers=1, n_heads=4,
+                                    n_kv_heads=2))
+    model.requires_grad_(False)
+    quantize_model(model, quant_spec("nf4"))
+    model = apply_lora(model, 4, 8, 0.0, ["q_proj"], "dora")
+    with pytest.raises(SftplugError, match="^--strategy fsdp with --quantize and --lora-variant dora: PEFT's DoRA"):
+        distributed.shard(model)
+
+
+def test_the_shards_of_a_qlora_run_hold_the_adapter_alone(one_process_group, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = lora_model(quantize="nf4")
+    distributed.shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(torch.arange(8)[None], torch.arange(8)[None], None).square().mean().backward()
     optimizer.step()
