@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) trains exactly like one process with the same global batch."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -64,12 +65,18 @@ def weights(out, step=4):
     return folders.load_weights(out / "checkpoints" / f"step-{step}")
 
 
+NO_BITSANDBYTES = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+
+
 @pytest.mark.parametrize(
-    "mode", [[], ["--full"], ["--full", "--strategy", "fsdp"]], ids=["ddp-lora", "ddp-full", "fsdp-full"]
+    "mode", [[], ["--full"], ["--full", "--strategy", "fsdp"],
+             pytest.param(["--quantize", "nf4", "--strategy", "fsdp"], marks=NO_BITSANDBYTES)],
+    ids=["ddp-lora", "ddp-full", "fsdp-full", "fsdp-qlora"]
 )
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
     data = data_file(tmp_path)
-    full = ["--full", "1"] if "--full" in mode else []
+    base = ["--full", "1"] if "--full" in mode else []
+    base += ["--quantize", "nf4"] if "nf4" in mode else []  # the 4-bit base, sharded as its packed bytes
     strategy = ["--strategy", "fsdp"] if "fsdp" in mode else []
     single(tmp_path / "one", data, "--micro-bsz", "4", *[m for m in mode if m not in ("--strategy", "fsdp")])
     output = two_processes(tmp_path / "two", data, "--micro-bsz", "2", *mode)
@@ -84,8 +91,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
     # per-token terms in another order: fp32 rounding of sums over ~10^3 tokens, about
     # sqrt(N) * eps ~ 1e-6 of a tensor's largest entry. A wrong gradient (a rank's tokens
     # missing, a wrong world-size scale) is off by 10% or more; 1e-4 sits between the two.
-    one = first_update(tmp_path / "grads-one", data, 1, "--micro-bsz", "4", *full)
-    two = first_update(tmp_path / "grads-two", data, 2, "--micro-bsz", "2", *full, *strategy)
+    one = first_update(tmp_path / "grads-one", data, 1, "--micro-bsz", "4", *base)
+    two = first_update(tmp_path / "grads-two", data, 2, "--micro-bsz", "2", *base, *strategy)
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert two["grads"].keys() == one["grads"].keys() and one["grads"]
     for name, grad in one["grads"].items():
