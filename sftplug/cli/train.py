@@ -36,6 +36,7 @@ def train(nproc, config_file, print_config, **options):
       sftplug train --steps 500 --micro-bsz 4 --accum 4 --out runs/long
       sftplug train --full --dtype bf16 --attention flash --device cuda
       sftplug train --nproc 4 --full --strategy fsdp --dtype bf16
+      sftplug train --model ./Llama-3.1-8B --quantize nf4 --grad-ckpt --offload-activations   (QLoRA)
     """
     from sftplug.config_file import dump_config
     from sftplug.registry import build_registry
