@@ -8,11 +8,14 @@ a DDP run keeps a data cache in each and its checkpoints in rank 0's alone.
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +31,21 @@ COMMON = ["--steps", "4", "--seq-len", "64", "--log-every", "1", "--sample-promp
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range: the ports other tests' torchrun and gloo
+    sockets get from the kernel are all in that range, so none of them can take this one between
+    this check and the rendezvous binding it (a launcher on a taken port would join that store)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:
+        low = 32768
+    for port in random.Random(uuid.uuid4().int).sample(range(10000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return str(port)
+    raise RuntimeError(f"no free port in 10000-{low}")
 
 
 def sftplug_train(out, model, data, *extra) -> list[str]:
@@ -41,27 +56,33 @@ def finish(procs, timeout=240) -> str:
     """Wait for every launcher; the output of the one whose rank 0 printed the summary."""
     outputs = []
     try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            outputs.append(stdout)
-            assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        for proc, log in procs:
+            proc.wait(timeout=timeout)
+            outputs.append(log.read_text())
+            assert proc.returncode == 0, outputs[-1][-6000:]
     finally:
-        for proc in procs:
+        for proc, _ in procs:
             proc.kill()
     return next(out for out in outputs if "done:" in out)
 
 
-def launch(args):
+def launch(args, log):
+    """A torchrun launcher writing to the file ``log``: a pipe nobody reads while the test waits
+    for another launcher could fill and stall this one's processes, and with them the other's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on shared cores
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    with open(log, "w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stdout=handle,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    return proc, log
 
 
 def two_nodes(outs, model, data, *extra) -> str:
-    """Two torchrun launchers, one process each, as two nodes would start them (c10d rendezvous)."""
-    port = free_port()
+    """Two torchrun launchers, one process each, as two nodes would start them (c10d rendezvous; an
+    id of their own, so launchers of another test can never join them)."""
+    port, run_id = free_port(), uuid.uuid4().hex
     return finish([launch(["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend",
-                           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *sftplug_train(out, model, data, *extra)])
+                           "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+                           *sftplug_train(out, model, data, *extra)], Path(str(out) + f".node{node}.log"))
                    for node, out in enumerate(outs)])
 
 
@@ -122,7 +143,8 @@ def test_fsdp_lora_over_two_nodes_equals_one_process_resumes_and_exports(tmp_pat
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(two / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
     finish([launch(["--nproc-per-node", "2", "--master-port", free_port(),
-                    *sftplug_train(resumed, hf, data, "--micro-bsz", "2", "--strategy", "fsdp", "--resume", "auto")])])
+                    *sftplug_train(resumed, hf, data, "--micro-bsz", "2", "--strategy", "fsdp", "--resume", "auto")],
+                   tmp_path / "resumed.log")])
     assert metrics(resumed) == metrics(two)[2:]
     final = folders.load_weights(resumed / "checkpoints" / "step-4")
     assert all(torch.equal(final[n], adapter[n]) for n in adapter)
