@@ -63,4 +63,4 @@ def quantize_dense(loaded: LoadedModel, spec) -> None:
 
     quantize_model(loaded.model, spec)
     loaded.info["quantized"] = quantized_info(loaded.model)
-    loaded.description += f"; {describe_quantized(loaded.model)}"
+    loaded.description += f"; {describe_quantized(loaded.info['quantized'])}"

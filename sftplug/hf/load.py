@@ -87,7 +87,7 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     notes = []
     if quantize:
         info["quantized"] = quantized_info(model)
-        notes.append(describe_quantized(model))
+        notes.append(describe_quantized(info["quantized"]))
     if ignored:
         info["ignored"] = ignored
         notes.append(f"ignored {len(ignored)} derived tensor(s) such as {ignored[0]}")

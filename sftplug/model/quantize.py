@@ -141,12 +141,16 @@ def bitsandbytes_dequantizes_exactly(param: torch.Tensor) -> bool:
     return torch.equal(bitsandbytes.functional.dequantize_4bit(param.data, param.quant_state), ours)
 
 
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every layer holding a 4-bit weight itself (a Linear4bit, not PEFT's wrapper of it,
+    whose .weight is its base's)."""
+    return [(name, module) for name, module in model.named_modules()
+            if is_quantized(dict(module.named_parameters(recurse=False)).get("weight"))]
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> None:
     """Replace every Linear4bit (PEFT's base layers too) by an nn.Linear with its dequantised weight."""
-    quantized = [name for name, module in model.named_modules()  # not PEFT's wrappers, whose .weight is their base's
-                 if is_quantized(dict(module.named_parameters(recurse=False)).get("weight"))]
-    for name in quantized:
-        layer = model.get_submodule(name)
+    for name, layer in quantized_layers(model):
         with torch.device("meta"):
             linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
         linear.weight = nn.Parameter(dense_weight(layer.weight, dtype), requires_grad=False)
@@ -174,25 +178,25 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     return sum(seen.values()), bf16
 
 
-def describe_quantized(model: nn.Module) -> str:
-    """The load description's part: kind, dtype and the block weights' bytes against bf16."""
-    spec: QuantSpec = model.quantized_base
-    stored, bf16 = quantized_bytes(model)
-    double = ", double-quantised scales" if spec.double_quant else ""
-    return (f"block weights {spec.kind} from {dtype_name(spec.dtype)}{double}: {_size(stored)}, "
-            f"{stored / bf16:.2f}x their {_size(bf16)} in bf16")
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
 def quantized_info(model: nn.Module) -> dict:
     """What LoadedModel.info records of a quantised base."""
     spec: QuantSpec = model.quantized_base
     stored, bf16 = quantized_bytes(model)
     return {"kind": spec.kind, "double_quant": spec.double_quant, "dtype": dtype_name(spec.dtype),
             "bytes": stored, "bf16_bytes": bf16}
+
+
+def describe_quantized(info: dict) -> str:
+    """The load description's part, from :func:`quantized_info`: kind, dtype and the block weights'
+    bytes against bf16."""
+    double = ", double-quantised scales" if info["double_quant"] else ""
+    stored, bf16 = info["bytes"], info["bf16_bytes"]
+    return (f"block weights {info['kind']} from {info['dtype']}{double}: {_size(stored)}, "
+            f"{stored / bf16:.2f}x their {_size(bf16)} in bf16")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 # -- the forward ----------------------------------------------------------------------
@@ -227,10 +231,8 @@ def unwrap_for_sharding(model: nn.Module) -> int:
     all-gather it like any other; its layer keeps the QuantState (scales and shape) whole, and
     every forward reads it from there. Returns the bytes of packed weights now shardable."""
     packed = 0
-    for module in model.modules():
-        weight = dict(module.named_parameters(recurse=False)).get("weight")
-        if is_quantized(weight):
-            module.quant_state = weight.quant_state
-            module.weight = nn.Parameter(weight.data, requires_grad=False)
-            packed += weight.numel() * weight.element_size()
+    for _, layer in quantized_layers(model):  # each layer's quant_state is set by quantize_linear
+        weight = layer.weight
+        layer.weight = nn.Parameter(weight.data, requires_grad=False)
+        packed += weight.numel() * weight.element_size()
     return packed
