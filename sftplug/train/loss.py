@@ -60,7 +60,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None
 
 
-def target_loss_sum(hidden, labels, weight, chunk_size: int = 4096, cross_entropy=pytorch.cross_entropy,
+CHUNK_ROWS = 4096  # target rows whose logits exist at once (sftplug.train.memory counts them)
+
+
+def target_loss_sum(hidden, labels, weight, chunk_size: int = CHUNK_ROWS, cross_entropy=pytorch.cross_entropy,
                     logit_scale: float = 1.0, logit_softcap: float = 0.0):
     """(sum of token losses, number of targets) for hidden [B, T, C] and labels [B, T].
 

@@ -26,18 +26,19 @@ from dataclasses import dataclass, field, replace
 from sftplug.config import DEFAULT_LORA_TARGETS
 from sftplug.errors import SftplugError
 from sftplug.hf.names import lora_layout
+from sftplug.model.quantize import BLOCKSIZE as QUANT_BLOCK
 from sftplug.model.transformer import ModelConfig
+from sftplug.train.loss import CHUNK_ROWS as LOSS_CHUNK
 
 FP32, BF16, INT64 = 4, 2, 8
 BYTES = {"fp32": FP32, "bf16": BF16}
 MODES = ("full", "lora", "nf4", "fp4")  # nf4/fp4: QLoRA, LoRA on a 4-bit base
 OPTIMIZERS = ("adamw", "adamw8bit")
 ATTENTION = ("flash", "chunked")  # SDPA's flash kernel (GPU and CPU), sftplug's chunked CPU kernel
-QUANT_BLOCK, QUANT_SCALE_BLOCK = 64, 256  # bitsandbytes' 4-bit blocks; double quantisation's blocks of scales
+QUANT_SCALE_BLOCK = 256  # double quantisation's blocks of scales (of QUANT_BLOCK-weight blocks)
 QUANT_CODE, SCALE_CODE = 16, 256  # the 4-bit code's values; the 8-bit code of the scales
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bitsandbytes' 8-bit state: blocks, and the size below which it is fp32
 OFFLOAD_BLOCKS = 3  # blocks whose saved tensors are on the device at once with --offload-activations
-LOSS_CHUNK = 4096  # target rows per chunk of logits (sftplug.train.loss.target_loss_sum)
 
 # The shapes of the Llama checkpoints' config.json (hidden_size, intermediate_size, ...).
 LLAMA = {
@@ -141,12 +142,7 @@ def block_linear_params(c: ModelConfig) -> int:
 
 def norm_params(c: ModelConfig) -> int:
     """Per block: the RMSNorm scales (and q/k norms)."""
-    norms = {"pre": 2, "sandwich": 4, "post": 2}[c.norms] * c.hidden_size
-    if c.qk_norm == "head":
-        norms += 2 * c.head_dim
-    elif c.qk_norm == "projection":
-        norms += (c.n_heads + c.n_kv_heads) * c.head_dim
-    return norms
+    return sum(norm_sizes(c))
 
 
 def root_params(c: ModelConfig) -> int:
@@ -208,18 +204,19 @@ def trainable_tensors(c: ModelConfig, s: Setting) -> list[int]:
     if s.lora:
         return lora_tensors(c, s)
     per_block = [i * o for i, o in linear_shapes(c).values()] + norm_sizes(c)
+    if c.qkv_bias:
+        per_block.append(linear_shapes(c)["qkv"][1])
     root = [c.vocab_size * c.hidden_size] * (1 if c.tie_embeddings else 2) + [c.hidden_size]
     return per_block * c.n_layers + root
 
 
 def norm_sizes(c: ModelConfig) -> list[int]:
+    """Per block: each RMSNorm's scale (and the q/k norms')."""
     sizes = [c.hidden_size] * {"pre": 2, "sandwich": 4, "post": 2}[c.norms]
     if c.qk_norm == "head":
         sizes += [c.head_dim] * 2
     elif c.qk_norm == "projection":
         sizes += [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim]
-    if c.qkv_bias:
-        sizes.append(linear_shapes(c)["qkv"][1])
     return sizes
 
 
