@@ -73,7 +73,8 @@ def measure(shape: str, mode: str, steps: int, device: str) -> dict:
                          micro_bsz=1 if shape == "llama-8b" else 8, steps=steps + 1, eval_data=None, warmup=1,
                          out=tempfile.mkdtemp(prefix=f"sftplug-memory-{shape}-{mode}-"), **MODES[mode])
     run = build_run(config, registry, echo=lambda *a: None)
-    predicted = estimate(run.model.config, mode="nf4" if config.quantize == "nf4" else "lora", dtype=config.dtype,
+    mode_of_model = config.quantize if config.quantize != "none" else "lora"
+    predicted = estimate(run.model.config, mode=mode_of_model, dtype=config.dtype,
                          tokens=config.micro_bsz * config.seq_len, grad_ckpt=config.grad_ckpt,
                          offload=config.offload_activations and cuda).peak
     run.update()  # warm-up: kernels chosen, allocator populated

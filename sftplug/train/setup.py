@@ -24,6 +24,7 @@ from sftplug.fused.choice import attach_fused
 from sftplug.fused.op import FusedOpsRequest
 from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora, describe_lora, load_peft_adapter
+from sftplug.model.offload import describe_offload
 from sftplug.model.quantize import quant_spec
 from sftplug.train import lock
 from sftplug.train.flops import peak_flops
@@ -80,8 +81,6 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
     echo(f"fused ops: {fused.describe()}")
     if config.offload_activations:
-        from sftplug.model.offload import describe_offload
-
         echo(f"activations: {describe_offload(device, config.grad_ckpt)}")
     for note in steering_notes():
         echo(f"environment: {note}")
