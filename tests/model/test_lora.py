@@ -38,17 +38,13 @@ def run(layers, x):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_merged_path_equals_peft_in_fp32(bias):
+def test_merged_path_equals_peft_in_fp32(bias, monkeypatch):
     plain, merged = lora_pair(bias=bias)
     x = torch.randn(3, 7, 48)
-    calls = []
-    original = MergedLoRALinear.apply
-    MergedLoRALinear.apply = lambda *a: calls.append(1) or original(*a)
-    try:
-        y1, dx1, g1 = run(plain, x)
-        y2, dx2, g2 = run(merged, x)
-    finally:
-        MergedLoRALinear.apply = original
+    calls, original = [], MergedLoRALinear.apply
+    monkeypatch.setattr(MergedLoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
+    y1, dx1, g1 = run(plain, x)
+    y2, dx2, g2 = run(merged, x)
     assert len(calls) == 2  # both layers took the merged path
     torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx2, dx1, rtol=1e-5, atol=1e-6)

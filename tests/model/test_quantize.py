@@ -215,17 +215,13 @@ def no_dense_weight_among(saved: list) -> bool:
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("fp4", False)], ids=["nf4-dq", "fp4"])
-def test_the_merged_forward_on_4bit_equals_peft_bnb_lora(spec):
+def test_the_merged_forward_on_4bit_equals_peft_bnb_lora(spec, monkeypatch):
     theirs, ours = lora_pair(spec=spec)
     x = torch.randn(3, 7, 64)
-    calls, saved = [], []
-    original = MergedLoRALinear.apply
-    MergedLoRALinear.apply = lambda *a: calls.append(1) or original(*a)
-    try:
-        y1, dx1, g1 = run(theirs, x)
-        y2, dx2, g2 = run(ours, x, saved)
-    finally:
-        MergedLoRALinear.apply = original
+    calls, saved, original = [], [], MergedLoRALinear.apply
+    monkeypatch.setattr(MergedLoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
+    y1, dx1, g1 = run(theirs, x)
+    y2, dx2, g2 = run(ours, x, saved)
     assert len(calls) == 2 and no_dense_weight_among(saved)  # dequantised again in backward, never kept
     # x (W + s B A)^T against x W^T + s (x A^T) B^T with the same dequantised W: fp32 rounding only
     torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
