@@ -129,7 +129,7 @@ def _builtin_loader(module: str, attr: str):
 
 def build_registry(entrypoints: bool | None = None) -> Registry:
     """The registry with every built-in plugin and, unless disabled, every entry point."""
-    from sftplug.plugins import BUILTIN_PLUGINS
+    from sftplug.plugins.builtin import BUILTIN_PLUGINS
 
     registry = Registry()
     for name, target in BUILTIN_PLUGINS:

@@ -1,4 +1,4 @@
-"""The architecture as a test: the import rules of DESIGN.md, read from every import statement.
+"""The architecture as a test: the README's import rules (Layout), read from every import statement.
 
 - kernels/ import nothing of sftplug (torch, triton and each other only);
 - plugins/ never import the CLI;
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each installed package lives in the repository (pyproject.toml's package-dir).
+# Where each installed package lives in the repository (sftplug/plugins and sftplug/kernels link there).
 FOLDERS = {"sftplug": ROOT / "sftplug", "sftplug.plugins": ROOT / "plugins", "sftplug.kernels": ROOT / "kernels"}
 
 
@@ -71,7 +71,7 @@ def violations(folder: Path, forbidden) -> list[str]:
 def test_the_rules_are_read_from_real_imports():
     # the reader itself: a relative import, an import inside a function, `from package import module`
     found = {m for _, m in imports(ROOT / "sftplug" / "registry.py")}
-    assert "sftplug.plugins" in found and "sftplug.hookspecs" in found
+    assert "sftplug.plugins.builtin" in found and "sftplug.hookspecs" in found
     assert module_name(ROOT / "plugins" / "sdpa.py") == "sftplug.plugins.sdpa"
     assert module_name(ROOT / "sftplug" / "attention" / "__init__.py") == "sftplug.attention"
     assert len(files(ROOT / "sftplug")) > 30 and files(ROOT / "kernels") and files(ROOT / "plugins")
@@ -94,8 +94,8 @@ def test_the_core_reaches_built_in_plugins_only_through_the_registry():
     def forbidden(path, module):
         if not within(module, "sftplug.plugins"):
             return False
-        # the registry reads the list of built-ins (sftplug.plugins.BUILTIN_PLUGINS), nothing else
-        return not (path == registry and module in ("sftplug.plugins", "sftplug.plugins.BUILTIN_PLUGINS"))
+        # the registry reads the list of built-ins (sftplug.plugins.builtin), nothing else
+        return not (path == registry and within(module, "sftplug.plugins.builtin"))
 
     assert violations(FOLDERS["sftplug"], forbidden) == []
 
@@ -106,3 +106,13 @@ SUBPACKAGES = sorted(p.name for p in (ROOT / "sftplug").iterdir() if (p / "__ini
 @pytest.mark.parametrize("package", SUBPACKAGES)
 def test_tests_mirror_the_tree(package):
     assert (ROOT / "tests" / package).is_dir(), f"sftplug/{package}/ has no tests/{package}/"
+
+
+@pytest.mark.parametrize("package", ["sftplug.plugins", "sftplug.kernels"])
+def test_top_level_folders_install_under_sftplug_and_hide_no_package(package):
+    folder = FOLDERS[package]
+    # without __init__.py the folder is at most a namespace portion, which never hides an
+    # installed package of its name (PyPI's `kernels`) when the repo root is on sys.path
+    assert not (folder / "__init__.py").exists()
+    link = ROOT / Path(*package.split("."))
+    assert link.is_symlink() and link.resolve() == folder.resolve()
