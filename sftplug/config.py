@@ -57,8 +57,9 @@ class TrainConfig:
     pack: bool = option(True, "Pack several documents per row.", "data")
     eval_split: float = option(0.0, "Fraction of --data held out.", "data")
     format: str = option("auto", "Record format (auto: detected per file).", "data", choices=("auto",) + FORMATS)
-    chat_template: str | None = option(None, "Built-in template name (sftplug, chatml) or a Jinja file; "
-                                       "default the model's own.", "data")
+    chat_template: str | None = option(None, "One of the model's named templates, a built-in (sftplug, chatml), "
+                                       "a Jinja or JSON file, or a model folder; default the model's own "
+                                       "(chat_template.jinja, else tokenizer_config.json's).", "data")
     overlong: str = option("truncate", "What happens to documents longer than --seq-len.", "data",
                            choices=OVERLONG)
     skip_bad_records: bool = option(False, "Skip and count bad records instead of stopping.", "data")

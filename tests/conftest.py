@@ -1,6 +1,5 @@
 import copy
 import os
-import shutil
 
 # Under pytest-xdist every worker (and every process a test starts) computes on one thread:
 # OpenMP threads that wait on each other on shared cores make tiny ops ~50x slower.
@@ -51,7 +50,7 @@ def small_config(tmp_path):
 
 @pytest.fixture(scope="session")
 def make_hf_folder():
-    """A factory: a tiny random HF checkpoint (save_pretrained) with the bundled tokenizer.
+    """A factory: a tiny random HF checkpoint (save_pretrained) with the bundled tokenizer (saved by transformers).
 
     ``make(folder, config_class="LlamaConfig", seed=0, **overrides)`` writes the folder and
     returns the transformers model it saved.
@@ -78,8 +77,8 @@ def make_hf_folder():
                     p.add_(torch.randn_like(p) * 0.2)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(ASSETS / name, folder)
+        # today's layout: the chat template in chat_template.jinja, not in tokenizer_config.json
+        transformers.AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
         return model
 
     return make

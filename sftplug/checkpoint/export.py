@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from sftplug.checkpoint import folders
+from sftplug.data.tokenizer import CONFIG_FILE, TEMPLATE_FILE
 from sftplug.dtypes import as_dtype
 from sftplug.errors import SftplugError
 from sftplug.hf.config import check_exportable, config_to_hf
@@ -52,8 +53,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
     "tokenizer.model",
-    "chat_template.jinja",
-)
+)  # not the model's chat templates: write_chat_template writes the one the run trained with
 
 
 def export_checkpoint(
@@ -166,11 +166,23 @@ def write_hf_model(folder: Path, weights, config: ModelConfig, dtype, tokenizer,
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, folder)
-    config_path = folder / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if tokenizer.chat_template and tokenizer_config.get("chat_template") != tokenizer.chat_template:
-        tokenizer_config["chat_template"] = tokenizer.chat_template  # the template the run trained with
-        config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    write_chat_template(folder, tokenizer)
+
+
+def write_chat_template(folder: Path, tokenizer) -> None:
+    """The chat template the run trained with, where transformers 5 reads it: chat_template.jinja, its only copy.
+
+    tokenizer_config.json loses its ``chat_template`` and none of the model's other template
+    files (chat_template.json, additional_chat_templates/) is carried over, so
+    ``apply_chat_template`` renders the trained format whatever it is asked (tools included).
+    """
+    config_path = folder / CONFIG_FILE
+    if config_path.is_file():
+        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+        if tokenizer_config.pop("chat_template", None) is not None:
+            config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if tokenizer.chat_template:
+        (folder / TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
 
 
 def write_adapter(folder: Path, model: torch.nn.Module, config: ModelConfig, base_path: Path) -> None:

@@ -67,8 +67,10 @@ class Prepared:
         for name in ("truncated", "dropped", "untrainable"):
             if s.get(name):
                 parts.append(f"{s[name]:,} {name} ({', '.join(s[name + '_lines'])})")
-        if s.get("chat_template") not in (None, "tokenizer_config.json") and s.get("format") != "text":
+        if s.get("chat_template") and s.get("format") != "text":  # which file, or which built-in
             parts.append(f"chat template: {s['chat_template']}")
+            if s.get("chat_template_warning"):
+                parts.append(f"warning: {s['chat_template_warning']}")
         if s.get("assistant_turns_without_eos"):
             parts.append(f"warning: {s['assistant_turns_without_eos']:,} assistant turns do not end with EOS")
         if s.get("cache") == "hit":
@@ -77,6 +79,11 @@ class Prepared:
             cache = {"miss": " (cache miss, saved)", None: ""}.get(s.get("cache"), f" (cache {s.get('cache')})")
             parts.append(f"tokenised at {s['records_per_s']:,.0f} records/s{cache}")
         return "; ".join(parts)
+
+
+def template_stats(tokenizer: Tokenizer) -> dict:
+    """Where the chat template came from, and the warning for a model that has none."""
+    return {"chat_template": tokenizer.template_source, "chat_template_warning": tokenizer.template_warning}
 
 
 def _examples(examples: int | None, records: int) -> str:
@@ -184,7 +191,7 @@ def prepare_data(
         if hit is not None:
             train, held_out, stats = hit
             stats.update(cache="hit", load_seconds=time.perf_counter() - started, data=str(data),
-                         data_sha256=data_sha256)
+                         data_sha256=data_sha256, **template_stats(tokenizer))  # the same text may have moved
             return Prepared(train, held_out, stats)
     folder, cache_note = None, None
     if cache is not None:
@@ -265,7 +272,7 @@ def _prepare(tokenizer: Tokenizer, data, eval_data, folder: Path | None, options
         "eval_data": str(eval_data) if eval_data else None,
         "format": formats[str(data)],
         "formats": formats,
-        "chat_template": tokenizer.template_source,
+        **template_stats(tokenizer),
         "records": n_train_records,
         "eval_records": n_records - n_train_records,
         "examples": len(parts["train"]),

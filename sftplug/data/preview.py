@@ -113,6 +113,8 @@ def stats_lines(prepared: Prepared) -> list[str]:
         f"truncated: {s['truncated']:,}; dropped: {s['dropped']:,}; untrainable: {s['untrainable']:,}; "
         f"bad records skipped: {s['skipped_bad']:,}",
     ]
+    if s.get("chat_template_warning") and s.get("format") != "text":
+        lines.append(f"warning: {s['chat_template_warning']}")
     if s.get("assistant_turns_without_eos"):
         lines.append(f"warning: {s['assistant_turns_without_eos']:,} assistant turns do not end with EOS "
                      "(generation may not learn to stop)")

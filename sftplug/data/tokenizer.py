@@ -8,9 +8,9 @@ tokenizer's offsets (:meth:`Tokenizer.encode_masked`), so the loss mask never de
 searching for marker tokens afterwards. A template that renders earlier turns differently
 as the conversation grows gives one example per turn (:meth:`Tokenizer.render_spans`).
 
-When the model's tokenizer_config.json has no chat template, the built-in ``sftplug``
-template is used; ``--chat-template NAME|FILE`` overrides either
-(:func:`resolve_chat_template`).
+The model's template is read wherever transformers keeps it (:func:`model_templates`); a
+folder without one gets the built-in ``sftplug`` template and a warning.
+``--chat-template NAME|FILE|FOLDER`` overrides either (:meth:`Tokenizer.set_chat_template`).
 """
 
 from __future__ import annotations
@@ -43,54 +43,125 @@ BUILTIN_TEMPLATES = {
 }
 DEFAULT_TEMPLATE = "sftplug"
 
+# Where transformers keeps a tokenizer's chat templates (the names in transformers.utils.hub).
+TEMPLATE_FILE = "chat_template.jinja"  # the template named "default"
+NAMED_TEMPLATES_DIR = "additional_chat_templates"  # NAME.jinja
+CONFIG_FILE = "tokenizer_config.json"  # its "chat_template": a string, or a list of {name, template}
+PROCESSOR_TEMPLATE_FILE = "chat_template.json"  # a processor's legacy file: {"chat_template": ...}
+
 
 class ChatTemplateError(SftplugError):
     """The chat template refused or could not render one conversation."""
 
 
 def resolve_chat_template(value: str | None) -> str | None:
-    """The template source for ``--chat-template``: a built-in name, a file, or None.
+    """The template ``--chat-template`` names: a built-in name, a file, a model folder, or None.
 
     value: None (use the model's own template), a built-in name (see BUILTIN_TEMPLATES),
-    a Jinja file, a tokenizer_config.json whose ``chat_template`` is taken, or an inline
-    template (a string containing ``{{`` or ``{%``).
+    a Jinja file, a JSON file with a ``chat_template`` (tokenizer_config.json,
+    chat_template.json), a model folder (its default template, :func:`model_templates`), or an
+    inline template (a string containing ``{{`` or ``{%``).
     """
+    resolved = _resolve(value)
+    return None if resolved is None else resolved[0]
+
+
+def _resolve(value: str | None) -> tuple[str, str] | None:
+    """(template, where it came from) for a ``--chat-template`` value; None for none."""
     if value is None or value == "":
         return None
     if value in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[value]
+        return BUILTIN_TEMPLATES[value], f"built-in '{value}'"
     if "{{" in value or "{%" in value:
-        return value
+        return value, "--chat-template (inline)"
     path = Path(value).expanduser()
     if path.is_dir():
-        path = path / "tokenizer_config.json"
+        default = model_templates(path, _read_config(path)).get("default")
+        if default is None:
+            raise SftplugError(f"--chat-template {value}: the folder has no default chat template "
+                               f"({TEMPLATE_FILE}, {CONFIG_FILE} or {PROCESSOR_TEMPLATE_FILE})")
+        return default[0], f"--chat-template {value} ({default[1]})"
     if not path.is_file():
         raise SftplugError(
             f"--chat-template {value}: no such file and not a built-in template "
             f"(built-ins: {', '.join(BUILTIN_TEMPLATES)})"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SftplugError(f"--chat-template {value}: cannot be read ({exc})") from None
     if path.suffix == ".json":
         try:
-            template = _named_template(json.loads(text).get("chat_template"))
-        except (json.JSONDecodeError, AttributeError):
-            template = None
-        if not template:
-            raise SftplugError(f"--chat-template {value}: the JSON file has no chat_template")
-        return template
+            own = _read_json(path).get("chat_template")
+        except AttributeError:  # JSON, but not an object
+            own = None
+        default = _config_templates(own, str(path)).get("default") if own else None
+        if default is None:
+            raise SftplugError(f"--chat-template {value}: the JSON file has no chat_template (or none named 'default')")
+        return default[0], f"--chat-template {value}"
+    text = _read_text(path, f"--chat-template {value}")
     if not text.strip():
         raise SftplugError(f"--chat-template {value}: the file is empty")
-    return text
+    return text, f"--chat-template {value}"
 
 
-def _named_template(template):
-    if isinstance(template, list):  # HF allows named templates
-        named = {t["name"]: t["template"] for t in template}
-        return named.get("default") or next(iter(named.values()), None)
-    return template
+def model_templates(folder: Path, config: dict) -> dict[str, tuple[str, str]]:
+    """A model folder's chat templates by name, each (template, the file it came from), as transformers reads them.
+
+    ``AutoTokenizer.from_pretrained``'s precedence: chat_template.jinja (named "default") and
+    additional_chat_templates/NAME.jinja, when either exists, replace tokenizer_config.json's
+    ``chat_template`` (a string, which is "default", or a list of {name, template}). The
+    processor's legacy chat_template.json, which AutoTokenizer does not read, counts only where
+    the tokenizer has no template. ``apply_chat_template`` renders the one named "default".
+    """
+    files = {}
+    if (folder / TEMPLATE_FILE).is_file():
+        files["default"] = folder / TEMPLATE_FILE
+    if (folder / NAMED_TEMPLATES_DIR).is_dir():
+        files.update({path.name.removesuffix(".jinja"): path
+                      for path in sorted((folder / NAMED_TEMPLATES_DIR).glob("*.jinja"))})
+    if files:
+        return {name: (_read_text(path, str(path)), path.relative_to(folder).as_posix())
+                for name, path in files.items()}
+    if config.get("chat_template"):
+        return _config_templates(config["chat_template"], CONFIG_FILE, folder / CONFIG_FILE)
+    legacy = folder / PROCESSOR_TEMPLATE_FILE
+    if legacy.is_file():
+        own = _read_json(legacy)
+        if isinstance(own, dict) and own.get("chat_template"):
+            return _config_templates(own["chat_template"], PROCESSOR_TEMPLATE_FILE, legacy)
+    return {}
+
+
+def _config_templates(value, source: str, path=None) -> dict[str, tuple[str, str]]:
+    """A JSON ``chat_template`` value (a string, or HF's list of {name, template}) by name."""
+    if isinstance(value, str):
+        return {"default": (value, source)}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return {t["name"]: (t["template"], f"{source} (named '{t['name']}')") for t in value}
+    raise SftplugError(f"{path or source}: chat_template must be a string or a list of {{name, template}} objects")
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SftplugError(f"{what}: cannot be read ({exc})") from None
+
+
+def _read_config(folder: Path) -> dict:
+    """A model folder's tokenizer_config.json ({} where there is none)."""
+    config = _read_json(folder / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise SftplugError(f"{folder / CONFIG_FILE}: not a JSON object")
+    return config
+
+
+def _read_json(path: Path):
+    """A JSON file's content; {} for a file that is not there."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(_read_text(path, str(path)))
+    except json.JSONDecodeError as exc:
+        raise SftplugError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _token_text(value) -> str | None:
@@ -111,25 +182,30 @@ class Tokenizer:
             self.backend = HFTokenizer.from_file(str(path))
         except Exception as exc:
             raise SftplugError(f"{path}: cannot be read as a tokenizer ({exc})") from None
-        config_path = folder / "tokenizer_config.json"
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SftplugError(f"{config_path}: not valid JSON ({exc})") from None
+        config = _read_config(folder)
         self.folder = folder
         self.config = config
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token")) or self.eos_token
-        own = _named_template(config.get("chat_template"))
-        if own:
-            self.chat_template, self.template_source = own, "tokenizer_config.json"
+        self.templates = model_templates(folder, config)  # name -> (template, file)
+        self.template_warning = None  # set where the model has no template of its own
+        if "default" in self.templates:
+            self.chat_template, self.template_source = self.templates["default"]
+        elif self.templates:  # transformers' apply_chat_template refuses these too
+            self.chat_template = None
+            self.template_source = f"none ({', '.join(sorted(self.templates))} but no 'default')"
         else:
             self.chat_template = BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
             self.template_source = f"built-in '{DEFAULT_TEMPLATE}' (the model has none)"
+            self.template_warning = (
+                f"{folder} has no chat template ({TEMPLATE_FILE}, {CONFIG_FILE} or {PROCESSOR_TEMPLATE_FILE}); "
+                f"conversations are rendered with sftplug's built-in '{DEFAULT_TEMPLATE}' template, which the "
+                "model has never seen: give --chat-template NAME|FILE for the one it was trained with")
         if chat_template:  # a template string or a built-in name
             self.chat_template = BUILTIN_TEMPLATES.get(chat_template, chat_template)
             self.template_source = f"built-in '{chat_template}'" if chat_template in BUILTIN_TEMPLATES else "given"
+            self.template_warning = None
         self.eos_id = self.token_id(self.eos_token)
         self.bos_id = self.token_id(self.bos_token)
         self.pad_id = self.token_id(self.pad_token)
@@ -139,14 +215,16 @@ class Tokenizer:
         self._template_for = None  # the template source _compiled() last compiled
 
     def set_chat_template(self, value: str | None) -> None:
-        """Apply ``--chat-template``: a built-in name, a file or an inline template; None keeps the current one."""
-        source = resolve_chat_template(value)
-        if source is not None:
-            self.chat_template = source
-            if value in BUILTIN_TEMPLATES:
-                self.template_source = f"built-in '{value}'"
-            else:
-                self.template_source = "--chat-template " + (value if source != value else "(inline)")
+        """Apply ``--chat-template``; None keeps the current template.
+
+        value: the name of one of the model's templates (as ``apply_chat_template(chat_template=NAME)``
+        takes it; before the built-in names), or what :func:`resolve_chat_template` takes.
+        """
+        resolved = self.templates.get(value) if value else None
+        resolved = resolved or _resolve(value)
+        if resolved is not None:
+            self.chat_template, self.template_source = resolved
+            self.template_warning = None
 
     @property
     def vocab_size(self) -> int:
@@ -222,6 +300,9 @@ class Tokenizer:
             raise ChatTemplateError(f"the chat template failed: {exc}") from None
 
     def _compiled(self):
+        if self.chat_template is None:
+            raise SftplugError(f"{self.folder}: its chat templates ({', '.join(sorted(self.templates))}) have none "
+                               "named 'default', which transformers renders; choose one with --chat-template NAME")
         if self._template_for != self.chat_template:
             template = _compile_template(self.chat_template)
             self._template_base = (template, {

@@ -110,6 +110,28 @@ def test_full_fine_tune_exports_as_one_model(tmp_path, make_hf_folder, registry)
     assert relative_error(hf_logits(hf_model(out)), ours) <= 1e-4
 
 
+def test_export_writes_the_chat_template_once_where_transformers_5_reads_it(tmp_path, make_hf_folder):
+    base = tmp_path / "hf"
+    make_hf_folder(base)
+    hf = transformers.AutoTokenizer.from_pretrained(str(base))
+    hf.chat_template = {"default": hf.chat_template, "tool_use": "{{ 'tools' }}"}
+    hf.save_pretrained(str(base))  # chat_template.jinja and additional_chat_templates/tool_use.jinja
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'stale' }}"}))
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'processor' }}"}))
+    tokenizer = load_model(str(base)).tokenizer
+    assert tokenizer.template_source == "chat_template.jinja"
+
+    out = export_checkpoint(base, tmp_path / "out")["model"]
+    assert (out / "chat_template.jinja").read_text() == tokenizer.chat_template  # the template sftplug renders
+    assert not (out / "additional_chat_templates").exists() and not (out / "chat_template.json").exists()
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    chat = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    exported = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert exported.apply_chat_template(chat, tokenize=False) == tokenizer.render(chat)
+    assert exported.apply_chat_template(chat, tools=[], tokenize=False) == tokenizer.render(chat)  # no tool_use
+
+
 def test_tiny_preset_exports_with_its_tokenizer(tmp_path):
     out = export_checkpoint("tiny", tmp_path / "tiny", max_shard_bytes=2 * 2**20)["model"]
     assert (out / "model.safetensors.index.json").is_file()  # ~8 MB of weights in 2 MB shards

@@ -9,6 +9,7 @@ import torch
 
 from sftplug.checkpoint.export import export_checkpoint
 from sftplug.config import DEFAULT_DATA, TrainConfig
+from sftplug.data.tokenizer import Tokenizer
 from sftplug.loading import load_model
 from sftplug.train.loop import train
 
@@ -31,6 +32,7 @@ FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
                     attention_multiplier=0.05, logits_scaling=8.0),
 }
 IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
+CHAT = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
 
 
 def relative_error(got, ref) -> float:
@@ -49,6 +51,16 @@ def hf_logits(model):
 
 def hf_model(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")
+
+
+def assert_renders_as_trained(exported, base):
+    """transformers renders the export's chat template as the run rendered the base's (its chat_template.jinja)."""
+    trained = Tokenizer(base)
+    assert trained.template_source == "chat_template.jinja"  # make_hf_folder saves the tokenizer as transformers 5
+    hf = transformers.AutoTokenizer.from_pretrained(str(exported))
+    assert hf.apply_chat_template(CHAT, tokenize=False) == trained.render(CHAT)
+    assert hf.apply_chat_template(CHAT[:1], add_generation_prompt=True, tokenize=False) == trained.render(
+        CHAT[:1], add_generation_prompt=True)
 
 
 def run(tmp_path, registry, base, **options):
@@ -73,7 +85,9 @@ def test_lora_trains_and_exports_merged_and_as_an_adapter(tmp_path, family, make
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3  # the adapter changed the model
     merged = export_checkpoint(folder, tmp_path / "merged", merge=True)["model"]
     assert relative_error(hf_logits(hf_model(merged)), ours) <= 1e-4
+    assert_renders_as_trained(merged, base)
     parts = export_checkpoint(folder, tmp_path / "split", merge=False)
+    assert_renders_as_trained(parts["base"], base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
@@ -91,3 +105,4 @@ def test_full_fine_tuning_trains_and_exports(tmp_path, family, make_hf_folder, r
     exported = json.loads((out / "config.json").read_text())
     assert exported["model_type"] == json.loads((base / "config.json").read_text())["model_type"]
     assert relative_error(hf_logits(hf_model(out)), ours) <= 1e-4
+    assert_renders_as_trained(out, base)

@@ -111,10 +111,16 @@ def test_export_command(tmp_path):
 
 
 def test_export_keeps_the_chat_template_the_run_trained_with(tmp_path):
+    from transformers import AutoTokenizer
+
     from sftplug.data.tokenizer import BUILTIN_TEMPLATES
 
     out = tmp_path / "run"
     assert invoke("train", "--out", str(out), *SMALL, "--chat-template", "chatml").exit_code == 0
     assert invoke("export", str(out), "--out", str(tmp_path / "hf")).exit_code == 0
-    exported = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
-    assert exported["chat_template"] == BUILTIN_TEMPLATES["chatml"]
+    exported = tmp_path / "hf"
+    assert (exported / "chat_template.jinja").read_text() == BUILTIN_TEMPLATES["chatml"]  # transformers 5's place
+    assert "chat_template" not in json.loads((exported / "tokenizer_config.json").read_text())  # and only there
+    chat = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    rendered = AutoTokenizer.from_pretrained(exported).apply_chat_template(chat, tokenize=False)
+    assert rendered == "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"

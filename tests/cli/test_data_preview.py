@@ -93,6 +93,33 @@ def test_model_folders_and_checkpoints_give_their_tokenizer(tmp_path):
     assert "<|im_start|>" in result.output
 
 
+def test_the_header_says_where_the_template_came_from_and_warns_without_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT])
+    hf = AutoTokenizer.from_pretrained(ASSETS)
+    hf.save_pretrained(tmp_path / "model")  # transformers 5's layout: the template in chat_template.jinja
+    result = invoke("--model", tmp_path / "model", "--data", path, "-n", 1)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"model: {tmp_path / 'model'}; chat template: chat_template.jinja\n")
+    assert marked(result.output) == ["Blue.<|eos|>", "Green.<|eos|>", "A pear.<|eos|>"]
+    assert "warning" not in result.output
+
+    hf.chat_template = None
+    hf.save_pretrained(tmp_path / "bare")
+    result = invoke("--model", tmp_path / "bare", "--data", path, "-n", 1)
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first == f"model: {tmp_path / 'bare'}; chat template: built-in 'sftplug' (the model has none)"
+    [warning] = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith(f"warning: {tmp_path / 'bare'} has no chat template (chat_template.jinja, ")
+    assert "built-in 'sftplug' template" in warning and "--chat-template" in warning
+    described = prepare_data(Tokenizer(tmp_path / "bare"), data=path, seq_len=64).describe()  # train's data line
+    assert "; chat template: built-in 'sftplug' (the model has none); " + warning in described
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "Plain text."}])  # no template is used: no warning
+    assert "warning" not in invoke("--model", tmp_path / "bare", "--data", text).output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "{tmp}/missing.jsonl"], "missing.jsonl: data file not found"),
     (["--format", "csv"], "--format must be one of auto, chat, prompt, alpaca, text, got 'csv'"),

@@ -9,8 +9,10 @@ through its end-of-turn token, and everything before it is exactly the generatio
 """
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sftplug.config import ASSETS
@@ -62,10 +64,11 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Per model: a model folder (the bundled tokenizer, the model's markers and template), sftplug's and HF's."""
+    """Per model: a tokenizer folder saved by transformers (the bundled tokenizer, the model's markers and
+    template: today's layout, the template in chat_template.jinja), sftplug's and HF's tokenizer of it."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Backend
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     made = {}
     for name, spec in MODELS.items():
@@ -73,10 +76,9 @@ def models(tmp_path_factory):
         backend = Backend.from_file(str(ASSETS / "tokenizer.json"))
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["specials"]])
         backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec["added"]])
-        backend.save(str(folder / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
-                  "pad_token": spec["eos"], "chat_template": (TEMPLATES / f"{name}.jinja").read_text()}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=spec["bos"], eos_token=spec["eos"],
+                                pad_token=spec["eos"],
+                                chat_template=(TEMPLATES / f"{name}.jinja").read_text()).save_pretrained(folder)
         made[name] = (folder, Tokenizer(folder), AutoTokenizer.from_pretrained(folder))
     return made
 
@@ -87,6 +89,14 @@ def test_fixtures_are_the_shipped_templates():
     readme = (TEMPLATES / "README.md").read_text()
     for name in ("Qwen/Qwen3-0.6B", "meta-llama/Llama-3.1-8B-Instruct", "microsoft/phi-4", "google/gemma-3-4b-it"):
         assert name in readme
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_template_is_read_from_chat_template_jinja(models, name):
+    folder, tok, _ = models[name]
+    assert "chat_template" not in json.loads((folder / "tokenizer_config.json").read_text())
+    assert tok.template_source == "chat_template.jinja" and tok.template_warning is None
+    assert tok.chat_template == (TEMPLATES / f"{name}.jinja").read_text()
 
 
 def examples_of(tok, path, train_turns="all"):
@@ -152,6 +162,45 @@ def test_train_turns_last_trains_only_the_final_turn(models, tmp_path, name):
     assert owners == [0, 1]  # one example per record
     assert list(check_example(hf, spec["chat"][:3], *examples[0], [0])) == spec["turns"][:1]
     assert list(check_example(hf, spec["chat"], *examples[1], [2])) == spec["turns"][2:]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_model_folder_trains_on_its_chat_template_jinja_and_exports_it(models, tmp_path, name, make_hf_folder):
+    """`train` on a model folder saved by transformers 5 uses its chat_template.jinja (the header says so) with the
+    tokens and masks checked above; the export holds that template once, and transformers renders it."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from sftplug.cli import cli
+
+    spec, (folder, tok, _) = MODELS[name], models[name]
+    base = tmp_path / "base"
+    make_hf_folder(base, vocab_size=tok.vocab_size, max_position_embeddings=1024)
+    for path in folder.iterdir():  # the model's own tokenizer, as transformers saved it
+        shutil.copy(path, base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": spec["chat"]}) + "\n")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--model", str(base), "--data", str(data), "--out", str(run),
+                                      "--steps", "1", "--micro-bsz", "1", "--seq-len", "512", "--full"])
+    assert result.exit_code == 0, result.output
+    assert "chat template: chat_template.jinja" in result.output and "warning" not in result.output
+    [entry] = (run / "cache").glob("data-*")  # what the run trained on: the examples checked token by token
+    examples, _ = examples_of(tok, data)
+    assert np.fromfile(entry / "ids.bin", np.int32).tolist() == [i for ids, _ in examples for i in ids]
+    assert np.fromfile(entry / "trained.bin", np.bool_).tolist() == [t for _, flags in examples for t in flags]
+
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(cli, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "chat_template.jinja").read_text() == tok.chat_template
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    exported = AutoTokenizer.from_pretrained(out)
+    chat = spec["chat"]
+    for k in (k for k, message in enumerate(chat) if message["role"] == "assistant"):  # each turn as trained
+        assert exported.apply_chat_template(chat[:k], add_generation_prompt=True, tokenize=False) == tok.render(
+            chat[:k], add_generation_prompt=True)
+        assert exported.apply_chat_template(chat[:k + 1], tokenize=False) == tok.render(chat[:k + 1])
 
 
 def test_prepare_data_counts_records_and_examples_and_keeps_them_together(models, tmp_path):

@@ -22,16 +22,37 @@ def tok():
     return Tokenizer(ASSETS)
 
 
+def saved(folder, chat_template, jinja=True):
+    """The bundled tokenizer saved by transformers with ``chat_template`` (None, a string or {name: template});
+    ``jinja=False``: the layout before transformers 5, the templates in tokenizer_config.json."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(ASSETS)
+    hf.chat_template = chat_template
+    hf.save_pretrained(folder, save_jinja_files=jinja)
+    return folder
+
+
+def hf_render(folder, messages=CHAT[:2], **options):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False, **options)
+
+
+def tagged(tag):
+    """A template that shows which one rendered."""
+    return "{% for m in messages %}" + tag + "{{ m.content }}|{% endfor %}"
+
+
+def edit_config(folder, **changes):
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 @pytest.fixture
 def bare_folder(tmp_path):
-    """The bundled tokenizer without a chat template in its tokenizer_config.json."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    shutil.copy(ASSETS / "tokenizer.json", folder)
-    config = json.loads((ASSETS / "tokenizer_config.json").read_text())
-    del config["chat_template"]
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    """The bundled tokenizer saved by transformers without a chat template."""
+    return saved(tmp_path / "model", None)
 
 
 # -- resolve_chat_template -------------------------------------------------------------
@@ -64,6 +85,12 @@ def test_resolve_bad_values(tmp_path):
     config.write_text("{}")
     with pytest.raises(SftplugError, match="no chat_template"):
         resolve_chat_template(str(config))
+    with pytest.raises(SftplugError, match="the folder has no default chat template"):
+        resolve_chat_template(str(tmp_path))
+    shutil.copy(ASSETS / "tokenizer.json", tmp_path)
+    config.write_text(json.dumps({"chat_template": 3}))
+    with pytest.raises(SftplugError, match="tokenizer_config.json: chat_template must be a string or a list"):
+        Tokenizer(tmp_path)
 
 
 # -- which template a Tokenizer uses ---------------------------------------------------
@@ -76,7 +103,70 @@ def test_model_template_is_used(tok):
 def test_builtin_template_when_the_model_has_none(bare_folder, tok):
     bare = Tokenizer(bare_folder)
     assert "built-in 'sftplug'" in bare.template_source
+    assert f"{bare_folder} has no chat template" in bare.template_warning
+    assert "built-in 'sftplug' template" in bare.template_warning
     assert bare.render(CHAT) == tok.render(CHAT)
+    bare.set_chat_template("chatml")  # chosen: no warning
+    assert bare.template_warning is None
+
+
+# -- where a model folder's template comes from: transformers' precedence ---------------------
+NAMED = {"default": tagged("D"), "tool_use": tagged("T")}
+
+
+@pytest.mark.parametrize("template, jinja, source", [
+    (tagged("J"), True, "chat_template.jinja"),  # transformers 5's layout
+    (NAMED, True, "chat_template.jinja"),  # tool_use in additional_chat_templates/
+    (tagged("C"), False, "tokenizer_config.json"),  # the layout before transformers 5
+    (NAMED, False, "tokenizer_config.json (named 'default')"),  # a list of {name, template}
+], ids=["jinja", "jinja-and-named", "config", "config-named"])  # fmt: skip
+def test_the_model_template_is_the_one_transformers_renders(tmp_path, template, jinja, source):
+    folder = saved(tmp_path / "model", template, jinja)
+    assert (folder / "chat_template.jinja").is_file() == jinja
+    tok = Tokenizer(folder)
+    assert tok.template_source == source and tok.template_warning is None
+    assert tok.render(CHAT[:2]) == hf_render(folder)
+    assert resolve_chat_template(str(folder)) == tok.chat_template  # --chat-template FOLDER reads it alike
+    if isinstance(template, dict):  # a named one, as apply_chat_template(chat_template=NAME) takes it
+        tok.set_chat_template("tool_use")
+        assert tok.template_source == ("additional_chat_templates/tool_use.jinja" if jinja
+                                       else "tokenizer_config.json (named 'tool_use')")
+        assert tok.render(CHAT[:2]) == hf_render(folder, chat_template="tool_use") == "TName a color.|TRed.|"
+
+
+def test_template_files_beat_tokenizer_config(tmp_path):
+    folder = saved(tmp_path / "model", tagged("J"))
+    edit_config(folder, chat_template=tagged("C"))  # a stale copy, as sftplug's export used to leave
+    tok = Tokenizer(folder)
+    assert tok.template_source == "chat_template.jinja"
+    assert tok.render(CHAT[:2]) == hf_render(folder) == "JName a color.|JRed.|"
+
+
+def test_named_templates_without_a_default_are_refused_until_one_is_chosen(tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = saved(tmp_path / "model", {"tool_use": tagged("T"), "rag": tagged("R")})
+    edit_config(folder, chat_template=tagged("C"))  # ignored beside template files, by transformers too
+    with pytest.raises(ValueError, match="no default"):
+        AutoTokenizer.from_pretrained(folder).apply_chat_template(CHAT[:2], tokenize=False)
+    tok = Tokenizer(folder)
+    with pytest.raises(SftplugError, match=r"\(rag, tool_use\) have none named 'default'.*--chat-template NAME"):
+        tok.render(CHAT[:2])
+    tok.set_chat_template("rag")
+    assert tok.template_source == "additional_chat_templates/rag.jinja"
+    assert tok.render(CHAT[:2]) == hf_render(folder, chat_template="rag") == "RName a color.|RRed.|"
+
+
+def test_a_processors_chat_template_json_counts_where_the_tokenizer_has_none(tmp_path):
+    folder = saved(tmp_path / "model", None)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": tagged("P")}))  # a processor's file
+    tok = Tokenizer(folder)
+    assert tok.template_source == "chat_template.json" and tok.template_warning is None
+    assert tok.render(CHAT[:2]) == "PName a color.|PRed.|"
+    edit_config(folder, chat_template=tagged("C"))  # the tokenizer's own comes first
+    assert Tokenizer(folder).render(CHAT[:2]) == hf_render(folder) == "CName a color.|CRed.|"
+    saved(folder, tagged("J"))
+    assert Tokenizer(folder).render(CHAT[:2]) == hf_render(folder) == "JName a color.|JRed.|"
 
 
 def test_override_by_name_and_string(tok):
