@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from sftplug.data.packing import PackedRows, Rows
@@ -40,6 +41,16 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, m: int) -> dict:
         return batch_of(self.rows, self.picks(m), self.trim)
+
+    def fill(self) -> float:
+        """The share of the positions the micro-batches compute that hold tokens, over the first
+        epoch's micro-batches of every rank (the rows :meth:`picks` gives): a row is ``seq_len``
+        long, or with ``trim`` (rows of one document, ``--no-pack``) as long as its micro-batch's longest."""
+        order = np.asarray(self.order(0))
+        rows = order[np.arange(self.per_epoch * self.global_bsz) % len(order)].reshape(-1, self.micro_bsz)
+        used = np.asarray(self.rows.used(np.arange(len(self.rows))))[rows]  # [micro-batches, micro_bsz]
+        width = used.max(axis=1) if self.trim else np.full(len(used), self.rows.seq_len)
+        return float(used.sum() / (width * self.micro_bsz).sum())
 
 
 class _CountFrom(torch.utils.data.Sampler):
@@ -86,7 +97,7 @@ class Batches:
 
 
 def batch_of(rows: Rows | PackedRows, picked, trim: bool = False) -> dict[str, torch.Tensor | None]:
-    """The picked rows: input_ids, labels, positions (int64 [B, S]) and doc_ids (int32 [B, S]; None when
-    no picked row holds two documents: plain causal attention). ``trim``: rows of one document each are cut
-    to the longest of them."""
+    """The picked rows: input_ids, labels, positions (int64 [B, S]), doc_ids (int32 [B, S]; None when
+    no picked row holds two documents: plain causal attention) and tokens (int: positions that are not
+    padding). ``trim``: rows of one document each are cut to the longest of them."""
     return rows.batch(picked, trim)

@@ -24,12 +24,15 @@ from sftplug.errors import SftplugError
 IGNORE = -100
 
 
-def _batch(input_ids, labels, positions, doc_ids, single: bool, longest: int | None) -> dict:
+def _batch(input_ids, labels, positions, doc_ids, single: bool, used, trim: bool) -> dict:
     """A micro-batch; rows of one document and trailing padding need plain causal attention only,
-    and ``longest`` cuts the columns that are padding in every row."""
+    and ``trim`` cuts the columns that are padding in every row. ``tokens``: the positions that
+    hold documents (``used``, per row), padding left out."""
     batch = {"input_ids": input_ids, "labels": labels, "positions": positions, "doc_ids": None if single else doc_ids}
-    if longest is not None and single:
+    if trim and single:
+        longest = int(used.max())
         batch = {k: v[:, :longest] if v is not None else None for k, v in batch.items()}
+    batch["tokens"] = int(used.sum())
     return batch
 
 
@@ -47,6 +50,10 @@ class Rows:
         return self.input_ids.shape[0]
 
     @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
     def target_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 
@@ -55,11 +62,11 @@ class Rows:
         return (self.doc_ids[picked] < self.docs_per_row[picked, None]).sum(1)
 
     def batch(self, picked, trim: bool = False) -> dict:
-        """input_ids, labels, positions (int64 [B, S]) and doc_ids (int32, None if no row packs two documents)."""
+        """input_ids, labels, positions (int64 [B, S]), doc_ids (int32, None if no row packs two documents)
+        and tokens (int: the positions that are not padding)."""
         single = int(self.docs_per_row[picked].max()) <= 1
-        longest = int(self.used(picked).max()) if trim else None
         return _batch(self.input_ids[picked], self.labels[picked], self.positions[picked], self.doc_ids[picked],
-                      single, longest)
+                      single, self.used(picked), trim)
 
     def dense(self) -> Rows:
         return self
@@ -132,9 +139,10 @@ class PackedRows:
         return arrays, count, used
 
     def batch(self, picked, trim: bool = False) -> dict:
-        """input_ids, labels, positions (int64 [B, S]) and doc_ids (int32, None if no row packs two documents)."""
+        """input_ids, labels, positions (int64 [B, S]), doc_ids (int32, None if no row packs two documents)
+        and tokens (int: the positions that are not padding)."""
         arrays, count, used = self._gather(picked)
-        return _batch(*arrays, single=int(count.max()) <= 1, longest=int(used.max()) if trim else None)
+        return _batch(*arrays, single=int(count.max()) <= 1, used=used, trim=trim)
 
     def dense(self) -> Rows:
         """Every row materialised (tests, small data): what the old dense packing held."""

@@ -49,14 +49,20 @@ class Prepared:
     eval: PackedRows | None
     stats: dict = field(default_factory=dict)
 
-    def describe(self) -> str:
-        """One line for the run header."""
+    def describe(self, batch_fill: float | None = None) -> str:
+        """One line for the run header; ``batch_fill``: the fill of micro-batches cut to their
+        longest row (``--no-pack``, :meth:`MicroBatches.fill`), where training cuts them."""
         s = self.stats
+        if s["pack"]:
+            rows = f"{s['seq_len']} (packed, {s['fill']:.0%} filled"
+        elif batch_fill is None:
+            rows = f"{s['seq_len']} (one per row, {s['fill']:.0%} filled; tok/s counts tokens, not padding"
+        else:
+            rows = (f"up to {s['seq_len']} (one per row, each micro-batch cut to its longest row: {batch_fill:.0%} "
+                    "filled; tok/s counts tokens, not padding")
         parts = [
             f"data: {s['records']:,} {s['format']} records{_examples(s.get('examples'), s['records'])} -> "
-            f"{s['rows']:,} rows of "
-            f"{s['seq_len']} ({'packed' if s['pack'] else 'one per row'}, {s['fill']:.0%} filled, "
-            f"{s['target_tokens']:,} target tokens)"
+            f"{s['rows']:,} rows of {rows}, {s['target_tokens']:,} target tokens)"
         ]
         if s.get("eval_records"):
             how = f"{s['eval_split']:.0%} split" if s.get("eval_split") else "held out"

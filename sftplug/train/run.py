@@ -95,9 +95,10 @@ class Run:
             group["lr"] = lr
         micro = [self.batches.next() for _ in range(c.accum)]
         # Counted on the host, where the labels are; every rank divides by the target
-        # tokens of the whole update, all ranks together.
-        here = [sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), sum(mb["labels"].numel() for mb in micro),
-                int(stop_requested)]
+        # tokens of the whole update, all ranks together. tok/s counts packed rows whole (the
+        # data line gives their fill) and unpacked rows without the padding batching adds.
+        tokens = sum(mb["labels"].numel() if c.pack else mb["tokens"] for mb in micro)
+        here = [sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), tokens, int(stop_requested)]
         counts = None
         n_targets = here[0]
         if self.world.active:  # one all-reduce for the three, read back with the loss

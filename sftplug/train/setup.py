@@ -16,7 +16,7 @@ from sftplug import distributed, probes
 from sftplug.attention.choice import attach, steering_notes
 from sftplug.config import TrainConfig, check_output_dir
 from sftplug.config_file import dump_config
-from sftplug.data.batches import Batches
+from sftplug.data.batches import Batches, MicroBatches
 from sftplug.data.packing import Rows
 from sftplug.data.prepare import Prepared, prepare_data
 from sftplug.errors import SftplugError
@@ -185,15 +185,22 @@ def load_data(config: TrainConfig, tokenizer, world: distributed.World, out, ech
             overlong=config.overlong, skip_bad_records=config.skip_bad_records, field_map=config.field_map,
             train_turns=config.train_turns, cache_dir=out / "cache", seed=config.seed,
         )  # fmt: skip
-    echo(prepared.describe())
+    batch_fill = None
+    if cuts_batches(config):  # the rows' own fill would count padding the cut batches never compute
+        batch_fill = MicroBatches(prepared.train, config.micro_bsz, config.seed, trim=True, world=world.size).fill()
+    echo(prepared.describe(batch_fill))
     return prepared
 
 
+def cuts_batches(config: TrainConfig) -> bool:
+    """Unpacked rows are cut to the longest document of each micro-batch, except when
+    compiled blocks want one fixed shape."""
+    return not config.pack and not config.torch_compile
+
+
 def make_batches(rows: Rows, config: TrainConfig, device: torch.device, world: distributed.World) -> Batches:
-    # Unpacked rows are cut to the longest document of each micro-batch, except when
-    # compiled blocks want one fixed shape.
     return Batches(rows, config.micro_bsz, config.seed, workers=config.workers, pin_memory=device.type == "cuda",
-                   trim=not config.pack and not config.torch_compile, rank=world.rank, world=world.size)
+                   trim=cuts_batches(config), rank=world.rank, world=world.size)
 
 
 def compile_blocks(model: torch.nn.Module, compile_mode: str) -> None:
