@@ -1,7 +1,8 @@
 """`sftplug plot`: one PNG of a run's metrics.jsonl (several runs overlaid) against the step.
 
-Panels: loss (eval loss as points), learning rate, gradient norm, tokens/s. matplotlib is an
-optional extra, imported only here, drawn with the Agg canvas (no window, no global backend).
+Panels: loss (held-out loss as hollow points), learning rate, gradient norm, tokens/s. Lines of
+few points carry a dot per point, so a run of one update shows. matplotlib is an optional extra,
+imported only here, drawn with the Agg canvas (no window, no global backend).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sftplug.errors import SftplugError
 INSTALL = "pip install 'sftplug[plot]'"
 # (record key, panel title); loss also shows eval_loss
 PANELS = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tps", "tokens/s")]
+DOTTED_UP_TO = 50  # points of a line drawn with a dot each; more would blur into the line
 
 
 def matplotlib_missing() -> str | None:
@@ -56,7 +58,15 @@ def plot_runs(folders: list[str | Path], out_file: str | Path | None = None) -> 
     """Draw the runs of ``folders`` into the PNG ``out_file`` (for one run FOLDER/plot.png by default)."""
     if out_file is None and len(folders) > 1:
         raise SftplugError(f"{len(folders)} runs: name the image to write with --out FILE, e.g. --out compare.png")
-    out_file = out_file or Path(folders[0]) / "plot.png"
+    out_file = Path(out_file or Path(folders[0]) / "plot.png")
+    fig = draw_runs(folders)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_file, dpi=100)
+    return out_file
+
+
+def draw_runs(folders: list[str | Path]):
+    """The matplotlib Figure of the runs of ``folders`` (:func:`plot_runs` saves it)."""
     reason = matplotlib_missing()
     if reason:
         raise SftplugError(reason)
@@ -75,21 +85,19 @@ def plot_runs(folders: list[str | Path], out_file: str | Path | None = None) -> 
         for n, (records, label) in enumerate(zip(runs, labels([Path(f) for f in folders]))):
             color = f"C{n % 10}"
             steps = [r["step"] for r in records if key in r]
-            ax.plot(steps, [r[key] for r in records if key in r], color=color, label=label, linewidth=1.2)
+            ax.plot(steps, [r[key] for r in records if key in r], color=color, label=label, linewidth=1.2,
+                    marker="o" if len(steps) <= DOTTED_UP_TO else None, markersize=3)
             if key == "loss":
                 evals = [r for r in records if r.get("eval_loss") is not None]
-                if evals:  # --eval-every; without it no point and no legend entry
+                if evals:  # before, after and every --eval-every; none without held-out data
                     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=color,
-                            markersize=4, label=f"{label} eval")
+                            markerfacecolor="white", markersize=6, label=f"{label} held-out")
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in fig.axes[2:]:
         ax.set_xlabel("step")
     fig.axes[0].legend(fontsize="small")
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_file, dpi=100)
-    return out_file
+    return fig
 
 
 def plot_after_run(out: str | Path) -> str | None:

@@ -19,8 +19,9 @@ class Logger:
     name = "logger"
 
     def log(self, record: dict) -> None:
-        """One update's record, exactly as written to metrics.jsonl (step, loss, lr, grad_norm,
-        tokens, tps, eval_loss when measured, ...). Do not modify it."""
+        """One record, exactly as written to metrics.jsonl: an update's (step, loss, lr, grad_norm,
+        tokens, tps, eval_loss when measured, ...), or step 0's held-out loss before training (step
+        and eval_loss only). Do not modify it."""
         raise NotImplementedError
 
     def close(self) -> None:

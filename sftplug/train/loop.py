@@ -48,11 +48,15 @@ def _train(run: Run) -> dict:
     before_answer = sample_answer(run, prompt)
     if before_loss is not None:
         echo(f"held-out loss before: {before_loss:.4f}")
+        if run.step == 0:  # step 0's record: the model before any update (the plot's first point)
+            run.log({"step": 0, "eval_loss": before_loss})
     if run.device.type == "cuda":  # the peak of the training steps, not of loading or generation
         torch.cuda.reset_peak_memory_stats(run.device)
     started = time.perf_counter()
     compile_seconds = None
     interrupted = False
+    after_loss = None  # measured with the last update, into its record
+    eval_seconds = 0.0  # held-out passes inside the loop: not training time
     with Progress(run) as progress, _StopOnSignal(progress.echo) as stop:
         while run.step < config.steps:
             if stop.requested and not run.world.active:
@@ -67,21 +71,29 @@ def _train(run: Run) -> dict:
                 progress.echo(f"torch.compile: first update took {compile_seconds:.1f}s (compilation included)")
                 started, run.tokens_at_start = time.perf_counter(), run.tokens_seen
                 progress.restart()
-            if config.eval_every and run.step % config.eval_every == 0:
-                record["eval_loss"] = run.eval_loss()
+            at_end = run.step == config.steps and not interrupted
+            if at_end or (config.eval_every and run.step % config.eval_every == 0):
+                eval_started = time.perf_counter()
+                loss = run.eval_loss()
+                eval_seconds += time.perf_counter() - eval_started
+                if loss is not None:
+                    record["eval_loss"] = loss
+                if at_end:
+                    after_loss = loss
             run.log(record)
             progress.show(record)
             if interrupted:
                 break
             if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
                 save_checkpoint(run)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - eval_seconds
     peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
     run.batches.close()
     folder = save_checkpoint(run)
     if interrupted:
         echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
-    after_loss = run.eval_loss()
+    if after_loss is None:  # no update ran here (resumed at the end)
+        after_loss = run.eval_loss()
     summary = {
         "steps": run.step,
         "interrupted": interrupted,

@@ -71,8 +71,8 @@ def test_train_then_generate(tmp_path):
     assert "attention: flash (auto" in result.output
     assert "held-out loss:" in result.output and "answer after:" in result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for r in records:
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # step 0: the held-out loss before training
+    for r in records[1:]:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tps"} <= set(r)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
     assert (out / "checkpoints" / "step-4" / "model.safetensors").is_file()

@@ -112,3 +112,42 @@ def test_sftplug_train_ends_with_where_its_plot_is(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == f"plot: {out / 'plot.png'}"
     assert pixels(out / "plot.png").shape == (700, 1100, 3)
+
+
+def panel_pixels(fig, ax):
+    """The RGB pixels inside ``ax`` of the drawn figure."""
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    box = ax.get_window_extent()
+    return rgb[rgb.shape[0] - int(box.y1):rgb.shape[0] - int(box.y0), int(box.x0):int(box.x1)]
+
+
+def test_held_out_loss_is_drawn_as_points_at_its_steps(tmp_path):
+    run = write_run(tmp_path / "run", steps=80, eval_every=20)
+    held_out = {0: 7.5, 20: 4.1, 40: 2.9, 60: 2.5, 80: 2.4}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [{"step": 0, "eval_loss": held_out[0]}] + [
+        {**r, "eval_loss": held_out[r["step"]]} if "eval_loss" in r else r for r in records]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = {line.get_label(): line for line in plot.draw_runs([run]).axes[0].get_lines()}
+    points = lines["run held-out"]
+    assert points.get_marker() == "o" and points.get_linestyle() == "None"  # points, no line between them
+    assert list(points.get_xdata()) == list(held_out) and list(points.get_ydata()) == list(held_out.values())
+    loss = lines["run"]
+    assert list(loss.get_xdata()) == list(range(1, 81)) and loss.get_marker() == "None"  # 80 points: a plain line
+
+
+def test_a_run_of_one_update_shows_in_every_panel(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    update = {"step": 1, "loss": 6.9, "lr": 3e-4, "grad_norm": 2.5, "tokens": 2048, "tps": 900.0, "eval_loss": 6.7}
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": 6.97}) + "\n" + json.dumps(update) + "\n")
+    fig = plot.draw_runs([run])
+    for (key, _), ax in zip(plot.PANELS, fig.axes):
+        line = next(line for line in ax.get_lines() if line.get_label() == "run")
+        assert list(line.get_xdata()) == [1] and list(line.get_ydata()) == [update[key]]
+        assert line.get_marker() not in ("None", None, "") and line.get_markersize() > 0
+    for ax in fig.axes[1:]:  # no legend there: blue pixels are the one update's marker
+        assert (np.abs(panel_pixels(fig, ax).astype(int) - BLUE).max(axis=-1) <= 8).sum() >= 9
+    held_out = next(line for line in fig.axes[0].get_lines() if line.get_label() == "run held-out")
+    assert list(held_out.get_xdata()) == [0, 1] and list(held_out.get_ydata()) == [6.97, 6.7]

@@ -46,14 +46,16 @@ def test_tensorboard_has_one_scalar_per_metric_per_step_equal_to_metrics_jsonl(t
     config = tiny(log_to=("tensorboard",), eval_every=2)
     train(config, registry, echo=quiet)
     records = metrics(config.out)
+    updates = records[1:]  # after step 0's held-out loss
     events = EventAccumulator(str(Path(config.out) / "tensorboard"))
     events.Reload()
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [1, 2, 3]
-    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records], rel=1e-6)  # stored as float32
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in updates], rel=1e-6)  # stored as float32
     for key in ("lr", "grad_norm", "tps", "tokens"):
-        assert [e.value for e in events.Scalars(key)] == pytest.approx([r[key] for r in records], rel=1e-6)
-    assert [(e.step, e.value) for e in events.Scalars("eval_loss")] == [(2, pytest.approx(records[1]["eval_loss"]))]
+        assert [e.value for e in events.Scalars(key)] == pytest.approx([r[key] for r in updates], rel=1e-6)
+    held_out = [(r["step"], pytest.approx(r["eval_loss"])) for r in records if "eval_loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("eval_loss")] == held_out and len(held_out) == 3  # 0, 2, 3
     assert "step" not in events.Tags()["scalars"]
     (config_text,) = events.Tensors("config/text_summary")
     assert '"steps": 3' in config_text.tensor_proto.string_val[0].decode()
@@ -95,8 +97,9 @@ def test_wandb_offline_run_holds_the_config_and_every_record(tiny, registry, mon
     records = list(wandb_records(run_file))
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
-    assert [h["_step"] for h in history] == [1, 2, 3]
-    assert [h["loss"] for h in history] == [r["loss"] for r in metrics(config.out)]
+    assert [h["_step"] for h in history] == [0, 1, 2, 3]  # step 0: the held-out loss before training
+    assert [(h.get("loss"), h.get("eval_loss")) for h in history] == [(r.get("loss"), r.get("eval_loss"))
+                                                                      for r in metrics(config.out)]
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     logged = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert logged["steps"] == 3 and logged["log_to"] == ["wandb"]
@@ -143,7 +146,7 @@ def test_a_third_party_logger_gets_the_config_once_and_every_record(tiny):
     train(config, registry_with(plugin), echo=quiet)
     (logger,) = plugin.opened
     assert logger.config is config and logger.out == Path(config.out)
-    assert logger.records == metrics(config.out) and [r["step"] for r in logger.records] == [1, 2, 3]
+    assert logger.records == metrics(config.out) and [r["step"] for r in logger.records] == [0, 1, 2, 3]
     assert "eval_loss" in logger.records[-1] and logger.closed == 1
 
 
@@ -152,7 +155,7 @@ def test_a_logger_is_closed_when_the_run_fails(tiny):
     with pytest.raises(RuntimeError, match="server went away"):
         train(tiny(log_to=("memory",)), registry_with(plugin), echo=quiet)
     (logger,) = plugin.opened
-    assert [r["step"] for r in logger.records] == [1] and logger.closed == 1
+    assert [r["step"] for r in logger.records] == [0, 1] and logger.closed == 1
 
 
 def one_line_error(*args, env=None):
