@@ -37,10 +37,11 @@ from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 from sftplug.kernels.packed_documents import pack_plan
 
-# auto's order, fastest first, by device generation: causal fwd+bwd at the DESIGN.md
-# shapes (on Hopper cuDNN is reported well ahead of FlashAttention-2, DESIGN.md; PyTorch's
-# own default order on Ampere/Ada). `sftplug bench attention` measures it on the GPU at
-# hand. The Triton plugin's 28 (40 for packed rows) sits between these.
+# auto's order, fastest first, by device generation: causal fwd+bwd at the attention
+# benchmark's shapes (BENCHMARKS.md; on Hopper cuDNN's kernel is reported well ahead of
+# FlashAttention-2; PyTorch's own default order on Ampere/Ada). `sftplug bench attention`
+# measures it on the GPU at hand. The Triton plugin's 28 (40 for packed rows) sits between
+# these.
 PRIORITIES = {
     "cpu": {"flash": 30, "math": 0},
     "sm90+": {"cudnn": 35, "flash": 30, "efficient": 20, "math": 0},

@@ -1,9 +1,9 @@
 """`sftplug bench attention`: forward and backward time and TFLOP/s of every backend.
 
-Shapes are DESIGN.md's attention micro-benchmark (causal (B, H, S, D) = (8, 32, 2048, 64),
-(4, 32, 2048, 128), (2, 32, 8192, 128), bf16 and fp16) plus S=4096 D=128, the W1
-training shape with GQA (32 query / 4 K/V heads) and a packed-documents case; on the CPU
-small fp32 shapes, so it finishes in seconds. Every backend any plugin offers is timed
+Shapes on CUDA are the attention micro-benchmark of BENCHMARKS.md (causal (B, H, S, D) =
+(8, 32, 2048, 64), (4, 32, 2048, 128), (2, 32, 8192, 128), bf16 and fp16) plus S=4096 D=128,
+the W1 training shape with GQA (32 query / 4 K/V heads) and a packed-documents case; on the
+CPU small fp32 shapes, so it finishes in seconds. Every backend any plugin offers is timed
 (the SDPA kernels, ``triton``, third-party ones) where its check passes; the others get
 a row saying why not. Each backend runs alone (no fallback can happen inside a row).
 
@@ -43,7 +43,7 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
     """Time every offered backend on every shape and dtype; one dict per (backend, case).
 
     :param registry: a built :class:`sftplug.registry.Registry`.
-    :param shapes: (B, H, S, D) or (B, H, H_kv, S, D) tuples; default DESIGN.md's on CUDA,
+    :param shapes: (B, H, S, D) or (B, H, H_kv, S, D) tuples; default CUDA_SHAPES on CUDA,
         small ones on the CPU.
     :param dtypes: names ("bf16", "fp16", "fp32"); default bf16 and fp16 on CUDA, fp32 on the CPU.
     :param device: "cuda", "cpu" or a :class:`torch.device`; default the GPU if any.

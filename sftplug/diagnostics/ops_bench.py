@@ -18,7 +18,7 @@ from sftplug.fused import OPS, FusedOpsRequest, pytorch
 from sftplug.fused.choice import PYTORCH, survey
 from sftplug.fused.timing import case_for, outputs, time_op
 
-# (hidden, intermediate, head dim, query heads, kv heads, vocab, tokens of a micro-batch): DESIGN.md's W0 and W1
+# (hidden, intermediate, head dim, query heads, kv heads, vocab, tokens of a micro-batch): W0 and W1 (BENCHMARKS.md)
 SIZES = {"W0": (512, 1376, 64, 8, 4, 8192, 2048), "W1": (2048, 5632, 64, 32, 4, 32000, 16384)}
 CHECK_ROWS = 64  # rows a fused form is checked on under the interpreter
 

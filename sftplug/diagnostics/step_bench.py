@@ -2,7 +2,7 @@
 
 Each side runs in a child process of its own (so peak memory is its own), in rounds that
 alternate the order; both see the same synthetic rows, shapes, LoRA and optimizer.
-Workloads are DESIGN.md's W0 (CPU) and W1 (GPU).
+Workloads W0 (CPU) and W1 (GPU) are defined in WORKLOADS below and in BENCHMARKS.md.
 """
 
 from __future__ import annotations
