@@ -8,11 +8,13 @@ from sftplug import dtypes
 from sftplug.cli.options import CONTEXT, user_errors
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, short_help="Answer a prompt with a trained checkpoint (greedy).")
 @click.argument("checkpoint")
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Most tokens to generate; it stops earlier at the end-of-sequence token.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU if there is one), cpu, cuda or cuda:N.")
 @user_errors
 def generate(checkpoint, prompt, max_new_tokens, device):
     """Answer PROMPT greedily with a trained CHECKPOINT (run folder or checkpoint folder).
@@ -29,7 +31,7 @@ def generate(checkpoint, prompt, max_new_tokens, device):
     click.echo(answer(loaded.model, loaded.tokenizer, prompt, max_new_tokens))
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, short_help="Write a checkpoint as an HF folder (or base + adapter).")
 @click.argument("checkpoint")
 @click.option("--out", "out_dir", required=True, help="New or empty folder to write.")
 @click.option(

@@ -30,7 +30,7 @@ def data():
     """Look at training data before training on it."""
 
 
-@data.command(cls=GroupedCommand, context_settings=CONTEXT)
+@data.command(cls=GroupedCommand, context_settings=CONTEXT, short_help="Show records with their trained tokens marked.")
 @data_options
 @click.option("-n", "--records", "n", type=click.IntRange(min=0), default=3, show_default=True,
               help="Records to render token by token.")

@@ -11,7 +11,7 @@ from sftplug.dtypes import TRAINING
 from sftplug.errors import SftplugError
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, short_help="List every plugin, its hooks, and whether it runs here.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @user_errors
 def plugins(as_json):
@@ -22,6 +22,7 @@ def plugins(as_json):
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in registry.plugins], indent=2))
         return
+    click.echo(f"{'PLUGIN':<20} {'STATUS':<12} {'SOURCE':<16} HOOKS")
     for p in registry.plugins:
         status = "ok" if p.available else "unavailable"
         hooks = ", ".join(p.hooks) or "-"
@@ -89,9 +90,11 @@ def doctor(as_json, device, head_dim, heads, kv_heads, compile_report):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(TRAINING),
               help="Repeatable. Default: bf16 and fp16 on CUDA, fp32 on the CPU.")
-@click.option("--shape", "shapes", multiple=True, help="Repeatable B,H,S,D or B,H,H_kv,S,D. Default: DESIGN.md's.")
+@click.option("--shape", "shapes", multiple=True,
+              help="Repeatable B,H,S,D or B,H,H_kv,S,D. Default: the shapes listed above for the device.")
 @click.option("--packed/--no-packed", default=True, show_default=True, help="Also time a packed-documents case.")
-@click.option("--causal/--no-causal", default=True, show_default=True)
+@click.option("--causal/--no-causal", default=True, show_default=True,
+              help="Causal attention, as training uses, or every query attending to every key.")
 @click.option("--repeats", type=int, help="Timed iterations per row (default 10 on CUDA, 3 on the CPU).")
 @click.option("--budget", type=float, default=150.0, show_default=True,
               help="Seconds after which remaining rows are skipped.")
@@ -104,9 +107,11 @@ def bench_attention(as_json, device, dtypes, shapes, packed, causal, repeats, bu
     Prints a table: backend, dtype, case (B, H[/H_kv], S, D, or packed), forward and
     backward ms (median), TFLOP/s (4*B*H*S^2*D, x0.5 causal, backward x2.5) and the first
     call's ms (compilation); then the fastest backend per case and why others were not
-    timed. On CUDA the cases are DESIGN.md's causal shapes (8,32,2048,64), (4,32,2048,128),
-    (2,32,8192,128) plus S=4096, the W1 GQA shape and a packed case, in bf16 and fp16
-    (under 3 minutes on an H100; math is skipped beyond S=4096); on the CPU small fp32 ones.
+    timed. On CUDA the cases are (B,H,S,D) = (8,32,2048,64), (4,32,2048,128),
+    (2,32,8192,128), (2,32,4096,128), W1's shape with GQA (B,H,H_kv,S,D) = (8,32,4,2048,64)
+    and packed rows (4,32,4,4096,128) of documents of 128 to 2048 tokens, in bf16 and fp16
+    (under 3 minutes on an H100; math is skipped beyond S=4096). On the CPU they are
+    (1,4,256,64), (1,8,2,256,64) and packed (2,4,2,512,64), in fp32.
 
     \b
     Examples:
@@ -167,11 +172,12 @@ def bench():
 bench.add_command(bench_attention)
 
 
-@bench.command("ops", context_settings=CONTEXT)
+@bench.command("ops", context_settings=CONTEXT, short_help="Time each fused op's forms against PyTorch's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--device", default="auto", show_default=True, help="cuda, cpu or auto.")
 @click.option("--dtype", type=click.Choice(TRAINING), help="Default: bf16 on CUDA, fp32 on the CPU.")
-@click.option("--workload", type=click.Choice(["W0", "W1"]), help="Sizes. Default: W1 on CUDA, W0 on the CPU.")
+@click.option("--workload", type=click.Choice(["W0", "W1"]),
+              help="The sizes of workload W0 or W1 (see bench step). Default: W1 on CUDA, W0 on the CPU.")
 @click.option("--repeats", type=int, default=10, show_default=True, help="Timed repetitions per row.")
 @user_errors
 def bench_ops(as_json, device, dtype, workload, repeats):
@@ -206,19 +212,21 @@ def bench_ops(as_json, device, dtype, workload, repeats):
     click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 
-@bench.command("step", context_settings=CONTEXT)
+@bench.command("step", context_settings=CONTEXT, short_help="Time sftplug against HF transformers + PEFT.")
 @click.option(
     "--workload",
     type=click.Choice(["W0", "W1"]),
     default="W0",
     show_default=True,
-    help="W0: CPU, fp32, 6 layers; W1: GPU, bf16, TinyLlama-1.1B shape (DESIGN.md).",
+    help="W0: CPU, fp32, preset w0 (hidden 512, 6 layers), 4 rows of 512 tokens; W1: GPU, bf16, preset w1 "
+    "(TinyLlama-1.1B's shape), 8 rows of 2048 tokens. Both: LoRA r=16 on every projection (BENCHMARKS.md).",
 )
 @click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Alternating rounds of both sides.")
 @click.option("--steps", type=int, default=5, show_default=True, help="Timed updates per side and round.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed updates first.")
-@click.option("--attention", default="auto", show_default=True)
+@click.option("--attention", default="auto", show_default=True,
+              help="sftplug's attention backend (see `sftplug plugins`); the HF side uses SDPA.")
 @click.option(
     "--variant",
     "variants",
@@ -226,7 +234,7 @@ def bench_ops(as_json, device, dtype, workload, repeats):
     type=click.Choice(["compile", "workers2", "fused", "unfused"]),
     help="Also time sftplug with --torch-compile, --workers 2, --fused all or --fused none (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @user_errors
 def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_json):
     """Time sftplug against HF transformers + PEFT on the same workload.
@@ -249,13 +257,13 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
     click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))
 
 
-@click.command(context_settings=CONTEXT)
+@click.command(context_settings=CONTEXT, short_help="Plot runs' loss, learning rate, grad norm and tok/s.")
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="The PNG to write. Default: FOLDER/plot.png for one run; required for several.")
 @user_errors
 def plot(folders, out_file):
-    """Plot loss (with eval loss), learning rate, gradient norm and tokens/s against the step.
+    """Plot loss (with eval loss), learning rate, gradient norm and tokens/s of the run FOLDERS.
 
     Reads each run folder's metrics.jsonl; several folders are overlaid, named by their
     folder in the legend. Needs matplotlib (pip install 'sftplug[plot]').

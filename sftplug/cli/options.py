@@ -71,13 +71,13 @@ def config_option(f: dataclasses.Field):
     so choices are shown in the help but not enforced by click.
     """
     meta, default = f.metadata, f.default
-    kwargs = dict(help=meta["help"], show_default=meta["shown_default"] or default is not None)
+    kwargs = dict(help=meta["help"], show_default=meta["shown_default"] or default not in (None, ()))
     if isinstance(default, bool):  # on by default: --x/--no-x; off: the flag --x
         if default:
             return click.option(f"{flag(f.name)}/--no-{flag(f.name)[2:]}", f.name, default=True, **kwargs)
         return click.option(flag(f.name), f.name, is_flag=True, default=False, help=meta["help"])
-    if isinstance(default, tuple):  # comma-separated on the command line
-        default = ",".join(default)
+    if isinstance(default, tuple):  # comma-separated on the command line; ", " lets help wrap between names
+        default = ", ".join(default)
     elif meta["choices"]:
         kwargs["metavar"] = "[" + "|".join(meta["choices"]) + "]"
     kind = type(default) if isinstance(default, (int, float)) else str

@@ -31,10 +31,15 @@ def test_plugins_json_lists_builtins_with_availability():
         assert p["available"] or p["reason"]
 
 
-def test_plugins_table():
+def test_plugins_table_has_a_header_over_its_columns():
     result = invoke("plugins")
     assert result.exit_code == 0
-    assert "math" in result.output and "select_attention" in result.output
+    header, *rows = result.output.splitlines()
+    assert header.split() == ["PLUGIN", "STATUS", "SOURCE", "HOOKS"]
+    math = next(row for row in rows if row.startswith("math "))
+    assert [math.index(value) for value in ("ok", "builtin", "select_attention")] == [
+        header.index(title) for title in ("STATUS", "SOURCE", "HOOKS")
+    ]
 
 
 @pytest.mark.parametrize(
