@@ -112,6 +112,7 @@ def export_checkpoint(
         write_hf_model(model_dir, hf_weights, export_config, out_dtype, tokenizer, max_shard_bytes)
         if as_adapter:
             write_adapter(tmp / "adapter", model, config, base_path=(out / "base").resolve())
+        folders.give_normal_modes(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -42,6 +42,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def give_normal_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain new file gets: 0666 less the umask.
+
+    Writers differ: safetensors' save_file leaves 0600, shutil.copy keeps its source's mode.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # the umask is read by setting it: put it back at once
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def write_checkpoint(out: str | Path, step: int, meta: dict, writers: dict) -> Path:
     """Write step-<step> from ``writers`` (file name -> fn(path)) and the manifest, atomically."""
     tmp = begin(out, step)

@@ -1,6 +1,8 @@
 """Export to HF format: merged models and PEFT adapters that transformers and peft load exactly."""
 
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -168,6 +170,23 @@ def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path, registry):
     wrapped = peft.PeftModel.from_pretrained(hf_model(parts["base"]), str(parts["adapter"]))
     assert relative_error(hf_logits(wrapped), sftplug_logits(tmp_path / "run")) <= 1e-4
 
+
+def test_every_exported_file_has_the_mode_a_new_file_gets(tmp_path, registry):
+    # safetensors leaves 0600 and a copy keeps its source's mode; an export is one set of plain files
+    config = TrainConfig(out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0,
+                         log_every=100)
+    train(config, registry, echo=lambda *a: None)
+    previous = os.umask(0o027)  # not the usual 022: the modes must follow the umask, not be a fixed 0644
+    try:
+        merged = export_checkpoint(tmp_path / "run", tmp_path / "merged")["model"]
+        split = export_checkpoint(tmp_path / "run", tmp_path / "split", merge=False)["base"].parent
+    finally:
+        os.umask(previous)
+    files = [p for p in [*merged.rglob("*"), *split.rglob("*")] if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "adapter_model.safetensors"} <= names
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert modes == dict.fromkeys(modes, oct(0o640))
 
 def test_bad_inputs_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
