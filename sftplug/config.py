@@ -16,13 +16,12 @@ from sftplug import dtypes
 from sftplug.data.records import FORMATS
 from sftplug.errors import SftplugError
 from sftplug.fused.choice import parse_fused
-from sftplug.hf.names import hf_targets
+from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
 DEFAULT_EVAL = ASSETS / "default_eval.jsonl"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_VARIANTS = ("lora", "dora")
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OVERLONG = ("truncate", "drop")

@@ -2,7 +2,9 @@
 
 - kernels/ import nothing of sftplug (torch, triton and each other only);
 - plugins/ never import the CLI;
-- the core (sftplug/) never imports a built-in plugin: only the registry names the list of them.
+- the core (sftplug/) never imports a built-in plugin: only the registry names the list of them;
+- the model (sftplug/model/) imports nothing of sftplug/hf/: HF files are read and written about
+  the model, from above it.
 
 Imports inside functions count too: they are read with ``ast``, not by importing.
 """
@@ -98,6 +100,10 @@ def test_the_core_reaches_built_in_plugins_only_through_the_registry():
         return not (path == registry and within(module, "sftplug.plugins.builtin"))
 
     assert violations(FOLDERS["sftplug"], forbidden) == []
+
+
+def test_the_model_imports_nothing_of_hf():
+    assert violations(FOLDERS["sftplug"] / "model", lambda path, module: within(module, "sftplug.hf")) == []
 
 
 SUBPACKAGES = sorted(p.name for p in (ROOT / "sftplug").iterdir() if (p / "__init__.py").is_file())

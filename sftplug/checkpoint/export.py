@@ -14,7 +14,7 @@ and renamed when complete):
   Load with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out_dir/"base"), out_dir/"adapter")``.
 
 sftplug fuses q/k/v and gate/up; HF keeps them apart. sftplug's LoRA on the fused ``qkv`` is
-PEFT's LoRA on each targeted projection, stacked (sftplug.model.lora): projection i's lora_A is
+PEFT's LoRA on each targeted projection, stacked (sftplug.hf.peft_adapter): projection i's lora_A is
 its r rows of the stacked A, its lora_B the diagonal block of B (its output rows, its r
 columns), its DoRA magnitude its rows. Merging adds scaling * B @ A to the base weight in fp32
 before casting (DoRA: and scales each row by magnitude / its norm, as PEFT merges).
@@ -42,11 +42,11 @@ from sftplug.errors import SftplugError
 from sftplug.hf.config import check_exportable, config_to_hf
 from sftplug.hf.load import source_dtype
 from sftplug.hf.names import map_names_to_model, to_hf_state_dict
+from sftplug.hf.peft_adapter import write_peft_adapter
 from sftplug.model.quantize import dequantize_model
 from sftplug.model.transformer import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -111,7 +111,7 @@ def export_checkpoint(
         model_dir.mkdir(parents=True)
         write_hf_model(model_dir, hf_weights, export_config, out_dtype, tokenizer, max_shard_bytes)
         if as_adapter:
-            write_adapter(tmp / "adapter", model, config, base_path=(out / "base").resolve())
+            write_peft_adapter(tmp / "adapter", model, base_path=(out / "base").resolve())
         folders.give_normal_modes(tmp)
         if out.exists():
             out.rmdir()
@@ -185,27 +185,3 @@ def write_chat_template(folder: Path, tokenizer) -> None:
     if tokenizer.chat_template:
         (folder / TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
 
-
-def write_adapter(folder: Path, model: torch.nn.Module, config: ModelConfig, base_path: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors as PEFT saves them, with HF module names."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from sftplug.model.lora import peft_tensors
-
-    spec = model.lora_spec
-    tensors = peft_tensors(model)
-    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors})
-    folder.mkdir(parents=True)
-    save_file({k: t.float().contiguous().clone() for k, t in tensors.items()}, str(folder / ADAPTER_WEIGHTS))
-    LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        use_rslora=spec.rslora,
-        use_dora=spec.variant == "dora",
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=str(base_path),
-    ).save_pretrained(str(folder))

@@ -21,7 +21,8 @@ from sftplug.checkpoint import folders, shards
 from sftplug.config import flag
 from sftplug.errors import SftplugError
 from sftplug.hf.names import load_state_dict_exact
-from sftplug.model.lora import hf_targets, lora_settings, shared_a_layout, trainable_state_dict
+from sftplug.model.lora import lora_settings, shared_a_layout, trainable_state_dict
+from sftplug.model.lora_targets import hf_targets
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "lora_variant", "rslora", "data", "field_map",

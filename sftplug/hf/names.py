@@ -1,11 +1,9 @@
-"""HF tensor names as sftplug sees them: the fused layout, PEFT names, and mismatch errors.
+"""HF tensor names as sftplug sees them: the fused layout, PEFT-wrapped names, and mismatch errors.
 
 HF Llama-family checkpoints keep q/k/v and gate/up as separate tensors; sftplug fuses them
 (``attn.qkv`` = rows [q; k; v], ``mlp.gate_up`` = rows [gate; up]). :func:`hf_layout` is the
-single table both directions use: HF tensor name -> (sftplug parameter, first row, end row).
-
-LoRA targets are named as HF and PEFT name them (``q_proj`` ... ``down_proj``, ``lm_head``);
-:func:`lora_layout` says which rows of which sftplug layer each one is.
+single table both directions use: HF tensor name -> (sftplug parameter, first row, end row);
+the rows of each projection are the model's own (sftplug.model.lora_targets.lora_layout).
 
 PEFT renames a wrapped layer's weight ``qkv.weight`` -> ``qkv.base_layer.weight``;
 :func:`map_names_to_model` maps state-dict names either way, and :func:`load_state_dict_exact`
@@ -19,42 +17,13 @@ import re
 import torch
 
 from sftplug.errors import SftplugError, closest
+from sftplug.model.lora_targets import lora_layout  # also imported from here by code written before it moved
 from sftplug.model.transformer import ModelConfig
 
 SHOW = 3  # keys named in one error message; the rest are counted
 
 # Tensors some HF checkpoints carry that are derived from config.json, not learned.
 IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-# LoRA targets: sftplug layer -> the HF projections it holds, in row order.
-LORA_PARTS = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-    "lm_head": ("lm_head",),
-}
-LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  # HF order
-LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
-# Projections some checkpoints store fused (Phi-3/4): PEFT's LoRA there is one layer, one A for all parts.
-STORED_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def hf_targets(targets) -> tuple[str, ...]:
-    """``--lora-targets`` as HF projection names, in HF order (qkv, o, gate_up, down are aliases)."""
-    names = set()
-    aliases = {**LORA_ALIASES, **STORED_FUSED}
-    for name in targets:
-        if name not in LORA_TARGETS and name not in aliases:
-            raise SftplugError(
-                f"--lora-targets: no linear layer named {name}; this model has {', '.join(LORA_TARGETS)} "
-                f"(or the fused {', '.join(aliases)})"
-            )
-        names.update(aliases.get(name, (name,)))
-    if not names:
-        raise SftplugError("--lora-targets: name at least one linear layer")
-    return tuple(t for t in LORA_TARGETS if t in names)
 
 
 # -- tensor names ---------------------------------------------------------------------
@@ -71,7 +40,8 @@ NORM_NAMES = {
 
 def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     """HF tensor name -> (sftplug parameter name, first row, end row) for every learned tensor."""
-    q, kv, inter = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    projections = lora_layout(config)  # the HF projections each fused layer holds, with their rows
     plan = {
         "model.embed_tokens.weight": ("embed_tokens.weight", 0, config.vocab_size),
         "model.norm.weight": ("norm.weight", 0, config.hidden_size),
@@ -80,16 +50,11 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         plan["lm_head.weight"] = ("lm_head.weight", 0, config.vocab_size)
     for i in range(config.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        if config.architecture == "phi3":  # stored fused already, in sftplug's row order
-            plan[f"{hf}self_attn.qkv_proj.weight"] = (f"{ours}attn.qkv.weight", 0, q + 2 * kv)
-            plan[f"{hf}mlp.gate_up_proj.weight"] = (f"{ours}mlp.gate_up.weight", 0, 2 * inter)
-        else:
-            for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-                plan[f"{hf}self_attn.q_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", 0, q)
-                plan[f"{hf}self_attn.k_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", q, q + kv)
-                plan[f"{hf}self_attn.v_proj.{kind}"] = (f"{ours}attn.qkv.{kind}", q + kv, q + 2 * kv)
-            plan[f"{hf}mlp.gate_proj.weight"] = (f"{ours}mlp.gate_up.weight", 0, inter)
-            plan[f"{hf}mlp.up_proj.weight"] = (f"{ours}mlp.gate_up.weight", inter, 2 * inter)
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            for part, start, end in projections["qkv"]:
+                plan[f"{hf}self_attn.{part}.{kind}"] = (f"{ours}attn.qkv.{kind}", start, end)
+        for part, start, end in projections["gate_up"]:
+            plan[f"{hf}mlp.{part}.weight"] = (f"{ours}mlp.gate_up.weight", start, end)
         plan[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o.weight", 0, config.hidden_size)
         plan[f"{hf}mlp.down_proj.weight"] = (f"{ours}mlp.down.weight", 0, config.hidden_size)
         if config.qk_norm:
@@ -99,29 +64,6 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         for hf_norm, our_norm in NORM_NAMES[config.norms].items():
             plan[f"{hf}{hf_norm}.weight"] = (f"{ours}{our_norm}.weight", 0, config.hidden_size)
     return plan
-
-
-def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ...]]:
-    """sftplug layer name -> (HF projection, first row, end row) of each projection it holds."""
-    q, kv, inter = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size
-    rows = {"qkv": (0, q, q + kv, q + 2 * kv), "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
-            "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size)}
-    layout = {layer: tuple((part, rows[layer][i], rows[layer][i + 1]) for i, part in enumerate(parts))
-              for layer, parts in LORA_PARTS.items()}
-    if config.architecture == "phi3":  # one HF projection each, as the checkpoint stores them
-        layout.update(qkv=(("qkv_proj", 0, q + 2 * kv),), gate_up=(("gate_up_proj", 0, 2 * inter),))
-    return layout
-
-
-def targeted(part: str, targets) -> bool:
-    """Whether the HF projection ``part`` is among ``targets`` (HF names); a projection stored fused
-    (Phi-3's qkv_proj) is when all it holds are, and cannot be in part."""
-    members = STORED_FUSED.get(part, (part,))
-    chosen = [m for m in members if m in targets]
-    if chosen and len(chosen) < len(members):
-        raise SftplugError(f"--lora-targets: this checkpoint stores {', '.join(members)} as one {part} (PEFT's LoRA "
-                           f"there is one layer): target {', '.join(members)} together, or name {part}")
-    return bool(chosen)
 
 
 def hf_pieces(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:

@@ -8,43 +8,31 @@ block-diagonal (projection i's output rows see only its r columns; rows of proje
 targeted are zero). A hook on B's gradient keeps the off-diagonal blocks at zero (AdamW leaves
 a zero entry with zero gradient at zero), and the scaling is alpha/r (rslora: alpha/sqrt(r)) of
 one projection. So forward, gradients and updates are those of n separate PEFT LoRAs; a PEFT
-adapter splits into the blocks and back exactly (:func:`load_peft_adapter`,
-sftplug.checkpoint.export). DoRA's magnitude is one value per output row, so it splits by rows.
-With dropout each projection draws its own mask, as PEFT's separate layers do.
+adapter splits into the blocks and back exactly (sftplug.hf.peft_adapter). DoRA's magnitude is
+one value per output row, so it splits by rows. With dropout each projection draws its own mask,
+as PEFT's separate layers do.
 
-Each plain LoRA linear layer is computed as one matmul with the merged weight W + s·B·A.
-PEFT computes ``x W^T + s (x A^T) B^T``: besides the base matmul, two skinny matmuls and a
-full-size add in forward, three skinny matmuls and another add in backward. With the
-frozen W this equals ``x (W + s B A)^T``, and the input gradient ``dy (W + s B A)``
-includes the LoRA path for free, so only the gradients of A and B need skinny matmuls. The
-merged weight is built again in backward rather than kept (it is as large as W).
-
-Used when it is exact: one plain LoRA adapter, no dropout (or eval), not merged, frozen
-base; anything else goes through PEFT's own forward (with dropout, per projection).
+Each plain LoRA linear layer is computed as one matmul with the merged weight W + s·B·A where
+that is exact (sftplug.model.merged_lora). Which projections can be targeted, and their rows in
+the fused layers: sftplug.model.lora_targets.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import re
-import types
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
-from sftplug.hf.names import LORA_TARGETS, hf_pieces, hf_targets, lora_layout, targeted
-from sftplug.model.quantize import bitsandbytes_dequantizes_exactly, dense_weight, is_quantized
+from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets, lora_layout, targeted
+from sftplug.model.merged_lora import use_merged_forward
+from sftplug.model.quantize import bitsandbytes_dequantizes_exactly, is_quantized
 
-VARIANTS = ("lora", "dora")
 LAYOUT = "per-projection"  # recorded with a checkpoint's LoRA settings; earlier runs shared one A over qkv
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -72,8 +60,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
     """Inject PEFT LoRA equal to PEFT's on the HF projections ``targets`` (see the module docstring)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if variant not in VARIANTS:
-        raise SftplugError(f"--lora-variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant not in LORA_VARIANTS:
+        raise SftplugError(f"--lora-variant must be one of {', '.join(LORA_VARIANTS)}, got {variant!r}")
     spec = LoraSpec(int(r), float(alpha), float(dropout), hf_targets(targets), variant, bool(rslora))
     layout = lora_layout(model.config)
     plan = {layer: tuple(p for p in parts if targeted(p[0], spec.targets)) for layer, parts in layout.items()}
@@ -230,220 +218,3 @@ def lm_head_weight(model: nn.Module):
         if name in head.lora_A:
             weight = weight + (head.lora_B[name].weight @ head.lora_A[name].weight) * head.scaling[name]
     return weight
-
-
-# -- PEFT adapters ----------------------------------------------------------------------
-
-
-def peft_module_names(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """HF module name of each targeted projection -> (sftplug LoRA layer, its block index)."""
-    pieces = hf_pieces(model.config)
-    names = {}
-    for name, layer in lora_layers(model):
-        hf = {h.removesuffix(".weight").rsplit(".", 1)[-1]: h.removesuffix(".weight")
-              for h, _, _ in pieces.get(f"{name}.weight", [("lm_head.weight", 0, 0)])}  # lm_head, even when tied
-        for i, (part, _, _) in enumerate(layer.lora_parts):
-            names[hf[part]] = (name, i)
-    return names
-
-
-def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter as PEFT saves it: per HF projection its A rows, its B block (and DoRA magnitude rows)."""
-    layers = dict(lora_layers(model))
-    r, tensors = model.lora_spec.r, {}
-    for name, layer in layers.items():
-        b, outside = layer.lora_B["default"].weight.detach(), 0
-        for i, (_, start, end) in enumerate(layer.lora_parts):
-            outside -= int(b[start:end, i * r:(i + 1) * r].count_nonzero())
-        if outside + int(b.count_nonzero()):
-            raise SftplugError(f"{name}.lora_B has values outside its diagonal blocks; it is no PEFT adapter")
-    for hf, (name, i) in peft_module_names(model).items():
-        layer = layers[name]
-        _, start, end = layer.lora_parts[i]
-        cols = slice(i * r, (i + 1) * r)
-        tensors[f"base_model.model.{hf}.lora_A.weight"] = layer.lora_A["default"].weight.detach()[cols]
-        tensors[f"base_model.model.{hf}.lora_B.weight"] = layer.lora_B["default"].weight.detach()[start:end, cols]
-        if model.lora_spec.variant == "dora":
-            magnitude = layer.lora_magnitude_vector["default"].weight.detach()
-            tensors[f"base_model.model.{hf}.lora_magnitude_vector"] = magnitude[start:end]
-    return tensors
-
-
-# adapter_config.json keys sftplug reads or that do not change the model; any other key must keep its default
-_ADAPTER_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "peft_type",
-                 "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-                 "auto_mapping", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
-                 "lora_ga_config", "megatron_core"}
-_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-
-
-def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    """adapter_config.json and the tensors of a PEFT LoRA adapter folder, or one line naming what sftplug
-    cannot represent."""
-    from peft import LoraConfig
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise SftplugError(f"--adapter {folder}: no {path.name}; a PEFT adapter folder has "
-                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(config_path.read_text())
-        tensors = load_file(str(weights_path))
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise SftplugError(f"--adapter {folder}: cannot be read ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise SftplugError(f"{config_path}: 'peft_type' is {config.get('peft_type')!r}; sftplug continues "
-                           "LORA adapters")
-    defaults = LoraConfig().to_dict()
-    empty = (None, False, {}, [], "")
-    for key, value in config.items():
-        default = defaults.get(key)
-        if key not in _ADAPTER_KEYS and value != default and not (value in empty and default in empty):
-            raise SftplugError(f"{config_path}: '{key}' is {value!r}; sftplug's LoRA cannot represent it "
-                               "(it takes r, lora_alpha, lora_dropout, target_modules, use_rslora and use_dora)")
-    r = config.get("r")
-    if not isinstance(r, int) or r < 1 or not isinstance(config.get("lora_alpha"), (int, float)):
-        raise SftplugError(f"{config_path}: 'r' and 'lora_alpha' must be a positive integer and a number")
-    for key in tensors:
-        if not _PEFT_KEY.match(key):
-            raise SftplugError(f"{weights_path}: tensor '{key}' is not a LoRA A, B or DoRA magnitude of a "
-                               "linear layer; sftplug's LoRA cannot represent it")
-    return config, tensors
-
-
-def load_peft_adapter(model: nn.Module, folder) -> nn.Module:
-    """Inject LoRA into ``model`` (its base) as the PEFT adapter in ``folder`` defines it, and fill it."""
-    config, tensors = read_peft_adapter(folder)
-    weights_path = Path(folder) / ADAPTER_WEIGHTS
-    by_module = {m.group(1): m.group(2) for m in map(_PEFT_KEY.match, tensors)}
-    known = {}
-    for name, parts in lora_layout(model.config).items():  # which HF module names this model has
-        for hf in peft_module_names_of(model, name, parts):
-            known[hf] = hf.rsplit(".", 1)[-1]
-    unknown = sorted(k for k in tensors if _PEFT_KEY.match(k).group(1) not in known)
-    if unknown:
-        raise SftplugError(f"{weights_path}: tensor '{unknown[0]}' belongs to no linear layer of the model "
-                           f"(targets: {', '.join(LORA_TARGETS)})")
-    targets = sorted({known[hf] for hf in by_module})
-    variant = "dora" if config.get("use_dora") else "lora"
-    model = apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets, variant,
-                       bool(config.get("use_rslora")))
-    layers, r = dict(lora_layers(model)), config["r"]
-    expected = {}
-    for hf, (name, i) in peft_module_names(model).items():
-        layer = layers[name]
-        _, start, end = layer.lora_parts[i]
-        cols = slice(i * r, (i + 1) * r)
-        expected[f"base_model.model.{hf}.lora_A.weight"] = layer.lora_A["default"].weight[cols]
-        expected[f"base_model.model.{hf}.lora_B.weight"] = layer.lora_B["default"].weight[start:end, cols]
-        if variant == "dora":
-            expected[f"base_model.model.{hf}.lora_magnitude_vector"] = (
-                layer.lora_magnitude_vector["default"].weight[start:end])
-    for key in sorted(set(expected) | set(tensors)):
-        if key not in tensors:
-            raise SftplugError(f"{weights_path}: no tensor '{key}'; sftplug's LoRA targets a projection in "
-                               "every layer or in none")
-        if key not in expected:
-            raise SftplugError(f"{weights_path}: tensor '{key}' does not match the adapter's config "
-                               f"(use_dora={config.get('use_dora', False)})")
-        if tuple(tensors[key].shape) != tuple(expected[key].shape):
-            raise SftplugError(f"{weights_path}: tensor '{key}' has shape {list(tensors[key].shape)}, expected "
-                               f"{list(expected[key].shape)} (r={r} on this base)")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key])
-    model.adapter_source = str(folder)
-    return model
-
-
-def peft_module_names_of(model: nn.Module, layer: str, parts) -> list[str]:
-    """HF module names of ``parts`` of every sftplug layer named ``layer`` (``qkv``, ``lm_head``)."""
-    pieces = hf_pieces(model.config)
-    names = []
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == layer and isinstance(module, nn.Linear):
-            hf = [h for h, _, _ in pieces.get(f"{name}.weight", [("lm_head.weight", 0, 0)])]
-            names += [h.removesuffix(".weight") for h in hf if h.removesuffix(".weight").rsplit(".", 1)[-1] in
-                      {p for p, _, _ in parts}]
-    return names
-
-
-# -- the merged forward ---------------------------------------------------------------
-
-
-class MergedLoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dtype: torch.dtype, state=None):
-        with torch.autocast(x.device.type, enabled=False):  # the caller chose the compute dtype
-            x = x.to(dtype)
-            u = x @ lora_a.to(dtype).t()  # [..., r], kept for the gradient of B
-            bias = None if bias is None else bias.to(dtype)
-            y = F.linear(x, merged_weight(weight, lora_a, lora_b, scale, dtype, state), bias)
-        ctx.save_for_backward(x, u, lora_a, lora_b)
-        ctx.weight, ctx.scale, ctx.dtype = weight, scale, dtype  # the frozen (maybe 4-bit) weight itself, not saved
-        ctx.state = state
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, u, lora_a, lora_b = ctx.saved_tensors
-        weight, scale, dtype = ctx.weight, ctx.scale, ctx.dtype
-        dy = dy.to(dtype)
-        dx = dy @ merged_weight(weight, lora_a, lora_b, scale, dtype, ctx.state) if ctx.needs_input_grad[0] else None
-        dy2, x2, u2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
-        grad_b = (dy2.t() @ u2).mul_(scale).to(lora_b.dtype)  # [out, r]
-        grad_a = ((dy2 @ lora_b.to(dtype)).t() @ x2).mul_(scale).to(lora_a.dtype)  # [r, in]
-        return dx, None, None, grad_a, grad_b, None, None, None
-
-
-def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype, state=None) -> torch.Tensor:
-    """W + scale·B·A in the compute dtype: one addmm (products accumulated in fp32, one rounding),
-    so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA) is dequantised here,
-    in forward and again in backward (``state``: its QuantState, when FSDP holds it as plain bytes)."""
-    return torch.addmm(dense_weight(weight, dtype, state), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
-
-
-def use_merged_forward(model: nn.Module) -> None:
-    """Route every PEFT LoRA linear of ``model`` through MergedLoRALinear where it is exact."""
-    for module in model.modules():
-        if hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), nn.Linear):
-            module.forward = types.MethodType(_forward, module)
-
-
-def _forward(self, x, *args, **kwargs):
-    adapter = _single_plain_adapter(self)
-    if adapter is None or args or kwargs:
-        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own
-    if self.training and not isinstance(self.lora_dropout[adapter], nn.Identity):
-        return _forward_with_dropout(self, x, adapter)
-    base = self.base_layer
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    return MergedLoRALinear.apply(x, base.weight, base.bias, a, b, float(self.scaling[adapter]), dtype,
-                                  getattr(base, "quant_state", None))
-
-
-def _forward_with_dropout(self, x, adapter: str):
-    """PEFT's LoRA forward with one dropout mask per projection, drawn in HF's order (q, k, v), as
-    PEFT's separate layers draw them."""
-    result = self.base_layer(x)
-    a, b, dropout = self.lora_A[adapter].weight, self.lora_B[adapter], self.lora_dropout[adapter]
-    x = self._cast_input_dtype(x, a.dtype)
-    parts = getattr(self, "lora_parts", (None,))
-    r = a.shape[0] // len(parts)
-    u = torch.cat([F.linear(dropout(x), a[i * r:(i + 1) * r]) for i in range(len(parts))], dim=-1)
-    return (result + b(u) * self.scaling[adapter]).to(result.dtype)
-
-
-def _single_plain_adapter(layer) -> str | None:
-    """The one active vanilla LoRA adapter of a frozen, unmerged base layer, else None."""
-    if layer.disable_adapters or layer.merged or layer.base_layer.weight.requires_grad:
-        return None
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
-        return None
-    return active[0]

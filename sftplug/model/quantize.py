@@ -11,7 +11,7 @@ Every quantised linear computes with its dequantised weight in the compute dtype
 autocast dtype, else the input's), dequantised again for the input gradient in backward, so
 no dense copy lives from forward to backward; bitsandbytes' own CPU inference path (weights
 repacked for a bf16 kernel) is never taken. sftplug's LoRA layers do the same
-(:func:`sftplug.model.lora.merged_weight` calls :func:`dense_weight`).
+(:func:`sftplug.model.merged_lora.merged_weight` calls :func:`dense_weight`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 from sftplug.config import DEFAULT_LORA_TARGETS
 from sftplug.errors import SftplugError
-from sftplug.hf.names import lora_layout
+from sftplug.model.lora_targets import lora_layout
 from sftplug.model.quantize import BLOCKSIZE as QUANT_BLOCK
 from sftplug.model.transformer import ModelConfig
 from sftplug.train.loss import CHUNK_ROWS as LOSS_CHUNK

@@ -22,8 +22,9 @@ from sftplug.data.prepare import Prepared, prepare_data
 from sftplug.errors import SftplugError
 from sftplug.fused.choice import attach_fused
 from sftplug.fused.op import FusedOpsRequest
+from sftplug.hf.peft_adapter import load_peft_adapter
 from sftplug.loading import load_model
-from sftplug.model.lora import apply_lora, describe_lora, load_peft_adapter
+from sftplug.model.lora import apply_lora, describe_lora
 from sftplug.model.offload import describe_offload
 from sftplug.model.quantize import quant_spec
 from sftplug.train import lock

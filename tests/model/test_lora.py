@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, inject_adapter_in_model
 
-from sftplug.model.lora import MergedLoRALinear, merged_weight, use_merged_forward
+from sftplug.model.merged_lora import MergedLoRALinear, merged_weight, use_merged_forward
 
 
 def lora_pair(dropout=0.0, bias=False, seed=0):

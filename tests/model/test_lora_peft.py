@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from sftplug.cli import cli
 from sftplug.config import TrainConfig
 from sftplug.errors import SftplugError
+from sftplug.hf.peft_adapter import load_peft_adapter, peft_tensors
 from sftplug.loading import load_model
-from sftplug.model.lora import apply_lora, load_peft_adapter, peft_tensors
+from sftplug.model.lora import apply_lora
 from sftplug.train.loop import train
 
 transformers = pytest.importorskip("transformers")

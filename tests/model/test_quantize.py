@@ -19,7 +19,8 @@ from sftplug.config import DEFAULT_DATA, TrainConfig
 from sftplug.errors import SftplugError
 from sftplug.hf import load as hf_load
 from sftplug.loading import load_model
-from sftplug.model.lora import MergedLoRALinear, apply_lora, use_merged_forward
+from sftplug.model.lora import apply_lora
+from sftplug.model.merged_lora import MergedLoRALinear, use_merged_forward
 from sftplug.model.quantize import (
     BLOCK_LINEARS,
     QuantSpec,

@@ -1,0 +1,71 @@
+"""What a LoRA can target: the model's linear layers, named by the HF projections they hold.
+
+sftplug keeps q/k/v fused in ``qkv`` (rows [q; k; v]) and gate/up in ``gate_up`` (rows
+[gate; up]); HF and PEFT name the projections (``q_proj`` ... ``down_proj``, ``lm_head``).
+:func:`lora_layout` says which rows of which layer each projection is: the model's own
+layout, which sftplug.hf.names spells out as HF tensor names. ``--lora-targets`` names
+projections, the fused names (``qkv``) standing for all they hold (:func:`hf_targets`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sftplug.errors import SftplugError
+
+if TYPE_CHECKING:
+    from sftplug.model.config import ModelConfig
+
+LORA_VARIANTS = ("lora", "dora")  # PEFT's LoRA, and DoRA (its use_dora)
+
+# sftplug layer -> the HF projections it holds, in row order.
+LORA_PARTS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+    "lm_head": ("lm_head",),
+}
+LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  # HF order
+LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
+# Projections some checkpoints store fused (Phi-3/4): PEFT's LoRA there is one layer, one A for all parts.
+STORED_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def hf_targets(targets) -> tuple[str, ...]:
+    """``--lora-targets`` as HF projection names, in HF order (qkv, o, gate_up, down are aliases)."""
+    names = set()
+    aliases = {**LORA_ALIASES, **STORED_FUSED}
+    for name in targets:
+        if name not in LORA_TARGETS and name not in aliases:
+            raise SftplugError(
+                f"--lora-targets: no linear layer named {name}; this model has {', '.join(LORA_TARGETS)} "
+                f"(or the fused {', '.join(aliases)})"
+            )
+        names.update(aliases.get(name, (name,)))
+    if not names:
+        raise SftplugError("--lora-targets: name at least one linear layer")
+    return tuple(t for t in LORA_TARGETS if t in names)
+
+
+def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """sftplug layer name -> (HF projection, first row, end row) of each projection it holds."""
+    q, kv, inter = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size
+    rows = {"qkv": (0, q, q + kv, q + 2 * kv), "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
+            "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size)}
+    layout = {layer: tuple((part, rows[layer][i], rows[layer][i + 1]) for i, part in enumerate(parts))
+              for layer, parts in LORA_PARTS.items()}
+    if config.architecture == "phi3":  # one HF projection each, as the checkpoint stores them
+        layout.update(qkv=(("qkv_proj", 0, q + 2 * kv),), gate_up=(("gate_up_proj", 0, 2 * inter),))
+    return layout
+
+
+def targeted(part: str, targets) -> bool:
+    """Whether the HF projection ``part`` is among ``targets`` (HF names); a projection stored fused
+    (Phi-3's qkv_proj) is when all it holds are, and cannot be in part."""
+    members = STORED_FUSED.get(part, (part,))
+    chosen = [m for m in members if m in targets]
+    if chosen and len(chosen) < len(members):
+        raise SftplugError(f"--lora-targets: this checkpoint stores {', '.join(members)} as one {part} (PEFT's LoRA "
+                           f"there is one layer): target {', '.join(members)} together, or name {part}")
+    return bool(chosen)
