@@ -53,16 +53,15 @@ class Prepared:
         """One line for the run header; ``batch_fill``: the fill of micro-batches cut to their
         longest row (``--no-pack``, :meth:`MicroBatches.fill`), where training cuts them."""
         s = self.stats
-        if s["pack"]:
-            rows = f"{s['seq_len']} (packed, {s['fill']:.0%} filled"
-        elif batch_fill is None:
-            rows = f"{s['seq_len']} (one per row, {s['fill']:.0%} filled; tok/s counts tokens, not padding"
-        else:
-            rows = (f"up to {s['seq_len']} (one per row, each micro-batch cut to its longest row: {batch_fill:.0%} "
-                    "filled; tok/s counts tokens, not padding")
+        length, how, counted = s["seq_len"], f"packed, {s['fill']:.0%} filled", ""
+        if not s["pack"]:
+            how, counted = f"one per row, {s['fill']:.0%} filled", "; tok/s counts tokens, not padding"
+        if batch_fill is not None:
+            length = f"up to {length}"
+            how = f"one per row, each micro-batch cut to its longest row: {batch_fill:.0%} filled"
         parts = [
             f"data: {s['records']:,} {s['format']} records{_examples(s.get('examples'), s['records'])} -> "
-            f"{s['rows']:,} rows of {rows}, {s['target_tokens']:,} target tokens)"
+            f"{s['rows']:,} rows of {length} ({how}, {s['target_tokens']:,} target tokens{counted})"
         ]
         if s.get("eval_records"):
             how = f"{s['eval_split']:.0%} split" if s.get("eval_split") else "held out"
