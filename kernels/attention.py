@@ -591,14 +591,23 @@ if triton is not None:
 # without register spills, within the generation's shared memory, and on Hopper with wgmma,
 # with Triton 3.6 and 3.9 (tests/kernels/test_compile_report.py, `sftplug doctor --compile`);
 # which is fastest the autotuner measures on the first call, and Triton keeps its answer on disk.
-# Hopper (227 KB of shared memory) takes the larger tiles and deeper pipelines.
+# Every head dim has its own lists (the report and the test compile each one). ptxas aims a
+# kernel at a register count that lets one more block share the SM (128 per thread at 8 warps,
+# 168 at 4) and spills a few bytes where the kernel needs just over it, so a config clean at
+# D=64 may spill at D=16 or 32: each list keeps its configs clearly below or above those steps.
+# Hopper (227 KB of shared memory) takes the larger tiles and deeper pipelines; at D <= 32
+# the configs of 64 stay (114-245 registers there, wgmma).
 _HOPPER = {
     "fwd": {
+        16: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
+        32: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
         64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
         128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4)],
         256: [(128, 32, 8, 2), (64, 32, 8, 2)],
     },
     "dkdv": {
+        16: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+        32: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
         64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
         128: [(32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3)],
         # No wgmma tile fits D=256's two fp32 [BLOCK_N, 256] accumulators without spills:
@@ -606,6 +615,8 @@ _HOPPER = {
         256: [(32, 32, 8, 2), (16, 32, 4, 2)],
     },
     "dq": {
+        16: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        32: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
         64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
         128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
         256: [(128, 32, 8, 2), (128, 32, 8, 3)],
@@ -613,18 +624,28 @@ _HOPPER = {
 }
 # Ampere and Ada (A100 163 KB of shared memory, consumer cards 99 KB, where the autotuner
 # skips the one config that needs 100 KB): mma.sync needs more registers, so smaller tiles.
+# At D <= 32 the forward's fp32 [BLOCK_M, BLOCK_N] scores dominate its registers: 128 x 128
+# over 8 warps lands on the 128 step at D=16 and 128 x 64 over 8 warps at D=32, so these take
+# 128 keys over 4 warps (64 x 128) and a 64 x 64 tile for short sequences; the backward
+# kernels keep the configs of 64 (80-187 registers there).
 _AMPERE = {
     "fwd": {
+        16: [(128, 64, 8, 3), (64, 128, 4, 3), (64, 64, 4, 2)],
+        32: [(128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 2)],
         64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 32, 4, 2)],
         128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
         256: [(64, 32, 8, 2), (32, 32, 4, 1)],
     },
     "dkdv": {
+        16: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
+        32: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
         64: [(32, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)],
         128: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)],
     },
     "dq": {
+        16: [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
+        32: [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
         64: [(128, 64, 8, 3), (64, 32, 4, 2), (64, 64, 8, 2)],
         128: [(128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
         256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
@@ -632,10 +653,6 @@ _AMPERE = {
 }
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "CAUSAL", "SOFTCAP"]
 _TUNED: dict = {}  # kernel kind -> autotuned launcher, built on the first GPU call
-
-
-def _config_dim(head_dim: int) -> int:
-    return 64 if head_dim <= 64 else head_dim
 
 
 def _hopper(device) -> bool:
@@ -651,9 +668,8 @@ _SOFTCAP_SPILLS = {("dq", 256, False): {(64, 32, 8, 2), (32, 32, 4, 2)}}
 
 def candidate_configs(kind: str, head_dim: int, hopper: bool, softcap: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, warps, stages) the autotuner may choose for one kernel kind."""
-    dim = _config_dim(head_dim)
-    spills = _SOFTCAP_SPILLS.get((kind, dim, hopper), set()) if softcap else set()
-    return [c for c in (_HOPPER if hopper else _AMPERE)[kind][dim] if c not in spills]
+    spills = _SOFTCAP_SPILLS.get((kind, head_dim, hopper), set()) if softcap else set()
+    return [c for c in (_HOPPER if hopper else _AMPERE)[kind][head_dim] if c not in spills]
 
 
 def kernel_of(kind: str):

@@ -165,7 +165,7 @@ def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, work
     """Every configuration the attention autotuner may choose on each target, and every fused-op
     kernel as W1 launches it, compiled and measured.
 
-    ``head_dims``: default every supported one (16 and 32 use the configurations of 64).
+    ``head_dims``: default every one the kernels accept (``attention.HEAD_DIMS``), each with its own configs.
     ``softcap``: the attention variants to compile, without and with soft-capping.
     """
     head_dims = head_dims or attention.HEAD_DIMS

@@ -3,11 +3,12 @@ run launches it, compiled for sm_80 and sm_90a on this CPU machine (triton.compi
 GPUTarget; the Triton wheel ships ptxas): no register spills, shared memory within the
 target's, and wgmma on Hopper wherever auto may pick Triton attention.
 
-The attention kernels are compiled in bf16 at head dims 64, 128 and 256, which own the
-config tables (16 and 32 take 64's and use fewer registers), without and with soft-capping
-(a constexpr variant with one more tile live; a sliding window compiles as packed documents
-do); fp16 compiles to the same registers and shared memory (checked on one config).
-`sftplug doctor --compile` covers every dtype and head dim.
+The attention kernels are compiled in bf16 at every head dim `sftplug doctor --compile`
+reports (the report's own default, each head dim with configs of its own), without and with
+soft-capping (a constexpr variant with one more tile live; a sliding window compiles as
+packed documents do); fp16 compiles to the same registers and shared memory (checked on the
+configs that spilled in both dtypes before small head dims had configs of their own).
+`sftplug doctor --compile` covers both dtypes.
 """
 
 import os
@@ -31,9 +32,10 @@ from sftplug.kernels.compile_report import (  # noqa: E402
 
 @pytest.mark.parametrize("softcap", [False, True], ids=["plain", "softcap"])
 def test_every_config_the_autotuner_may_choose_compiles_clean(softcap):
-    rows = report(dtypes=("bf16",), head_dims=(64, 128, 256), fused=False, softcap=(softcap,))
+    rows = report(dtypes=("bf16",), fused=False, softcap=(softcap,))  # the head dims doctor --compile reports
+    assert {r.head_dim for r in rows} == set(attention.HEAD_DIMS)
     expected = sum(len(attention.candidate_configs(kind, d, TARGETS[t][0] >= 90, softcap))
-                   for t in TARGETS for kind in ("fwd", "dkdv", "dq") for d in (64, 128, 256))
+                   for t in TARGETS for kind in ("fwd", "dkdv", "dq") for d in attention.HEAD_DIMS)
     assert len(rows) == expected
     assert {r.variant for r in rows} == {"softcap" if softcap else ""}
     assert all(r.ok for r in rows), format_report(rows)
@@ -60,7 +62,12 @@ def test_the_report_sees_spills_and_missing_wgmma():
     assert narrow.error is None and narrow.wgmma is False and not narrow.ok
 
 
-def test_fp16_compiles_like_bf16():
-    bf16, fp16 = (compile_config("dkdv", "sm_90a", dtype, 128, (32, 128, 8, 3)) for dtype in ("bf16", "fp16"))
+@pytest.mark.parametrize("kind, target, head_dim, config", [
+    ("dkdv", "sm_90a", 128, (32, 128, 8, 3)),
+    ("fwd", "sm_80", 16, (128, 128, 8, 3)),  # spilled 8 B in both dtypes when D=16 took 64's configs
+    ("fwd", "sm_80", 32, (128, 64, 8, 3)),  # spilled 16 B in both
+])
+def test_fp16_compiles_like_bf16(kind, target, head_dim, config):
+    bf16, fp16 = (compile_config(kind, target, dtype, head_dim, config) for dtype in ("bf16", "fp16"))
     assert (fp16.registers, fp16.shared, fp16.spills, fp16.wgmma) == (bf16.registers, bf16.shared, bf16.spills,
                                                                        bf16.wgmma)
