@@ -126,6 +126,8 @@ class TrainConfig:
     log_to: tuple[str, ...] = option((), "Loggers besides OUT/metrics.jsonl, comma-separated: tensorboard, "
                                      "wandb, or a logger plugin's name.", "run")
     resume: str | None = option(None, "auto (newest complete checkpoint of --out), or a checkpoint folder.", "run")
+    overwrite: bool = option(False, "Start over in an --out that holds another run: its files move to "
+                             "OUT/previous-<time>/ first (nothing is deleted).", "run")
     on_nonfinite: str = option("stop", "A NaN/inf loss stops the run (keeping the last checkpoint) or skips "
                                "the update.", "run", choices=ON_NONFINITE)
     sample_prompt: str | None = option(None, "Prompt answered before and after training (default: the first "

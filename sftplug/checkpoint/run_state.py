@@ -59,16 +59,7 @@ def save_checkpoint(run) -> Path:
 
 def load_checkpoint(run, folder: Path) -> None:
     """Restore ``run`` from a complete checkpoint: weights (or shards), then every plugin's part."""
-    manifest = folders.verify(folder)
-    lora = manifest.get("lora")
-    if lora and shared_a_layout(lora):
-        raise SftplugError(
-            f"{folder} was trained by an earlier sftplug whose LoRA shares one A across q/k/v and gate/up; it "
-            f"cannot resume as per-projection LoRA: export it (sftplug export {folder} --out DIR --adapter) "
-            "and continue with --adapter DIR/adapter"
-        )
-    check_settings(manifest["config"], run.config.to_dict(), manifest.get("data_sha256"),
-                   run.data.stats.get("data_sha256"), folder)
+    check_resumable(folder, run.config, run.data.stats.get("data_sha256"))
     if run.sharded:  # weights and optimizer state, each rank its own shards
         if not (folder / folders.SHARDS).is_dir():
             raise SftplugError(f"{folder} holds no weight shards ({folders.SHARDS}/); it cannot resume an FSDP run")
@@ -84,11 +75,40 @@ def load_checkpoint(run, folder: Path) -> None:
         _truncate_metrics(run.metrics_path, run.step)
 
 
+def check_resumable(folder: Path, config, data_sha256: str | None = None) -> dict:
+    """The manifest of a checkpoint ``config`` can resume from, or one line saying why it cannot
+    (without ``data_sha256``, the data is checked when the run has read it)."""
+    manifest = folders.verify(folder)
+    lora = manifest.get("lora")
+    if lora and shared_a_layout(lora):
+        raise SftplugError(
+            f"{folder} was trained by an earlier sftplug whose LoRA shares one A across q/k/v and gate/up; it "
+            f"cannot resume as per-projection LoRA: export it (sftplug export {folder} --out DIR --adapter) "
+            "and continue with --adapter DIR/adapter"
+        )
+    check_settings(manifest["config"], config.to_dict(), manifest.get("data_sha256"), data_sha256, folder)
+    return manifest
+
+
+def resume_folder(spec: str, out: Path) -> Path | None:
+    """The checkpoint ``--resume spec`` names: for `auto` the newest complete one of ``out`` (None
+    when there is none yet), else the folder given, which must exist."""
+    if spec == "auto":
+        return next(iter(folders.complete_checkpoints(out)), None)
+    folder = folders.resolve(spec)
+    if not folder.is_dir():
+        raise SftplugError(f"--resume {spec}: no such checkpoint folder; give auto or a checkpoint folder "
+                           "(a run folder, or its checkpoints/step-N)")
+    return folder
+
+
 def resume(run, spec: str) -> None:
     """``--resume``: `auto` takes the newest complete checkpoint of the run, else the folder named."""
-    folder = folders.resolve(spec) if spec != "auto" else next(iter(folders.complete_checkpoints(run.out)), None)
+    folder = resume_folder(spec, run.out)
     if folder is None:
         run.echo("resume: no complete checkpoint yet, starting from step 0")
+        if run.world.is_main:  # the metrics of updates the run before did not save are redone,
+            _truncate_metrics(run.metrics_path, -1)  # and step 0's held-out loss is measured again
         return
     load_checkpoint(run, folder)
     run.echo(f"resume: continuing from {folder} at step {run.step}")

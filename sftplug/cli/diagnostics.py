@@ -241,6 +241,7 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
 
     Each side runs in its own process, in rounds that alternate the order; prints
     tokens/s, forward / backward / optimizer ms and peak memory for both, and the ratios.
+    Exits 1 when a side failed (the others are still reported).
 
     \b
     Examples:
@@ -255,6 +256,8 @@ def bench_step(workload, full, rounds, steps, warmup, attention, variants, as_js
     result = run_bench(workload, rounds=rounds, steps=steps, warmup=warmup, full=full, attention=attention,
                        variants=variants, echo=lambda line: click.echo(line, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else format_step_table(result))
+    if result["errors"]:  # a partial comparison must not pass for a whole one in a script
+        raise SystemExit(1)
 
 
 @click.command(context_settings=CONTEXT, short_help="Plot runs' loss, learning rate, grad norm and tok/s.")

@@ -32,7 +32,7 @@ def train(nproc, config_file, print_config, **options):
     Examples:
       sftplug train
       sftplug train --config examples/lora-hf-llama.yaml --steps 50
-      sftplug train --config runs/default/config.yaml   (repeat a run)
+      sftplug train --config runs/default/config.yaml --out runs/again   (repeat a run)
       sftplug train --steps 500 --micro-bsz 4 --accum 4 --out runs/long
       sftplug train --full --dtype bf16 --attention flash --device cuda
       sftplug train --nproc 4 --full --strategy fsdp --dtype bf16
@@ -40,6 +40,7 @@ def train(nproc, config_file, print_config, **options):
     """
     from sftplug.config_file import dump_config
     from sftplug.registry import build_registry
+    from sftplug.train.loop import interrupted_exit_code
     from sftplug.train.loop import train as run_training
 
     given = given_options(click.get_current_context())
@@ -54,6 +55,8 @@ def train(nproc, config_file, print_config, **options):
 
         return launch(nproc, train_args(sys.argv))
     summary = run_training(config, build_registry(), echo=click.echo)
+    if summary["interrupted"]:  # saved, and said how to resume; no summary lines, no plot
+        raise SystemExit(interrupted_exit_code(summary))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
         from sftplug.diagnostics.plot import plot_after_run
 

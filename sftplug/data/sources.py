@@ -58,6 +58,11 @@ def _kind(path: Path) -> str:
     return kind
 
 
+def check_path(path) -> None:
+    """The one-line error of a path that is no data sftplug reads (missing, unsupported), without reading it."""
+    _kind(Path(path))
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())

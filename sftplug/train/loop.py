@@ -1,5 +1,6 @@
 """A whole training job: resume, held-out loss and sample answers before and after, the
-update loop with its progress lines, checkpoints, and a clean stop on Ctrl-C."""
+update loop with its progress lines, checkpoints, and a clean stop on Ctrl-C or SIGTERM
+(saved, without the end-of-run evaluation and answers; exit code 128 + the signal's number)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ from sftplug.config import TrainConfig
 from sftplug.data import records, sources
 from sftplug.model.generate import answer
 from sftplug.train import lock
-from sftplug.train.loggers import check_log_to, close_loggers, open_loggers
+from sftplug.train.loggers import close_loggers, open_loggers
 from sftplug.train.progress import Progress
 from sftplug.train.run import Run
 from sftplug.train.setup import build_run
 
 
 def train(config: TrainConfig, registry, echo=print) -> dict:
-    """Run a whole training job; returns the summary (also written to OUT/summary.json)."""
-    check_log_to(registry, config.log_to)  # a bad --log-to fails before the model loads
+    """Run a whole training job; returns the summary (also written to OUT/summary.json).
+
+    Bad choices (--log-to, --attention, ...) are refused before anything loads (build_run).
+    """
     run = build_run(config, registry, echo)
     try:
         if run.world.is_main:  # loggers run on rank 0 only
@@ -90,13 +93,14 @@ def _train(run: Run) -> dict:
     peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
     run.batches.close()
     folder = save_checkpoint(run)
-    if interrupted:
+    if interrupted:  # the end-of-run evaluation and answers are skipped: the run is not over
         echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
-    if after_loss is None:  # no update ran here (resumed at the end)
+    if after_loss is None and not interrupted:  # no update ran here (resumed at the end)
         after_loss = run.eval_loss()
     summary = {
         "steps": run.step,
         "interrupted": interrupted,
+        "signal": stop.signal_name if interrupted else None,  # None also where another process was signalled
         "seconds": seconds,
         "compile_seconds": compile_seconds,
         "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(seconds, 1e-9),
@@ -106,7 +110,7 @@ def _train(run: Run) -> dict:
         "checkpoint": str(folder),
         "sample_prompt": prompt,
         "answer_before": before_answer,
-        "answer_after": sample_answer(run, prompt),
+        "answer_after": None if interrupted else sample_answer(run, prompt),
         "data": {k: run.data.stats.get(k, 0) for k in ("records", "skipped_bad", "truncated", "dropped")},
     }
     if peak is not None:
@@ -135,17 +139,23 @@ def sample_answer(run: Run, prompt: str | None) -> str | None:
     return answer(run.model, run.tokenizer, prompt)
 
 
+def interrupted_exit_code(summary: dict) -> int:
+    """The exit code of an interrupted run: 128 + the signal's number (130 after Ctrl-C, 143 after
+    SIGTERM), as a shell reports a process the signal ended; 130 where another process was signalled."""
+    return 128 + signal.Signals[summary.get("signal") or "SIGINT"].value
+
+
 class _StopOnSignal:
-    """First SIGINT/SIGTERM: finish the update, save, exit 0. Second: exit at once."""
+    """First SIGINT/SIGTERM: finish the update, save, and end interrupted. Second: exit at once."""
 
     def __init__(self, echo):
-        self.echo, self.requested, self._previous = echo, False, {}
+        self.echo, self.requested, self.signal_name, self._previous = echo, False, None, {}
 
     def _handle(self, signum, frame):
         if self.requested:
             self.echo("second signal: exiting now without saving")
-            os._exit(130)
-        self.requested = True
+            os._exit(128 + signum)
+        self.requested, self.signal_name = True, signal.Signals(signum).name
         self.echo(f"{signal.Signals(signum).name}: finishing this update, then saving (signal again to quit now)")
 
     def __enter__(self):

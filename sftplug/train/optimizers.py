@@ -19,13 +19,21 @@ BITSANDBYTES = {"adamw8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_ad
 
 def make_optimizer(name: str, params: list, lr: float, weight_decay: float, device: torch.device):
     """``--optimizer name`` over ``params``, or one line saying why it cannot run here."""
-    if name == "adamw":
+    bnb = check_optimizer(name, device)
+    if bnb is None:
         return torch.optim.AdamW(params, lr=lr, betas=BETAS, weight_decay=weight_decay, eps=EPS)
+    return getattr(bnb.optim, BITSANDBYTES[name])(params, lr=lr, betas=BETAS, weight_decay=weight_decay, eps=EPS)
+
+
+def check_optimizer(name: str, device: torch.device):
+    """bitsandbytes for its optimizers (None for torch's AdamW), or one line saying why ``name`` cannot
+    run on ``device``; a run asks before it loads anything."""
+    if name == "adamw":
+        return None
     if name not in BITSANDBYTES:
         raise SftplugError(f"--optimizer {name}: not one of adamw, {', '.join(BITSANDBYTES)}")
     if name.startswith("paged") and device.type != "cuda":
         raise SftplugError(f"--optimizer {name}: paged optimizers page their state between GPU and CPU memory; "
                            f"this run is on {device.type}: use adamw or adamw8bit")
-    bnb = import_bitsandbytes(f"--optimizer {name}")
-    return getattr(bnb.optim, BITSANDBYTES[name])(params, lr=lr, betas=BETAS, weight_decay=weight_decay, eps=EPS)
+    return import_bitsandbytes(f"--optimizer {name}")
 

@@ -1,9 +1,11 @@
 """Building a run: small steps that each return what they build, in the order of the data flow.
 
-:func:`build_run` joins the process group, creates the run folder (and finds whether all
-nodes see it), asks the plugins for the precision, loads the model (LoRA or full, sharded or
-replicated), prepares the data (one process per run folder first), chooses attention for that
-data, and makes the optimizer and schedule.
+:func:`build_run` joins the process group, asks the plugins for the precision, refuses the
+choices that cannot work here (:mod:`sftplug.train.choices`), claims the run folder
+(:mod:`sftplug.train.run_folder`; and finds whether all nodes see it), loads the model (LoRA or
+full, sharded or replicated), prepares the data (one process per run folder first), chooses
+attention for that data, and makes the optimizer and schedule. A run that fails to start
+leaves the folder as it found it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora, describe_lora
 from sftplug.model.offload import describe_offload
 from sftplug.model.quantize import quant_spec
-from sftplug.train import lock
+from sftplug.train import run_folder
+from sftplug.train.choices import check_choices, fused_request_for
 from sftplug.train.flops import peak_flops
 from sftplug.train.optimizers import make_optimizer
 from sftplug.train.precision import PrecisionPolicy, resolve_dtype
@@ -42,24 +45,31 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
     """
     world = distributed.init_world(config.device)
     echo = echo if world.is_main else _silent
-    out = check_output_dir(config.out)
+    device = training_device(config.device, world)
+    precision = choose_precision(registry, config, device)  # (policy, why)
+    check_choices(config, registry, device, precision[0].autocast_dtype or torch.float32)  # before any work
     if not world.is_main:
-        return assemble_run(config, registry, world, echo, out, rows)
-    lock.acquire(out, echo)  # rank 0 holds the run's lock, then records the run's config
+        distributed.barrier(world)  # rank 0 has claimed OUT
+        out = check_output_dir(config.out)
+        return assemble_run(config, registry, world, echo, out, rows, device, *precision)
+    claim = run_folder.claim(config, echo)  # rank 0 holds the run's lock
+    distributed.barrier(world)
     try:
-        (out / "config.yaml").write_text(dump_config(config, nproc=world.size))
-        return assemble_run(config, registry, world, echo, out, rows)
+        run = assemble_run(config, registry, world, echo, claim.out, rows, device, *precision)
+        if config.overwrite and not config.resume:
+            run_folder.start_over(claim.out, echo)
+        (claim.out / "config.yaml").write_text(dump_config(config, nproc=world.size))
+        return run
     except BaseException:
-        lock.release(out)  # a run that failed to start leaves its folder free
+        claim.abandon()  # a run that failed to start leaves its folder as it found it
         raise
 
 
-def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, out, rows: Rows | None) -> Run:
-    """The run's parts, in the order of the data flow (:func:`build_run` without the folder's lock)."""
+def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, out, rows: Rows | None,
+                 device: torch.device, precision: PrecisionPolicy, precision_why: str) -> Run:
+    """The run's parts, in the order of the data flow (:func:`build_run` without the checks and the claim)."""
     world = distributed.share_out(world, out)  # whether every node sees rank 0's OUT
     check_shared_out(config, world, echo)
-    device = training_device(config.device, world)
-    precision, precision_why = choose_precision(registry, config, device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = load_model(config.model, dtype=base_dtype(config, precision), device=device, registry=registry,
@@ -98,12 +108,7 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
 
 
 def fused_request(model, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> FusedOpsRequest:
-    c = model.config
-    return FusedOpsRequest(device=device, dtype=dtype, hidden_size=c.hidden_size,
-                           intermediate_size=c.intermediate_size, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
-                           n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, vocab_size=c.vocab_size,
-                           tokens=config.micro_bsz * config.seq_len, activation=c.activation,
-                           gemma_norm=c.gemma_norm, trains_norms=config.full)
+    return fused_request_for(model.config, config, device, dtype)
 
 
 def training_device(name: str, world: distributed.World) -> torch.device:

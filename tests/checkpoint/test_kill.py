@@ -1,5 +1,7 @@
 """A run killed at any moment (SIGKILL, even mid-save) resumes to the same final weights."""
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,16 +55,26 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, reference, 
     assert all(not name.startswith(".latest") for name in leftovers)
 
 
-def test_sigint_saves_and_exits_cleanly(tmp_path, reference):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_skips_the_end_of_run_work_and_exits_128_plus_its_number(tmp_path, reference, sig, code):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "SFTPLUG_NO_PLOT"}  # a finished run would draw its plot
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, text=True, env=env)
     wait_for_step(proc, 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest = proc.stdout.read()
-    assert proc.wait() == 0
-    assert "interrupted: saved" in rest and "--resume auto" in rest
+    assert proc.wait() == code
     step = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
     assert 3 <= step < 10
+    assert f"interrupted: saved {out / 'checkpoints' / f'step-{step}'} at step {step}; resume with the same " \
+           "command plus --resume auto" in rest
+    # no held-out loss after, sample answers after, summary lines or plot
+    end_of_run = ("held-out loss:", "done:", "plot:", "sample prompt:")
+    assert not any(line.startswith(end_of_run) for line in rest.splitlines())
+    assert not (out / "plot.png").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["signal"] == sig.name and summary["steps"] == step
+    assert summary["eval_loss_after"] is None and summary["answer_after"] is None
     subprocess.run(command(out, "--resume", "auto"), check=True, capture_output=True)
     got = final(out)
     for name in got:

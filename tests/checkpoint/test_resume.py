@@ -140,7 +140,7 @@ def test_fp16_scaler_state_comes_back(small_config, tmp_path, registry):
     first.update()  # the inf step halves the scale
     assert first.update() and first.precision.scaler.get_scale() == 32768.0
     save_checkpoint(first)
-    second = build_run(small_config(steps=4, dtype="fp16"), registry, echo=quiet)
+    second = build_run(small_config(steps=4, dtype="fp16", resume="auto"), registry, echo=quiet)
     assert second.precision.scaler.get_scale() == 65536.0
     resume(second, "auto")
     assert second.precision.scaler.get_scale() == 32768.0 and second.step == 3

@@ -39,3 +39,15 @@ def test_a_failing_side_is_reported_and_the_others_still_count(monkeypatch):
     assert list(result["sides"]) == ["sftplug", "hf+peft"] and result["tps_ratio"] == 2.0
     assert result["errors"] == {"sftplug+compile": "sftplug+compile failed: RuntimeError: out of memory"}
     assert "failed: sftplug+compile failed: RuntimeError: out of memory" in step_bench.format_step_table(result)
+
+
+def test_bench_step_exits_1_when_a_side_failed():
+    # sftplug's side refuses the unknown backend in its own process; the peer's side still runs and is reported
+    cmd = [sys.executable, "-m", "sftplug", "bench", "step", "--workload", "W0", "--rounds", "1", "--steps", "1",
+           "--warmup", "0", "--attention", "warp-drive", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert list(result["sides"]) == ["hf+peft"] and result["sides"]["hf+peft"]["tps"] > 0
+    assert list(result["errors"]) == ["sftplug"]
+    assert "unknown attention backend 'warp-drive'" in result["errors"]["sftplug"]

@@ -136,7 +136,37 @@ def test_a_run_that_fails_to_start_leaves_its_folder_free(tmp_path, registry):
     from sftplug.config import TrainConfig
     from sftplug.train.setup import build_run
 
+    out = tmp_path / "run"
+    out.mkdir()
     with pytest.raises(SftplugError):
-        build_run(TrainConfig(model=str(tmp_path / "no-such-model"), out=str(tmp_path / "run")), registry)
-    assert (tmp_path / "run" / lock.LOCK_FILE).read_text() == ""  # released: emptied as by a clean end
-    assert try_from_another_process(tmp_path / "run") == "taken\n"
+        build_run(TrainConfig(model=str(tmp_path / "no-such-model"), out=str(out)), registry)
+    assert list(out.iterdir()) == []  # the lock file it created is gone again
+    assert try_from_another_process(out) == "taken\n"
+
+
+def test_a_failed_start_puts_back_the_lock_file_of_a_killed_run(tmp_path, registry):
+    from sftplug.config import TrainConfig
+    from sftplug.train.setup import build_run
+
+    holder = start_holder(tmp_path)
+    holder.kill()
+    holder.wait()
+    left = (tmp_path / lock.LOCK_FILE).read_bytes()
+    with pytest.raises(SftplugError):
+        build_run(TrainConfig(model=str(tmp_path / "no-such-model"), out=str(tmp_path)), registry, echo=print)
+    assert (tmp_path / lock.LOCK_FILE).read_bytes() == left
+    next_run = try_from_another_process(tmp_path)  # still hears of the killed run, not of the failed start
+    assert f"did not end cleanly (pid {holder.pid} on " in next_run and next_run.endswith("taken\n")
+
+
+def test_a_failed_check_leaves_the_lock_file_as_it_was(tmp_path):
+    def refuse():
+        raise SftplugError("no")
+
+    with pytest.raises(SftplugError):
+        lock.acquire(tmp_path, check=refuse)
+    assert list(tmp_path.iterdir()) == []  # the file it created is removed
+    (tmp_path / lock.LOCK_FILE).write_text("{}")
+    with pytest.raises(SftplugError):
+        lock.acquire(tmp_path, check=refuse)
+    assert (tmp_path / lock.LOCK_FILE).read_text() == "{}" and tmp_path.resolve() not in lock._held
