@@ -31,6 +31,7 @@ def launch(nproc: int, args: list[str]) -> None:
     """Run ``sftplug train args`` in ``nproc`` processes; SystemExit with the failed one's code."""
     if "WORLD_SIZE" in os.environ:
         raise SftplugError("--nproc starts torchrun itself; under torchrun leave --nproc out")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -42,6 +43,8 @@ def launch(nproc: int, args: list[str]) -> None:
     )  # fmt: skip
     try:
         elastic_launch(config, sys.executable)("-m", "sftplug", "train", *args)
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the launcher passed it on and each process saved
+        raise SystemExit(128 + exc.sigval) from None
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode

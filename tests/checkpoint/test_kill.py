@@ -79,3 +79,16 @@ def test_a_signal_saves_skips_the_end_of_run_work_and_exits_128_plus_its_number(
     got = final(out)
     for name in got:
         assert torch.equal(got[name], reference[name]), name
+
+
+def test_ctrl_c_on_nproc_saves_and_exits_130_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sftplug", "train", "--nproc", "2", "--out", str(out), *ARGS]
+    # a terminal's Ctrl-C reaches the whole foreground process group: the launcher and both processes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_step(proc, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, errors = proc.communicate(timeout=120)
+    assert proc.returncode == 130, errors[-3000:]
+    assert "interrupted: saved" in rest and "Traceback" not in rest + errors
+    assert (out / "checkpoints" / "latest").exists()
