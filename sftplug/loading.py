@@ -8,17 +8,22 @@ that knows the source returns a :class:`LoadedModel` without attention, and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from sftplug.attention.choice import AttentionChoice, attach
 from sftplug.errors import SftplugError
 
+if TYPE_CHECKING:
+    from sftplug.data.tokenizer import Tokenizer
+    from sftplug.model.contract import DecoderModel
+
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object  # sftplug.data.tokenizer.Tokenizer
+    model: DecoderModel
+    tokenizer: Tokenizer
     source: str
     description: str = ""
     info: dict = field(default_factory=dict)  # format-specific facts (base source, lora, step)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,22 +32,28 @@ from sftplug.train.loss import target_loss_sum
 from sftplug.train.precision import PrecisionPolicy
 from sftplug.train.schedule import Schedule
 
+if TYPE_CHECKING:
+    from sftplug.data.tokenizer import Tokenizer
+    from sftplug.model.contract import DecoderModel
+    from sftplug.registry import Registry
+    from sftplug.train.loggers import Logger
+
 
 @dataclass(eq=False)
 class Run:
     """Everything one training run holds; built by :func:`sftplug.train.setup.build_run`."""
 
     config: TrainConfig
-    registry: object
+    registry: Registry
     world: distributed.World
-    echo: object  # print-like; silent on ranks other than 0
+    echo: Callable[..., None]  # print-like; silent on ranks other than 0
     out: Path
     device: torch.device
     precision: PrecisionPolicy
-    model: torch.nn.Module
-    tokenizer: object
-    params: list  # the trainable parameters
-    replicated: object  # the DDP view of the model for training forwards, or None
+    model: DecoderModel
+    tokenizer: Tokenizer
+    params: list[torch.nn.Parameter]  # the trainable parameters
+    replicated: torch.nn.Module | None  # the DDP view of the model for training forwards
     data: Prepared
     batches: Batches
     attention: AttentionChoice
@@ -56,7 +64,7 @@ class Run:
     step: int = 0  # updates done
     tokens_seen: int = 0
     tokens_at_start: int = 0  # tokens_seen when this process started timing
-    loggers: list = field(default_factory=list)  # the --log-to loggers (rank 0), sftplug.train.loggers
+    loggers: list[Logger] = field(default_factory=list)  # the --log-to loggers (rank 0)
 
     @property
     def sharded(self) -> bool:
