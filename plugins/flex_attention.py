@@ -57,8 +57,8 @@ class Flex(AttentionBackend):
         if flex_module() is None:
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (PyTorch 2.5+)"
         if not probes.cuda_available():
-            return f"{_cpu_reason()}; {probes.no_gpu_reason()}"
-        return _cuda_rule()
+            return f"{_why_unavailable_on_cpu()}; {probes.why_no_gpu()}"
+        return _why_unavailable_on_cuda()
 
     @hookimpl
     def select_attention(self, request: AttentionRequest):
@@ -72,13 +72,13 @@ class Flex(AttentionBackend):
     def check(self, request: AttentionRequest) -> str | None:
         if request.device.type != "cuda":
             if request.device.type == "cpu":
-                return _cpu_reason()
+                return _why_unavailable_on_cpu()
             return f"flex attention runs on CUDA GPUs, not {request.device.type}"
         if not probes.cuda_available():
-            return probes.no_gpu_reason()
-        rule = _cuda_rule()
-        if rule:
-            return rule
+            return probes.why_no_gpu()
+        why_unavailable = _why_unavailable_on_cuda()
+        if why_unavailable:
+            return why_unavailable
         if request.dtype not in _DTYPES:
             return f"flex attention computes in fp16, bf16 or fp32, not {dtype_name(request.dtype)}"
         if request.head_dim < 16:
@@ -104,12 +104,12 @@ class Flex(AttentionBackend):
                    enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _cpu_reason() -> str:
+def _why_unavailable_on_cpu() -> str:
     return (f"flex attention trains on CUDA GPUs only: PyTorch's CPU FlexAttention has no backward "
             f"(torch {torch.__version__}, inference only)")
 
 
-def _cuda_rule() -> str | None:
+def _why_unavailable_on_cuda() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "flex attention is compiled to Triton kernels, and Triton is not installed"
     cap = probes.gpu_capability() or (0, 0)
@@ -222,7 +222,7 @@ def first_run(device: str, dtype: torch.dtype, head_dim: int, window: bool, soft
             err = (got.float() - want).abs().max().item()
             if not err <= tolerance * max(want.abs().max().item(), 1.0):
                 return f"flex attention's first run on {device} ({what}) differs from PyTorch: {name} off by {err:.2g}"
-    except Exception as exc:  # a compile or launch failure is a reason, not a crash
+    except Exception as exc:  # a compile or launch failure: why unavailable, not a crash
         first_line = (str(exc).splitlines() or [""])[0]
         return f"flex attention's first run on {device} ({what}) failed: {type(exc).__name__}: {first_line}"
     return None

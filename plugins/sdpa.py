@@ -7,7 +7,7 @@ runs on, does a tiny forward+backward run in it alone) and checks every request
 Every call runs inside ``sdpa_kernel([its kernel])``: PyTorch cannot fall back to
 another kernel silently, and neither global ``enable_*_sdp`` flags nor shell variables
 such as ``PYTORCH_SDP_KERNEL`` change what runs. If the kernel refuses the inputs the
-call raises, naming the kernel and PyTorch's reason.
+call raises, naming the kernel and saying why in PyTorch's words.
 
 GQA: K/V are passed with their own head count (``enable_gqa=True``) where the kernel
 takes that natively (probed); otherwise they are repeated, and ``sftplug doctor`` says so.
@@ -22,7 +22,7 @@ get a boolean band mask (causal and within the window), [T, T] for a row of one 
 [L, L] per bucket of packed documents (bucket positions are document positions), built
 once per length and window and broadcast over batch and heads, so the extra memory is
 T x T booleans (and the kernel's additive copy of them). No SDPA kernel can soft-cap
-scores (no score hook): the contract refuses them with the reason.
+scores (no score hook): the contract makes them unavailable for it, saying why.
 """
 
 from __future__ import annotations
@@ -80,24 +80,23 @@ class SdpaBackend(AttentionBackend):
         """Machine-level: judged for the GPU when there is one, else for the CPU."""
         if not probes.cuda_available():
             if self.cuda_only:
-                return f"{self.name} attention runs only on CUDA GPUs; {probes.no_gpu_reason()}"
-            return self._first_refusal("cpu")
-        reason = self.cuda_rule(None)
-        return reason or self._first_refusal("cuda")
+                return f"{self.name} attention runs only on CUDA GPUs; {probes.why_no_gpu()}"
+            return self._why_no_dtype_runs("cpu")
+        return self.why_unavailable_on_cuda(None) or self._why_no_dtype_runs("cuda")
 
-    def _first_refusal(self, device_type: str) -> str | None:
+    def _why_no_dtype_runs(self, device_type: str) -> str | None:
         """None if some training dtype runs here, else why the preferred one does not."""
         dtypes = (torch.float32,) if device_type == "cpu" else (torch.bfloat16, torch.float16, torch.float32)
-        reasons = []
+        answers = []
         for dtype in dtypes:
             request = AttentionRequest(self.name, torch.device(device_type), dtype, 64, 2, 2)
-            why = self.check(request)
-            if why is None:
+            why_unavailable = self.check(request)
+            if why_unavailable is None:
                 return None
-            reasons.append(why)
-        return reasons[0]
+            answers.append(why_unavailable)
+        return answers[0]
 
-    def cuda_rule(self, request: AttentionRequest | None) -> str | None:
+    def why_unavailable_on_cuda(self, request: AttentionRequest | None) -> str | None:
         """Known CUDA limits, worded for people; PyTorch's probe has the last word."""
         return None
 
@@ -116,14 +115,14 @@ class SdpaBackend(AttentionBackend):
             return f"{self.name} attention runs only on CUDA GPUs, not the CPU"
         if device == "cuda":
             if not probes.cuda_available():
-                return probes.no_gpu_reason()
-            rule = self.cuda_rule(request)
-            if rule:
-                return rule
-        refusal = probes.sdpa_refusal(self.name, device, request.dtype, request.head_dim)
-        if refusal:
+                return probes.why_no_gpu()
+            why_unavailable = self.why_unavailable_on_cuda(request)
+            if why_unavailable:
+                return why_unavailable
+        why_unavailable = probes.sdpa_why_unavailable(self.name, device, request.dtype, request.head_dim)
+        if why_unavailable:
             what = f"{dtype_name(request.dtype)}, head dim {request.head_dim} on {device}"
-            return f"PyTorch's {self.name} kernel refuses {what}: {refusal}"
+            return f"PyTorch's {self.name} kernel refuses {what}: {why_unavailable}"
         if request.n_heads != request.n_kv_heads:
             self.gqa_mode(request.device, request.dtype, request.head_dim)  # probe now, not mid-step
         return None
@@ -133,7 +132,7 @@ class SdpaBackend(AttentionBackend):
         if self.name == "math":
             return "repeat"  # PyTorch's math kernel expands K/V itself
         # the probe's answer is cached: asked first by check(), before any training step
-        ok = probes.sdpa_refusal(self.name, device.type, dtype, head_dim, gqa=True) is None
+        ok = probes.sdpa_why_unavailable(self.name, device.type, dtype, head_dim, gqa=True) is None
         return "native" if ok else "repeat"
 
     # -- the call ------------------------------------------------------------------
@@ -160,18 +159,18 @@ class SdpaBackend(AttentionBackend):
         except RuntimeError as exc:
             if not _no_kernel(exc):
                 raise
-            raise SftplugError(self.refusal_message(q, k, kv_shape, causal, gqa, exc)) from None
+            raise SftplugError(self.cannot_run_message(q, k, kv_shape, causal, gqa, exc)) from None
 
-    def refusal_message(self, q, k, kv_shape, causal: bool, gqa: bool, exc: BaseException) -> str:
-        """One line: this kernel, the inputs, PyTorch's reason, and that nothing fell back."""
+    def cannot_run_message(self, q, k, kv_shape, causal: bool, gqa: bool, exc: BaseException) -> str:
+        """One line: this kernel, the inputs, why PyTorch cannot run them, and that nothing fell back."""
         request = AttentionRequest(self.name, q.device, q.dtype, q.shape[-1], q.shape[1], kv_shape[1])
-        reason = self.check(request)
-        if reason is None:
-            reasons = probes.sdpa_can_use(self.name, q, k, k, causal=causal, gqa=gqa)[1]
-            reason = "; ".join(reasons) or str(exc).strip().split("\n")[0]
+        why_unavailable = self.check(request)
+        if why_unavailable is None:
+            why_lines = probes.sdpa_can_use(self.name, q, k, k, causal=causal, gqa=gqa)[1]
+            why_unavailable = "; ".join(why_lines) or str(exc).strip().split("\n")[0]
         return (
             f"{self.name} attention cannot run q {tuple(q.shape)}, k/v {kv_shape} "
-            f"{dtype_name(q.dtype)} on {q.device}: {reason} "
+            f"{dtype_name(q.dtype)} on {q.device}: {why_unavailable} "
             "(sftplug never falls back to another kernel; choose one with --attention, see `sftplug doctor`)"
         )
 
@@ -187,7 +186,7 @@ class Flash(SdpaBackend):
     priority = 30
     cuda_only = False
 
-    def cuda_rule(self, request):
+    def why_unavailable_on_cuda(self, request):
         if not probes.flash_built():
             return f"this torch build has no flash attention (torch {torch.__version__}, CUDA {probes.cuda_version()})"
         cap = probes.gpu_capability()
@@ -209,7 +208,7 @@ class Efficient(SdpaBackend):
     priority = 20
     sliding_window = True  # as a band mask (attn_mask)
 
-    def cuda_rule(self, request):
+    def why_unavailable_on_cuda(self, request):
         if request is None:
             return None
         if request.dtype not in (*_HALF, torch.float32):
@@ -236,7 +235,7 @@ class Cudnn(SdpaBackend):
             return PRIORITIES["sm80"]["cudnn"]  # below flash
         return priority
 
-    def cuda_rule(self, request):
+    def why_unavailable_on_cuda(self, request):
         version = probes.cudnn_version()
         if version is None:
             return "this torch build has no cuDNN"

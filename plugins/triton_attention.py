@@ -99,7 +99,7 @@ def first_run(device: str, dtype: torch.dtype, head_dim: int, window: bool = Fal
             x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
             out = triton_attention(*x, **options)
             got = [out, *torch.autograd.grad(out, x, do.to(device, dtype))]
-        except Exception as exc:  # compilation, launch or a driver error: the reason, not a crash
+        except Exception as exc:  # compilation, launch or a driver error: why unavailable, not a crash
             return f"triton attention failed its first run for {what}: {type(exc).__name__}: {exc}"
         x = [t.double().requires_grad_() for t in (q, k, v)]
         ref_out = attention_reference(*x, **options)

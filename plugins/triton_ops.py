@@ -139,7 +139,7 @@ def first_run(form: TritonForm, request: FusedOpsRequest) -> str | None:
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(request.device.type, enabled=False):
         try:
             got = outputs(form, *case.make())
-        except Exception as exc:  # compilation, launch or a driver error: the reason, not a crash
+        except Exception as exc:  # compilation, launch or a driver error: why unavailable, not a crash
             return f"triton {form.op} failed its first run for {what}: {type(exc).__name__}: {exc}"
         ref = outputs(form.reference(), *case.make(float64=True))
     tolerance = max(8 * torch.finfo(request.dtype).eps, 1e-4)  # a few roundings pass; a broken kernel is off by O(1)

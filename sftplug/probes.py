@@ -1,12 +1,12 @@
 """What this torch wheel, CUDA and GPU can do: every capability check lives here.
 
 Plugins ask these before they register, so a plugin that cannot run is listed with
-its reason instead of failing at import or, worse, silently falling back.
+why it is unavailable instead of failing at import or, worse, silently falling back.
 
-The SDPA probes ask PyTorch itself: :func:`sdpa_refusal` runs a tiny forward *and*
+The SDPA probes ask PyTorch itself: :func:`sdpa_why_unavailable` runs a tiny forward *and*
 backward with only one kernel enabled (``sdpa_kernel([backend])``), so the answer is
-what really runs, not what a table says; when PyTorch refuses, the reason is its own
-text (the ``can_use_*_attention(SDPAParams, debug=True)`` warnings on CUDA).
+what really runs, not what a table says; when PyTorch refuses, it says why in its own
+words (the ``can_use_*_attention(SDPAParams, debug=True)`` warnings on CUDA).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def no_gpu_reason() -> str:
+def why_no_gpu() -> str:
     """Why there is no CUDA GPU to run on, in the words a user can act on."""
     if cuda_version() is None and hip_version() is None:
         return f"this torch build is CPU-only (torch {torch.__version__})"
@@ -200,20 +200,20 @@ def sdpa_global_flags() -> dict[str, bool]:
 
 
 @functools.cache
-def sdpa_refusal(
+def sdpa_why_unavailable(
     backend: str, device_type: str, dtype: torch.dtype, head_dim: int, gqa: bool = False, causal: bool = True
 ) -> str | None:
     """Run a tiny forward+backward in one SDPA kernel alone: None if it ran, else why not.
 
-    The reason is PyTorch's own (the ``... not used because`` warnings it emits, or the
-    error). Safe to call anywhere: it uses its own random generator (the run's RNG stream
+    Why not is said in PyTorch's own words (the ``... not used because`` warnings it emits,
+    or the error). Safe to call anywhere: it uses its own random generator (the run's RNG stream
     is untouched) and runs with autograd on and autocast off, whatever the caller's mode.
     """
     from torch.nn.attention import sdpa_kernel
 
     kernel = sdpa_backends()[backend]
     if device_type == "cuda" and not cuda_available():
-        return no_gpu_reason()
+        return why_no_gpu()
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
         return _run_probe(kernel, device_type, dtype, head_dim, gqa, causal, sdpa_kernel)
 
@@ -237,8 +237,7 @@ def _run_probe(kernel, device_type, dtype, head_dim, gqa, causal, sdpa_kernel) -
             if device_type == "cuda":
                 torch.cuda.synchronize()
         except (RuntimeError, NotImplementedError) as exc:
-            why = "; ".join(_torch_reasons(caught)) or _first_line(exc)
-            return why
+            return "; ".join(_why_unavailable_lines(caught)) or _first_line(exc)
     return None
 
 
@@ -257,7 +256,7 @@ def sdpa_parity(backend: str, reference: str, dtype: torch.dtype, head_dim: int)
     from torch.nn.attention import sdpa_kernel
 
     if not cuda_available():
-        return no_gpu_reason()
+        return why_no_gpu()
     kernels = sdpa_backends()
     tolerance = 16 * torch.finfo(dtype).eps
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -283,11 +282,11 @@ def sdpa_parity(backend: str, reference: str, dtype: torch.dtype, head_dim: int)
 
 
 def sdpa_can_use(backend: str, q, k, v, *, causal: bool = True, gqa: bool = False) -> tuple[bool, list[str]]:
-    """PyTorch's ``can_use_*_attention(SDPAParams, debug=True)`` for CUDA tensors: (ok, reasons).
+    """PyTorch's ``can_use_*_attention(SDPAParams, debug=True)`` for CUDA tensors: (ok, why not, line by line).
 
     These are PyTorch's own dispatch checks (dtype, head dim, GPU architecture, strides,
     GQA...), answered without running a kernel. CPU tensors and the math kernel have no
-    such check here: (True, []) means "ask by running it" (:func:`sdpa_refusal`).
+    such check here: (True, []) means "ask by running it" (:func:`sdpa_why_unavailable`).
     """
     from torch.backends import cuda
 
@@ -306,12 +305,13 @@ def sdpa_can_use(backend: str, q, k, v, *, causal: bool = True, gqa: bool = Fals
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ok = bool(check(params, True))
-    return ok, _torch_reasons(caught)
+    return ok, _why_unavailable_lines(caught)
 
 
-def _torch_reasons(caught) -> list[str]:
-    """PyTorch's reason lines from caught warnings, without the 'X not used because:' headers."""
-    reasons = []
+def _why_unavailable_lines(caught) -> list[str]:
+    """PyTorch's lines saying why a kernel is unavailable, from caught warnings, without the
+    'X not used because:' headers."""
+    lines = []
     for w in caught:
         text = str(w.message).strip()
         line = text.split("\n")[0].strip()
@@ -319,9 +319,9 @@ def _torch_reasons(caught) -> list[str]:
             continue
         # C++ warnings carry a source location after the text: keep the text only.
         line = line.split(" (Triggered internally at")[0].strip()
-        if line not in reasons:
-            reasons.append(line)
-    return reasons
+        if line not in lines:
+            lines.append(line)
+    return lines
 
 
 def _first_line(exc: BaseException) -> str:

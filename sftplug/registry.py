@@ -2,7 +2,7 @@
 
 A plugin is a module or an object with ``@hookimpl`` functions. It may define
 ``why_unavailable() -> str | None``; a non-None answer keeps it out of the plugin
-manager and in the skipped list with that reason (pytest's skipped-plugin pattern).
+manager and in the skipped list, saying why (pytest's skipped-plugin pattern).
 
 Environment:
   SFTPLUG_DISABLE_PLUGINS   comma-separated plugin names to skip (not the ESSENTIAL ones)
@@ -19,6 +19,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from sftplug import hookspecs
+from sftplug.deprecated import renamed_attribute
 from sftplug.errors import SftplugError
 from sftplug.hookspecs import PROJECT
 
@@ -37,15 +38,18 @@ class PluginInfo:
     source: str  # "builtin" or the distribution that provides it
     hooks: list[str] = field(default_factory=list)
     available: bool = True
-    reason: str = ""  # why it is not available, or why it failed to load
+    why_unavailable: str = ""  # why it is not available, or why it failed to load
+
+    reason = renamed_attribute("reason", "why_unavailable")
 
     def as_dict(self) -> dict:
+        """What ``sftplug plugins --json`` writes (its key "reason" kept for the scripts that read it)."""
         return {
             "name": self.name,
             "source": self.source,
             "hooks": self.hooks,
             "available": self.available,
-            "reason": self.reason,
+            "reason": self.why_unavailable,
         }
 
 
@@ -83,11 +87,11 @@ class Registry:
             return _skip(info, f"failed to load: {type(exc).__name__}: {exc}")
         info.hooks = _hook_names(self.pm, plugin)
         try:
-            reason = plugin.why_unavailable() if hasattr(plugin, "why_unavailable") else None
+            why_unavailable = plugin.why_unavailable() if hasattr(plugin, "why_unavailable") else None
         except Exception as exc:
-            reason = f"availability check raised {type(exc).__name__}: {exc}"
-        if reason:
-            return _skip(info, reason)
+            why_unavailable = f"availability check raised {type(exc).__name__}: {exc}"
+        if why_unavailable:
+            return _skip(info, why_unavailable)
         try:
             self.pm.register(plugin, name=name)
         except ValueError as exc:  # the same name or object twice (e.g. two entry points)
@@ -109,9 +113,9 @@ class Registry:
         return next((p for p in self.plugins if p.name == name), None)
 
 
-def _skip(info: PluginInfo, reason: str) -> PluginInfo:
+def _skip(info: PluginInfo, why_unavailable: str) -> PluginInfo:
     info.available = False
-    info.reason = reason
+    info.why_unavailable = why_unavailable
     return info
 
 

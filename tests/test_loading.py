@@ -36,7 +36,7 @@ def test_a_loaded_model_comes_with_its_attention_chosen_once():
     counting = Counting()
     registry.add("counting", lambda: counting, source="test")
     loaded = load_model("tiny", registry=registry)
-    assert loaded.attention.backend is counting and "counting (auto" in loaded.attention.reason
+    assert loaded.attention.backend is counting and "counting (auto" in loaded.attention.why_chosen
     assert {block.attn.backend for block in loaded.model.layers} == {counting}
     assert (counting.offers, counting.checks) == (1, 1)  # one request, one question
     with torch.no_grad():

@@ -39,14 +39,14 @@ def request(name="auto"):
     return AttentionRequest(name, torch.device("cpu"), torch.float32, 16, 4, 2)
 
 
-def test_builtin_plugins_register_with_reasons():
+def test_builtin_plugins_register_or_say_why_not():
     registry = build_registry(entrypoints=False)
     by_name = {p.name: p for p in registry.plugins}
     assert {"flash", "efficient", "cudnn", "math", "triton", "precision", "resume"} <= set(by_name)
     for p in registry.plugins:
-        assert not p.reason.startswith("failed to load"), p
-        assert not p.reason.startswith("invalid hook"), p
-        assert p.available or p.reason
+        assert not p.why_unavailable.startswith("failed to load"), p
+        assert not p.why_unavailable.startswith("invalid hook"), p
+        assert p.available or p.why_unavailable
     assert by_name["math"].available and by_name["math"].hooks == ["select_attention"]
     assert "configure_precision" in by_name["precision"].hooks
 
@@ -56,17 +56,17 @@ def test_plugin_registered_in_a_test_wins_auto():
     registry.add("doubling", lambda: Doubling)
     choice = choose_backend(registry.hook, request())
     assert choice.backend.name == "doubling"
-    assert "auto" in choice.reason
+    assert "auto" in choice.why_chosen
 
 
-def test_unavailable_plugin_is_skipped_with_its_reason():
+def test_unavailable_plugin_is_skipped_saying_why():
     registry = Registry()
     info = registry.add("quantum", lambda: Unavailable())
     assert not info.available
-    assert info.reason == "needs a quantum computer"
+    assert info.why_unavailable == "needs a quantum computer"
     assert registry.skipped() == [info]
     with pytest.raises(SftplugError, match="quantum.*unavailable: needs a quantum computer"):
-        choose_backend(registry.hook, request("quantum"), {"quantum": info.reason})
+        choose_backend(registry.hook, request("quantum"), {"quantum": info.why_unavailable})
 
 
 def test_plugin_that_raises_on_load_is_reported_not_fatal():
@@ -77,7 +77,7 @@ def test_plugin_that_raises_on_load_is_reported_not_fatal():
 
     info = registry.add("broken", broken, source="broken-pkg 1.0")
     assert not info.available
-    assert "failed to load: ImportError" in info.reason
+    assert "failed to load: ImportError" in info.why_unavailable
     assert registry.add("doubling", lambda: Doubling).available
 
 
@@ -85,14 +85,14 @@ def test_misspelt_hook_is_caught_and_unregistered():
     registry = Registry()
     info = registry.add("misspelt", lambda: Misspelt())
     assert not info.available
-    assert "selct_attention" in info.reason
+    assert "selct_attention" in info.why_unavailable
     assert registry.pm.get_plugin("misspelt") is None
 
 
 def test_disable_plugins_by_environment(monkeypatch):
     monkeypatch.setenv("SFTPLUG_DISABLE_PLUGINS", "math, flash")
     registry = build_registry(entrypoints=False)
-    assert registry.info("math").reason == "disabled by SFTPLUG_DISABLE_PLUGINS"
+    assert registry.info("math").why_unavailable == "disabled by SFTPLUG_DISABLE_PLUGINS"
     assert not registry.info("flash").available
     assert registry.info("precision").available
 
@@ -117,7 +117,7 @@ def test_entry_points_go_through_the_same_path(monkeypatch):
     monkeypatch.setattr("sftplug.registry.entry_points", lambda group: eps if group == "sftplug" else [])
     registry = build_registry()
     assert registry.info("doubling").available and registry.info("doubling").source == "fake-dist 0.1"
-    assert "failed to load: RuntimeError: boom" in registry.info("exploding").reason
+    assert "failed to load: RuntimeError: boom" in registry.info("exploding").why_unavailable
     monkeypatch.setenv("SFTPLUG_NO_ENTRYPOINTS", "1")
     assert build_registry().info("doubling") is None
 
@@ -143,7 +143,7 @@ def test_a_second_plugin_of_the_same_name_is_skipped_not_fatal():
     registry = Registry()
     assert registry.add("doubling", lambda: Doubling).available
     again = registry.add("doubling", lambda: Doubling)
-    assert not again.available and "not registered" in again.reason
+    assert not again.available and "not registered" in again.why_unavailable
 
 
 @pytest.mark.parametrize("essential", ["precision", "resume"])

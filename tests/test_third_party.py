@@ -134,9 +134,9 @@ def installed(site, monkeypatch):
 def test_the_third_party_backend_is_offered_but_does_not_win_auto(installed):
     request = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 4, 2, packed=True)
     choice = choose_backend(installed.hook, request, attention_skipped(installed))
-    assert choice.backend.name != "hello" and "hello" in choice.reason  # listed among the usable, last
+    assert choice.backend.name != "hello" and "hello" in choice.why_chosen  # listed among the usable, last
     named = choose_backend(installed.hook, AttentionRequest("hello", request.device, request.dtype, 64, 4, 2, True))
-    assert named.backend.name == "hello" and named.reason.startswith("hello (requested")
+    assert named.backend.name == "hello" and named.why_chosen.startswith("hello (requested")
 
 
 def test_an_unavailable_third_party_backend_says_why(installed):
@@ -164,7 +164,7 @@ def test_a_third_party_fused_form_wins_auto_and_computes_the_model(installed):
     before = model(ids)
     request = fused_request(model, TrainConfig(micro_bsz=1, seq_len=12), torch.device("cpu"), torch.float32)
     choice = attach_fused(model, installed, request, "auto")
-    assert choice.forms["rmsnorm"] == "hello" and "always claims" in choice.reasons["rmsnorm"]
+    assert choice.forms["rmsnorm"] == "hello" and "always claims" in choice.why_chosen["rmsnorm"]
     assert choice.forms["glu"] == "pytorch"
     norm = choice.ops.rmsnorm
     calls = norm.calls

@@ -4,7 +4,7 @@ The model calls ``backend(q, k, v, causal=..., doc_ids=...)`` with q [B, Hq, T, 
 k, v [B, Hkv, T, D]; ``doc_ids`` [B, T] (non-decreasing along T) marks packed documents,
 and None means one document per row. Models that need them add ``window=``, ``softcap=``
 and ``scale=`` (only then, so a backend that cannot honour them is never called with them:
-the request says which a run needs, and such a backend is refused with the reason).
+the request says which a run needs, and such a backend is unavailable, saying why).
 Plugins offer backends through the ``select_attention`` hook;
 :mod:`sftplug.attention.choice` picks one and says why.
 """
@@ -38,7 +38,7 @@ class AttentionBackend:
     [B, Hkv, T, D] (Hq a multiple of Hkv), ``doc_ids`` [B, T] non-decreasing along T or
     None; returns [B, Hq, T, D]. With ``doc_ids`` a query attends only to keys of its own
     document. A backend that cannot do that sets ``packed_documents = False`` and is
-    never chosen for packed rows (its reason is shown instead). ``doc_ids`` is on q's
+    never chosen for packed rows (why is shown instead). ``doc_ids`` is on q's
     device, or on the host for a backend that sets ``host_doc_ids = True``.
 
     Keyword options a backend declares it honours, passed only by models that need them:
@@ -61,7 +61,7 @@ class AttentionBackend:
         return self.priority
 
     def check(self, request: AttentionRequest) -> str | None:
-        """None when this backend can run the request, else the reason it cannot."""
+        """None when this backend can run the request, else why it is unavailable for it."""
         return None
 
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None):

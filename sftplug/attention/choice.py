@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from sftplug.attention.backend import AttentionBackend, AttentionRequest
+from sftplug.deprecated import renamed_attribute
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 
@@ -38,7 +39,7 @@ class Offer:
 
     backend: AttentionBackend
     priority: int
-    reason: str | None  # None: it can run the request; else why not
+    why_unavailable: str | None  # None: it can run the request
 
     @property
     def name(self) -> str:
@@ -48,8 +49,10 @@ class Offer:
 @dataclass
 class AttentionChoice:
     backend: AttentionBackend
-    reason: str  # one line for the run header
-    rejected: dict[str, str]  # backend name -> why it cannot run this request
+    why_chosen: str  # one line for the run header
+    rejected: dict[str, str]  # backend name -> why it is unavailable for this request
+
+    reason = renamed_attribute("reason", "why_chosen")
 
 
 def survey(hook, request: AttentionRequest) -> list[Offer]:
@@ -63,11 +66,11 @@ def _ask(backend: AttentionBackend, request: AttentionRequest) -> Offer:
     """The one question a backend is asked per request: can you run it, and how fast are you here?"""
     priority = backend.priority_for(request) if hasattr(backend, "priority_for") else backend.priority
     if request.packed and not getattr(backend, "packed_documents", True):
-        reason = (
+        why_unavailable = (
             f"{backend.name} cannot keep packed documents apart (it ignores doc_ids); "
             "train with --no-pack or pick a backend that can"
         )
-        return Offer(backend, priority, reason)
+        return Offer(backend, priority, why_unavailable)
     missing = _missing_option(backend, request)
     if missing:
         return Offer(backend, priority, f"{backend.name} cannot apply {missing}, which this model's attention uses")
@@ -89,8 +92,8 @@ def _missing_option(backend: AttentionBackend, request: AttentionRequest) -> str
 
 
 def attention_skipped(registry) -> dict[str, str]:
-    """Skipped plugins that offer attention (or failed to load): name -> reason."""
-    return {p.name: p.reason for p in registry.skipped() if "select_attention" in p.hooks or not p.hooks}
+    """Skipped plugins that offer attention (or failed to load): name -> why unavailable."""
+    return {p.name: p.why_unavailable for p in registry.skipped() if "select_attention" in p.hooks or not p.hooks}
 
 
 def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | None = None) -> AttentionChoice:
@@ -99,7 +102,7 @@ def choose_backend(hook, request: AttentionRequest, skipped: dict[str, str] | No
     ``auto`` takes the fastest backend that can run the request (each backend's
     ``priority_for(request)`` orders them); a name takes that backend or fails with one
     line: which, why, and what is usable here. ``skipped``: plugins that did not
-    register, name -> reason (see :func:`attention_skipped`).
+    register, name -> why unavailable (see :func:`attention_skipped`).
     """
     return choose_from(survey(hook, request), request, skipped)
 
@@ -108,21 +111,21 @@ def choose_from(offers: list[Offer], request: AttentionRequest, skipped: dict[st
                 ) -> AttentionChoice:
     """:func:`choose_backend` on the answers :func:`survey` collected."""
     skipped = skipped or {}
-    working = [o.backend for o in offers if o.reason is None]
-    rejected = {o.name: o.reason for o in offers if o.reason is not None}
+    working = [o.backend for o in offers if o.why_unavailable is None]
+    rejected = {o.name: o.why_unavailable for o in offers if o.why_unavailable is not None}
     what = describe_request(request)
     works = ", ".join(b.name for b in working) or "none"
     if request.name == "auto":
         if not working:
-            raise SftplugError(f"no attention backend can run {what}: " + _reasons(rejected | skipped))
+            raise SftplugError(f"no attention backend can run {what}: " + _listed(rejected | skipped))
         best = working[0]
         order = " > ".join(b.name for b in working)
-        reason = f"{best.name} (auto: the fastest that runs {what} here; usable in order: {order}"
+        why_chosen = f"{best.name} (auto: the fastest that runs {what} here; usable in order: {order}"
         if rejected:
-            reason += f"; not usable: {', '.join(rejected)}"
+            why_chosen += f"; not usable: {', '.join(rejected)}"
         if best.name == "math":
-            reason += "; math is the slow reference kernel: no fused kernel runs this request"
-        return AttentionChoice(best, reason + ")", rejected)
+            why_chosen += "; math is the slow reference kernel: no fused kernel runs this request"
+        return AttentionChoice(best, why_chosen + ")", rejected)
     chosen = next((o.backend for o in offers if o.name == request.name), None)
     if chosen is None:
         if request.name in skipped:
@@ -164,8 +167,8 @@ def describe_request(request: AttentionRequest) -> str:
             f"on {request.device.type}")
 
 
-def _reasons(reasons: dict[str, str]) -> str:
-    return "; ".join(f"{name}: {why}" for name, why in reasons.items()) or "no backend offered"
+def _listed(why_unavailable: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {why}" for name, why in why_unavailable.items()) or "no backend offered"
 
 
 def steering_env(environ=None) -> dict[str, str]:

@@ -28,7 +28,7 @@ def plugins(as_json):
         hooks = ", ".join(p.hooks) or "-"
         click.echo(f"{p.name:<20} {status:<12} {p.source:<16} {hooks}")
         if not p.available:
-            click.echo(f"{'':<20} reason: {p.reason}")
+            click.echo(f"{'':<20} reason: {p.why_unavailable}")
 
 
 def _shape(text: str) -> tuple[int, ...]:

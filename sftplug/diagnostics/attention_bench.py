@@ -62,7 +62,7 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
     )
     cuda = device.type == "cuda"
     if cuda and not probes.cuda_available():
-        raise SftplugError(f"cannot bench on {device}: {probes.no_gpu_reason()}")
+        raise SftplugError(f"cannot bench on {device}: {probes.why_no_gpu()}")
     shapes = [tuple(s) for s in (shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))]
     dtypes = list(dtypes or (("bf16", "fp16") if cuda else ("fp32",)))
     for name in dtypes:
@@ -90,14 +90,14 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
                     "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None, "bwd_tflops": None, "first_ms": None,
                     "status": "ok",
                 }
-                reason = offer.reason
-                if reason is None and backend.name == "math" and S > math_limit:
-                    reason = (f"math skipped at S={S} (> {math_limit}): it materialises B*H*S^2 scores "
+                why_skipped = offer.why_unavailable
+                if why_skipped is None and backend.name == "math" and S > math_limit:
+                    why_skipped = (f"math skipped at S={S} (> {math_limit}): it materialises B*H*S^2 scores "
                               f"({B * H * S * S * dtype.itemsize / 2**30:.0f} GiB) and would dominate the run")
-                if reason is None and time.perf_counter() - started > budget_s:
-                    reason = f"time budget of {budget_s:.0f}s spent"
-                if reason is not None:
-                    row["status"] = f"skipped: {reason}"
+                if why_skipped is None and time.perf_counter() - started > budget_s:
+                    why_skipped = f"time budget of {budget_s:.0f}s spent"
+                if why_skipped is not None:
+                    row["status"] = f"skipped: {why_skipped}"
                 else:
                     try:
                         fwd, bwd, first = _time_backend(backend, B, H, Hkv, S, D, dtype, device, causal, doc_ids,
@@ -114,11 +114,11 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
                 rows.append(row)
                 if echo is not None:
                     echo(row)
-    for name, reason in attention_skipped(registry).items():
+    for name, why_unavailable in attention_skipped(registry).items():
         rows.append({
             "backend": name, "dtype": "-", "case": "-", "B": None, "H": None, "H_kv": None, "S": None, "D": None,
             "causal": causal, "packed": None, "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None,
-            "bwd_tflops": None, "first_ms": None, "status": f"skipped: unavailable here: {reason}",
+            "bwd_tflops": None, "first_ms": None, "status": f"skipped: unavailable here: {why_unavailable}",
         })
     return rows
 

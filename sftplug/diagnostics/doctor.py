@@ -1,10 +1,11 @@
 """`sftplug doctor`: what this machine can run, and what is steering it.
 
 :func:`doctor_report` gathers versions (torch, CUDA, cuDNN, Triton), the GPU and its
-compute capability, which attention backends run bf16, fp16 and fp32 here (and PyTorch's
-reason for each that does not), what ``auto`` would pick per dtype, and the environment
-variables and global SDPA switches that try to steer attention kernels.
-:func:`format_doctor` renders it for people; the dict itself is the ``--json`` output.
+compute capability, which attention backends run bf16, fp16 and fp32 here (and why not,
+in PyTorch's words, for each that does not), what ``auto`` would pick per dtype, and the
+environment variables and global SDPA switches that try to steer attention kernels.
+:func:`format_doctor` renders it for people; the dict itself is the ``--json`` output, whose
+keys scripts read (its "reason" and "no_gpu_reason" say why something is unavailable).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def doctor_report(registry, device: torch.device | str | None = None, head_dim: 
         "bitsandbytes": probes.bitsandbytes_version(),
         "device": str(device),
         "gpu": gpu,
-        "no_gpu_reason": None if gpu else probes.no_gpu_reason(),
+        "no_gpu_reason": None if gpu else probes.why_no_gpu(),
         "cpu": {"name": probes.cpu_name(), "capability": probes.cpu_capability(), "threads": torch.get_num_threads()},
         "flash_compiled": probes.flash_built(),
         "flash_impl": probes.flash_impl(),
@@ -80,9 +81,9 @@ def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dic
     infos = {p.name: p for p in registry.plugins}
     rows = []
     for offer in answers["fp32"].values():  # in fp32's order of priority
-        dtypes = {d: answers[d][offer.name].reason if offer.name in answers[d] else f"not offered for {d}"
-                  for d in TRAINING}  # dtype -> None (runs) or why not
-        working = [BY_NAME[d] for d, why in dtypes.items() if why is None]
+        dtypes = {d: answers[d][offer.name].why_unavailable if offer.name in answers[d] else f"not offered for {d}"
+                  for d in TRAINING}  # dtype -> None (runs) or why it is unavailable
+        working = [BY_NAME[d] for d, why_unavailable in dtypes.items() if why_unavailable is None]
         gqa = None
         if working and hasattr(offer.backend, "gqa_mode"):
             gqa = offer.backend.gqa_mode(device, working[0], head_dim)
@@ -98,16 +99,16 @@ def _attention_rows(registry, device, head_dim, n_heads, n_kv_heads) -> list[dic
             "gqa": gqa,  # "native" (no K/V copies), "repeat", or None (unknown / nothing runs)
             "packed": bool(getattr(offer.backend, "packed_documents", True)),
         })
-    for name, reason in attention_skipped(registry).items():
+    for name, why_unavailable in attention_skipped(registry).items():
         info = infos.get(name)
         rows.append({
             "name": name,
             "source": info.source if info else "?",
             "available": False,
-            "reason": reason,
+            "reason": why_unavailable,
             "description": "",
             "priority": None,
-            "dtypes": {n: reason for n in TRAINING},
+            "dtypes": {n: why_unavailable for n in TRAINING},
             "gqa": None,
             "packed": None,
         })
@@ -122,10 +123,10 @@ def _auto_picks(registry, device, head_dim, n_heads, n_kv_heads) -> dict:
             key = f"{name} packed" if packed else name
             request = _request(device, name, head_dim, n_heads, n_kv_heads, packed)
             offers = survey(registry.hook, request)
-            order = [o.name for o in offers if o.reason is None]
+            order = [o.name for o in offers if o.why_unavailable is None]
             try:
                 choice = choose_from(offers, request, skipped)
-                picks[key] = {"backend": choice.backend.name, "order": order, "reason": choice.reason}
+                picks[key] = {"backend": choice.backend.name, "order": order, "reason": choice.why_chosen}
             except SftplugError as exc:
                 picks[key] = {"backend": None, "order": order, "reason": str(exc)}
     return picks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sftplug.deprecated import renamed_attribute
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 from sftplug.fused.op import OPS, FusedOp, FusedOpsRequest, OpSet
@@ -22,8 +23,8 @@ class Offer:
 
     form: FusedOp
     priority: int
-    why: str  # why this priority (e.g. a measured speed-up)
-    reason: str | None  # None: it can compute the request; else why not
+    why_chosen: str  # what auto says when it takes this form (e.g. a measured speed-up)
+    why_unavailable: str | None  # None: it can compute the request
 
     @property
     def name(self) -> str:
@@ -34,14 +35,16 @@ class Offer:
 class FusedChoice:
     ops: OpSet
     forms: dict[str, str]  # op -> the chosen form's name
-    reasons: dict[str, str] = field(default_factory=dict)  # op -> why, in a few words
-    rejected: dict[str, dict[str, str]] = field(default_factory=dict)  # op -> {form: why it cannot run}
+    why_chosen: dict[str, str] = field(default_factory=dict)  # op -> why its form, in a few words
+    rejected: dict[str, dict[str, str]] = field(default_factory=dict)  # op -> {form: why it is unavailable}
+
+    reasons = renamed_attribute("reasons", "why_chosen")
 
     def describe(self) -> str:
         """'rmsnorm, glu: triton (requested); rope, cross_entropy: pytorch (not requested)' for the run header."""
         groups: dict[tuple[str, str], list[str]] = {}
         for op in OPS:
-            groups.setdefault((self.forms[op], self.reasons[op]), []).append(op)
+            groups.setdefault((self.forms[op], self.why_chosen[op]), []).append(op)
         return "; ".join(f"{', '.join(ops)}: {form} ({why})" for (form, why), ops in groups.items())
 
     @property
@@ -79,16 +82,16 @@ def survey(hook, request: FusedOpsRequest) -> dict[str, list[Offer]]:
 
 def _ask(form: FusedOp, request: FusedOpsRequest) -> Offer:
     try:
-        reason = form.check(request)
+        why_unavailable = form.check(request)
     except Exception as exc:  # a third-party check must not break the choice
         return Offer(form, 0, "", f"its check raised {type(exc).__name__}: {exc}")
-    if reason is not None:
-        return Offer(form, 0, "", reason)
+    if why_unavailable is not None:
+        return Offer(form, 0, "", why_unavailable)
     try:
-        priority, why = form.priority_for(request)
+        priority, why_chosen = form.priority_for(request)
     except Exception as exc:
         return Offer(form, 0, "", f"its priority_for raised {type(exc).__name__}: {exc}")
-    return Offer(form, priority, why, None)
+    return Offer(form, priority, why_chosen, None)
 
 
 def choose_fused_ops(hook, request: FusedOpsRequest, fused: str, compiled: bool = False,
@@ -96,38 +99,39 @@ def choose_fused_ops(hook, request: FusedOpsRequest, fused: str, compiled: bool 
     """The form of every op for ``--fused`` (see the module docstring), or one line saying why not.
 
     ``compiled``: blocks run under torch.compile, which fuses these ops itself; ``skipped``:
-    plugins that offer fused ops but did not register, name -> reason.
+    plugins that offer fused ops but did not register, name -> why unavailable.
     """
     wanted = parse_fused(fused)
     if compiled and wanted not in ("auto", "none"):
         raise SftplugError(f"--fused {fused} with --compile: torch.compile fuses these ops itself and does not "
                            "trace the fused kernels; use one or the other")
     if wanted == "none" or compiled:
-        why = "--compile fuses it" if compiled else "--fused none"
-        return FusedChoice(OpSet(), {op: PYTORCH for op in OPS}, {op: why for op in OPS})
+        why_chosen = "--compile fuses it" if compiled else "--fused none"
+        return FusedChoice(OpSet(), {op: PYTORCH for op in OPS}, {op: why_chosen for op in OPS})
     offers = survey(hook, request)
-    forms, reasons, rejected, chosen = {}, {}, {}, {}
+    forms, why_chosen, rejected, chosen = {}, {}, {}, {}
     for op in OPS:
-        working = [o for o in offers[op] if o.reason is None]
-        rejected[op] = {o.name: o.reason for o in offers[op] if o.reason is not None}
+        working = [o for o in offers[op] if o.why_unavailable is None]
+        rejected[op] = {o.name: o.why_unavailable for o in offers[op] if o.why_unavailable is not None}
         if wanted == "auto":
             best = next((o for o in working if o.priority > 0), None)
             if best is None:
-                forms[op], reasons[op] = PYTORCH, _auto_pytorch(working, rejected[op], request)
+                forms[op], why_chosen[op] = PYTORCH, _auto_pytorch(working, rejected[op], request)
                 continue
-            forms[op], reasons[op], chosen[op] = best.name, f"auto: {best.why}" if best.why else "auto", best.form
+            forms[op], chosen[op] = best.name, best.form
+            why_chosen[op] = f"auto: {best.why_chosen}" if best.why_chosen else "auto"
         elif wanted == "all" or op in wanted:
             name = None if wanted == "all" else wanted[op]
             offer = _required(op, name, offers[op], working, rejected[op], request, skipped or {}, fused)
-            forms[op], reasons[op], chosen[op] = offer.name, "requested", offer.form
+            forms[op], why_chosen[op], chosen[op] = offer.name, "requested", offer.form
         else:
-            forms[op], reasons[op] = PYTORCH, "not requested"
-    return FusedChoice(OpSet(**chosen), forms, reasons, rejected)
+            forms[op], why_chosen[op] = PYTORCH, "not requested"
+    return FusedChoice(OpSet(**chosen), forms, why_chosen, rejected)
 
 
 def _auto_pytorch(working: list[Offer], rejected: dict[str, str], request: FusedOpsRequest) -> str:
     if working:
-        slower = "; ".join(f"{o.name}: {o.why}" if o.why else o.name for o in working)
+        slower = "; ".join(f"{o.name}: {o.why_chosen}" if o.why_chosen else o.name for o in working)
         return f"auto: no fused form is faster here ({slower})"
     if rejected:
         return "auto: " + "; ".join(f"{name}: {why}" for name, why in rejected.items())
@@ -141,23 +145,23 @@ def _required(op, name, offers, working, rejected, request, skipped, fused) -> O
     if name is None:
         if working:
             return working[0]
-        reasons = "; ".join(f"{n}: {why}" for n, why in {**rejected, **skipped}.items()) or "no plugin offers one"
-        raise SftplugError(f"--fused {fused}: no fused {op} runs {what}: {reasons}; use --fused auto or none")
+        listed = "; ".join(f"{n}: {why}" for n, why in {**rejected, **skipped}.items()) or "no plugin offers one"
+        raise SftplugError(f"--fused {fused}: no fused {op} runs {what}: {listed}; use --fused auto or none")
     offer = next((o for o in offers if o.name == name), None)
     if offer is None:
         known = ", ".join(sorted({o.name for o in offers})) or "none"
         unavailable = "".join(f"; plugin {n} is unavailable: {why}" for n, why in skipped.items())
         raise SftplugError(f"--fused {fused}: no fused form {name!r} of {op} is offered (offered: {known}"
                            f"{unavailable})")
-    if offer.reason is not None:
-        raise SftplugError(f"--fused {fused}: {name} cannot compute {op} for {what}: {offer.reason}; "
+    if offer.why_unavailable is not None:
+        raise SftplugError(f"--fused {fused}: {name} cannot compute {op} for {what}: {offer.why_unavailable}; "
                            f"usable here: {usable}")
     return offer
 
 
 def fused_skipped(registry) -> dict[str, str]:
-    """Skipped plugins that offer fused ops: name -> reason."""
-    return {p.name: p.reason for p in registry.skipped() if "select_fused_ops" in p.hooks}
+    """Skipped plugins that offer fused ops: name -> why unavailable."""
+    return {p.name: p.why_unavailable for p in registry.skipped() if "select_fused_ops" in p.hooks}
 
 
 def attach_fused(model, registry, request: FusedOpsRequest, fused: str, compiled: bool = False) -> FusedChoice:

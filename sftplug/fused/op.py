@@ -66,11 +66,11 @@ class FusedOp:
     description = ""
 
     def priority_for(self, request: FusedOpsRequest) -> tuple[int, str]:
-        """(priority, why): above 0 when this form is faster than PyTorch's here, and the reason."""
+        """(priority, why_chosen): above 0 when this form is faster than PyTorch's here, and why."""
         return self.priority, ""
 
     def check(self, request: FusedOpsRequest) -> str | None:
-        """None when this form can compute the request exactly, else the reason it cannot."""
+        """None when this form can compute the request exactly, else why it is unavailable for it."""
         return None
 
     def __call__(self, *args, **kwargs):

@@ -39,7 +39,7 @@ def check_log_to(registry, names: tuple[str, ...]) -> None:
     for name in names:
         plugin = registry.info(name)
         if plugin is not None and not plugin.available:  # disabled plugins were never loaded: no hooks known
-            raise SftplugError(f"--log-to {name}: the {name} logger is unavailable: {plugin.reason}")
+            raise SftplugError(f"--log-to {name}: the {name} logger is unavailable: {plugin.why_unavailable}")
         if name not in loggers:
             known = ", ".join(sorted(loggers)) or "none"
             raise SftplugError(f"--log-to {name}: no plugin provides a logger of that name; loggers: {known}")

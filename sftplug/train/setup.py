@@ -46,7 +46,7 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
     world = distributed.init_world(config.device)
     echo = echo if world.is_main else _silent
     device = training_device(config.device, world)
-    precision = choose_precision(registry, config, device)  # (policy, why)
+    precision = choose_precision(registry, config, device)  # (policy, why_chosen)
     check_choices(config, registry, device, precision[0].autocast_dtype or torch.float32)  # before any work
     if not world.is_main:
         distributed.barrier(world)  # rank 0 has claimed OUT
@@ -66,7 +66,7 @@ def build_run(config: TrainConfig, registry, echo=print, rows: Rows | None = Non
 
 
 def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, out, rows: Rows | None,
-                 device: torch.device, precision: PrecisionPolicy, precision_why: str) -> Run:
+                 device: torch.device, precision: PrecisionPolicy, precision_why_chosen: str) -> Run:
     """The run's parts, in the order of the data flow (:func:`build_run` without the checks and the claim)."""
     world = distributed.share_out(world, out)  # whether every node sees rank 0's OUT
     check_shared_out(config, world, echo)
@@ -89,7 +89,8 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     mode = f"full fine-tune, {sum(p.numel() for p in params):,} trainable params" if config.full else (
         ("adapter " + config.adapter + ": " if config.adapter else "") + describe_lora(model))
     echo(f"model: {loaded.description}; {mode} on {device}")
-    echo(f"precision: {precision.name}{f' ({precision_why})' if precision_why else ''}; attention: {attention.reason}")
+    precision_line = precision.name + (f" ({precision_why_chosen})" if precision_why_chosen else "")
+    echo(f"precision: {precision_line}; attention: {attention.why_chosen}")
     echo(f"fused ops: {fused.describe()}")
     if config.offload_activations:
         echo(f"activations: {describe_offload(device, config.grad_ckpt)}")
@@ -121,11 +122,11 @@ def training_device(name: str, world: distributed.World) -> torch.device:
 
 def choose_precision(registry, config: TrainConfig, device: torch.device) -> tuple[PrecisionPolicy, str]:
     """The policy the plugins give for ``--dtype`` (auto resolved first), and why auto chose it."""
-    dtype, why = resolve_dtype(config.dtype, device)
+    dtype, why_chosen = resolve_dtype(config.dtype, device)
     policy = registry.hook.configure_precision(dtype=dtype, device=device, tf32=config.tf32)
     if policy is None:  # the built-in precision plugin cannot be disabled, but a hook may decline
         raise SftplugError(f"--dtype {dtype}: no plugin configures this precision")
-    return policy, why
+    return policy, why_chosen
 
 
 def base_dtype(config: TrainConfig, precision: PrecisionPolicy) -> torch.dtype:

@@ -26,8 +26,8 @@ def request(name="auto", packed=False, device="cpu"):
 
 
 class Fake(AttentionBackend):
-    def __init__(self, name, priority=0, reason=None, packed_documents=True, raises=False):
-        self.name, self.priority, self.reason = name, priority, reason
+    def __init__(self, name, priority=0, answer=None, packed_documents=True, raises=False):
+        self.name, self.priority, self.answer = name, priority, answer
         self.packed_documents, self.raises = packed_documents, raises
 
     @sftplug.hookimpl
@@ -37,7 +37,7 @@ class Fake(AttentionBackend):
     def check(self, request):
         if self.raises:
             raise ValueError("probe exploded")
-        return self.reason
+        return self.answer
 
 
 def registry_of(*backends) -> Registry:
@@ -51,11 +51,11 @@ def registry_of(*backends) -> Registry:
 
 
 def test_auto_takes_the_fastest_usable_and_says_why():
-    registry = registry_of(Fake("slow", 1), Fake("fast", 50, reason="needs a bigger GPU"), Fake("mid", 10))
+    registry = registry_of(Fake("slow", 1), Fake("fast", 50, answer="needs a bigger GPU"), Fake("mid", 10))
     choice = choose_backend(registry.hook, request())
     assert choice.backend.name == "mid"
-    assert choice.reason.startswith("mid (auto: the fastest that runs fp32, head dim 64, 8/2 heads on cpu")
-    assert "usable in order: mid > slow" in choice.reason and "not usable: fast" in choice.reason
+    assert choice.why_chosen.startswith("mid (auto: the fastest that runs fp32, head dim 64, 8/2 heads on cpu")
+    assert "usable in order: mid > slow" in choice.why_chosen and "not usable: fast" in choice.why_chosen
     assert choice.rejected == {"fast": "needs a bigger GPU"}
 
 
@@ -66,9 +66,9 @@ def test_a_third_party_backend_wins_auto_by_declaring_itself_best():
 
 
 def test_math_is_never_chosen_silently():
-    registry = registry_of(Fake("math", 0), Fake("flash", 30, reason="flash needs fp16/bf16"))
+    registry = registry_of(Fake("math", 0), Fake("flash", 30, answer="flash needs fp16/bf16"))
     choice = choose_backend(registry.hook, request())
-    assert choice.backend.name == "math" and "slow reference kernel" in choice.reason
+    assert choice.backend.name == "math" and "slow reference kernel" in choice.why_chosen
 
 
 def test_unknown_backend_names_the_known_and_the_usable(registry):
@@ -90,7 +90,7 @@ def test_unavailable_backend_says_why_and_what_works_here(registry):
 
 
 def test_a_backend_whose_check_fails_says_why_and_what_works():
-    registry = registry_of(Fake("fussy", 9, reason="fussy needs fp16/bf16"), Fake("plain", 1))
+    registry = registry_of(Fake("fussy", 9, answer="fussy needs fp16/bf16"), Fake("plain", 1))
     with pytest.raises(SftplugError, match=r"^attention backend 'fussy' cannot run fp32, head dim 64, 8/2 heads on "
                                            r"cpu: fussy needs fp16/bf16; usable here: plain$"):
         choose_backend(registry.hook, request("fussy"))
@@ -115,7 +115,7 @@ class Declares(Fake):
     (dict(softcap=50.0), "soft-capped scores (cap 50)"),
     (dict(scale=0.0625), "a softmax scale of 0.0625"),
 ], ids=["window", "softcap", "scale"])
-def test_a_backend_that_does_not_declare_an_option_is_refused_with_the_reason(option, missing):
+def test_a_backend_that_does_not_declare_an_option_is_unavailable_saying_why(option, missing):
     registry = registry_of(Fake("plain", 99), Declares("capable", 1))
     asked = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, **option)
     choice = choose_backend(registry.hook, asked)
@@ -133,20 +133,20 @@ def test_the_cpu_machine_runs_windows_and_softcaps_in_chunked_and_says_why_not_t
     asked = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, True, 512, window=256,
                              softcap=50.0, scale=0.3)
     choice = choose_backend(registry.hook, asked, attention_skipped(registry))
-    assert choice.backend.name == "chunked" and "usable in order: chunked;" in choice.reason
-    assert "sliding window 256, soft-cap 50" in choice.reason
+    assert choice.backend.name == "chunked" and "usable in order: chunked;" in choice.why_chosen
+    assert "sliding window 256, soft-cap 50" in choice.why_chosen
     assert set(choice.rejected) == {"flash", "math"}  # flex is skipped on the CPU (no backward there)
 
 
-def test_a_crashing_check_is_a_reason_not_a_crash():
+def test_a_crashing_check_makes_the_backend_unavailable_not_a_crash():
     registry = registry_of(Fake("shaky", 99, raises=True), Fake("solid", 1))
     choice = choose_backend(registry.hook, request())
     assert choice.backend.name == "solid"
     assert choice.rejected["shaky"] == "its check raised ValueError: probe exploded"
 
 
-def test_nothing_usable_lists_every_reason():
-    registry = registry_of(Fake("a", reason="needs A"), Fake("b", reason="needs B"))
+def test_nothing_usable_says_why_of_each():
+    registry = registry_of(Fake("a", answer="needs A"), Fake("b", answer="needs B"))
     with pytest.raises(SftplugError, match=r"^no attention backend can run .*a: needs A; b: needs B; gone: broken$"):
         choose_backend(registry.hook, request(), {"gone": "broken"})
 
@@ -156,11 +156,11 @@ def test_the_cpu_machine_offers_chunked_then_flash_then_math(registry):
     by_name = {p.name: p for p in registry.plugins}
     assert by_name["chunked"].available and by_name["flash"].available and by_name["math"].available
     for name in ("efficient", "cudnn"):
-        assert not by_name[name].available and "runs only on CUDA GPUs" in by_name[name].reason
+        assert not by_name[name].available and "runs only on CUDA GPUs" in by_name[name].why_unavailable
     choice = choose_backend(registry.hook, request())
-    assert choice.backend.name == "chunked" and "usable in order: chunked > flash > math" in choice.reason
+    assert choice.backend.name == "chunked" and "usable in order: chunked > flash > math" in choice.why_chosen
     choice = choose_backend(registry.hook, request(packed=True))
-    assert choice.backend.name == "flash" and "usable in order: flash > chunked > math" in choice.reason
+    assert choice.backend.name == "flash" and "usable in order: flash > chunked > math" in choice.why_chosen
 
 
 def tiny_data(tmp_path, n=24, text=False):

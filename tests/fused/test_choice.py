@@ -18,14 +18,14 @@ REQUEST = FusedOpsRequest(device=torch.device("cpu"), dtype=torch.float32, hidde
 class Form(FusedOp):
     """A form that computes PyTorch's result and counts its calls."""
 
-    def __init__(self, op, name, priority=0, reason=None):
-        self.op, self.name, self.priority, self.reason, self.calls = op, name, priority, reason, 0
+    def __init__(self, op, name, priority=0, answer=None):
+        self.op, self.name, self.priority, self.answer, self.calls = op, name, priority, answer, 0
 
     def priority_for(self, request):
         return self.priority, f"{self.priority} says the test"
 
     def check(self, request):
-        return self.reason
+        return self.answer
 
     def __call__(self, *args):
         self.calls += 1
@@ -50,13 +50,13 @@ def registry_with(*forms) -> Registry:
 def test_auto_takes_a_form_only_where_it_is_faster_and_can_run():
     fast = Form("rmsnorm", "fast", priority=20)
     slow = Form("glu", "slow", priority=-1)
-    broken = Form("rope", "broken", priority=50, reason="broken cannot rotate here")
+    broken = Form("rope", "broken", priority=50, answer="broken cannot rotate here")
     choice = choose_fused_ops(registry_with(fast, slow, broken).hook, REQUEST, "auto")
     assert choice.forms == {"rmsnorm": "fast", "glu": PYTORCH, "rope": PYTORCH, "cross_entropy": PYTORCH}
     assert choice.ops.rmsnorm is fast and choice.ops.glu is pytorch.glu
-    assert choice.reasons["rmsnorm"] == "auto: 20 says the test"
-    assert "no fused form is faster here (slow: -1 says the test)" in choice.reasons["glu"]
-    assert choice.reasons["rope"] == "auto: broken: broken cannot rotate here"
+    assert choice.why_chosen["rmsnorm"] == "auto: 20 says the test"
+    assert "no fused form is faster here (slow: -1 says the test)" in choice.why_chosen["glu"]
+    assert choice.why_chosen["rope"] == "auto: broken: broken cannot rotate here"
     assert choice.rejected["rope"] == {"broken": "broken cannot rotate here"}
     assert choice.fused == ["rmsnorm"]
     assert choice.describe().startswith("rmsnorm: fast (auto: 20 says the test); glu: pytorch (auto: no fused")
@@ -80,11 +80,11 @@ def test_requested_ops_are_fused_even_when_slower_and_the_rest_stay_pytorch():
     slow = Form("glu", "slow", priority=-1)
     choice = choose_fused_ops(registry_with(slow).hook, REQUEST, "glu")
     assert choice.forms == {"rmsnorm": PYTORCH, "glu": "slow", "rope": PYTORCH, "cross_entropy": PYTORCH}
-    assert choice.reasons["glu"] == "requested" and choice.reasons["rmsnorm"] == "not requested"
+    assert choice.why_chosen["glu"] == "requested" and choice.why_chosen["rmsnorm"] == "not requested"
 
 
 def test_all_needs_every_op_and_says_which_cannot_be_fused():
-    forms = [Form(op, "f") for op in OPS if op != "rope"] + [Form("rope", "f", reason="f needs even heads")]
+    forms = [Form(op, "f") for op in OPS if op != "rope"] + [Form("rope", "f", answer="f needs even heads")]
     with pytest.raises(SftplugError) as info:
         choose_fused_ops(registry_with(*forms).hook, REQUEST, "all")
     assert str(info.value) == ("--fused all: no fused rope runs fp32 on cpu: f: f needs even heads; "
@@ -94,7 +94,7 @@ def test_all_needs_every_op_and_says_which_cannot_be_fused():
 
 
 def test_a_named_form_is_taken_or_refused_in_one_line():
-    a, b = Form("rmsnorm", "a", priority=9), Form("rmsnorm", "b", priority=1, reason="b needs a GPU")
+    a, b = Form("rmsnorm", "a", priority=9), Form("rmsnorm", "b", priority=1, answer="b needs a GPU")
     hook = registry_with(a, b).hook
     with pytest.raises(SftplugError, match=r"^--fused rmsnorm=c: no fused form 'c' of rmsnorm is offered "
                                            r"\(offered: a, b\)$"):
@@ -105,7 +105,7 @@ def test_a_named_form_is_taken_or_refused_in_one_line():
     assert choose_fused_ops(hook, REQUEST, "rmsnorm=a").ops.rmsnorm is a
 
 
-def test_a_check_that_raises_is_a_reason_not_a_crash():
+def test_a_check_that_raises_makes_the_form_unavailable_not_a_crash():
     class Raises(Form):
         def check(self, request):
             raise RuntimeError("probe crashed")

@@ -100,7 +100,7 @@ def test_auto_takes_chunked_for_fp32_rows_on_the_cpu_and_flash_for_packed_long_o
         request = AttentionRequest("auto", torch.device("cpu"), dtype, 64, 8, 4, packed, seq_len)
         return choose_backend(hook, request)
 
-    assert auto().backend.name == "chunked" and "usable in order: chunked > flash > math" in auto().reason
+    assert auto().backend.name == "chunked" and "usable in order: chunked > flash > math" in auto().why_chosen
     assert auto(seq_len=FASTER_UP_TO + 1).backend.name == "flash"
     assert auto(packed=True).backend.name == "flash"
     assert auto(dtype=torch.bfloat16).backend.name == "flash"

@@ -126,11 +126,13 @@ def test_it_declares_every_option_and_leads_auto_only_on_a_gpu_for_windows_and_s
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a CPU-only machine")
 def test_on_the_cpu_it_is_not_offered_and_says_why(registry):
-    reason = flex.why_unavailable()
-    assert reason.startswith("flex attention trains on CUDA GPUs only: PyTorch's CPU FlexAttention has no backward")
-    assert flex.check(AttentionRequest("flex", torch.device("cpu"), torch.float32, D, 8, 2)).startswith(reason[:40])
+    why_unavailable = flex.why_unavailable()
+    assert why_unavailable.startswith("flex attention trains on CUDA GPUs only: PyTorch's CPU FlexAttention has no "
+                                      "backward")
+    cpu = AttentionRequest("flex", torch.device("cpu"), torch.float32, D, 8, 2)
+    assert flex.check(cpu).startswith(why_unavailable[:40])
     by_name = {p.name: p for p in registry.plugins}
-    assert not by_name["flex"].available and by_name["flex"].reason == reason
+    assert not by_name["flex"].available and by_name["flex"].why_unavailable == why_unavailable
     request = AttentionRequest("flex", torch.device("cpu"), torch.float32, D, 8, 2, window=9)
     with pytest.raises(SftplugError, match=r"^attention backend 'flex' is unavailable: flex attention trains on CUDA"):
         choose_backend(registry.hook, request, attention_skipped(registry))

@@ -33,9 +33,9 @@ KERNEL_OPS = {
 
 def usable(name: str, dtype: torch.dtype, heads=(4, 4)) -> sdpa.SdpaBackend:
     backend = BACKENDS[name]
-    reason = backend.why_unavailable() or backend.check(AttentionRequest(name, DEVICE, dtype, D, *heads))
-    if reason:
-        pytest.skip(f"{name} {dtype_name(dtype)} not usable here: {reason}")
+    why_unavailable = backend.why_unavailable() or backend.check(AttentionRequest(name, DEVICE, dtype, D, *heads))
+    if why_unavailable:
+        pytest.skip(f"{name} {dtype_name(dtype)} not usable here: {why_unavailable}")
     return backend
 
 
@@ -209,9 +209,9 @@ def test_cpu_machine_lists_flash_and_math_usable_and_says_why_not_efficient_and_
         pytest.skip("describes a CPU-only machine")
     assert sdpa.flash.why_unavailable() is None and sdpa.math.why_unavailable() is None
     for backend in (sdpa.efficient, sdpa.cudnn):
-        reason = backend.why_unavailable()
-        assert reason.startswith(f"{backend.name} attention runs only on CUDA GPUs")
-        assert "CPU-only" in reason or "no CUDA GPU" in reason
+        why_unavailable = backend.why_unavailable()
+        assert why_unavailable.startswith(f"{backend.name} attention runs only on CUDA GPUs")
+        assert "CPU-only" in why_unavailable or "no CUDA GPU" in why_unavailable
 
 
 def test_auto_order_follows_the_gpu_generation():
@@ -236,9 +236,9 @@ def test_probes_work_in_any_mode_and_leave_the_run_rng_alone():
     expected = torch.rand(3)
     torch.manual_seed(0)
     with torch.no_grad():  # e.g. the first attention call of a run is its held-out eval
-        assert probes.sdpa_refusal("math", DEVICE.type, torch.float32, 24, gqa=True) is None
+        assert probes.sdpa_why_unavailable("math", DEVICE.type, torch.float32, 24, gqa=True) is None
     with torch.inference_mode():
-        assert probes.sdpa_refusal("math", DEVICE.type, torch.float32, 40) is None
+        assert probes.sdpa_why_unavailable("math", DEVICE.type, torch.float32, 40) is None
     assert torch.equal(torch.rand(3), expected)
 
 

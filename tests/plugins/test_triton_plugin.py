@@ -38,7 +38,7 @@ def test_triton_training_matches_flash_under_the_interpreter(tmp_path):
     assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "flash"), rel=1e-5)
 
 
-def test_triton_is_listed_with_a_reason_when_unavailable():
+def test_triton_is_listed_saying_why_when_unavailable():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "sftplug", "plugins", "--json"], capture_output=True, text=True,
                           env=env)
