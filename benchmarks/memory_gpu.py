@@ -31,7 +31,7 @@ MODES = {  # TrainConfig options of each mode
     "qlora-offload-ckpt": {"quantize": "nf4", "offload_activations": True, "grad_ckpt": True},
 }
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
-                n_kv_heads=8, rope_theta=500000.0)
+                n_kv_heads=8, rotary={"theta": 500000.0})
 
 
 class DeviceInitialised:

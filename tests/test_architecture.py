@@ -4,7 +4,9 @@
 - plugins/ never import the CLI;
 - the core (sftplug/) never imports a built-in plugin: only the registry names the list of them;
 - the model (sftplug/model/) imports nothing of sftplug/hf/: HF files are read and written about
-  the model, from above it.
+  the model, from above it;
+- the model's parts (config, norms, RoPE, mixers, feed-forwards) never import the decoder that
+  assembles them (sftplug/model/transformer.py).
 
 Imports inside functions count too: they are read with ``ast``, not by importing.
 """
@@ -104,6 +106,16 @@ def test_the_core_reaches_built_in_plugins_only_through_the_registry():
 
 def test_the_model_imports_nothing_of_hf():
     assert violations(FOLDERS["sftplug"] / "model", lambda path, module: within(module, "sftplug.hf")) == []
+
+
+def test_the_model_parts_never_import_the_decoder_that_assembles_them():
+    parts = ["config", "norm", "rope", "attention", "feed_forward"]
+
+    def forbidden(path, module):
+        return path.stem in parts and within(module, "sftplug.model.transformer")
+
+    assert all((FOLDERS["sftplug"] / "model" / f"{part}.py").is_file() for part in parts)
+    assert violations(FOLDERS["sftplug"] / "model", forbidden) == []
 
 
 SUBPACKAGES = sorted(p.name for p in (ROOT / "sftplug").iterdir() if (p / "__init__.py").is_file())

@@ -1,10 +1,10 @@
 """config.json <-> ModelConfig for the HF families sftplug loads: Llama 2/3/3.1, Mistral,
 Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3/4, OLMo 2, SmolLM3, Granite 3.
 
-Each family's options become ModelConfig fields; a key sftplug cannot run exactly (a MoE,
-a vision tower, an unknown RoPE type, biases where the family has none) is refused in one
-line naming it. The source's fields are kept in ``ModelConfig.extra`` so an export writes
-them back.
+Each family's options become ModelConfig options (in its rotary, norm, attention and
+feed-forward groups); a key sftplug cannot run exactly (a MoE, a vision tower, an unknown RoPE
+type, biases where the family has none) is refused in one line naming it. The source's fields
+are kept in ``ModelConfig.extra`` so an export writes them back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
-from sftplug.model.transformer import ModelConfig
+from sftplug.model.config import AttentionConfig, FeedForwardConfig, ModelConfig, NormConfig, RotaryConfig
 
 # model_type -> the transformers class that loads it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -64,49 +64,53 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             head_dim=hf.get("head_dim") or 0,
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2",  # Qwen2: biases on q/k/v, none on o
             architecture=model_type,
             extra=dict(hf),
-            activation=ACTIVATIONS[act],
-            **options,
+            rotary=RotaryConfig(theta=float(theta), scaling=scaling, **options.pop("rotary")),
+            norm=NormConfig(eps=float(hf.get("rms_norm_eps", 1e-6)), **options.pop("norm")),
+            # Qwen2: biases on q/k/v, none on o
+            attention=AttentionConfig(qkv_bias=model_type == "qwen2", **options.pop("attention")),
+            feed_forward=FeedForwardConfig(activation=ACTIVATIONS[act]),
+            **options,  # the residual stream's and LM head's scales
         )
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
 
 
 def _family_options(model_type: str, hf: dict, where: str) -> dict:
-    """The ModelConfig fields beyond Llama's that this family's config.json asks for."""
+    """The ModelConfig options beyond Llama's that this family's config.json asks for: the scales,
+    and under "rotary", "norm" and "attention" those groups' options."""
     n_layers, n_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    options: dict = {"layer_windows": _layer_windows(model_type, hf, n_layers, where)}
+    rotary, norm, scales = {}, {}, {}
+    attention: dict = {"windows": _layer_windows(model_type, hf, n_layers, where)}
     partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
-        options["rotary_dim"] = int(head_dim * partial)
+        rotary["dims"] = int(head_dim * partial)
     if model_type in GEMMA:
-        options.update(norms="sandwich", gemma_norm=True, embed_scale=hf["hidden_size"] ** 0.5,
-                       attn_scale=float(hf.get("query_pre_attn_scalar") or head_dim) ** -0.5,
-                       attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
-                       logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
+        norm.update(placement="sandwich", gemma=True)
+        attention.update(scale=float(hf.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+                         softcap=float(hf.get("attn_logit_softcapping") or 0.0))
+        scales.update(embed_scale=hf["hidden_size"] ** 0.5,
+                      logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
     if model_type in ("qwen3", "gemma3_text"):
-        options["qk_norm"] = "head"
+        attention["qk_norm"] = "head"
     if model_type == "gemma3_text":
         local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
-        options["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+        rotary["local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
     if model_type == "olmo2":
-        options.update(norms="post", qk_norm="projection")
+        norm["placement"] = "post"
+        attention["qk_norm"] = "projection"
     if model_type == "smollm3" and hf.get("no_rope_layers"):
-        options["rope_layers"] = tuple(bool(x) for x in hf["no_rope_layers"])
+        rotary["layers"] = tuple(bool(x) for x in hf["no_rope_layers"])
     if model_type == "granite":
-        options.update(embed_scale=float(hf.get("embedding_multiplier", 1.0)),
-                       residual_scale=float(hf.get("residual_multiplier", 1.0)),
-                       attn_scale=float(hf.get("attention_multiplier", head_dim ** -0.5)),
-                       logit_scale=float(hf.get("logits_scaling", 1.0)))
-    return options
+        attention["scale"] = float(hf.get("attention_multiplier", head_dim ** -0.5))
+        scales.update(embed_scale=float(hf.get("embedding_multiplier", 1.0)),
+                      residual_scale=float(hf.get("residual_multiplier", 1.0)),
+                      logit_scale=float(hf.get("logits_scaling", 1.0)))
+    return {**scales, "rotary": rotary, "norm": norm, "attention": attention}
 
 
 def _layer_windows(model_type: str, hf: dict, n_layers: int, where: str) -> tuple[int, ...]:
@@ -179,9 +183,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
     """The config.json that makes transformers build the same model as ``config``."""
     check_exportable(config)
     arch = config.architecture
-    if config.qkv_bias != (arch == "qwen2"):
+    if config.attention.qkv_bias != (arch == "qwen2"):
         raise SftplugError(
-            f"cannot export a {arch} model with qkv_bias={config.qkv_bias}: "
+            f"cannot export a {arch} model with qkv_bias={config.attention.qkv_bias}: "
             "only Qwen2 has q/k/v biases without an o bias"
         )
     hf = {k: v for k, v in config.extra.items() if k not in ("transformers_version", "_name_or_path")}
@@ -194,7 +198,7 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads,
-        rms_norm_eps=config.rms_norm_eps,
+        rms_norm_eps=config.norm.eps,
         max_position_embeddings=config.max_seq_len,
         tie_word_embeddings=config.tie_embeddings,
     )
@@ -207,12 +211,12 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
     if "full_attention" in (hf.get("rope_parameters") or {}):  # per layer type (Gemma 3): as the source has it
         pass
     elif "rope_parameters" in hf:  # keep the source's config style (transformers 5)
-        partial = {"partial_rotary_factor": config.rotary_dim / config.head_dim} if (
-            config.rotary_dim != config.head_dim) else {}
-        hf["rope_parameters"] = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta,
+        rotary = config.rotary
+        partial = {"partial_rotary_factor": rotary.dims / config.head_dim} if rotary.dims != config.head_dim else {}
+        hf["rope_parameters"] = {"rope_type": "default", **(rotary.scaling or {}), "rope_theta": rotary.theta,
                                  **partial}
     else:
-        hf.update(rope_theta=config.rope_theta, rope_scaling=config.rope_scaling)
+        hf.update(rope_theta=config.rotary.theta, rope_scaling=config.rotary.scaling)
     hf["dtype" if "dtype" in hf else "torch_dtype"] = hf_dtype_name(dtype)
     if tokenizer is not None:
         for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):

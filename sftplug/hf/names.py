@@ -17,8 +17,8 @@ import re
 import torch
 
 from sftplug.errors import SftplugError, closest
+from sftplug.model.config import ModelConfig
 from sftplug.model.lora_targets import lora_layout  # also imported from here by code written before it moved
-from sftplug.model.transformer import ModelConfig
 
 SHOW = 3  # keys named in one error message; the rest are counted
 
@@ -28,7 +28,7 @@ IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 # -- tensor names ---------------------------------------------------------------------
 
-# ModelConfig.norms -> HF norm name -> sftplug norm, per block (the same HF name means
+# ModelConfig.norm.placement -> HF norm name -> sftplug norm, per block (the same HF name means
 # different norms in different families: post_attention_layernorm is Llama's pre-MLP norm).
 NORM_NAMES = {
     "pre": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
@@ -50,18 +50,18 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         plan["lm_head.weight"] = ("lm_head.weight", 0, config.vocab_size)
     for i in range(config.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+        for kind in ("weight", "bias") if config.attention.qkv_bias else ("weight",):
             for part, start, end in projections["qkv"]:
                 plan[f"{hf}self_attn.{part}.{kind}"] = (f"{ours}attn.qkv.{kind}", start, end)
         for part, start, end in projections["gate_up"]:
             plan[f"{hf}mlp.{part}.weight"] = (f"{ours}mlp.gate_up.weight", start, end)
         plan[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o.weight", 0, config.hidden_size)
         plan[f"{hf}mlp.down_proj.weight"] = (f"{ours}mlp.down.weight", 0, config.hidden_size)
-        if config.qk_norm:
-            per_head = config.qk_norm == "head"
+        if config.attention.qk_norm:
+            per_head = config.attention.qk_norm == "head"
             plan[f"{hf}self_attn.q_norm.weight"] = (f"{ours}attn.q_norm.weight", 0, config.head_dim if per_head else q)
             plan[f"{hf}self_attn.k_norm.weight"] = (f"{ours}attn.k_norm.weight", 0, config.head_dim if per_head else kv)
-        for hf_norm, our_norm in NORM_NAMES[config.norms].items():
+        for hf_norm, our_norm in NORM_NAMES[config.norm.placement].items():
             plan[f"{hf}{hf_norm}.weight"] = (f"{ours}{our_norm}.weight", 0, config.hidden_size)
     return plan
 

@@ -1,20 +1,12 @@
-"""Greedy decoding with a KV cache: see what a fine-tuned model answers."""
+"""Greedy decoding with each layer's cache (a KV cache for attention): see what a fine-tuned model answers."""
 
 from __future__ import annotations
 
 import torch
 
+from sftplug.model.attention import KVCache
 
-class KVCache:
-    """Keys and values of the tokens generated so far, for one layer."""
-
-    def __init__(self):
-        self.k = self.v = None
-
-    def append(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+__all__ = ["KVCache", "generate_ids", "answer"]  # KVCache lived here; the attention mixer makes it now
 
 
 @torch.no_grad()
@@ -24,7 +16,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    caches = [KVCache() for _ in model.layers]
+    # each block's own kind of cache; a contract model's block without new_cache() keeps keys and values
+    caches = [block.new_cache() if hasattr(block, "new_cache") else KVCache() for block in model.layers]
     ids = torch.tensor([prompt_ids], device=device)  # [1, T]
     positions = torch.arange(len(prompt_ids), device=device)[None]
     out: list[int] = []

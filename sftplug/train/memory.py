@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 
 from sftplug.config import DEFAULT_LORA_TARGETS
 from sftplug.errors import SftplugError
+from sftplug.model.config import ModelConfig
 from sftplug.model.lora_targets import lora_layout
 from sftplug.model.quantize import BLOCKSIZE as QUANT_BLOCK
-from sftplug.model.transformer import ModelConfig
 from sftplug.train.loss import CHUNK_ROWS as LOSS_CHUNK
 
 FP32, BF16, INT64 = 4, 2, 8
@@ -137,7 +137,8 @@ def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def block_linear_params(c: ModelConfig) -> int:
-    return sum(i * o for i, o in linear_shapes(c).values()) + (linear_shapes(c)["qkv"][1] if c.qkv_bias else 0)
+    biases = linear_shapes(c)["qkv"][1] if c.attention.qkv_bias else 0
+    return sum(i * o for i, o in linear_shapes(c).values()) + biases
 
 
 def norm_params(c: ModelConfig) -> int:
@@ -156,7 +157,7 @@ def model_params(c: ModelConfig) -> int:
 
 def buffer_bytes(c: ModelConfig) -> int:
     """The RoPE frequencies (fp32), once per base."""
-    return (c.rotary_dim // 2) * FP32 * (2 if c.rope_local_theta else 1)
+    return (c.rotary.dims // 2) * FP32 * (2 if c.rotary.local_theta else 1)
 
 
 def lora_shapes(c: ModelConfig, s: Setting) -> dict[str, tuple[int, int, int]]:
@@ -204,7 +205,7 @@ def trainable_tensors(c: ModelConfig, s: Setting) -> list[int]:
     if s.lora:
         return lora_tensors(c, s)
     per_block = [i * o for i, o in linear_shapes(c).values()] + norm_sizes(c)
-    if c.qkv_bias:
+    if c.attention.qkv_bias:
         per_block.append(linear_shapes(c)["qkv"][1])
     root = [c.vocab_size * c.hidden_size] * (1 if c.tie_embeddings else 2) + [c.hidden_size]
     return per_block * c.n_layers + root
@@ -212,10 +213,10 @@ def trainable_tensors(c: ModelConfig, s: Setting) -> list[int]:
 
 def norm_sizes(c: ModelConfig) -> list[int]:
     """Per block: each RMSNorm's scale (and the q/k norms')."""
-    sizes = [c.hidden_size] * {"pre": 2, "sandwich": 4, "post": 2}[c.norms]
-    if c.qk_norm == "head":
+    sizes = [c.hidden_size] * {"pre": 2, "sandwich": 4, "post": 2}[c.norm.placement]
+    if c.attention.qk_norm == "head":
         sizes += [c.head_dim] * 2
-    elif c.qk_norm == "projection":
+    elif c.attention.qk_norm == "projection":
         sizes += [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim]
     return sizes
 
@@ -239,7 +240,7 @@ def base_bytes(c: ModelConfig, s: Setting) -> int:
     linears = c.n_layers * block_linear_params(c)
     linear_bytes = linears * dtype
     if s.quantized:
-        biases = c.n_layers * linear_shapes(c)["qkv"][1] if c.qkv_bias else 0
+        biases = c.n_layers * linear_shapes(c)["qkv"][1] if c.attention.qkv_bias else 0
         linear_bytes = quantized_linear_bytes(c, s) + biases * dtype
     return linear_bytes + (model_params(c) - linears) * dtype + buffer_bytes(c)
 
@@ -299,7 +300,7 @@ def outside_saved(c: ModelConfig, s: Setting, targets: int) -> list[Saved]:
     """Saved outside the blocks: RoPE's cos and sin (shared by every layer), the embedding's indices (full),
     the final norm, and the loss: target indices and the hidden states' gradient (and the LM head's, full)."""
     a, r = BYTES[s.dtype], residual_bytes(s)
-    saved = [Saved("cos, sin", c.rotary_dim, a)] + norm_saved("norm", c, s)
+    saved = [Saved("cos, sin", c.rotary.dims, a)] + norm_saved("norm", c, s)
     saved += [Saved("target indices", targets, INT64, per_token=False),
               Saved("hidden-state gradient of the targets", targets * c.hidden_size, r, per_token=False)]
     if not s.lora:

@@ -96,7 +96,7 @@ def test_legacy_and_v5_rope_configs_agree():
                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     v4 = config_from_hf({**base, "rope_theta": 500000.0, "rope_scaling": LLAMA31_ROPE})
     v5 = config_from_hf({**base, "rope_parameters": {**LLAMA31_ROPE, "rope_theta": 500000.0}})
-    assert v4.rope_theta == v5.rope_theta == 500000.0 and v4.rope_scaling == v5.rope_scaling
+    assert v4.rotary.theta == v5.rotary.theta == 500000.0 and v4.rotary.scaling == v5.rotary.scaling
     assert torch.equal(rope_inv_freq(v4), rope_inv_freq(v5))
     with pytest.raises(SftplugError, match="rope type 'yarn'"):
         config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

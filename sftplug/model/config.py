@@ -1,0 +1,174 @@
+"""The model's configuration: its sizes, the options of each part (rotary, norms, attention,
+feed-forward) in a group of their own, and each layer's kind of token mixer and feed-forward.
+
+The dense families' options (Qwen3, Gemma 2/3, Phi-3/4, OLMo 2, SmolLM3, Granite, sliding
+windows) are off by default: a plain ModelConfig is a Llama. Checkpoints saved before the
+options were grouped hold them as one flat dict, which :meth:`ModelConfig.from_dict` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from sftplug.fused import pytorch
+
+
+@dataclass
+class RotaryConfig:
+    """RoPE: its base frequency and scaling, the dims of each head it rotates, the layers it rotates in."""
+
+    theta: float = 10000.0
+    scaling: dict | None = None  # Llama-3.1 style {"rope_type": "llama3", ...}
+    dims: int = 0  # dims of each head RoPE rotates (partial_rotary_factor); 0: head_dim
+    local_theta: float = 0.0  # RoPE base of the sliding-window layers (Gemma 3); 0: theta
+    layers: tuple[bool, ...] = ()  # which layers apply RoPE (SmolLM3 has layers without); (): all
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+
+    def applies_to(self, layer: int) -> bool:
+        return self.layers[layer] if self.layers else True
+
+
+@dataclass
+class NormConfig:
+    """The RMSNorms: their epsilon, where they sit in a block, and their form."""
+
+    eps: float = 1e-5
+    placement: str = "pre"  # "pre" (Llama), "sandwich": before and after each sublayer (Gemma), "post" (OLMo 2)
+    gemma: bool = False  # RMSNorm as (1 + w) * x in fp32 (Gemma)
+
+    def __post_init__(self):
+        _check_choice("norm placement", self.placement, ("pre", "sandwich", "post"))
+
+
+@dataclass
+class AttentionConfig:
+    """The softmax attention mixer: its projections, q/k norms, windows, scale and soft-cap."""
+
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: str = ""  # RMSNorm of q and k: "head" per head (Qwen3, Gemma 3), "projection" whole (OLMo 2)
+    windows: tuple[int, ...] = ()  # each layer's sliding window, 0 for full attention; (): none
+    scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Gemma's query_pre_attn_scalar, Granite)
+    softcap: float = 0.0  # attention scores soft-capped at this (Gemma 2); 0: none
+
+    def __post_init__(self):
+        self.windows = tuple(self.windows)
+        _check_choice("qk_norm", self.qk_norm, ("", "head", "projection"))
+
+    def window(self, layer: int) -> int:
+        return self.windows[layer] if self.windows else 0
+
+
+@dataclass
+class FeedForwardConfig:
+    """The gated MLP."""
+
+    activation: str = "silu"  # silu (SwiGLU) or gelu_tanh (GeGLU, Gemma)
+
+    def __post_init__(self):
+        _check_choice("activation", self.activation, pytorch.ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """One layer's token mixer and feed-forward, by kind (sftplug.model.transformer maps kinds to modules)."""
+
+    mixer: str = "attention"  # softmax attention, full or sliding as AttentionConfig.windows says
+    feed_forward: str = "mlp"  # the gated MLP
+
+
+# ModelConfig's groups: field -> its dataclass.
+GROUPS = {"rotary": RotaryConfig, "norm": NormConfig, "attention": AttentionConfig,
+          "feed_forward": FeedForwardConfig}
+# The flat keys of checkpoints saved before the groups: key -> (group, field).
+FLAT_KEYS = {
+    "rope_theta": ("rotary", "theta"), "rope_scaling": ("rotary", "scaling"), "rotary_dim": ("rotary", "dims"),
+    "rope_local_theta": ("rotary", "local_theta"), "rope_layers": ("rotary", "layers"),
+    "rms_norm_eps": ("norm", "eps"), "norms": ("norm", "placement"), "gemma_norm": ("norm", "gemma"),
+    "qkv_bias": ("attention", "qkv_bias"), "qk_norm": ("attention", "qk_norm"),
+    "layer_windows": ("attention", "windows"), "attn_scale": ("attention", "scale"),
+    "attn_softcap": ("attention", "softcap"), "activation": ("feed_forward", "activation"),
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // n_heads
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    architecture: str = "llama"
+    extra: dict = field(default_factory=dict)  # source config fields kept for export
+    # Each part's options (sftplug.hf.config sets them from config.json); a dict is read as the group.
+    rotary: RotaryConfig = field(default_factory=RotaryConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    feed_forward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    layer_types: tuple[LayerType, ...] = ()  # each layer's mixer and feed-forward; (): attention and mlp
+    # The residual stream's and the LM head's scales.
+    embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden); Granite: embedding_multiplier)
+    residual_scale: float = 1.0  # mixer and feed-forward outputs times this before the residual add (Granite)
+    logit_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
+    logit_softcap: float = 0.0  # logits soft-capped at this (Gemma 2's final_logit_softcapping); 0: none
+
+    def __post_init__(self):
+        for name, group in GROUPS.items():  # a saved config holds each group as a dict
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, group(**getattr(self, name)))
+        self.layer_types = tuple(t if isinstance(t, LayerType) else LayerType(**t) for t in self.layer_types)
+        if self.head_dim == 0:
+            if self.hidden_size % self.n_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of n_heads {self.n_heads}")
+            self.head_dim = self.hidden_size // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        self.rotary = replace(self.rotary, dims=self.rotary.dims or self.head_dim)
+        if self.rotary.dims % 2 or self.rotary.dims > self.head_dim:
+            raise ValueError(f"rotary dims {self.rotary.dims} must be even and at most head_dim {self.head_dim}")
+        per_layer = {"attention windows": self.attention.windows, "rotary layers": self.rotary.layers,
+                     "layer_types": self.layer_types}
+        for name, values in per_layer.items():
+            if len(values) not in (0, self.n_layers):
+                raise ValueError(f"{name} has {len(values)} entries for {self.n_layers} layers")
+
+    def layer_type(self, layer: int) -> LayerType:
+        return self.layer_types[layer] if self.layer_types else LayerType()
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        if name not in PRESETS:
+            raise KeyError(name)
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ModelConfig:
+        """The config :meth:`to_dict` saved, or the flat dict of a checkpoint saved before the groups."""
+        fields, groups = dict(saved), {}
+        for key, (group, name) in FLAT_KEYS.items():
+            if key in fields:
+                groups.setdefault(group, {})[name] = fields.pop(key)
+        return cls(**fields, **groups)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+PRESETS = {
+    # The built-in default: small enough to fine-tune on 2 CPU cores in a minute or two.
+    "tiny": dict(vocab_size=1024, hidden_size=256, intermediate_size=688, n_layers=4, n_heads=4, n_kv_heads=2),
+    # The benchmark workloads' models (W0, W1: BENCHMARKS.md); w1 is TinyLlama-1.1B's shape.
+    "w0": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, n_layers=6, n_heads=8, n_kv_heads=4),
+    "w1": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, n_layers=22, n_heads=32, n_kv_heads=4),
+}

@@ -1,0 +1,25 @@
+"""The gated MLP feed-forward (SwiGLU, GeGLU): fused gate_up, then down. Module names (gate_up,
+down) are what LoRA targets; the gated activation is a fused op (sftplug.fused)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from sftplug.fused import pytorch
+from sftplug.fused.op import OpSet
+from sftplug.model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation = config.feed_forward.activation
+        self.glu = pytorch.glu  # or a fused form (set_fused_ops)
+
+    def forward(self, x):
+        return self.down(self.glu(self.gate_up(x), self.activation))
+
+    def set_fused_ops(self, ops: OpSet) -> None:
+        self.glu = ops.glu
