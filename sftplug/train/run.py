@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -37,6 +37,19 @@ if TYPE_CHECKING:
     from sftplug.model.contract import DecoderModel
     from sftplug.registry import Registry
     from sftplug.train.loggers import Logger
+
+
+class UpdateCounts(NamedTuple):
+    """An update's counts, taken on the host where the labels are (summed over ranks under torchrun)."""
+
+    target_tokens: int  # the tokens the loss averages over
+    tokens: int  # what tok/s counts: packed rows whole, unpacked rows without the padding batching adds
+    stop: int  # ranks asked to stop (0: none)
+
+    @classmethod
+    def of(cls, micro: list[dict], pack: bool, stop_requested: bool) -> UpdateCounts:
+        tokens = sum(mb["labels"].numel() if pack else mb["tokens"] for mb in micro)
+        return cls(sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), tokens, int(stop_requested))
 
 
 @dataclass(eq=False)
@@ -97,24 +110,37 @@ class Run:
         was asked to stop (``record["stop"]``), all-reduced together. fp16's GradScaler
         reads its own scale besides.
         """
-        c, device = self.config, self.device
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = [self.batches.next() for _ in range(c.accum)]
-        # Counted on the host, where the labels are; every rank divides by the target
-        # tokens of the whole update, all ranks together. tok/s counts packed rows whole (the
-        # data line gives their fill) and unpacked rows without the padding batching adds.
-        tokens = sum(mb["labels"].numel() if c.pack else mb["tokens"] for mb in micro)
-        here = [sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), tokens, int(stop_requested)]
-        counts = None
-        n_targets = here[0]
-        if self.world.active:  # one all-reduce for the three, read back with the loss
-            counts = distributed.sum_tensor_(self.world, torch.tensor(here).to(device, non_blocking=True))
-            n_targets = counts[0]
+        micro = [self.batches.next() for _ in range(self.config.accum)]
+        # Every rank divides by the target tokens of the whole update, all ranks together: under
+        # torchrun one all-reduce sums the counts, started here and read back with the loss.
+        counts = UpdateCounts.of(micro, self.config.pack, stop_requested)
+        summed = None  # the counts of every rank, on the device
+        if self.world.active:
+            summed = distributed.sum_tensor_(self.world, torch.tensor(counts).to(self.device, non_blocking=True))
+        timer = Timer(self.device, self.config.profile)
+        loss_sum = self._accumulate(micro, counts.target_tokens if summed is None else summed[0], timer)
+        # The update's one read of the device, then the step (or its skip when not finite).
+        with timer("opt"):
+            distributed.sum_tensor_(self.world, loss_sum)
+            grad_norm = self._clip(self.precision.scaler)
+            on_device = [loss_sum, grad_norm] + ([] if summed is None else [summed])
+            loss_value, norm_value, *summed_counts = host_values(*on_device)
+            if summed_counts:
+                counts = UpdateCounts(*(int(v) for v in summed_counts))
+            finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+            skipped = self._step(self.precision.scaler, finite, loss_value)
+        seconds = timer.elapsed()
+        self.step += 1
+        self.tokens_seen += counts.tokens
+        return self._record(lr, loss_value, norm_value, counts, skipped, seconds, timer)
+
+    def _accumulate(self, micro: list[dict], n_targets: int | torch.Tensor, timer: Timer) -> torch.Tensor:
+        """Backward through each micro-batch's loss (the update's gradients); the summed token losses."""
         scaler = self.precision.scaler
-        timer = Timer(device, c.profile)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro):
             # DDP all-reduces during the backward of the update's last micro-batch only
             with distributed.gradient_sync(self.replicated, enabled=i == len(micro) - 1):
@@ -125,34 +151,31 @@ class Run:
                 with timer("bwd"):
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += total.detach()
-        with timer("opt"):
-            distributed.sum_tensor_(self.world, loss_sum)
-            grad_norm = self._clip(scaler)
-            values = host_values(loss_sum, grad_norm, *([] if counts is None else [counts]))
-            loss_value, norm_value = values[:2]
-            n_targets, n_tokens, stop = (int(v) for v in values[2:]) if counts is not None else here
-            skipped = self._step(scaler, math.isfinite(loss_value) and math.isfinite(norm_value), loss_value)
-        seconds = timer.elapsed()
-        self.step += 1
-        self.tokens_seen += n_tokens
+        return loss_sum
+
+    def _record(self, lr: float, loss_value: float, grad_norm: float, counts: UpdateCounts, skipped: bool,
+                seconds: float, timer: Timer) -> dict:
+        """The update's line of metrics.jsonl (``stop`` is popped by the loop before it is written)."""
         record = {
             "step": self.step,
-            "loss": loss_value / n_targets,
+            "loss": loss_value / counts.target_tokens,
             "lr": lr,
-            "grad_norm": norm_value,
-            "tokens": n_tokens,
-            "target_tokens": n_targets,
-            "tps": n_tokens / seconds,
+            "grad_norm": grad_norm,
+            "tokens": counts.tokens,
+            "target_tokens": counts.target_tokens,
+            "tps": counts.tokens / seconds,
             "s_per_update": seconds,
-            "stop": bool(stop),
+            "stop": bool(counts.stop),
         }
-        if skipped or scaler is not None:
+        if skipped or self.precision.scaler is not None:
             record["skipped"] = skipped
         if self.peak_flops:
-            adapters = 0 if c.full else sum(p.numel() for p in self.params)
-            model_flops = update_flops(self.model.config, n_tokens, n_targets, c.seq_len, c.full, adapters)
+            config = self.config
+            adapters = 0 if config.full else sum(p.numel() for p in self.params)
+            model_flops = update_flops(self.model.config, counts.tokens, counts.target_tokens, config.seq_len,
+                                       config.full, adapters)
             record["mfu"] = model_flops / seconds / (self.peak_flops * self.world.size)
-        if c.profile:
+        if self.config.profile:
             record.update(fwd_ms=timer.ms("fwd"), bwd_ms=timer.ms("bwd"), opt_ms=timer.ms("opt"))
         return record
 
