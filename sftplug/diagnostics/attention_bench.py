@@ -17,6 +17,8 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,64 +65,104 @@ def run_attention_bench(registry, shapes=None, dtypes=None, device=None, packed:
     cuda = device.type == "cuda"
     if cuda and not probes.cuda_available():
         raise SftplugError(f"cannot bench on {device}: {probes.why_no_gpu()}")
+    # The cases: each shape (the device's defaults unless given) in each dtype, and a packed one.
     shapes = [tuple(s) for s in (shapes or (CUDA_SHAPES if cuda else CPU_SHAPES))]
     dtypes = list(dtypes or (("bf16", "fp16") if cuda else ("fp32",)))
     for name in dtypes:
         if name not in TRAINING:
             raise SftplugError(f"unknown dtype {name!r}; use {', '.join(TRAINING)}")
-    repeats = repeats or (10 if cuda else 3)
     cases = [(_five(s), False) for s in shapes]
     if packed:
         cases.append((_five(packed_shape or (CUDA_PACKED if cuda else CPU_PACKED)), True))
-    math_limit = MATH_MAX_SEQ_CUDA if cuda else MATH_MAX_SEQ_CPU
-    started = time.perf_counter()
+    bench = _Bench(registry, device, causal, repeats or (10 if cuda else 3), budget_s, echo)
     rows = []
     for dtype_name in dtypes:
-        dtype = BY_NAME[dtype_name]
-        for (B, H, Hkv, S, D), is_packed in cases:
-            request = AttentionRequest("auto", device, dtype, D, H, Hkv, is_packed, S)
-            doc_ids = _doc_ids(B, S, device, seed=S) if is_packed else None
-            flops = attention_flops(B, H, S, D, causal, doc_ids)
-            for offer in survey(registry.hook, request):
-                backend = offer.backend
-                row = {
-                    "backend": backend.name, "dtype": dtype_name,
-                    "case": ("packed " if is_packed else "") + _case_name(B, H, Hkv, S, D),
-                    "B": B, "H": H, "H_kv": Hkv, "S": S, "D": D, "causal": causal, "packed": is_packed,
-                    "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None, "bwd_tflops": None, "first_ms": None,
-                    "status": "ok",
-                }
-                why_skipped = offer.why_unavailable
-                if why_skipped is None and backend.name == "math" and S > math_limit:
-                    why_skipped = (f"math skipped at S={S} (> {math_limit}): it materialises B*H*S^2 scores "
-                              f"({B * H * S * S * dtype.itemsize / 2**30:.0f} GiB) and would dominate the run")
-                if why_skipped is None and time.perf_counter() - started > budget_s:
-                    why_skipped = f"time budget of {budget_s:.0f}s spent"
-                if why_skipped is not None:
-                    row["status"] = f"skipped: {why_skipped}"
-                else:
-                    try:
-                        fwd, bwd, first = _time_backend(backend, B, H, Hkv, S, D, dtype, device, causal, doc_ids,
-                                                        repeats)
-                        row.update(fwd_ms=fwd, bwd_ms=bwd, first_ms=first,
-                                   fwd_tflops=flops / fwd / 1e9, bwd_tflops=2.5 * flops / bwd / 1e9)
-                    except torch.cuda.OutOfMemoryError:
-                        row["status"] = "failed: out of GPU memory"
-                    except Exception as exc:  # a backend in development must not stop the bench
-                        row["status"] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
-                    finally:
-                        if cuda:
-                            torch.cuda.empty_cache()
-                rows.append(row)
-                if echo is not None:
-                    echo(row)
-    for name, why_unavailable in attention_skipped(registry).items():
-        rows.append({
-            "backend": name, "dtype": "-", "case": "-", "B": None, "H": None, "H_kv": None, "S": None, "D": None,
-            "causal": causal, "packed": None, "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None,
-            "bwd_tflops": None, "first_ms": None, "status": f"skipped: unavailable here: {why_unavailable}",
-        })
+        for shape, is_packed in cases:
+            rows += _case_rows(bench, dtype_name, shape, is_packed)
+    # Backends that cannot run here at all: one row each, saying why.
+    rows += [_unavailable_row(name, why_unavailable, causal)
+             for name, why_unavailable in attention_skipped(registry).items()]
     return rows
+
+
+@dataclass
+class _Bench:
+    """One bench's settings, and its clock for the time budget."""
+
+    registry: object
+    device: torch.device
+    causal: bool
+    repeats: int
+    budget_s: float
+    echo: Callable[[dict], None] | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def math_limit(self) -> int:
+        return MATH_MAX_SEQ_CUDA if self.device.type == "cuda" else MATH_MAX_SEQ_CPU
+
+
+def _case_rows(bench: _Bench, dtype_name: str, shape: tuple, is_packed: bool) -> list[dict]:
+    """One case's row for every backend offered for it, each echoed when done."""
+    B, H, Hkv, S, D = shape
+    dtype = BY_NAME[dtype_name]
+    request = AttentionRequest("auto", bench.device, dtype, D, H, Hkv, is_packed, S)
+    doc_ids = _doc_ids(B, S, bench.device, seed=S) if is_packed else None
+    flops = attention_flops(B, H, S, D, bench.causal, doc_ids)
+    rows = []
+    for offer in survey(bench.registry.hook, request):
+        backend = offer.backend
+        row = {
+            "backend": backend.name, "dtype": dtype_name,
+            "case": ("packed " if is_packed else "") + _case_name(B, H, Hkv, S, D),
+            "B": B, "H": H, "H_kv": Hkv, "S": S, "D": D, "causal": bench.causal, "packed": is_packed,
+            "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None, "bwd_tflops": None, "first_ms": None,
+            "status": "ok",
+        }
+        why_skipped = offer.why_unavailable
+        if why_skipped is None:
+            why_skipped = _why_skipped(bench, backend.name, B, H, S, dtype)
+        if why_skipped is not None:
+            row["status"] = f"skipped: {why_skipped}"
+        else:
+            row.update(_timed(bench, backend, shape, dtype, doc_ids, flops))
+        rows.append(row)
+        if bench.echo is not None:
+            bench.echo(row)
+    return rows
+
+
+def _why_skipped(bench: _Bench, name: str, B: int, H: int, S: int, dtype: torch.dtype) -> str | None:
+    """Why a backend that could run is not timed: math at long sequences, or the time budget spent."""
+    if name == "math" and S > bench.math_limit:
+        return (f"math skipped at S={S} (> {bench.math_limit}): it materialises B*H*S^2 scores "
+                f"({B * H * S * S * dtype.itemsize / 2**30:.0f} GiB) and would dominate the run")
+    if time.perf_counter() - bench.started > bench.budget_s:
+        return f"time budget of {bench.budget_s:.0f}s spent"
+    return None
+
+
+def _timed(bench: _Bench, backend, shape: tuple, dtype: torch.dtype, doc_ids, flops: float) -> dict:
+    """A row's timings and TFLOP/s, or its status where the backend fails (a failure never stops the bench)."""
+    try:
+        fwd, bwd, first = _time_backend(backend, *shape, dtype, bench.device, bench.causal, doc_ids, bench.repeats)
+        return dict(fwd_ms=fwd, bwd_ms=bwd, first_ms=first, fwd_tflops=flops / fwd / 1e9,
+                    bwd_tflops=2.5 * flops / bwd / 1e9)
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "failed: out of GPU memory"}
+    except Exception as exc:  # a backend in development must not stop the bench
+        return {"status": f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+    finally:
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _unavailable_row(name: str, why_unavailable: str, causal: bool) -> dict:
+    return {
+        "backend": name, "dtype": "-", "case": "-", "B": None, "H": None, "H_kv": None, "S": None, "D": None,
+        "causal": causal, "packed": None, "fwd_ms": None, "bwd_ms": None, "fwd_tflops": None,
+        "bwd_tflops": None, "first_ms": None, "status": f"skipped: unavailable here: {why_unavailable}",
+    }
 
 
 def attention_flops(B: int, H: int, S: int, D: int, causal: bool = True, doc_ids=None) -> float:

@@ -134,7 +134,15 @@ def _auto_picks(registry, device, head_dim, n_heads, n_kv_heads) -> dict:
 
 def format_doctor(report: dict) -> str:
     """The human-readable doctor report (what `sftplug doctor` prints without --json)."""
-    r = report
+    # What this machine has, then what attention can run on it, then what tries to steer that.
+    lines = _machine_lines(report)
+    lines += ["", *_attention_lines(report)]
+    lines += ["", *_steering_lines(report)]
+    return "\n".join(lines)
+
+
+def _machine_lines(r: dict) -> list[str]:
+    """Versions, the GPU (or why there is none), bitsandbytes, the CPU and flash attention."""
     lines = [
         f"sftplug {r['sftplug']}  python {r['python']}  {r['platform']}",
         f"torch {r['torch']}  CUDA {r['cuda'] or '-'}"
@@ -158,9 +166,13 @@ def format_doctor(report: dict) -> str:
     lines.append(f"CPU: {cpu['name']} ({cpu['capability']}, {cpu['threads']} threads)")
     impl = "" if r["flash_impl"] == "built-in" else f", flash implementation: {r['flash_impl']}"
     lines.append(f"CUDA flash attention compiled into this torch: {'yes' if r['flash_compiled'] else 'no'}{impl}")
+    return lines
 
+
+def _attention_lines(r: dict) -> list[str]:
+    """A row per backend (a cell per dtype), why each 'no' is one, and what auto picks."""
     s = r["shape"]
-    lines += ["", f"attention on {r['device']} (head dim {s['head_dim']}, {s['n_heads']}/{s['n_kv_heads']} heads):"]
+    lines = [f"attention on {r['device']} (head dim {s['head_dim']}, {s['n_heads']}/{s['n_kv_heads']} heads):"]
     width = max([len(a["name"]) for a in r["attention"]] + [7])
     lines.append(f"  {'backend':<{width}}  " + "  ".join(f"{d:<4}" for d in TRAINING) + "  gqa     packed  source")
     why_not_lines = []
@@ -172,9 +184,7 @@ def format_doctor(report: dict) -> str:
         gqa = a["gqa"] or "-"
         packed = "yes" if a["packed"] else "no"
         lines.append(f"  {a['name']:<{width}}  {cells}  {gqa:<7} {packed:<7} {a['source']}")
-        for d in TRAINING:
-            if a["dtypes"][d] is not None:
-                why_not_lines.append(f"  {a['name']} {d}: {a['dtypes'][d]}")
+        why_not_lines += [f"  {a['name']} {d}: {a['dtypes'][d]}" for d in TRAINING if a["dtypes"][d] is not None]
     if why_not_lines:
         lines += ["why not:"] + why_not_lines
     lines.append("auto picks:")
@@ -183,19 +193,20 @@ def format_doctor(report: dict) -> str:
             lines.append(f"  {key:<11} {pick['backend']:<10} (usable, fastest first: {' > '.join(pick['order'])})")
         else:
             lines.append(f"  {key:<11} nothing: {pick['reason']}")
+    return lines
 
-    lines.append("")
+
+def _steering_lines(r: dict) -> list[str]:
+    """Environment variables and global SDPA switches that try to steer attention (every call overrides them)."""
     if r["environment"]:
-        lines.append("environment overrides found (ignored: every call runs in sdpa_kernel([chosen backend])):")
+        lines = ["environment overrides found (ignored: every call runs in sdpa_kernel([chosen backend])):"]
         lines += [f"  {k}={v}" for k, v in r["environment"].items()]
     else:
-        lines.append("environment overrides: none found")
+        lines = ["environment overrides: none found"]
     off = [name for name, on in r["sdpa_global_flags"].items() if not on]
     if off:
         lines.append(
             f"global SDPA switches turned off in this process: {', '.join(off)} "
             "(overridden per call by sdpa_kernel)"
         )
-    return "\n".join(lines)
-
-
+    return lines
