@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from sftplug import hookimpl
-from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention import AttentionBackend, AttentionRequest, Priority
 from sftplug.dtypes import dtype_name
 from sftplug.kernels.packed_documents import one_document_per_row
 
@@ -35,12 +35,12 @@ class Chunked(AttentionBackend):
     def select_attention(self, request: AttentionRequest):
         return self
 
-    def priority_for(self, request: AttentionRequest) -> int:
+    def priority_for(self, request: AttentionRequest) -> Priority:
         # Below flash where chunked is not measured faster (BENCHMARKS.md): at 2048 positions
         # flash's key tiling wins; on packed rows of short documents the two are even.
         if request.packed or request.seq_len > FASTER_UP_TO:
-            return 25
-        return self.priority
+            return Priority(25)
+        return Priority(self.priority)
 
     def check(self, request: AttentionRequest) -> str | None:
         if request.device.type != "cpu":

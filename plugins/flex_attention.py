@@ -28,7 +28,7 @@ import importlib.util
 import torch
 
 from sftplug import hookimpl, probes
-from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention import AttentionBackend, AttentionRequest, Priority
 from sftplug.dtypes import dtype_name
 from sftplug.kernels.packed_documents import one_document_per_row
 
@@ -64,10 +64,10 @@ class Flex(AttentionBackend):
     def select_attention(self, request: AttentionRequest):
         return self
 
-    def priority_for(self, request: AttentionRequest) -> int:
+    def priority_for(self, request: AttentionRequest) -> Priority:
         if request.device.type == "cuda" and (request.window or request.softcap):
-            return PRIORITY_WITH_OPTIONS
-        return self.priority
+            return Priority(PRIORITY_WITH_OPTIONS)
+        return Priority(self.priority)
 
     def check(self, request: AttentionRequest) -> str | None:
         if request.device.type != "cuda":

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sftplug import hookimpl, probes
-from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention import AttentionBackend, AttentionRequest, Priority
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 from sftplug.kernels.packed_documents import pack_plan
@@ -104,8 +104,8 @@ class SdpaBackend(AttentionBackend):
     def select_attention(self, request: AttentionRequest):
         return self
 
-    def priority_for(self, request: AttentionRequest) -> int:
-        return PRIORITIES[gpu_generation(request.device)].get(self.name, self.priority)
+    def priority_for(self, request: AttentionRequest) -> Priority:
+        return Priority(PRIORITIES[gpu_generation(request.device)].get(self.name, self.priority))
 
     def check(self, request: AttentionRequest) -> str | None:
         device = request.device.type
@@ -224,15 +224,15 @@ class Cudnn(SdpaBackend):
     description = "SDPA cuDNN fused attention (CUDA sm80+, cuDNN 9+, fp16/bf16)"
     priority = 25
 
-    def priority_for(self, request: AttentionRequest) -> int:
+    def priority_for(self, request: AttentionRequest) -> Priority:
         # Ahead of flash on Hopper only where it gave flash's gradients here (cuDNN SM90
         # backward bugs are reported for some lengths), and never for packed rows: their
         # per-document calls have many short odd lengths.
         priority = super().priority_for(request)
-        if priority <= PRIORITIES["sm90+"]["flash"] or request.dtype not in _HALF:
+        if priority.value <= PRIORITIES["sm90+"]["flash"] or request.dtype not in _HALF:
             return priority
         if request.packed or probes.sdpa_parity("cudnn", "flash", request.dtype, request.head_dim) is not None:
-            return PRIORITIES["sm80"]["cudnn"]  # below flash
+            return Priority(PRIORITIES["sm80"]["cudnn"])  # below flash
         return priority
 
     def why_unavailable_on_cuda(self, request):

@@ -17,7 +17,7 @@ import functools
 import torch
 
 from sftplug import hookimpl
-from sftplug.attention import AttentionBackend, AttentionRequest
+from sftplug.attention import AttentionBackend, AttentionRequest, Priority
 from sftplug.dtypes import dtype_name
 from sftplug.kernels.attention import HEAD_DIMS  # importing never fails, Triton or not
 
@@ -40,14 +40,14 @@ class Triton(AttentionBackend):
     def select_attention(self, request: AttentionRequest):
         return self
 
-    def priority_for(self, request: AttentionRequest) -> int:
+    def priority_for(self, request: AttentionRequest) -> Priority:
         from sftplug import probes
 
         if request.device.type != "cuda":
-            return -10  # the CPU interpreter is for tests: only when asked for by name
+            return Priority(-10)  # the CPU interpreter is for tests: only when asked for by name
         if request.head_dim == 256 and (probes.gpu_capability() or (0, 0)) >= (9, 0):
-            return 10  # its D=256 backward has no wgmma on Hopper (kernels/attention.py): flash there
-        return 40 if request.packed else self.priority
+            return Priority(10)  # its D=256 backward has no wgmma on Hopper (kernels/attention.py): flash there
+        return Priority(40 if request.packed else self.priority)
 
     def check(self, request: AttentionRequest) -> str | None:
         from sftplug import probes

@@ -18,7 +18,7 @@ import torch
 
 from sftplug import hookimpl
 from sftplug.dtypes import dtype_name
-from sftplug.fused import FusedOp, FusedOpsRequest, pytorch
+from sftplug.fused import FusedOp, FusedOpsRequest, Priority, pytorch
 from sftplug.fused.timing import case_for, outputs, time_op
 
 FASTER = 1.05  # a measured speed-up below this is within the noise of a few repetitions
@@ -48,14 +48,14 @@ class TritonForm(FusedOp):
             return "the Triton interpreter computes bf16 wrongly; use fp32 or fp16 on the CPU"
         return first_run(self, dataclasses.replace(request, tokens=min(request.tokens, 8)))
 
-    def priority_for(self, request: FusedOpsRequest) -> tuple[int, str]:
+    def priority_for(self, request: FusedOpsRequest) -> Priority:
         if request.device.type != "cuda":
-            return -10, "the CPU interpreter is for tests"
+            return Priority(-10, "the CPU interpreter is for tests")
         speedup = measured_speedup(self, request)
         shape = case_for(self.op, request).shape
         if speedup >= FASTER:
-            return 20, f"{speedup:.2f}x PyTorch's speed here at {shape}"
-        return -1, f"{speedup:.2f}x PyTorch's speed here at {shape}"
+            return Priority(20, f"{speedup:.2f}x PyTorch's speed here at {shape}")
+        return Priority(-1, f"{speedup:.2f}x PyTorch's speed here at {shape}")
 
 
 class RMSNorm(TritonForm):

@@ -2,5 +2,6 @@
 backend for a run (sftplug.attention.choice)."""
 
 from sftplug.attention.backend import AttentionBackend, AttentionRequest
+from sftplug.offers import Priority
 
-__all__ = ["AttentionBackend", "AttentionRequest"]
+__all__ = ["AttentionBackend", "AttentionRequest", "Priority"]

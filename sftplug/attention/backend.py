@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sftplug.offers import Priority
+
 
 @dataclass(frozen=True)
 class AttentionRequest:
@@ -49,7 +51,7 @@ class AttentionBackend:
     """
 
     name = ""
-    priority = 0  # "auto" picks the highest priority whose check passes
+    priority = 0  # "auto" picks the highest priority whose check passes (priority_for may vary it per request)
     description = ""
     packed_documents = True  # honours doc_ids (attends within documents only)
     host_doc_ids = False  # True: doc_ids arrive on the host (CPU), to plan packed rows there without a GPU sync
@@ -57,8 +59,9 @@ class AttentionBackend:
     softcap = False  # honours softcap=
     custom_scale = False  # honours scale=
 
-    def priority_for(self, request: AttentionRequest) -> int:
-        return self.priority
+    def priority_for(self, request: AttentionRequest) -> Priority:
+        """How strongly auto prefers this backend for ``request``: by default its ``priority``."""
+        return Priority(self.priority)
 
     def check(self, request: AttentionRequest) -> str | None:
         """None when this backend can run the request, else why it is unavailable for it."""

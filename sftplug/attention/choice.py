@@ -16,6 +16,7 @@ from sftplug.attention.backend import AttentionBackend, AttentionRequest
 from sftplug.deprecated import renamed_attribute
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
+from sftplug.offers import Offer, checked, priority_of
 
 # Environment variables that steer attention kernels behind a trainer's back: PyTorch's
 # own (TORCH_CUDNN_SDPA_*), and the ones scripts and other libraries read to flip
@@ -31,19 +32,6 @@ STEERING_ENV_PREFIXES = (
     "XFORMERS_",
 )
 STEERING_ENV_NAMES = ("ATTN_BACKEND", "ATTENTION_BACKEND", "ATTN_IMPLEMENTATION", "ATTENTION_IMPLEMENTATION")
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One backend's answer to one request."""
-
-    backend: AttentionBackend
-    priority: int
-    why_unavailable: str | None  # None: it can run the request
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
 
 
 @dataclass
@@ -64,20 +52,17 @@ def survey(hook, request: AttentionRequest) -> list[Offer]:
 
 def _ask(backend: AttentionBackend, request: AttentionRequest) -> Offer:
     """The one question a backend is asked per request: can you run it, and how fast are you here?"""
-    priority = backend.priority_for(request) if hasattr(backend, "priority_for") else backend.priority
+    priority = priority_of(backend, request)
     if request.packed and not getattr(backend, "packed_documents", True):
         why_unavailable = (
             f"{backend.name} cannot keep packed documents apart (it ignores doc_ids); "
             "train with --no-pack or pick a backend that can"
         )
-        return Offer(backend, priority, why_unavailable)
+        return Offer(backend, *priority, why_unavailable)
     missing = _missing_option(backend, request)
     if missing:
-        return Offer(backend, priority, f"{backend.name} cannot apply {missing}, which this model's attention uses")
-    try:
-        return Offer(backend, priority, backend.check(request))
-    except Exception as exc:  # a third-party check must not break the choice
-        return Offer(backend, priority, f"its check raised {type(exc).__name__}: {exc}")
+        return Offer(backend, *priority, f"{backend.name} cannot apply {missing}, which this model's attention uses")
+    return Offer(backend, *priority, checked(backend, request))
 
 
 def _missing_option(backend: AttentionBackend, request: AttentionRequest) -> str | None:

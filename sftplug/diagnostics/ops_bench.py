@@ -43,9 +43,9 @@ def run_ops_bench(registry, request: FusedOpsRequest, repeats: int = 10, echo=No
             row = dict(op=op, form=offer.name, shape=case.shape, dtype=dtype_name(request.dtype), fwd_ms=None,
                        bwd_ms=None, gb_s=None, speedup=None, difference=None, status=offer.why_unavailable or "ok")
             if offer.why_unavailable is None:
-                row["difference"] = _difference(offer.form, getattr(pytorch, op), op, request)
+                row["difference"] = _difference(offer.backend, getattr(pytorch, op), op, request)
                 if request.device.type == "cuda":
-                    row.update(_timed_row(op, offer.name, offer.form, case, repeats))
+                    row.update(_timed_row(op, offer.name, offer.backend, case, repeats))
                     row["speedup"] = _total(baseline) / _total(row)
                 else:
                     row["status"] = "checked, not timed: on the CPU it runs in the Triton interpreter"

@@ -13,22 +13,9 @@ from sftplug.deprecated import renamed_attribute
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 from sftplug.fused.op import OPS, FusedOp, FusedOpsRequest, OpSet
+from sftplug.offers import Offer, checked, priority_of
 
 PYTORCH = "pytorch"  # the name of every op's PyTorch form
-
-
-@dataclass(frozen=True)
-class Offer:
-    """One fused form's answer to one request."""
-
-    form: FusedOp
-    priority: int
-    why_chosen: str  # what auto says when it takes this form (e.g. a measured speed-up)
-    why_unavailable: str | None  # None: it can compute the request
-
-    @property
-    def name(self) -> str:
-        return self.form.name
 
 
 @dataclass
@@ -81,17 +68,15 @@ def survey(hook, request: FusedOpsRequest) -> dict[str, list[Offer]]:
 
 
 def _ask(form: FusedOp, request: FusedOpsRequest) -> Offer:
-    try:
-        why_unavailable = form.check(request)
-    except Exception as exc:  # a third-party check must not break the choice
-        return Offer(form, 0, "", f"its check raised {type(exc).__name__}: {exc}")
+    """Can this form compute the request, and is it faster than PyTorch's there? Only a form
+    that can is asked the second (its priority may be a measurement)."""
+    why_unavailable = checked(form, request)
     if why_unavailable is not None:
         return Offer(form, 0, "", why_unavailable)
     try:
-        priority, why_chosen = form.priority_for(request)
-    except Exception as exc:
+        return Offer(form, *priority_of(form, request))
+    except Exception as exc:  # a third-party priority_for must not break the choice either
         return Offer(form, 0, "", f"its priority_for raised {type(exc).__name__}: {exc}")
-    return Offer(form, priority, why_chosen, None)
 
 
 def choose_fused_ops(hook, request: FusedOpsRequest, fused: str, compiled: bool = False,
@@ -118,12 +103,12 @@ def choose_fused_ops(hook, request: FusedOpsRequest, fused: str, compiled: bool 
             if best is None:
                 forms[op], why_chosen[op] = PYTORCH, _auto_pytorch(working, rejected[op], request)
                 continue
-            forms[op], chosen[op] = best.name, best.form
+            forms[op], chosen[op] = best.name, best.backend
             why_chosen[op] = f"auto: {best.why_chosen}" if best.why_chosen else "auto"
         elif wanted == "all" or op in wanted:
             name = None if wanted == "all" else wanted[op]
             offer = _required(op, name, offers[op], working, rejected[op], request, skipped or {}, fused)
-            forms[op], why_chosen[op], chosen[op] = offer.name, "requested", offer.form
+            forms[op], why_chosen[op], chosen[op] = offer.name, "requested", offer.backend
         else:
             forms[op], why_chosen[op] = PYTORCH, "not requested"
     return FusedChoice(OpSet(**chosen), forms, why_chosen, rejected)

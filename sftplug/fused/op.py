@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from sftplug.fused import pytorch
+from sftplug.offers import Priority
 
 OPS = ("rmsnorm", "glu", "rope", "cross_entropy")
 
@@ -65,9 +66,10 @@ class FusedOp:
     priority = 0
     description = ""
 
-    def priority_for(self, request: FusedOpsRequest) -> tuple[int, str]:
-        """(priority, why_chosen): above 0 when this form is faster than PyTorch's here, and why."""
-        return self.priority, ""
+    def priority_for(self, request: FusedOpsRequest) -> Priority:
+        """Above 0 when this form is faster than PyTorch's here, and why (a plain
+        ``(value, why_chosen)`` pair is the same shape)."""
+        return Priority(self.priority)
 
     def check(self, request: FusedOpsRequest) -> str | None:
         """None when this form can compute the request exactly, else why it is unavailable for it."""

@@ -7,7 +7,7 @@ import torch
 from sftplug import hookimpl
 from sftplug.config import TrainConfig
 from sftplug.errors import SftplugError
-from sftplug.fused import OPS, FusedOp, FusedOpsRequest, pytorch
+from sftplug.fused import OPS, FusedOp, FusedOpsRequest, Priority, pytorch
 from sftplug.fused.choice import PYTORCH, attach_fused, choose_fused_ops, parse_fused
 from sftplug.registry import Registry
 
@@ -22,7 +22,7 @@ class Form(FusedOp):
         self.op, self.name, self.priority, self.answer, self.calls = op, name, priority, answer, 0
 
     def priority_for(self, request):
-        return self.priority, f"{self.priority} says the test"
+        return Priority(self.priority, f"{self.priority} says the test")
 
     def check(self, request):
         return self.answer

@@ -116,7 +116,8 @@ def test_it_declares_every_option_and_leads_auto_only_on_a_gpu_for_windows_and_s
     assert flex.sliding_window and flex.softcap and flex.custom_scale and flex.packed_documents
 
     def priority(device="cuda", **options):
-        return flex.priority_for(AttentionRequest("auto", torch.device(device), torch.bfloat16, 64, 8, 2, **options))
+        request = AttentionRequest("auto", torch.device(device), torch.bfloat16, 64, 8, 2, **options)
+        return flex.priority_for(request).value
 
     assert priority(window=4096) == priority(softcap=50.0) == flex_plugin.PRIORITY_WITH_OPTIONS
     assert priority(window=4096) > 40  # above triton's packed-rows priority, cuDNN's and flash's

@@ -216,7 +216,7 @@ def test_cpu_machine_lists_flash_and_math_usable_and_says_why_not_efficient_and_
 
 def test_auto_order_follows_the_gpu_generation():
     cpu = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 4, 4)
-    assert sdpa.flash.priority_for(cpu) > sdpa.math.priority_for(cpu)
+    assert sdpa.flash.priority_for(cpu).value > sdpa.math.priority_for(cpu).value
     order = sorted(sdpa.PRIORITIES["sm90+"], key=sdpa.PRIORITIES["sm90+"].get, reverse=True)
     assert order == ["cudnn", "flash", "efficient", "math"]
     order = sorted(sdpa.PRIORITIES["sm80"], key=sdpa.PRIORITIES["sm80"].get, reverse=True)
@@ -256,11 +256,11 @@ def test_cudnn_leads_hopper_only_after_matching_flash_and_never_for_packed_rows(
     def request(packed=False, dtype=torch.bfloat16):
         return AttentionRequest("auto", torch.device("cuda"), dtype, 128, 32, 8, packed)
 
-    flash = sdpa.flash.priority_for(request())
-    assert sdpa.cudnn.priority_for(request()) > flash and asked == [("cudnn", "flash", torch.bfloat16, 128)]
-    assert sdpa.cudnn.priority_for(request(packed=True)) < flash  # packed rows go to flash
+    flash = sdpa.flash.priority_for(request()).value
+    assert sdpa.cudnn.priority_for(request()).value > flash and asked == [("cudnn", "flash", torch.bfloat16, 128)]
+    assert sdpa.cudnn.priority_for(request(packed=True)).value < flash  # packed rows go to flash
     verdict["answer"] = "cudnn differs from flash at T=704 (scale 1): dq off by 3.0e-01"
-    assert sdpa.cudnn.priority_for(request()) < flash
+    assert sdpa.cudnn.priority_for(request()).value < flash
 
 
 # -- a custom scale and sliding windows -------------------------------------------------------

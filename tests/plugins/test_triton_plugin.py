@@ -90,10 +90,13 @@ def test_auto_leaves_head_dim_256_on_hopper_to_flash(monkeypatch):
 
     monkeypatch.setattr(probes, "gpu_capability", lambda: (9, 0))
     monkeypatch.setattr("sftplug.plugins.sdpa.gpu_generation", lambda device: "sm90+")
-    assert triton.priority_for(request(128)) > flash.priority_for(request(128))  # packed rows: triton first
-    assert triton.priority_for(request(256)) < flash.priority_for(request(256))  # no wgmma tile at D=256
+    def priority(backend, head_dim):
+        return backend.priority_for(request(head_dim)).value
+
+    assert priority(triton, 128) > priority(flash, 128)  # packed rows: triton first
+    assert priority(triton, 256) < priority(flash, 256)  # no wgmma tile at D=256
     monkeypatch.setattr(probes, "gpu_capability", lambda: (8, 0))
-    assert triton.priority_for(request(256)) > flash.priority_for(request(256))  # Ampere: mma.sync everywhere
+    assert priority(triton, 256) > priority(flash, 256)  # Ampere: mma.sync everywhere
 
 
 def test_the_first_run_covers_the_window_and_the_softcap_a_request_has(monkeypatch):
