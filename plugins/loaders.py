@@ -53,7 +53,7 @@ class HFCheckpoint:
 
 class SftplugCheckpoint:
     @hookimpl
-    def load_state(self, source, dtype, device, load_model, quantize):
+    def load_state(self, source, dtype, device, load_base, quantize):
         if not folders.is_checkpoint(source):
             return None
         folder = folders.resolve(source)
@@ -62,7 +62,7 @@ class SftplugCheckpoint:
             raise SftplugError(f"{folder / folders.MANIFEST}: no base_model; the checkpoint cannot be loaded")
         lora = manifest.get("lora")
         quantized = base_quantization(manifest, folder, quantize) if lora else None  # a full fine-tune: dense
-        base = load_model(manifest["base_model"], quantize=quantized)
+        base = load_base(manifest["base_model"], quantize=quantized)
         model = base.model
         template = manifest.get("config", {}).get("chat_template")
         if template:  # the run trained with this template; answer with it too

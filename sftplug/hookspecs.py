@@ -50,13 +50,19 @@ def configure_precision(dtype: str, device: torch.device, tf32: bool) -> Precisi
 # -- The model: loaded once per run, and again by generate and export. --
 
 
-@hookspec(firstresult=True)
+# The base loader was called load_model until it was named for what it loads: a plugin that
+# still declares load_model gets it, and a DeprecationWarning when it registers.
+LOAD_MODEL_RENAMED = DeprecationWarning("load_state's argument load_model is deprecated: use load_base")
+
+
+@hookspec(firstresult=True, warn_on_impl_args={"load_model": LOAD_MODEL_RENAMED})
 def load_state(
     source: str,
     dtype: torch.dtype | None,
     device: torch.device,
-    load_model: Callable[..., LoadedModel],
+    load_base: Callable[..., LoadedModel],
     quantize: QuantSpec | None,
+    load_model: Callable[..., LoadedModel],
 ) -> LoadedModel | None:
     """Load the model and tokenizer that ``source`` names; None when this plugin does not handle it.
 
@@ -66,13 +72,15 @@ def load_state(
         checkpoint folder, as given by ``--model`` or ``sftplug generate``.
     :param dtype: the dtype for the weights, or None for the source's own.
     :param device: the device to load onto.
-    :param load_model: the core's loader of a base model, callable as
-        ``load_model(source, quantize=None)``, for formats that build on another model (an
+    :param load_base: the core's loader of a base model, callable as
+        ``load_base(source, quantize=None)``, for formats that build on another model (an
         adapter on its base).
     :param quantize: set when the run keeps the base's block linears in 4-bit
         (``--quantize``), else None. A plugin may quantize while it reads (never holding the
         dense model) and set ``info["quantized"]``; one that ignores this argument (or leaves
         it out) returns dense weights, and the core quantizes them afterwards, layer by layer.
+    :param load_model: ``load_base`` under its old name, still given to a plugin that declares
+        it (which warns, with a DeprecationWarning, when it registers).
     """
 
 

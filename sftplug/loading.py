@@ -51,8 +51,8 @@ def load_model(source: str, *, dtype=None, device="cpu", registry=None, attentio
         return load_model(inner_source, dtype=dtype, device=device, registry=registry, attention=None,
                           quantize=quantize)
 
-    loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_model=load_base,
-                                      quantize=quantize)
+    loaded = registry.hook.load_state(source=str(source), dtype=dtype, device=device, load_base=load_base,
+                                      quantize=quantize, load_model=load_base)  # load_model: its old name
     if loaded is None:
         raise SftplugError(f"{source}: not a built-in preset, an HF checkpoint folder or an sftplug checkpoint")
     if quantize is not None and not loaded.info.get("quantized"):  # a loader that returned dense weights

@@ -12,8 +12,9 @@ from sftplug.attention.choice import choose_backend, survey
 from sftplug.fused import FusedOp
 from sftplug.fused.choice import choose_fused_ops
 from sftplug.fused.op import FusedOpsRequest
+from sftplug.loading import load_model
 from sftplug.offers import priority_of
-from sftplug.registry import Registry
+from sftplug.registry import Registry, build_registry
 
 CPU = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2)
 OPS_REQUEST = FusedOpsRequest(device=torch.device("cpu"), dtype=torch.float32, hidden_size=32, intermediate_size=64,
@@ -82,3 +83,20 @@ def test_a_plain_pair_from_priority_for_is_a_priority():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert priority_of(PairForm(), OPS_REQUEST) == Priority(5, "claims to be faster")
+
+
+class OldLoader:
+    """A load_state plugin that names its base loader load_model, as plugins did before load_base."""
+
+    @hookimpl
+    def load_state(self, source, load_model):
+        return load_model("tiny") if source == "tiny-again" else None
+
+
+def test_a_loader_that_declares_load_model_gets_the_base_loader():
+    registry = build_registry(entrypoints=False)
+    with pytest.warns(DeprecationWarning, match="load_state's argument load_model is deprecated: use load_base"):
+        registry.add("old-loader", OldLoader)
+    assert registry.info("old-loader").available
+    loaded = load_model("tiny-again", registry=registry, attention=None)
+    assert loaded.source == "tiny" and loaded.model.config == load_model("tiny", attention=None).model.config

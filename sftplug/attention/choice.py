@@ -132,9 +132,9 @@ def choose_from(offers: list[Offer], request: AttentionRequest, skipped: dict[st
 def attach(model, registry, name: str, device, dtype: torch.dtype, packed: bool = False,
            seq_len: int = 0) -> AttentionChoice:
     """Choose the backend ``name`` (or auto) for ``model`` and set it on every block."""
-    c = model.config
-    request = AttentionRequest(name, torch.device(device), dtype, c.head_dim, c.n_heads, c.n_kv_heads, packed,
-                               seq_len, **model.attention_options(seq_len))
+    model_config = model.config
+    request = AttentionRequest(name, torch.device(device), dtype, model_config.head_dim, model_config.n_heads,
+                               model_config.n_kv_heads, packed, seq_len, **model.attention_options(seq_len))
     choice = choose_backend(registry.hook, request, attention_skipped(registry))
     model.set_attention(choice.backend)
     return choice

@@ -97,10 +97,10 @@ class Run:
         ids, positions = (mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "positions"))
         with self.precision.autocast(self.device):
             hidden = (model or self.model)(ids, positions, mb["doc_ids"], hidden_only=True)
-            c = self.model.config
+            model_config = self.model.config
             return target_loss_sum(hidden, mb["labels"], lm_head_weight(self.model),
-                                   cross_entropy=self.fused.ops.cross_entropy, logit_scale=c.logit_scale,
-                                   logit_softcap=c.logit_softcap)
+                                   cross_entropy=self.fused.ops.cross_entropy, logit_scale=model_config.logit_scale,
+                                   logit_softcap=model_config.logit_softcap)
 
     def update(self, stop_requested: bool = False) -> dict:
         """One optimizer update over ``--accum`` micro-batches; returns its metrics record.
@@ -183,8 +183,8 @@ class Run:
         """The gradient norm (a device tensor), after clipping to --max-grad-norm."""
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        c = self.config
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else 1e30)
+        max_norm = self.config.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else 1e30)
         if hasattr(grad_norm, "full_tensor"):  # sharded parameters give a sharded norm
             grad_norm = grad_norm.full_tensor()
         return grad_norm
