@@ -6,8 +6,8 @@ Each (shape, mode) runs in a fresh process, so one peak never includes another's
 run on the bundled data packed into 2048-token rows, one warm-up update, then ``--steps``
 timed ones; it reports tokens/s and ``torch.cuda.max_memory_allocated`` beside
 sftplug.train.memory's predicted peak (every token counted a target: an upper bound). The 8B shape
-(Llama-3.1-8B's dimensions) is a random model initialised on the GPU itself through a
-``load_state`` plugin of this script: initialising 8B values on the host would take longer
+(Llama-3.1-8B's dimensions) is a random model initialized on the GPU itself through a
+``load_state`` plugin of this script: initializing 8B values on the host would take longer
 than the measurement. ``--device cpu --shapes tiny`` runs the same code on the CPU (its test).
 Results: one JSON line per run in OUT/memory.jsonl.
 """
@@ -34,7 +34,7 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_
                 n_kv_heads=8, rotary={"theta": 500000.0})
 
 
-class DeviceInitialised:
+class DeviceInitialized:
     """Loads ``llama-8b``: Llama-3.1-8B's shape, random weights written on the target device."""
 
     @hookimpl
@@ -67,7 +67,7 @@ def measure(shape: str, mode: str, steps: int, device: str) -> dict:
     from sftplug.train.setup import build_run
 
     registry = build_registry(entrypoints=False)
-    registry.add("llama-8b", DeviceInitialised, source="benchmarks/memory_gpu.py")
+    registry.add("llama-8b", DeviceInitialized, source="benchmarks/memory_gpu.py")
     cuda = device == "cuda"
     config = TrainConfig(model=shape, device=device, dtype="bf16" if cuda else "fp32", seq_len=2048 if cuda else 64,
                          micro_bsz=1 if shape == "llama-8b" else 8, steps=steps + 1, eval_data=None, warmup=1,

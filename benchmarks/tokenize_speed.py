@@ -1,12 +1,12 @@
-"""Tokenisation speed and memory: N short chat records through prepare_data, then again from the cache.
+"""Tokenization speed and memory: N short chat records through prepare_data, then again from the cache.
 
     python benchmarks/tokenize_speed.py [--records N] [--seq-len S] [--workers W] [--profile]
 
 Uses the bundled tokenizer (sftplug/assets) and its chat template; the records are
-generated into a temporary JSONL file with a fixed seed. Each phase (tokenising into an
+generated into a temporary JSONL file with a fixed seed. Each phase (tokenizing into an
 empty cache, then reading that cache) runs in a fresh process, which reports its wall
 time and its peak resident memory (ru_maxrss) over its base: the memory it held once the
-imports and the tokenizer were loaded, just before prepare_data. Tokenising worker
+imports and the tokenizer were loaded, just before prepare_data. Tokenizing worker
 processes are reported apart (the largest one's peak and their CPU time). The targets:
 peak memory at most 12 bytes per token over the base, and a cache hit that maps the tokens
 instead of loading them.
@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=0, help="tokenising processes (0: the default for the cores)")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: the default for the cores)")
     parser.add_argument("--profile", action="store_true", help="cProfile the uncached run (to stderr)")
     parser.add_argument("--phase", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -126,7 +126,7 @@ def main() -> None:
         warm = run_phase(args, path, Path(tmp) / "cache", False)
     print(cold["describe"])
     per_token = (cold["peak_mb"] - cold["base_mb"]) * 2**20 / cold["stored_tokens"]
-    print(f"tokenise {args.records:,} chat records: {cold['wall']:.1f} s wall, {cold['cpu']:.1f} s CPU in the main "
+    print(f"tokenize {args.records:,} chat records: {cold['wall']:.1f} s wall, {cold['cpu']:.1f} s CPU in the main "
           f"process ({cold['tokens']:,} tokens, {cold['rows']:,} rows of {args.seq_len})")
     print(f"  peak RSS {cold['peak_mb']:,.0f} MB = base {cold['base_mb']:,.0f} MB + "
           f"{cold['peak_mb'] - cold['base_mb']:,.0f} MB, {per_token:.2f} bytes per token over the base "

@@ -8,7 +8,7 @@ Two forms, as the models compute them (``normalized = x * rsqrt(mean(x^2) + eps)
 
 Forward: each program loops over rows (see :func:`_programs` for why); a row that fits
 one block (``n_cols <= BLOCK``) is read once and kept in registers, a longer one is read
-twice in BLOCK chunks (sum of squares, then normalise and store). The forward saves x and
+twice in BLOCK chunks (sum of squares, then normalize and store). The forward saves x and
 the per-row ``rstd = 1 / rms`` in fp32, nothing else.
 
 Backward: ``dx = rstd * (dn - normalized * mean(dn * normalized))`` with ``dn = dy * w``

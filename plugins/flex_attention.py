@@ -8,7 +8,7 @@ mask is built once per ``doc_ids`` batch (every layer of a forward passes the sa
 and once per length and window for rows of one document.
 
 Where it runs: on CUDA GPUs, compiled (``torch.compile(flex_attention)`` generates Triton
-kernels for these masks; eager flex_attention is an unfused reference that materialises
+kernels for these masks; eager flex_attention is an unfused reference that materializes
 the scores). PyTorch's CPU FlexAttention is inference-only (its backward raises), so the
 plugin is not offered for training on the CPU. Before it is offered on a GPU for a window,
 a soft-cap or by name, one tiny compiled forward and backward is checked against plain

@@ -48,7 +48,7 @@ class HFCheckpoint:
             if has_weight_files(folder):
                 raise SftplugError(f"{folder}: has weights but no {CONFIG}; an HF checkpoint folder needs both")
             return None
-        return load_hf_folder(folder, dtype=dtype, device=device, quantize=quantize)  # quantised as it is read
+        return load_hf_folder(folder, dtype=dtype, device=device, quantize=quantize)  # quantized as it is read
 
 
 class SftplugCheckpoint:
@@ -84,8 +84,8 @@ class SftplugCheckpoint:
 
 
 def base_quantization(manifest: dict, folder: Path, asked: QuantSpec | None) -> QuantSpec | None:
-    """How a LoRA checkpoint's base is quantised: as its run trained it (--quantize, --double-quant
-    and the dtype it quantised from), else as ``asked``."""
+    """How a LoRA checkpoint's base is quantized: as its run trained it (--quantize, --double-quant
+    and the dtype it quantized from), else as ``asked``."""
     config = manifest.get("config", {})
     kind = config.get("quantize", "none")
     if kind == "none":

@@ -91,12 +91,12 @@ class TrainConfig:
                                            "PEFT trains them; the fused layers' names qkv, o, gate_up, down work too.",
                                            "lora")
     lora_variant: str = option("lora", "lora, or dora (PEFT's use_dora).", "lora", choices=LORA_VARIANTS)
-    rslora: bool = option(False, "Rank-stabilised scale alpha / sqrt(r) (PEFT's use_rslora).", "lora")
+    rslora: bool = option(False, "Rank-stabilized scale alpha / sqrt(r) (PEFT's use_rslora).", "lora")
     quantize: str = option("none", "QLoRA: keep the frozen base's block weights in 4-bit through bitsandbytes "
-                           "(nf4 or fp4), computing in --dtype; embeddings and the LM head stay unquantised.",
+                           "(nf4 or fp4), computing in --dtype; embeddings and the LM head stay unquantized.",
                            "lora", choices=QUANT_TYPES)
-    double_quant: bool = option(True, "With --quantize, quantise the 4-bit blocks' scales too (QLoRA's double "
-                                "quantisation).", "lora")
+    double_quant: bool = option(True, "With --quantize, quantize the 4-bit blocks' scales too (QLoRA's double "
+                                "quantization).", "lora")
     adapter: str | None = option(None, "A PEFT LoRA adapter folder (adapter_config.json + "
                                  "adapter_model.safetensors) to continue training on --model, its base; its r, "
                                  "alpha, dropout, targets and variant replace --lora-*.", "lora")
@@ -156,7 +156,7 @@ class TrainConfig:
         if self.adapter and self.full:
             raise SftplugError("--adapter continues a LoRA adapter; it cannot be combined with --full")
         if self.quantize != "none" and self.full:
-            raise SftplugError(f"--quantize {self.quantize} keeps the frozen base quantised under LoRA adapters "
+            raise SftplugError(f"--quantize {self.quantize} keeps the frozen base quantized under LoRA adapters "
                                "(QLoRA); it cannot be combined with --full")
 
     def to_dict(self) -> dict:

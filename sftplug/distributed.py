@@ -2,7 +2,7 @@
 
 With ``--strategy ddp`` gradients are all-reduced by torch's DistributedDataParallel in
 buckets while the backward of an update's last micro-batch still runs; with ``fsdp`` FSDP2
-reduce-scatters them. The loss is normalised by the target tokens of the whole update on
+reduce-scatters them. The loss is normalized by the target tokens of the whole update on
 all ranks (times the world size, as both average), so N processes with --micro-bsz B
 train exactly like one process with --micro-bsz N*B. Rank 0 alone prints, logs,
 evaluates and writes the small files of checkpoints (sftplug.checkpoint).
@@ -158,7 +158,7 @@ def shard(model: torch.nn.Module) -> int:
     A block is one group, a LoRA block's frozen base and its fp32 adapters together (FSDP2
     wants one dtype among a group's trainable parameters; a bf16 base is all-gathered with
     them as bytes). A 4-bit base is sharded as its packed bytes, its layers keeping the
-    quantisation state (sftplug.model.quantize.unwrap_for_sharding); returns those bytes.
+    quantization state (sftplug.model.quantize.unwrap_for_sharding); returns those bytes.
     Gradient hooks registered on parameters before (LoRA's block-diagonal B) still hold.
     """
     from torch.distributed.fsdp import fully_shard

@@ -37,10 +37,10 @@ def load_model(source: str, *, dtype=None, device="cpu", registry=None, attentio
     :param dtype: the weights' dtype, or None for the source's own.
     :param attention: the backend for every block: "auto" (the fastest for the weights'
         dtype on ``device``) or a name; None leaves it unset for a caller that chooses
-        later (a training run knows whether its rows are packed only after tokenising).
+        later (a training run knows whether its rows are packed only after tokenizing).
     :param quantize: a :class:`sftplug.model.quantize.QuantSpec` to keep the base's block
-        weights in 4-bit (QLoRA), or None. A loader that does not quantise while it reads (presets,
-        third-party loaders) returns dense weights; they are quantised here, layer by layer.
+        weights in 4-bit (QLoRA), or None. A loader that does not quantize while it reads (presets,
+        third-party loaders) returns dense weights; they are quantized here, layer by layer.
     """
     from sftplug.registry import build_registry
 

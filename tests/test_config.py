@@ -25,7 +25,7 @@ from sftplug.errors import SftplugError
         (dict(lora_dropout=1.0), r"--lora-dropout must be in \[0, 1\), got 1.0"),
         (dict(eval_split=1.5), r"--eval-split must be a fraction in \[0, 1\), got 1.5"),
         (dict(eval_split=0.1, eval_data="held-out.jsonl"), "use --eval-split or --eval-data, not both"),
-        (dict(quantize="nf4", full=True), "--quantize nf4 keeps the frozen base quantised under LoRA adapters"),
+        (dict(quantize="nf4", full=True), "--quantize nf4 keeps the frozen base quantized under LoRA adapters"),
         (dict(quantize="int8"), "--quantize must be one of none, nf4, fp4, got 'int8'"),
         (dict(optimizer="sgd"), "--optimizer must be one of adamw, adamw8bit, paged_adamw, paged_adamw8bit"),
     ],

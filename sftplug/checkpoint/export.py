@@ -20,10 +20,10 @@ columns), its DoRA magnitude its rows. Merging adds scaling * B @ A to the base 
 before casting (DoRA: and scales each row by magnitude / its norm, as PEFT merges).
 
 A LoRA trained on a 4-bit base (QLoRA, ``--quantize``) is exported on the base it trained on:
-the block linears dequantised (quantised again from the base model exactly as the run did),
+the block linears dequantized (quantized again from the base model exactly as the run did),
 so the exported base is the nf4- (or fp4-) rounded base, not the original weights. Both
-layouts hold it: merged, plus the adapter; as base + adapter, the dequantised base in base/.
-Embeddings, norms and the LM head were never quantised and are the original weights.
+layouts hold it: merged, plus the adapter; as base + adapter, the dequantized base in base/.
+Embeddings, norms and the LM head were never quantized and are the original weights.
 """
 
 from __future__ import annotations

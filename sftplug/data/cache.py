@@ -77,7 +77,7 @@ class Cache:
     def begin(self) -> Path:
         """A new, empty folder to write the entry into."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for left in self.folder.glob(f"{self.entry.name}.tmp*"):  # by a run killed while tokenising
+        for left in self.folder.glob(f"{self.entry.name}.tmp*"):  # by a run killed while tokenizing
             shutil.rmtree(left, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f"{self.entry.name}.tmp", dir=self.folder))
 

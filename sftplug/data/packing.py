@@ -1,4 +1,4 @@
-"""Tokenised documents -> fixed-length rows: best-fit decreasing packing, per-document positions.
+"""Tokenized documents -> fixed-length rows: best-fit decreasing packing, per-document positions.
 
 A document of n tokens becomes n-1 training positions (input token t, target token t+1,
 the target masked with IGNORE where it is not trained). Positions restart at 0 in each
@@ -145,7 +145,7 @@ class PackedRows:
         return _batch(*arrays, single=int(count.max()) <= 1, used=used, trim=trim)
 
     def dense(self) -> Rows:
-        """Every row materialised (tests, small data): what the old dense packing held."""
+        """Every row materialized (tests, small data): what the old dense packing held."""
         return Rows(*self._gather(np.arange(len(self)))[0], self.docs_per_row)
 
 

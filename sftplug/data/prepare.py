@@ -8,7 +8,7 @@
 2. Check each record; a bad one is an error naming file, line and problem
    (:class:`SftplugError`, exit code 2), or is skipped and counted with
    ``skip_bad_records``.
-3. Render messages with the chat template and tokenise them with their loss masks, a
+3. Render messages with the chat template and tokenize them with their loss masks, a
    chunk of records at a time, in file order (:mod:`sftplug.data.tokenizing`; worker
    processes on machines with the cores for them). A record is one example (document), or
    one per assistant turn where the template renders earlier turns differently as the
@@ -82,7 +82,7 @@ class Prepared:
             parts.append(f"cache hit, mapped in {s['load_seconds']:.2f}s")
         else:
             cache = {"miss": " (cache miss, saved)", None: ""}.get(s.get("cache"), f" (cache {s.get('cache')})")
-            parts.append(f"tokenised at {s['records_per_s']:,.0f} records/s{cache}")
+            parts.append(f"tokenized at {s['records_per_s']:,.0f} records/s{cache}")
         return "; ".join(parts)
 
 
@@ -177,7 +177,7 @@ def prepare_data(
     overlong: "truncate" or "drop" documents longer than seq_len + 1 tokens.
     skip_bad_records: skip and count bad records instead of stopping at the first.
     field_map: record fields renamed before anything else reads them ({"question": "prompt"}).
-    cache_dir: where the tokenised data is cached (None: no cache, the tokens kept in memory).
+    cache_dir: where the tokenized data is cached (None: no cache, the tokens kept in memory).
     seed: decides the eval split.
     """
     started = time.perf_counter()
@@ -218,14 +218,14 @@ def prepare_data(
 
 
 def _prepare(tokenizer: Tokenizer, data, eval_data, folder: Path | None, options: dict, started: float) -> Prepared:
-    """Tokenise, split and place; the tokens go to ``folder`` (or memory)."""
+    """Tokenize, split and place; the tokens go to ``folder`` (or memory)."""
     seq_len, fmt, eval_split = options["seq_len"], options["fmt"], options["eval_split"]
     bad = BadLog(options["skip_bad_records"])
     store = _Store(folder, seq_len)
     formats, without_eos, counts = {}, 0, []
 
     def tokenize(path) -> int:
-        """The source's records tokenised into the store; how many."""
+        """The source's records tokenized into the store; how many."""
         nonlocal without_eos
         before, records_before = bad.count, store.records
         problems = Problems()

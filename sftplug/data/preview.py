@@ -42,7 +42,7 @@ class Document:
 def preview_documents(tokenizer: Tokenizer, path, n: int, *, seq_len: int, fmt: str = "auto",
                       train_on_prompt: bool = False, train_turns: str = "all", overlong: str = "truncate",
                       skip_bad_records: bool = False, field_map: dict | None = None) -> list[Document]:
-    """The examples of the first ``n`` records of ``path`` (bad ones skipped when ``skip_bad_records``), tokenised."""
+    """The examples of the first ``n`` records of ``path`` (bad ones skipped when ``skip_bad_records``), tokenized."""
     bad = BadLog(skip_bad_records)
     records = islice(sources.iter_records(path, bad, field_map), n)
     docs, _, _, owners = tokenize_records(path, records, tokenizer, fmt, train_on_prompt, bad, train_turns)

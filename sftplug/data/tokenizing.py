@@ -4,7 +4,7 @@ Each record is checked against its file's format (given, or detected from the fi
 that has one) and rendered with the chat template; the trained character spans (assistant
 turns) come from the rendering itself (:meth:`Tokenizer.render_spans`) and become token
 masks through the tokenizer's offsets, with its batch API (:meth:`Tokenizer.encode_masked`).
-A record gives one example (a tokenised document), or several where the template renders
+A record gives one example (a tokenized document), or several where the template renders
 earlier turns differently as the conversation grows; each example knows its record.
 After the first INLINE_CHUNKS, on a machine of several cores, a pool of worker processes
 renders and encodes the chunks; they are taken back in submission order, so the tokens and
@@ -30,14 +30,14 @@ from sftplug.data.tokenizer import ChatTemplateError, Tokenizer
 from sftplug.errors import SftplugError
 
 ENCODE_CHUNK = 4096  # records per tokenizer batch call
-INLINE_CHUNKS = 2  # chunks tokenised in this process before worker processes take over
+INLINE_CHUNKS = 2  # chunks tokenized in this process before worker processes take over
 # Worker processes for large sources; None: one per core. The Jinja rendering is Python on one
 # core; tokenizers' own threads already encode a batch on all of them (BENCHMARKS.md compares).
 TOKENIZE_WORKERS: int | None = None
 
 class Problems:
     """Stands in for the BadLog while reading: keeps (line, problem) until its chunk's turn,
-    so bad records are reported in file order whichever process tokenised them."""
+    so bad records are reported in file order whichever process tokenized them."""
 
     def __init__(self):
         self.found: list[tuple[int, str]] = []
@@ -187,7 +187,7 @@ def tokenize_source(path, records, problems: Problems, tokenizer: Tokenizer, fmt
 
     file_fmt, without_eos = (None if fmt == "auto" else fmt), 0
     # A bar on a terminal for sources that take a while; nothing otherwise.
-    bar = tqdm(desc=f"tokenising {Path(path).name}", unit=" records", unit_scale=True, leave=False, delay=2,
+    bar = tqdm(desc=f"tokenizing {Path(path).name}", unit=" records", unit_scale=True, leave=False, delay=2,
                disable=not sys.stderr.isatty())
     with bar:
         encoded = _encoded(_chunks(records, problems, fmt), tokenizer, train_on_prompt, train_turns)

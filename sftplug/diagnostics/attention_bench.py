@@ -34,7 +34,7 @@ CUDA_SHAPES = [(8, 32, 2048, 64), (4, 32, 2048, 128), (2, 32, 8192, 128), (2, 32
 CUDA_PACKED = (4, 32, 4, 4096, 128)  # rows of documents of 128..2048 tokens
 CPU_SHAPES = [(1, 4, 256, 64), (1, 8, 2, 256, 64)]
 CPU_PACKED = (2, 4, 2, 512, 64)
-MATH_MAX_SEQ_CUDA = 4096  # the math kernel materialises B*H*S^2 scores: minutes and tens of GiB beyond this
+MATH_MAX_SEQ_CUDA = 4096  # the math kernel materializes B*H*S^2 scores: minutes and tens of GiB beyond this
 MATH_MAX_SEQ_CPU = 1024
 BUDGET_S = 150.0  # stop starting new rows after this; keeps the whole bench under 3 minutes on an H100
 
@@ -135,7 +135,7 @@ def _case_rows(bench: _Bench, dtype_name: str, shape: tuple, is_packed: bool) ->
 def _why_skipped(bench: _Bench, name: str, B: int, H: int, S: int, dtype: torch.dtype) -> str | None:
     """Why a backend that could run is not timed: math at long sequences, or the time budget spent."""
     if name == "math" and S > bench.math_limit:
-        return (f"math skipped at S={S} (> {bench.math_limit}): it materialises B*H*S^2 scores "
+        return (f"math skipped at S={S} (> {bench.math_limit}): it materializes B*H*S^2 scores "
                 f"({B * H * S * S * dtype.itemsize / 2**30:.0f} GiB) and would dominate the run")
     if time.perf_counter() - bench.started > bench.budget_s:
         return f"time budget of {bench.budget_s:.0f}s spent"

@@ -111,7 +111,7 @@ def run_sftplug(workload: str, steps: int, warmup: int, full: bool, attention: s
         records = [run.update() for _ in range(steps + warmup)][warmup:]  # compilation happens in warm-up
         run.batches.close()
         lock.release(run.out)
-    return _summarise("+".join(filter(None, ["sftplug", variant])), records, _peak_mib(run.device, base_rss))
+    return _summarize("+".join(filter(None, ["sftplug", variant])), records, _peak_mib(run.device, base_rss))
 
 
 def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
@@ -160,10 +160,10 @@ def run_peer(workload: str, steps: int, warmup: int, full: bool) -> SideResult:
         t3 = clock.now()
         records.append(dict(fwd_ms=1e3 * (t1 - t0), bwd_ms=1e3 * (t2 - t1), opt_ms=1e3 * (t3 - t2),
                             s_per_update=t3 - t0, tokens=input_ids.numel()))
-    return _summarise("hf+peft", records[warmup:], _peak_mib(device, base_rss))
+    return _summarize("hf+peft", records[warmup:], _peak_mib(device, base_rss))
 
 
-def _summarise(side: str, records: list[dict], peak: float) -> SideResult:
+def _summarize(side: str, records: list[dict], peak: float) -> SideResult:
     mean = lambda key: statistics.fmean(r[key] for r in records)  # noqa: E731
     tps = sum(r["tokens"] for r in records) / sum(r["s_per_update"] for r in records)
     return SideResult(side, tps, mean("fwd_ms"), mean("bwd_ms"), mean("opt_ms"), peak)

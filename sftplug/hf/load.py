@@ -9,7 +9,7 @@ wrongly shaped one is an SftplugError naming it.
 
 With a :class:`~sftplug.model.quantize.QuantSpec` (QLoRA) the full-precision model is never
 held at all: the block linears' weights stay on the meta device, each is read into a dense
-buffer of its own (qkv from its q, k and v tensors, whichever files they are in), quantised
+buffer of its own (qkv from its q, k and v tensors, whichever files they are in), quantized
 as soon as its last rows are read, and the buffer dropped. Tensors are read layer by layer, so
 at most one layer's buffers are alive at a time.
 """
@@ -68,7 +68,7 @@ def source_dtype(config: ModelConfig) -> torch.dtype:
 
 def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None = None) -> LoadedModel:
     """Model and tokenizer of an HF checkpoint folder, without attention (the caller chooses it);
-    with ``quantize``, its block linears in 4-bit, quantised while they are read."""
+    with ``quantize``, its block linears in 4-bit, quantized while they are read."""
     folder = Path(folder)
     device = torch.device(device)
     config = read_hf_config(folder)
@@ -103,9 +103,9 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> Transformer:
-    """The model with uninitialised storage: built on the meta device, then given memory once.
+    """The model with uninitialized storage: built on the meta device, then given memory once.
 
-    :param quantized: leave the block linears' weights on meta (the loader quantises each from a
+    :param quantized: leave the block linears' weights on meta (the loader quantizes each from a
         buffer of its own); their biases get storage.
     """
     with torch.device("meta"):
@@ -128,7 +128,7 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
 
     Every parameter of the base model must be covered: missing, unexpected or wrongly shaped
     tensors raise an SftplugError naming them, before any tensor is read. With ``quantize``, the
-    block linears left on meta by :func:`empty_model` are quantised as they are read.
+    block linears left on meta by :func:`empty_model` are quantized as they are read.
     """
     config = model.config
     plan = hf_layout(config)
@@ -137,7 +137,7 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
     filled = set(names.values())
     embedding = own.get(names["embed_tokens.weight"])  # a tied lm_head is this very parameter
     unfilled = [n for n, t in own.items() if n not in filled and ".lora_" not in n and t is not embedding]
-    if unfilled or None in filled:  # the model and hf_layout disagree: never leave a tensor uninitialised
+    if unfilled or None in filled:  # the model and hf_layout disagree: never leave a tensor uninitialized
         raise SftplugError(f"sftplug cannot load HF weights into {unfilled or sorted(names)}: no HF name for them")
     ignored, unexpected, wrong = [], {}, []
     for key, entry in weights.entries.items():
@@ -172,7 +172,7 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
 
 def read_quantizing(model: torch.nn.Module, weights: WeightFiles, plan: dict, targets: dict, spec: QuantSpec) -> None:
     """Read every tensor of ``plan``: into its parameter, or for a block linear's weight (still on
-    meta) into a dense buffer that is quantised once its last rows are in, then dropped.
+    meta) into a dense buffer that is quantized once its last rows are in, then dropped.
 
     :param targets: sftplug's parameter name -> the model's tensor (names as in ``plan``).
     """

@@ -3,7 +3,7 @@ LoRA on the HF projections.
 
 sftplug keeps q/k/v fused in ``qkv`` and gate/up in ``gate_up``. A LoRA on n of a fused
 layer's projections is one PEFT LoRA of rank n·r on the fused layer: A stacks the n
-projections' A (each r rows, initialised as PEFT initialises a layer of its own), and B is
+projections' A (each r rows, initialized as PEFT initializes a layer of its own), and B is
 block-diagonal (projection i's output rows see only its r columns; rows of projections not
 targeted are zero). A hook on B's gradient keeps the off-diagonal blocks at zero (AdamW leaves
 a zero entry with zero gradient at zero), and the scaling is alpha/r (rslora: alpha/sqrt(r)) of
@@ -37,7 +37,7 @@ LAYOUT = "per-projection"  # recorded with a checkpoint's LoRA settings; earlier
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """What defines a LoRA: rank, alpha, dropout, HF target names, variant, rank-stabilised scale."""
+    """What defines a LoRA: rank, alpha, dropout, HF target names, variant, rank-stabilized scale."""
 
     r: int
     alpha: float
@@ -86,19 +86,19 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
 
 
 def _check_dora_base(model: nn.Module, layers) -> None:
-    """PEFT's DoRA takes the row norms of the base weight as bitsandbytes dequantises it; refuse a 4-bit
+    """PEFT's DoRA takes the row norms of the base weight as bitsandbytes dequantizes it; refuse a 4-bit
     layer where that is wrong (bitsandbytes' CPU kernel, rows that are not whole 64-weight blocks)."""
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if name.rsplit(".", 1)[-1] in layers and is_quantized(weight) and not bitsandbytes_dequantizes_exactly(weight):
-            raise SftplugError(f"--lora-variant dora: bitsandbytes dequantises the 4-bit {name}.weight "
+            raise SftplugError(f"--lora-variant dora: bitsandbytes dequantizes the 4-bit {name}.weight "
                                f"({module.out_features}x{module.in_features}) wrongly on {weight.device.type}, and "
                                "PEFT's DoRA norm uses it; leave it out of --lora-targets, use --lora-variant lora, "
                                "or drop --quantize")
 
 
 def _prepare_layer(layer, parts, spec: LoraSpec) -> None:
-    """Adapters in fp32, A initialised per projection, B (and DoRA's magnitude) held block-diagonal."""
+    """Adapters in fp32, A initialized per projection, B (and DoRA's magnitude) held block-diagonal."""
     r = spec.r
     layer.lora_parts = tuple(parts)  # (HF projection, first row, end row) of each r-row block of A
     layer.lora_A.float()  # PEFT gives adapters the base's dtype; they train in fp32
@@ -159,7 +159,7 @@ def describe_lora(model: nn.Module) -> str:
 
 def lora_settings(model: nn.Module) -> dict | None:
     """The LoRA's settings as a checkpoint records them; on a 4-bit base also the dtype it was
-    quantised from (the checkpoint's loader quantises the base again exactly so)."""
+    quantized from (the checkpoint's loader quantizes the base again exactly so)."""
     spec = getattr(model, "lora_spec", None)
     if spec is None:
         return None

@@ -51,7 +51,7 @@ class MergedLoRALinear(torch.autograd.Function):
 
 def merged_weight(weight, lora_a, lora_b, scale: float, dtype: torch.dtype, state=None) -> torch.Tensor:
     """W + scale·B·A in the compute dtype: one addmm (products accumulated in fp32, one rounding),
-    so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA) is dequantised here,
+    so a bf16 run makes no weight-sized fp32 temporaries. A 4-bit W (QLoRA) is dequantized here,
     in forward and again in backward (``state``: its QuantState, when FSDP holds it as plain bytes)."""
     return torch.addmm(dense_weight(weight, dtype, state), lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
 

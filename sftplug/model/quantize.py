@@ -2,13 +2,13 @@
 
 Each block's ``attn.qkv``, ``attn.o``, ``mlp.gate_up`` and ``mlp.down`` becomes a
 ``bitsandbytes.nn.Linear4bit`` holding a ``Params4bit``: blocks of 64 weights as 4-bit codes
-(nf4 or fp4) and one scale per block, the scales themselves 8-bit with double quantisation.
-Embeddings, norms and the LM head stay as they are. The weights are quantised from the
-dtype the spec names (by default the dtype they were loaded in), and dequantising gives that
+(nf4 or fp4) and one scale per block, the scales themselves 8-bit with double quantization.
+Embeddings, norms and the LM head stay as they are. The weights are quantized from the
+dtype the spec names (by default the dtype they were loaded in), and dequantizing gives that
 dtype back.
 
-Every quantised linear computes with its dequantised weight in the compute dtype (the
-autocast dtype, else the input's), dequantised again for the input gradient in backward, so
+Every quantized linear computes with its dequantized weight in the compute dtype (the
+autocast dtype, else the input's), dequantized again for the input gradient in backward, so
 no dense copy lives from forward to backward; bitsandbytes' own CPU inference path (weights
 repacked for a bf16 kernel) is never taken. sftplug's LoRA layers do the same
 (:func:`sftplug.model.merged_lora.merged_weight` calls :func:`dense_weight`).
@@ -35,8 +35,8 @@ BLOCK_LINEARS = ("qkv", "o", "gate_up", "down")  # each block's linear layers; t
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How the base is quantised: the 4-bit data type, whether the block scales are quantised too,
-    and the dtype the weights are rounded to before quantising (None: the dtype they were loaded in)."""
+    """How the base is quantized: the 4-bit data type, whether the block scales are quantized too,
+    and the dtype the weights are rounded to before quantizing (None: the dtype they were loaded in)."""
 
     kind: str  # nf4 or fp4
     double_quant: bool = True
@@ -62,13 +62,13 @@ def numel(param) -> int:
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """The names of the dense linear layers :func:`quantize_model` quantises."""
+    """The names of the dense linear layers :func:`quantize_model` quantizes."""
     return [name for name, module in model.named_modules()
             if type(module) is nn.Linear and name.startswith("layers.") and name.rsplit(".", 1)[-1] in BLOCK_LINEARS]
 
 
 def quantize_linear(linear: nn.Linear, weight: torch.Tensor, spec: QuantSpec) -> nn.Linear:
-    """A Linear4bit equal to ``linear`` with ``weight`` quantised (on its device); ``linear``'s bias
+    """A Linear4bit equal to ``linear`` with ``weight`` quantized (on its device); ``linear``'s bias
     parameter itself is kept (a loader may fill it later)."""
     bnb = bitsandbytes(spec)
     dtype = spec.dtype or weight.dtype
@@ -87,12 +87,12 @@ def quantize_linear(linear: nn.Linear, weight: torch.Tensor, spec: QuantSpec) ->
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> None:
-    """Quantise a loaded model's block linears in place, one at a time (each dense weight is freed
+    """Quantize a loaded model's block linears in place, one at a time (each dense weight is freed
     as its layer is replaced)."""
     names = block_linear_names(model)
     if not names:
         raise SftplugError(f"--quantize {spec.kind}: the model has no dense block linears ({', '.join(BLOCK_LINEARS)} "
-                           "under layers.N) to quantise")
+                           "under layers.N) to quantize")
     dtype = spec.dtype or model.get_submodule(names[0]).weight.dtype
     for name in names:
         linear = model.get_submodule(name)
@@ -114,12 +114,12 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def dense_weight(param: torch.Tensor, dtype: torch.dtype, state=None) -> torch.Tensor:
-    """A weight in ``dtype``: dequantised from 4-bit (in the dtype it was quantised from, then cast),
+    """A weight in ``dtype``: dequantized from 4-bit (in the dtype it was quantized from, then cast),
     or an ordinary weight cast. ``state``: the layer's QuantState, for packed bytes that FSDP
     all-gathered into a plain parameter (:func:`unwrap_for_sharding`).
 
-    The 4-bit blocks run over the flattened weight, and it is dequantised as that one row:
-    bitsandbytes 0.50's CPU kernel dequantises a 2-D weight whose rows are not whole blocks
+    The 4-bit blocks run over the flattened weight, and it is dequantized as that one row:
+    bitsandbytes 0.50's CPU kernel dequantizes a 2-D weight whose rows are not whole blocks
     (e.g. 96 inputs) wrongly; as one row, every backend gives the same, right values. (1, n)
     rather than (n,): the CPU kernel returns a 1-D shape as (1, n), which torch.compile refuses.
     """
@@ -134,7 +134,7 @@ def dense_weight(param: torch.Tensor, dtype: torch.dtype, state=None) -> torch.T
 
 
 def bitsandbytes_dequantizes_exactly(param: torch.Tensor) -> bool:
-    """Whether bitsandbytes' own dequantisation of this 2-D weight (which PEFT's DoRA uses) is right."""
+    """Whether bitsandbytes' own dequantization of this 2-D weight (which PEFT's DoRA uses) is right."""
     import bitsandbytes.functional
 
     ours = dense_weight(param, param.quant_state.dtype)
@@ -149,7 +149,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace every Linear4bit (PEFT's base layers too) by an nn.Linear with its dequantised weight."""
+    """Replace every Linear4bit (PEFT's base layers too) by an nn.Linear with its dequantized weight."""
     for name, layer in quantized_layers(model):
         with torch.device("meta"):
             linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
@@ -161,7 +161,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
-    """Bytes of the quantised weights as stored (4-bit data, scales, nested scales and their code
+    """Bytes of the quantized weights as stored (4-bit data, scales, nested scales and their code
     tables, each tensor once), and the bytes of the same weights in bf16."""
     seen: dict[int, int] = {}
     bf16 = 0
@@ -179,7 +179,7 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def quantized_info(model: nn.Module) -> dict:
-    """What LoadedModel.info records of a quantised base."""
+    """What LoadedModel.info records of a quantized base."""
     spec: QuantSpec = model.quantized_base
     stored, bf16 = quantized_bytes(model)
     return {"kind": spec.kind, "double_quant": spec.double_quant, "dtype": dtype_name(spec.dtype),
@@ -189,7 +189,7 @@ def quantized_info(model: nn.Module) -> dict:
 def describe_quantized(info: dict) -> str:
     """The load description's part, from :func:`quantized_info`: kind, dtype and the block weights'
     bytes against bf16."""
-    double = ", double-quantised scales" if info["double_quant"] else ""
+    double = ", double-quantized scales" if info["double_quant"] else ""
     stored, bf16 = info["bytes"], info["bf16_bytes"]
     return (f"block weights {info['kind']} from {info['dtype']}{double}: {_size(stored)}, "
             f"{stored / bf16:.2f}x their {_size(bf16)} in bf16")
@@ -203,7 +203,7 @@ def _size(n: int) -> str:
 
 
 class DequantizedLinear(torch.autograd.Function):
-    """``x W^T + b`` with W dequantised in forward and again in backward, never kept."""
+    """``x W^T + b`` with W dequantized in forward and again in backward, never kept."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, dtype: torch.dtype, state):

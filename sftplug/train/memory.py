@@ -35,7 +35,7 @@ BYTES = {"fp32": FP32, "bf16": BF16}
 MODES = ("full", "lora", "nf4", "fp4")  # nf4/fp4: QLoRA, LoRA on a 4-bit base
 OPTIMIZERS = ("adamw", "adamw8bit")
 ATTENTION = ("flash", "chunked")  # SDPA's flash kernel (GPU and CPU), sftplug's chunked CPU kernel
-QUANT_SCALE_BLOCK = 256  # double quantisation's blocks of scales (of QUANT_BLOCK-weight blocks)
+QUANT_SCALE_BLOCK = 256  # double quantization's blocks of scales (of QUANT_BLOCK-weight blocks)
 QUANT_CODE, SCALE_CODE = 16, 256  # the 4-bit code's values; the 8-bit code of the scales
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bitsandbytes' 8-bit state: blocks, and the size below which it is fp32
 OFFLOAD_BLOCKS = 3  # blocks whose saved tensors are on the device at once with --offload-activations
@@ -181,7 +181,7 @@ def lora_tensors(c: ModelConfig, s: Setting) -> list[int]:
 
 def quantized_bytes(elements: int, double_quant: bool) -> int:
     """One weight as bitsandbytes' 4-bit: two values a byte, its 16 code values (fp32), and a scale per
-    block of 64 (fp32, or with double quantisation one byte each, with an fp32 scale per 256 blocks, one
+    block of 64 (fp32, or with double quantization one byte each, with an fp32 scale per 256 blocks, one
     fp32 offset and the scales' own 256-value fp32 code)."""
     blocks = math.ceil(elements / QUANT_BLOCK)
     packed = math.ceil(elements / 2) + QUANT_CODE * FP32
@@ -252,7 +252,7 @@ def block_saved(c: ModelConfig, s: Setting) -> list[Saved]:
     """What autograd keeps for one block whose input needs a gradient, per token.
 
     The residual stream is fp32 unless a LoRA base is bf16; each RMSNorm keeps its input in
-    fp32 and the reciprocal RMS (full fine-tuning also the normalised input, for its scale's
+    fp32 and the reciprocal RMS (full fine-tuning also the normalized input, for its scale's
     gradient); each linear keeps its input in the compute dtype (LoRA also x A^T); SwiGLU keeps
     the gate/up output and silu(gate).
     """
@@ -273,7 +273,7 @@ def block_saved(c: ModelConfig, s: Setting) -> list[Saved]:
 def norm_saved(name: str, c: ModelConfig, s: Setting) -> list[Saved]:
     saved = [Saved(f"{name} input in fp32", c.hidden_size, FP32), Saved(f"{name} 1/rms", 1, FP32)]
     if not s.lora:
-        saved.append(Saved(f"{name} normalised", c.hidden_size, residual_bytes(s)))
+        saved.append(Saved(f"{name} normalized", c.hidden_size, residual_bytes(s)))
     return saved
 
 

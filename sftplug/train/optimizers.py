@@ -2,7 +2,7 @@
 
 All four take the same hyperparameters (betas 0.9/0.95, eps 1e-8, decoupled weight decay).
 adamw8bit keeps both moments in 8 bits with a scale per block of 256 values (bitsandbytes'
-blockwise quantisation); the paged variants put their state in CUDA unified memory, which
+blockwise quantization); the paged variants put their state in CUDA unified memory, which
 the driver pages out to CPU memory when the GPU runs short, so they need a GPU.
 """
 

@@ -242,7 +242,7 @@ def host_values(*tensors: torch.Tensor) -> list[float]:
 
 
 class Timer:
-    """Wall-clock sections of an update; synchronises the GPU only when profiling."""
+    """Wall-clock sections of an update; synchronizes the GPU only when profiling."""
 
     def __init__(self, device: torch.device, sync: bool):
         self.sync = sync and device.type == "cuda"

@@ -164,7 +164,7 @@ def shard_model(model: torch.nn.Module, world: distributed.World, echo) -> None:
     packed = distributed.shard(model)
     if packed:
         echo(f"strategy: fsdp shards the 4-bit base as its packed bytes ({packed / 2**20:,.1f} MiB in all), "
-             "each layer's quantisation scales kept whole")
+             "each layer's quantization scales kept whole")
 
 
 def check_shared_out(config: TrainConfig, world: distributed.World, echo) -> None:
@@ -183,8 +183,8 @@ def check_shared_out(config: TrainConfig, world: distributed.World, echo) -> Non
 
 
 def load_data(config: TrainConfig, tokenizer, world: distributed.World, out, echo) -> Prepared:
-    """Tokenised rows; one process per OUT folder (rank 0 where all share it, else each node's
-    first process) tokenises and fills the cache, the other processes then read it."""
+    """Tokenized rows; one process per OUT folder (rank 0 where all share it, else each node's
+    first process) tokenizes and fills the cache, the other processes then read it."""
     with distributed.leaders_first(world, world.writes_cache):
         prepared = prepare_data(
             tokenizer, data=config.data, eval_data=config.eval_data, eval_split=config.eval_split,

@@ -64,7 +64,7 @@ def assert_renders_as_trained(exported, base):
 
 
 def run(tmp_path, registry, base, **options):
-    data = tmp_path / "data.jsonl"  # a few records: tokenising is not what is tested here
+    data = tmp_path / "data.jsonl"  # a few records: tokenizing is not what is tested here
     data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:64]))
     config = TrainConfig(model=str(base), data=str(data), out=str(tmp_path / "run"), steps=3, micro_bsz=2,
                          seq_len=48, eval_data=None, lr=3e-2, warmup=0, log_every=100, **options)

@@ -1,6 +1,6 @@
 """Real models' chat templates (tests/fixtures/chat_templates) train exactly the assistant turns.
 
-Each conversation goes through sftplug's tokenising path with the bundled tokenizer (the
+Each conversation goes through sftplug's tokenizing path with the bundled tokenizer (the
 template's markers added as tokens, as the models have them), and is checked token by
 token against what transformers' ``apply_chat_template`` renders: every trained run of
 tokens is one assistant turn as the template renders it when that turn is generated,
@@ -124,7 +124,7 @@ def check_example(hf, chat, ids, trained, turns):
     """Token by token: the trained runs are exactly ``turns`` (assistant turn indexes), each after HF's prompt."""
     decode = lambda part: hf.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
     text = decode(ids)
-    assert hf(text, add_special_tokens=False)["input_ids"] == ids  # the example is its text, tokenised plainly
+    assert hf(text, add_special_tokens=False)["input_ids"] == ids  # the example is its text, tokenized plainly
     positions = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
     got = runs(trained)
     assert len(got) == len(turns), (text, [decode(ids[a:b]) for a, b in got])

@@ -47,7 +47,7 @@ class Document(NamedTuple):
 
 
 def tokenize_file(path, tok, fmt="auto", train_on_prompt=False) -> list[Document]:
-    """Every record of a data file as a tokenised document with its loss mask (prepare_data's first half)."""
+    """Every record of a data file as a tokenized document with its loss mask (prepare_data's first half)."""
     bad = BadLog(skip=False)
     tokenized, _, _, _ = tokenize_records(path, iter_records(path, bad), tok, fmt, train_on_prompt, bad)
     ids, trained, s = tokenized.ids.tolist(), tokenized.trained.tolist(), tokenized.starts.tolist()
@@ -68,7 +68,7 @@ def pack_tokenized(docs: Tokenized, seq_len: int, pad_id: int, packed: bool, ove
 
 
 def pack(docs: list[Document], seq_len: int, pad_id: int, packed: bool = True) -> Rows:
-    """Rows of the documents (prepare_data's second half), every row materialised."""
+    """Rows of the documents (prepare_data's second half), every row materialized."""
     return pack_tokenized(tokenized_docs(docs), seq_len, pad_id, packed, "truncate")[0].dense()
 
 
@@ -639,14 +639,14 @@ def test_damaged_cache_is_rebuilt(tok, tmp_path, small_data, damage):
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary folder left behind
 
 
-def test_a_failed_tokenisation_leaves_no_cache_entry(tok, tmp_path):
+def test_a_failed_tokenization_leaves_no_cache_entry(tok, tmp_path):
     path = bad_file(tmp_path, f"{GOOD}\n{{x\n")
     with pytest.raises(SftplugError, match="invalid JSON"):
         prepare_data(tok, data=path, seq_len=32, cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_a_killed_tokenisations_folder_is_cleaned_up(tok, tmp_path, small_data):
+def test_a_killed_tokenizations_folder_is_cleaned_up(tok, tmp_path, small_data):
     cache = tmp_path / "cache"
     entry = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache_file"]
     left = Path(entry + ".tmpkilled")  # what a run killed while writing this entry leaves
@@ -658,7 +658,7 @@ def test_a_killed_tokenisations_folder_is_cleaned_up(tok, tmp_path, small_data):
 
 
 def test_prepare_matches_the_old_path(tok):
-    """prepare_data is tokenising, then packing: nothing else changes the rows."""
+    """prepare_data is tokenizing, then packing: nothing else changes the rows."""
     new = prepare_data(tok, data=ASSETS / "default_train.jsonl", seq_len=128).train
     old = pack(tokenize_file(ASSETS / "default_train.jsonl", tok), 128, tok.pad_id)
     assert rows_equal(new, old)

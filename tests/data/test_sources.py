@@ -1,6 +1,6 @@
 """Data sources: the same records from JSONL, a JSON array, gzip, parquet and a datasets folder.
 
-Every source must give the same ``(number, record)`` sequence and the same tokenised rows as
+Every source must give the same ``(number, record)`` sequence and the same tokenized rows as
 the JSONL file; ``--field-map`` renames; each error is one line; JSONL is streamed.
 """
 
@@ -135,7 +135,7 @@ def test_field_map_renames_fields(tmp_path, kind):
     assert sources.first_record(path, {"question": "prompt", "answer": "completion"})["prompt"] == "What is 2+2?"
 
 
-def test_field_map_through_tokenising_equals_the_renamed_file(tok, tmp_path):
+def test_field_map_through_tokenizing_equals_the_renamed_file(tok, tmp_path):
     mapped = write_jsonl(tmp_path / "qa.jsonl", QA)
     plain = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": q["question"], "completion": q["answer"]} for q in QA])
 

@@ -1,4 +1,4 @@
-"""Tokenising in worker processes gives byte for byte the cache one process gives, bad records included."""
+"""Tokenizing in worker processes gives byte for byte the cache one process gives, bad records included."""
 
 import json
 

@@ -1,5 +1,5 @@
 """benchmarks/memory_gpu.py, the prepared GPU memory run: the same code on the CPU at the tiny
-shape (each mode in its own process, one JSON line each), and its device-initialised loader."""
+shape (each mode in its own process, one JSON line each), and its device-initialized loader."""
 
 import importlib.util
 import json
@@ -36,7 +36,7 @@ def test_the_8b_loader_writes_its_random_weights_on_the_device(monkeypatch):
     small = dict(script.LLAMA_8B, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
                  vocab_size=1024)
     monkeypatch.setattr(script, "LLAMA_8B", small)
-    loader = script.DeviceInitialised()
+    loader = script.DeviceInitialized()
     assert loader.load_state("tiny", torch.float32, torch.device("cpu")) is None
     model = loader.load_state("llama-8b", torch.float32, torch.device("cpu")).model
     weights = dict(model.named_parameters())

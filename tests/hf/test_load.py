@@ -294,7 +294,7 @@ def test_hf_weights_load_into_a_peft_wrapped_model(llama):
     assert torch.equal(model.layers[1].mlp.gate_up.base_layer.weight[96:], reference.model.layers[1].mlp.up_proj.weight)
 
 
-def test_a_parameter_without_an_hf_name_is_never_left_uninitialised(llama):
+def test_a_parameter_without_an_hf_name_is_never_left_uninitialized(llama):
     folder, _ = llama
     model = empty_model(load_hf_folder(folder).model.config, torch.float32, torch.device("cpu"))
     model.layers[0].attn.o.register_parameter("bias", torch.nn.Parameter(torch.empty(64)))

@@ -1,4 +1,4 @@
-"""QLoRA (--quantize): the 4-bit base as bitsandbytes quantises it, loaded tensor by tensor, LoRA on it
+"""QLoRA (--quantize): the 4-bit base as bitsandbytes quantizes it, loaded tensor by tensor, LoRA on it
 equal to PEFT's bitsandbytes LoRA, training that resumes bitwise, and exports transformers and PEFT load."""
 
 import json
@@ -64,11 +64,11 @@ def block_linears(model, layer: int) -> dict[str, nn.Module]:
     return {"qkv": block.attn.qkv, "o": block.attn.o, "gate_up": block.mlp.gate_up, "down": block.mlp.down}
 
 
-# -- the quantised base -----------------------------------------------------------------
+# -- the quantized base -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.kind}-dq{int(s.double_quant)}")
-def test_the_dequantised_base_is_the_original_rounded_to_the_4bit_code(hf_folder, spec):
+def test_the_dequantized_base_is_the_original_rounded_to_the_4bit_code(hf_folder, spec):
     model = hf_load.load_hf_folder(hf_folder, quantize=spec).model
     code = bnb.functional.get_4bit_type(spec.kind, device="cpu").double()
     half_gap = float((code.sort().values.diff()).max()) / 2
@@ -79,15 +79,15 @@ def test_the_dequantised_base_is_the_original_rounded_to_the_4bit_code(hf_folder
             state = linear.weight.quant_state
             got = dense_weight(linear.weight, torch.float32).double().view(-1, 64)
             want = original.double().view(-1, 64)
-            absmax = want.abs().amax(dim=1, keepdim=True)  # each block's scale, as quantising saw it
-            stored = state.absmax.double() if not state.nested else (  # the scale dequantisation uses
+            absmax = want.abs().amax(dim=1, keepdim=True)  # each block's scale, as quantizing saw it
+            stored = state.absmax.double() if not state.nested else (  # the scale dequantization uses
                 bnb.functional.dequantize_blockwise(state.absmax, state.state2).double() + float(state.offset))
             stored = stored.view(-1, 1)
             # each weight is a code value times its block's stored scale (one fp32 rounding) ...
             nearest = (got[..., None] - code * stored[..., None]).abs().amin(dim=-1)
             assert bool((nearest <= 2**-23 * got.abs() + 1e-30).all()), name
             # ... the nearest code to weight / scale: off by at most half the code's largest gap,
-            # plus what the 8-bit stored scale differs from the block's absmax (double quantisation)
+            # plus what the 8-bit stored scale differs from the block's absmax (double quantization)
             bound = half_gap * absmax + (stored - absmax).abs() + 2**-22 * absmax
             assert bool(((got - want).abs() <= bound).all()), name
             if not state.nested:
@@ -134,14 +134,14 @@ def test_loading_holds_one_layer_of_dense_temporaries_at_most(hf_folder, tmp_pat
     sharded = hf_load.load_hf_folder(tmp_path, quantize=QuantSpec("nf4")).model
     layer_bytes = sum(w.numel() * 4 for w in original_weights(hf_folder, 0).values())
     assert len(allocated) == 2 * len(BLOCK_LINEARS) and sum(allocated) == 2 * layer_bytes
-    assert 0 < peak[0] <= layer_bytes and live[0] == 0  # each freed once quantised
+    assert 0 < peak[0] <= layer_bytes and live[0] == 0  # each freed once quantized
     single = hf_load.load_hf_folder(hf_folder, quantize=QuantSpec("nf4")).model
     for a, b in zip(block_linears(sharded, 1).values(), block_linears(single, 1).values()):
         assert torch.equal(a.weight.data, b.weight.data)
         assert torch.equal(a.weight.quant_state.absmax, b.weight.quant_state.absmax)
 
 
-def test_a_missing_tensor_is_still_named_when_quantising(hf_folder, tmp_path):
+def test_a_missing_tensor_is_still_named_when_quantizing(hf_folder, tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(hf_folder / name, tmp_path)
     tensors = load_file(str(hf_folder / "model.safetensors"))
@@ -151,7 +151,7 @@ def test_a_missing_tensor_is_still_named_when_quantising(hf_folder, tmp_path):
         hf_load.load_hf_folder(tmp_path, quantize=QuantSpec("nf4"))
 
 
-def test_presets_are_quantised_after_loading_and_a_missing_bitsandbytes_is_one_line(monkeypatch):
+def test_presets_are_quantized_after_loading_and_a_missing_bitsandbytes_is_one_line(monkeypatch):
     loaded = load_model("tiny", quantize=QuantSpec("fp4", False), attention=None)
     assert isinstance(loaded.model.layers[0].mlp.down, bnb.nn.Linear4bit)
     assert loaded.info["quantized"]["kind"] == "fp4" and "block weights fp4" in loaded.description
@@ -165,8 +165,8 @@ def test_presets_are_quantised_after_loading_and_a_missing_bitsandbytes_is_one_l
 
 
 def lora_pair(dropout=0.0, dora=False, spec=None):
-    """Two linears quantised as bitsandbytes does (Linear4bit.to(device)) with PEFT's own bnb LoRA, and the
-    same quantised by sftplug with sftplug's forward; the same adapter in both."""
+    """Two linears quantized as bitsandbytes does (Linear4bit.to(device)) with PEFT's own bnb LoRA, and the
+    same quantized by sftplug with sftplug's forward; the same adapter in both."""
     spec = spec or QuantSpec("nf4")
     torch.manual_seed(0)
     dense = {"up": nn.Linear(64, 128), "down": nn.Linear(128, 64, bias=False)}
@@ -175,7 +175,7 @@ def lora_pair(dropout=0.0, dora=False, spec=None):
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compress_statistics=spec.double_quant, quant_type=spec.kind)
         layer.load_state_dict(linear.state_dict())
-        theirs[name] = layer.to("cpu")  # bitsandbytes quantises here
+        theirs[name] = layer.to("cpu")  # bitsandbytes quantizes here
     ours = nn.ModuleDict({name: quantize_linear(linear, linear.weight, spec) for name, linear in dense.items()})
     for name in dense:  # the same 4-bit weights
         assert torch.equal(ours[name].weight.data, theirs[name].weight.data)
@@ -223,8 +223,8 @@ def test_the_merged_forward_on_4bit_equals_peft_bnb_lora(spec, monkeypatch):
     monkeypatch.setattr(MergedLoRALinear, "apply", lambda *a: calls.append(1) or original(*a))
     y1, dx1, g1 = run(theirs, x)
     y2, dx2, g2 = run(ours, x, saved)
-    assert len(calls) == 2 and no_dense_weight_among(saved)  # dequantised again in backward, never kept
-    # x (W + s B A)^T against x W^T + s (x A^T) B^T with the same dequantised W: fp32 rounding only
+    assert len(calls) == 2 and no_dense_weight_among(saved)  # dequantized again in backward, never kept
+    # x (W + s B A)^T against x W^T + s (x A^T) B^T with the same dequantized W: fp32 rounding only
     torch.testing.assert_close(y2, y1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dx2, dx1, rtol=1e-5, atol=1e-6)
     assert g1.keys() == g2.keys() and len(g1) == 4
@@ -241,9 +241,9 @@ def test_dropout_and_dora_on_4bit_are_peft_bnb_s_own_computation():
     saved = []
     y2, dx2, g2 = run(ours, x, saved)
     assert no_dense_weight_among(saved)
-    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)  # the same masks, the same dequantised base
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)  # the same masks, the same dequantized base
     assert all(torch.equal(g1[n], g2[n]) for n in g1)
-    theirs, ours = lora_pair(dora=True)  # PEFT's DoRA: the norm of the dequantised W + s B A per row
+    theirs, ours = lora_pair(dora=True)  # PEFT's DoRA: the norm of the dequantized W + s B A per row
     y1, dx1, g1 = run(theirs, x)
     y2, dx2, g2 = run(ours, x)
     assert any("magnitude" in n for n in g1)
@@ -252,7 +252,7 @@ def test_dropout_and_dora_on_4bit_are_peft_bnb_s_own_computation():
 
 
 def test_a_compiled_4bit_lora_layer_is_the_eager_one():
-    """--torch-compile with --quantize: bitsandbytes' dequantisation is an op torch.compile traces."""
+    """--torch-compile with --quantize: bitsandbytes' dequantization is an op torch.compile traces."""
     _, ours = lora_pair()
     x = torch.randn(3, 7, 64)
     eager = run(ours, x)
@@ -265,15 +265,15 @@ def test_a_compiled_4bit_lora_layer_is_the_eager_one():
         torch.testing.assert_close(compiled[2][name], eager[2][name], rtol=1e-5, atol=1e-5)
 
 
-def test_dora_is_refused_where_bitsandbytes_dequantises_wrongly(hf_folder):
-    """PEFT's DoRA norms come from bitsandbytes' own dequantisation; its CPU kernel gets the 64x96 down
-    projection of this model wrong (sftplug's flat dequantisation does not)."""
+def test_dora_is_refused_where_bitsandbytes_dequantizes_wrongly(hf_folder):
+    """PEFT's DoRA norms come from bitsandbytes' own dequantization; its CPU kernel gets the 64x96 down
+    projection of this model wrong (sftplug's flat dequantization does not)."""
     model = hf_load.load_hf_folder(hf_folder, quantize=QuantSpec("nf4")).model
     model.requires_grad_(False)
     down = model.layers[0].mlp.down.weight
     wrong = not bitsandbytes_dequantizes_exactly(down)
     if wrong:
-        with pytest.raises(SftplugError, match=r"dora: bitsandbytes dequantises the 4-bit layers.0.mlp.down.weight"):
+        with pytest.raises(SftplugError, match=r"dora: bitsandbytes dequantizes the 4-bit layers.0.mlp.down.weight"):
             apply_lora(model, 4, 8.0, 0.0, ("down_proj",), "dora")
     apply_lora(model, 4, 8.0, 0.0, ("q_proj", "v_proj"), "dora")  # 64 inputs: whole blocks per row
 
@@ -289,7 +289,7 @@ def qlora_config(base, data, out, **options):
 
 
 def few_records(folder):
-    """A few plain-text records: tokenising is not what is tested here, and text has no sample prompt
+    """A few plain-text records: tokenizing is not what is tested here, and text has no sample prompt
     to answer (generation on the CPU would be most of the time)."""
     data = folder / "data.jsonl"
     rows = [json.loads(line) for line in DEFAULT_DATA.read_text().splitlines()[:64]]
@@ -303,7 +303,7 @@ def losses(out):
 
 @pytest.fixture(scope="module")
 def qlora_run(hf_folder, tmp_path_factory, registry):
-    """4 QLoRA updates in bf16 (the base quantised from bf16), checkpoints at 2 and 4."""
+    """4 QLoRA updates in bf16 (the base quantized from bf16), checkpoints at 2 and 4."""
     tmp_path = tmp_path_factory.mktemp("qlora")
     train(qlora_config(hf_folder, few_records(tmp_path), tmp_path / "run"), registry, echo=lambda *a: None)
     return tmp_path / "run"
@@ -325,7 +325,7 @@ def test_qlora_trains_and_resumes_bitwise(qlora_run, hf_folder, tmp_path, regist
         assert torch.equal(a[name], b[name]), name
 
 
-def test_the_checkpoint_loads_its_base_quantised_as_the_run_trained_it(qlora_run, hf_folder):
+def test_the_checkpoint_loads_its_base_quantized_as_the_run_trained_it(qlora_run, hf_folder):
     manifest = json.loads((qlora_run / "checkpoints" / "step-4" / "run.json").read_text())
     assert manifest["lora"]["base_dtype"] == "bf16"
     loaded = load_model(str(qlora_run), dtype=torch.float32, attention=None)  # as export loads it
@@ -340,10 +340,10 @@ def test_the_checkpoint_loads_its_base_quantised_as_the_run_trained_it(qlora_run
             assert torch.equal(dense_weight(got, torch.bfloat16), dense_weight(ours.weight, torch.bfloat16))
             other = dense_weight(block_linears(from_fp32, layer)[name].weight, torch.bfloat16)
             differs |= not torch.equal(other, dense_weight(ours.weight, torch.bfloat16))
-    assert differs  # quantising from fp32 would not have been the trained base
+    assert differs  # quantizing from fp32 would not have been the trained base
 
 
-def test_exports_are_the_dequantised_base_with_the_adapter(qlora_run, tmp_path):
+def test_exports_are_the_dequantized_base_with_the_adapter(qlora_run, tmp_path):
     from sftplug.checkpoint.export import export_checkpoint
 
     model = load_model(str(qlora_run), attention="auto").model  # sftplug's QLoRA model, in eval
@@ -352,7 +352,7 @@ def test_exports_are_the_dequantised_base_with_the_adapter(qlora_run, tmp_path):
     merged = export_checkpoint(qlora_run, tmp_path / "merged", merge=True)["model"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(merged), attn_implementation="eager").eval()
     with torch.no_grad():
-        # the same dequantised base and adapter; merged in another order than sftplug's addmm, and
+        # the same dequantized base and adapter; merged in another order than sftplug's addmm, and
         # attention computed another way: fp32 rounding through two layers
         assert relative_error(hf(IDS).logits, ours) <= 1e-4
     parts = export_checkpoint(qlora_run, tmp_path / "split", merge=False)
@@ -368,13 +368,13 @@ def test_exports_are_the_dequantised_base_with_the_adapter(qlora_run, tmp_path):
         assert relative_error(wrapped(IDS).logits, ours) <= 1e-4
 
 
-def test_cli_trains_a_quantised_preset_and_says_so(tmp_path):
+def test_cli_trains_a_quantized_preset_and_says_so(tmp_path):
     out, data = tmp_path / "run", few_records(tmp_path)
     result = CliRunner().invoke(cli, ["train", "--model", "tiny", "--quantize", "nf4", "--steps", "2", "--micro-bsz",
                                       "2", "--seq-len", "32", "--data", str(data), "--out", str(out)])
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if line.startswith("model:"))
-    assert "block weights nf4 from fp32, double-quantised scales" in header and "x their" in header
+    assert "block weights nf4 from fp32, double-quantized scales" in header and "x their" in header
     assert len(losses(out)) == 2
 
 

@@ -74,7 +74,7 @@ CASES = {
     "full fp32": dict(full=True),
     "lora adamw8bit": dict(optimizer="adamw8bit"),
     "nf4": dict(quantize="nf4"),
-    "fp4 without double quantisation": dict(quantize="fp4", double_quant=False),
+    "fp4 without double quantization": dict(quantize="fp4", double_quant=False),
     "full adamw8bit": dict(full=True, optimizer="adamw8bit"),
 }
 
@@ -170,7 +170,7 @@ def test_bytes_per_parameter_of_the_persistent_part():
 
 
 def test_4bit_weights_cost_qlora_bits():
-    """QLoRA's arithmetic: 4 bits a weight plus 32/64 bits of fp32 scales, or with double quantisation
+    """QLoRA's arithmetic: 4 bits a weight plus 32/64 bits of fp32 scales, or with double quantization
     8/64 + 32/(64 * 256) = 0.127 bits; the per-weight codes (273 fp32 values) are under 0.001 bits here."""
     n = 4096 * 4096
     assert round(memory.quantized_bytes(n, double_quant=False) * 8 / n, 3) == 4.5

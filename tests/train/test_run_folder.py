@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sftplug.cli import cli
 from sftplug.config import DEFAULT_EVAL
 
-# The bundled held-out file (200 records) as training data: tokenised in a moment.
+# The bundled held-out file (200 records) as training data: tokenized in a moment.
 SMALL = ["--steps", "2", "--micro-bsz", "2", "--seq-len", "64", "--log-every", "1", "--data", str(DEFAULT_EVAL),
          "--sample-prompt", "Hi"]
 
@@ -108,7 +108,7 @@ def bad_data(tmp_path):
     ("--log-to", "mlflow", "--log-to mlflow: no plugin provides a logger of that name"),
     ("--model", "MISSING", "not a built-in preset, an HF checkpoint folder or an sftplug checkpoint"),
     ("--data", "MISSING", "data file not found"),
-    ("--data", "BAD", "bad.jsonl:2: invalid JSON"),  # found while tokenising, after the model loaded
+    ("--data", "BAD", "bad.jsonl:2: invalid JSON"),  # found while tokenizing, after the model loaded
 ])
 def test_a_run_refused_at_once_leaves_no_folder_behind(tmp_path, option, value, message):
     value = {"MISSING": str(tmp_path / "missing"), "BAD": str(bad_data(tmp_path))}.get(value, value)
