@@ -253,6 +253,7 @@ class Cudnn(SdpaBackend):
 
 class Math(SdpaBackend):
     name = "math"
+    # the one -ise spelling left: `sftplug doctor --json` prints this text, and scripts compare it
     description = "SDPA reference math kernel (slow: materialises the scores of each document)"
     priority = 0
     cuda_only = False
