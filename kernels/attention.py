@@ -36,21 +36,12 @@ Public API: :func:`triton_attention`, :func:`triton_attention_available`,
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
 
-try:  # importing this module must never fail: the trainer probes it on any machine
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: str | None = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from sftplug.kernels.runtime import check_cuda, interpreted, on_device, sm_count, tl, triton, triton_available
 
 __all__ = ["HEAD_DIMS", "attention_reference", "candidate_configs", "kernel_of", "triton_attention",
            "triton_attention_available", "TritonAttention"]
@@ -61,34 +52,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 _INTERPRET_BLOCK = 16  # the one fixed block size used under TRITON_INTERPRET=1
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_attention_available() -> tuple[bool, str]:
     """Whether the kernel can run here, and why (or why not)."""
-    if triton is None:
-        return False, f"triton is not importable ({_TRITON_IMPORT_ERROR})"
-    if _interpreting():
-        if not (_jit_interpreted and _stdlib_interpreted):
-            return False, ("TRITON_INTERPRET=1 was set after triton or sftplug.kernels.attention was imported; "
-                           "set it before the first import")
-        return True, f"Triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernel on the CPU for tests)"
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        return False, f"GPU compute capability {major}.{minor} < 8.0 (needs Ampere or newer)"
-    try:
-        backend = triton.runtime.driver.active.get_current_target().backend
-    except Exception as exc:  # pragma: no cover - needs a broken GPU setup
-        return False, f"Triton has no usable GPU driver ({type(exc).__name__}: {exc})"
-    if backend != "cuda":
-        return False, f"Triton's active driver is {backend!r}, not 'cuda'"
-    if _jit_interpreted or _stdlib_interpreted:
-        return False, "triton was imported with TRITON_INTERPRET=1: its kernels run only in the interpreter"
-    name = torch.cuda.get_device_name()
-    return True, f"Triton {triton.__version__} on {name} (sm_{major}{minor})"
+    return triton_available(__name__, _jit_interpreted)
 
 
 # ---------------------------------------------------------------------------------------
@@ -575,11 +541,9 @@ if triton is not None:
                  + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=row_in[:, None])
 
-    # @triton.jit picks interpreter or compiler when it decorates: for these kernels at
-    # this import, for triton's own library functions (tl.max, tl.cdiv ...) when triton
-    # was first imported. Both must match the mode in effect when the kernels run.
-    _jit_interpreted = not isinstance(_attn_fwd_kernel, triton.runtime.JITFunction)
-    _stdlib_interpreted = not isinstance(tl.cdiv, triton.runtime.JITFunction)
+    _jit_interpreted = interpreted(_attn_fwd_kernel)  # the mode @triton.jit chose at this import
+else:  # pragma: no cover - depends on the environment
+    _jit_interpreted = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -774,21 +738,11 @@ def _dkdv_split(B: int, HKV: int, group: int, T: int, device) -> int:
     if _jit_interpreted or group == 1:
         return 1
     programs = triton.cdiv(T, 128) * B * HKV
-    target = 2 * _sm_count(device)
+    target = 2 * sm_count(device)
     split = 1
     while group % (2 * split) == 0 and programs * split < target:
         split *= 2
     return split
-
-
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def _strides(x: torch.Tensor):
@@ -859,7 +813,7 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float, softcap: float, ranges):
-        with _on_device(q):
+        with on_device(q):
             o, lse = _attn_forward(q, k, v, causal, scale, softcap, ranges)
         ctx.save_for_backward(q, k, v, o, lse, ranges)
         ctx.causal = causal
@@ -870,7 +824,7 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, ranges = ctx.saved_tensors
-        with _on_device(q):
+        with on_device(q):
             dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.softcap, ranges)
         return dq, dk, dv, None, None, None, None
 
@@ -929,12 +883,9 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0
     _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # keeps the graph
-    if not _jit_interpreted:
-        if not q.is_cuda:
-            raise ValueError(f"triton_attention needs CUDA tensors (got {q.device}); "
-                             "TRITON_INTERPRET=1 runs it on the CPU")
-        if q.dtype == torch.float32:
-            raise ValueError("triton_attention runs fp16 and bf16 on the GPU (fp32 only under TRITON_INTERPRET=1)")
+    check_cuda("triton_attention", _jit_interpreted, q)
+    if not _jit_interpreted and q.dtype == torch.float32:
+        raise ValueError("triton_attention runs fp16 and bf16 on the GPU (fp32 only under TRITON_INTERPRET=1)")
     out_dtype = q.dtype
     if _jit_interpreted and out_dtype == torch.bfloat16:
         # The interpreter's bf16 tl.dot is wrong: compute in fp32 there (autograd casts back).
@@ -950,8 +901,3 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0
         ranges = None  # computed in the kernel
     out = TritonAttention.apply(q, k, v, bool(causal), scale, softcap, ranges)
     return out.to(out_dtype)
-
-
-def _on_device(x: torch.Tensor):
-    """Launch on the tensor's GPU, not the current one."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -17,15 +17,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # importing this module must never fail: the trainer probes it on any machine
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment; attention's probe says why
-    triton = None
-    tl = None
-
-from sftplug.kernels import attention
-from sftplug.kernels.attention import _on_device, triton_attention_available
+from sftplug.kernels.runtime import check_cuda, interpreted, on_device, tl, triton, triton_available
 
 __all__ = ["compile_specs", "cross_entropy_", "cross_entropy_available", "cross_entropy_reference"]
 
@@ -100,7 +92,9 @@ if triton is not None:
 
         tl.store(LOSSES + row, lse - target_logit)
 
-    _jit_interpreted = not isinstance(_cross_entropy_kernel, triton.runtime.JITFunction)
+    _jit_interpreted = interpreted(_cross_entropy_kernel)  # the mode @triton.jit chose at this import
+else:  # pragma: no cover - depends on the environment
+    _jit_interpreted = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,11 +132,7 @@ def compile_specs(dtype: str) -> list[dict]:
 
 def cross_entropy_available() -> tuple[bool, str]:
     """Whether the kernel can run here, and why (or why not)."""
-    ok, why = triton_attention_available()
-    if ok and _jit_interpreted != attention._jit_interpreted:
-        return False, ("TRITON_INTERPRET changed between importing sftplug.kernels.attention and "
-                       "sftplug.kernels.cross_entropy; set it before the first import")
-    return ok, why
+    return triton_available(__name__, _jit_interpreted)
 
 
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, block_size: int | None) -> None:
@@ -161,9 +151,7 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, block_size: int |
         raise ValueError(f"targets must be int64 of shape [{n}]; got {targets.dtype} {tuple(targets.shape)}")
     if targets.device != logits.device:
         raise ValueError(f"targets ({targets.device}) and logits ({logits.device}) must be on one device")
-    if not _jit_interpreted and not logits.is_cuda:
-        raise ValueError(f"cross_entropy_ needs CUDA tensors (got {logits.device}); "
-                         "TRITON_INTERPRET=1 runs it on the CPU")
+    check_cuda("cross_entropy_", _jit_interpreted, logits)
     if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two; got {block_size}")
 
@@ -187,7 +175,7 @@ def cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, *, block_size: i
         return losses
     targets = targets.contiguous()
     block, warps, stages = _launch_config(V, block_size)
-    with _on_device(logits):
+    with on_device(logits):
         _cross_entropy_kernel[(n,)](logits, targets, losses, logits.stride(0), V, BLOCK=block,
                                     num_warps=warps, num_stages=stages,
                                     **({} if _jit_interpreted else {"enable_fp_fusion": True}))

@@ -22,17 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sftplug.kernels.attention import _on_device  # launch on the tensor's GPU
-
-try:  # importing this module must never fail: the trainer probes it on any machine
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: str | None = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from sftplug.kernels.runtime import IMPORT_ERROR, check_runnable, interpreted, on_device, tl, triton
 
 __all__ = ["ACTIVATIONS", "GLU", "compile_specs", "glu", "glu_reference"]
 
@@ -123,14 +113,10 @@ if triton is not None:
         tl.store(gate_ptrs, (dout * up * d_act).to(GATE_UP.dtype.element_ty), mask=mask)
         tl.store(gate_ptrs + n_cols, (dout * act).to(GATE_UP.dtype.element_ty), mask=mask)
 
-    # @triton.jit gives an interpreter object instead of a JITFunction under TRITON_INTERPRET=1,
-    # for these kernels when this module is imported and for triton's own library functions
-    # (tl.sigmoid) when triton is first imported; both must match the mode the kernels run in.
-    _jit_interpreted = not isinstance(_glu_fwd_kernel, triton.runtime.JITFunction)
-    _stdlib_interpreted = not isinstance(tl.sigmoid, triton.runtime.JITFunction)
+    _jit_interpreted = interpreted(_glu_fwd_kernel)  # the mode @triton.jit chose at this import
     _FP_FUSION = {} if _jit_interpreted else {"enable_fp_fusion": True}  # a * b + c as one FMA, as compiled
 else:  # pragma: no cover - depends on the environment
-    _jit_interpreted = _stdlib_interpreted = False
+    _jit_interpreted = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,7 +162,7 @@ class GLU(torch.autograd.Function):
         rows = gate_up.reshape(-1, shape[-1])  # a view wherever the leading dims allow it
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        with _on_device(rows):
+        with on_device(rows):
             out = _glu_forward(rows, activation == "gelu_tanh", block_size)
         # The backward overwrites `rows` with the gradient. That is safe when this op is the
         # only user of the buffer: sftplug's gate_up linear keeps its input and weight, not its
@@ -201,7 +187,7 @@ class GLU(torch.autograd.Function):
         dout = dout.reshape(rows.shape[0], rows.shape[1] // 2)
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        with _on_device(rows):
+        with on_device(rows):
             _glu_backward(rows, dout, ctx.gelu_tanh, ctx.block_size)
         return rows.view(ctx.shape), None, None
 
@@ -222,18 +208,8 @@ def glu(gate_up, activation: str = "silu", *, block_size: int | None = None):
         raise ValueError(f"gate_up must be fp16, bf16 or fp32; got {gate_up.dtype}")
     if block_size is not None and (block_size < 1 or block_size & (block_size - 1)):
         raise ValueError(f"block_size must be a power of two; got {block_size}")
-    _check_runnable(gate_up)
+    check_runnable("the Triton GLU", __name__, _jit_interpreted, gate_up)
     return GLU.apply(gate_up, activation, block_size)
-
-
-def _check_runnable(x: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError(f"the Triton GLU needs triton ({_TRITON_IMPORT_ERROR})")
-    if _jit_interpreted != _stdlib_interpreted:
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton or sftplug.kernels.glu was imported; "
-                           "set it before the first import")
-    if not _jit_interpreted and not x.is_cuda:
-        raise ValueError(f"the Triton GLU needs CUDA tensors (got {x.device}); TRITON_INTERPRET=1 runs it on the CPU")
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +220,7 @@ def _check_runnable(x: torch.Tensor) -> None:
 def compile_specs(dtype: str) -> list[dict]:
     """Each kernel of this module as a W1 training run launches it, for kernels/compile_report.py."""
     if triton is None:
-        raise RuntimeError(f"triton is not importable ({_TRITON_IMPORT_ERROR})")
+        raise RuntimeError(f"triton is not importable ({IMPORT_ERROR})")
     block, warps, stages = _glu_config(_W1_INTERMEDIATE)
     pointer = "*" + dtype
     specs = []

@@ -24,14 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from sftplug.kernels.attention import _interpreting, _on_device, _sm_count, triton_attention_available
-
-try:  # importing this module must never fail: the trainer probes it on any machine
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the environment; rms_norm_available says why
-    triton = None
-    tl = None
+from sftplug.kernels.runtime import check_cuda, interpreted, on_device, sm_count, tl, triton, triton_available
 
 __all__ = ["RMSNormFunction", "compile_specs", "rms_norm", "rms_norm_available", "rms_norm_reference"]
 
@@ -46,12 +39,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def rms_norm_available() -> tuple[bool, str]:
     """Whether the kernels can run here, and why (or why not)."""
-    ok, why = triton_attention_available()  # triton importable; the interpreter set in time, or a CUDA GPU
-    if ok and _jit_interpreted != _interpreting():
-        state = "set" if _jit_interpreted else "unset"
-        return False, (f"sftplug.kernels.rms_norm was imported with TRITON_INTERPRET {state}; "
-                       "set it before the first import")
-    return ok, why
+    return triton_available(__name__, _jit_interpreted)
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,7 +210,7 @@ if triton is not None:
                 dy_row += dy_step
                 dx_row += dx_step
 
-    _jit_interpreted = not isinstance(_rms_norm_fwd_kernel, triton.runtime.JITFunction)
+    _jit_interpreted = interpreted(_rms_norm_fwd_kernel)  # the mode @triton.jit chose at this import
 else:  # pragma: no cover - depends on the environment
     _jit_interpreted = False
 
@@ -257,7 +245,7 @@ def _programs(n_rows: int, num_warps: int, device) -> int:
     """
     if _jit_interpreted:
         return min(n_rows, _INTERPRET_PROGRAMS)
-    return min(n_rows, _sm_count(device) * max(1, _WARPS_PER_SM // num_warps))
+    return min(n_rows, sm_count(device) * max(1, _WARPS_PER_SM // num_warps))
 
 
 def _gpu_options(num_warps: int, num_stages: int) -> dict:
@@ -321,7 +309,7 @@ class RMSNormFunction(torch.autograd.Function):
             x2 = x2.contiguous()
         if weight.stride(0) != 1:
             weight = weight.contiguous()
-        with _on_device(x):
+        with on_device(x):
             y, rstd = _rms_norm_forward(x2, weight, eps, gemma, block_size)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma = gemma
@@ -332,7 +320,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        with _on_device(x2):
+        with on_device(x2):
             dx, dweight = _rms_norm_backward(dy.reshape(x2.shape), x2, weight, rstd, ctx.gemma,
                                              ctx.needs_input_grad[1], ctx.block_size)
         return dx.view(ctx.x_shape), dweight, None, None, None
@@ -345,11 +333,9 @@ def _check_inputs(x, weight):
         raise ValueError(f"x and weight must be fp32, fp16 or bf16; got {x.dtype}, {weight.dtype}")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device; got {x.device}, {weight.device}")
-    if _jit_interpreted:
-        if torch.bfloat16 in (x.dtype, weight.dtype):
-            raise ValueError("bf16 runs on the GPU only: the Triton interpreter rounds bf16 wrongly")
-    elif not x.is_cuda:
-        raise ValueError(f"rms_norm needs CUDA tensors (got {x.device}); TRITON_INTERPRET=1 runs it on the CPU")
+    if _jit_interpreted and torch.bfloat16 in (x.dtype, weight.dtype):
+        raise ValueError("bf16 runs on the GPU only: the Triton interpreter rounds bf16 wrongly")
+    check_cuda("rms_norm", _jit_interpreted, x)
 
 
 def rms_norm(x, weight, eps: float, gemma: bool = False, *, block_size: int | None = None):

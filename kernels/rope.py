@@ -20,17 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from sftplug.kernels.attention import _on_device  # launch on the tensor's GPU
-
-try:  # importing this module must never fail: the trainer probes it on any machine
-    import triton
-    import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: str | None = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from sftplug.kernels.runtime import IMPORT_ERROR, check_runnable, interpreted, on_device, tl, triton
 
 __all__ = ["Rope", "compile_specs", "rope", "rope_reference"]
 
@@ -98,14 +88,10 @@ if triton is not None:
         tl.store(x1_ptrs, out1.to(X.dtype.element_ty), mask=mask)
         tl.store(x1_ptrs + HALF, out2.to(X.dtype.element_ty), mask=mask)
 
-    # @triton.jit gives an interpreter object instead of a JITFunction under TRITON_INTERPRET=1,
-    # for this kernel when this module is imported and for triton's own library functions
-    # when triton is first imported; both must match the mode the kernel runs in.
-    _jit_interpreted = not isinstance(_rope_kernel, triton.runtime.JITFunction)
-    _stdlib_interpreted = not isinstance(tl.cdiv, triton.runtime.JITFunction)
+    _jit_interpreted = interpreted(_rope_kernel)  # the mode @triton.jit chose at this import
     _FP_FUSION = {} if _jit_interpreted else {"enable_fp_fusion": True}  # a * b + c as one FMA, as compiled
 else:  # pragma: no cover - depends on the environment
-    _jit_interpreted = _stdlib_interpreted = False
+    _jit_interpreted = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,7 +114,7 @@ def _rotate_in_place(x, cos, sin, n_rotated: int, inverse: bool) -> None:
     if x.numel() == 0 or n_rotated == 0:
         return
     block_h, block_half, warps, stages = _rope_config(n_rotated, half)
-    with _on_device(x):
+    with on_device(x):
         _rope_kernel[(T, B, triton.cdiv(n_rotated, block_h))](
             x, cos, sin, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
             sin.stride(0), sin.stride(1), n_rotated,
@@ -199,20 +185,10 @@ def rope(qkv, cos, sin, n_rotated: int):
         raise ValueError(f"n_rotated must be in [0, H = {H}]; got {n_rotated}")
     if not (qkv.device == cos.device == sin.device):
         raise ValueError("qkv, cos and sin must be on one device")
-    _check_runnable(qkv)
+    check_runnable("the Triton RoPE", __name__, _jit_interpreted, qkv)
     cos, sin = (c if c.stride(-1) == 1 else c.contiguous() for c in (cos, sin))
     cos, sin = cos.expand(B, T, 1, half), sin.expand(B, T, 1, half)  # one row for all: batch stride 0
     return Rope.apply(qkv, cos, sin, int(n_rotated))
-
-
-def _check_runnable(x: torch.Tensor) -> None:
-    if triton is None:
-        raise RuntimeError(f"the Triton RoPE needs triton ({_TRITON_IMPORT_ERROR})")
-    if _jit_interpreted != _stdlib_interpreted:
-        raise RuntimeError("TRITON_INTERPRET=1 was set after triton or sftplug.kernels.rope was imported; "
-                           "set it before the first import")
-    if not _jit_interpreted and not x.is_cuda:
-        raise ValueError(f"the Triton RoPE needs CUDA tensors (got {x.device}); TRITON_INTERPRET=1 runs it on the CPU")
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +203,7 @@ def compile_specs(dtype: str) -> list[dict]:
     activations' dtype (sftplug's Transformer.rope); full rotary (R = 64) and partial (R = 32).
     """
     if triton is None:
-        raise RuntimeError(f"triton is not importable ({_TRITON_IMPORT_ERROR})")
+        raise RuntimeError(f"triton is not importable ({IMPORT_ERROR})")
     B, T, H, D = _W1_QKV
     pointer = "*" + dtype
     strides = ["stride_xb", "stride_xt", "stride_xh", "stride_cb", "stride_ct", "stride_sb", "stride_st"]

@@ -1,10 +1,10 @@
 """Built-in `triton` fused ops: sftplug's Triton kernels for RMSNorm, the gated MLP, RoPE and
 the loss's chunk step (kernels/rms_norm.py, glu.py, rope.py, cross_entropy.py).
 
-Registers where the Triton attention kernel can run (a CUDA GPU of compute capability 8.0+,
-or the CPU interpreter under TRITON_INTERPRET=1, for tests). Before a form is offered for a
-request, it runs once at the request's sizes (a few rows) and is compared with the float64
-reference. On a GPU, ``auto`` takes a form only where it measures at least
+Registers where the Triton kernels can run (kernels/runtime.py): a CUDA GPU of compute
+capability 8.0+, or the CPU interpreter under TRITON_INTERPRET=1, for tests. Before a form
+is offered for a request, it runs once at the request's sizes (a few rows) and is compared
+with the float64 reference. On a GPU, ``auto`` takes a form only where it measures at least
 :data:`FASTER` times PyTorch's speed at the run's sizes (forward and backward, once per
 process); on the CPU never: the interpreter is for tests.
 """
@@ -166,9 +166,9 @@ class TritonOps:
     forms = (RMSNorm(), GLU(), Rope(), CrossEntropy())
 
     def why_unavailable(self) -> str | None:
-        from sftplug.kernels.attention import triton_attention_available
+        from sftplug.kernels.runtime import triton_available
 
-        ok, why = triton_attention_available()
+        ok, why = triton_available()
         return None if ok else why
 
     @hookimpl

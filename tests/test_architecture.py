@@ -1,6 +1,9 @@
 """The architecture as a test: the README's import rules (Layout), read from every import statement.
 
 - kernels/ import nothing of sftplug (torch, triton and each other only);
+- a kernel takes from the other kernels/ modules only kernels/runtime.py's public names; the
+  compile report, which compiles every kernel, imports their modules and reads only their
+  public names; no kernels/ module reads another's private (underscore) names;
 - plugins/ never import the CLI;
 - the core (sftplug/) never imports a built-in plugin: only the registry names the list of them;
 - the model (sftplug/model/) imports nothing of sftplug/hf/: HF files are read and written about
@@ -14,6 +17,7 @@ Imports inside functions count too: they are read with ``ast``, not by importing
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +90,65 @@ def test_kernels_import_nothing_of_sftplug():
         return within(module, "sftplug") and not within(module, "sftplug.kernels")
 
     assert violations(FOLDERS["sftplug.kernels"], forbidden) == []
+
+
+def kernel_names_used(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of every kernels/ module a kernels/ file imports and every name it takes from
+    one, imported (``from sftplug.kernels.runtime import on_device``) or read off the module
+    (``attention.kernel_of``): ``sftplug.kernels.MODULE`` or ``sftplug.kernels.MODULE.NAME``."""
+    here = module_name(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bound = {}  # local name -> the module or name it stands for
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                local = alias.asname or alias.name.split(".")[0]  # `import a.b` binds a
+                bound[local] = alias.name if alias.asname else local
+                found.append((node.lineno, alias.name))
+        elif isinstance(node, ast.ImportFrom):
+            base = here.split(".")[: -node.level] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                bound[alias.asname or alias.name] = f"{module}.{alias.name}"
+                found.append((node.lineno, f"{module}.{alias.name}"))
+    for node in ast.walk(tree):  # attention.kernel_of, sftplug.kernels.attention.kernel_of
+        chain, root = [], node
+        while isinstance(root, ast.Attribute):
+            chain.insert(0, root.attr)
+            root = root.value
+        if chain and isinstance(root, ast.Name) and root.id in bound:
+            found.append((node.lineno, ".".join([bound[root.id], *chain])))
+    names = {(line, ".".join(name.split(".")[:4])) for line, name in found}
+    return sorted((line, name) for line, name in names
+                  if within(name, "sftplug.kernels") and name != "sftplug.kernels" and not within(name, here))
+
+
+def test_kernels_share_only_the_runtime_and_public_names():
+    runtime, report = "sftplug.kernels.runtime", FOLDERS["sftplug.kernels"] / "compile_report.py"
+    used = {path: kernel_names_used(path) for path in files(FOLDERS["sftplug.kernels"])}
+    # the reader sees both forms: a name imported from the runtime, a name read off a kernel module
+    assert f"{runtime}.sm_count" in {name for _, name in used[FOLDERS["sftplug.kernels"] / "rms_norm.py"]}
+    assert "sftplug.kernels.attention.kernel_of" in {name for _, name in used[report]}
+
+    def forbidden(path, name):
+        private = any(part.startswith("_") for part in name.split(".")[2:])
+        # the compile report compiles every kernel: it alone imports kernel modules
+        return private or (path != report and not within(name, runtime))
+
+    bad = [f"{path.relative_to(ROOT)}:{line} uses {name}" for path, names in used.items() for line, name in names
+           if forbidden(path, name)]
+    assert bad == []
+
+
+def test_every_triton_kernel_module_imports_the_runtime():
+    runtime = FOLDERS["sftplug.kernels"] / "runtime.py"
+    kernel_modules = [path for path in files(FOLDERS["sftplug.kernels"])
+                      if path != runtime and re.search(r"^\s*@triton\.jit", path.read_text(), re.MULTILINE)]
+    assert len(kernel_modules) >= 5
+    missing = [path.name for path in kernel_modules
+               if not any(within(module, "sftplug.kernels.runtime") for _, module in imports(path))]
+    assert missing == []
 
 
 def test_plugins_never_import_the_cli():
