@@ -40,7 +40,7 @@ def test_every_field_is_an_option_with_its_default_and_help():
     for f in dataclasses.fields(TrainConfig):
         option = params[f.name]
         assert option.help == f.metadata["help"]
-        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        default = ", ".join(f.default) if isinstance(f.default, tuple) else f.default  # as help shows a list
         assert option.default == default, f.name
     assert set(params) == {f.name for f in dataclasses.fields(TrainConfig)} | {"nproc", "config_file", "print_config"}
 
