@@ -99,6 +99,12 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base_path),
     ).save_pretrained(str(folder))
+    # PEFT keeps target_modules as a set and writes it in string-hash order, which changes with
+    # every process: sorted, the same run exports the same bytes
+    config_path = folder / ADAPTER_CONFIG
+    saved = json.loads(config_path.read_text())
+    saved["target_modules"] = sorted(saved["target_modules"])
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
 def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:

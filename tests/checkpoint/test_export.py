@@ -85,6 +85,8 @@ def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, override
     adapter_config = json.loads((parts["adapter"] / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 16
     assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= set(adapter_config["target_modules"])
+    # in one order whatever the process's string hashing (PEFT writes its set as it iterates)
+    assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"])
     adapter = load_file(str(parts["adapter"] / "adapter_model.safetensors"))
     a = "base_model.model.model.layers.0.self_attn.{}_proj.lora_A.weight"
     assert adapter[a.format("q")].shape == adapter[a.format("v")].shape == (16, 64)
