@@ -16,7 +16,7 @@ from sftplug.errors import SftplugError
 from sftplug.hf.load import CONFIG, load_hf_folder
 from sftplug.hf.names import load_state_dict_exact
 from sftplug.hf.weights import has_weight_files
-from sftplug.loading import LoadedModel
+from sftplug.model.contract import LoadedModel
 from sftplug.model.lora import apply_lora_settings, shared_a_layout, upgrade_shared_a
 from sftplug.model.quantize import QuantSpec
 from sftplug.model.transformer import PRESETS, ModelConfig, Transformer

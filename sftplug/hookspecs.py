@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sftplug.attention import AttentionBackend, AttentionRequest
     from sftplug.config import TrainConfig
     from sftplug.fused import FusedOp, FusedOpsRequest
-    from sftplug.loading import LoadedModel
+    from sftplug.model.contract import LoadedModel
     from sftplug.model.quantize import QuantSpec
     from sftplug.train.loggers import Logger
     from sftplug.train.precision import PrecisionPolicy

@@ -7,27 +7,13 @@ that knows the source returns a :class:`LoadedModel` without attention, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
-from sftplug.attention.choice import AttentionChoice, attach
+from sftplug.attention.choice import attach
 from sftplug.errors import SftplugError
+from sftplug.model.contract import LoadedModel
 
-if TYPE_CHECKING:
-    from sftplug.data.tokenizer import Tokenizer
-    from sftplug.model.contract import DecoderModel
-
-
-@dataclass
-class LoadedModel:
-    model: DecoderModel
-    tokenizer: Tokenizer
-    source: str
-    description: str = ""
-    info: dict = field(default_factory=dict)  # format-specific facts (base source, lora, step)
-    attention: AttentionChoice | None = None  # set by load_model
+__all__ = ["LoadedModel", "load_model"]
 
 
 def load_model(source: str, *, dtype=None, device="cpu", registry=None, attention: str | None = "auto",

@@ -197,3 +197,17 @@ def test_top_level_folders_install_under_sftplug_and_hide_no_package(package):
     assert not (folder / "__init__.py").exists()
     link = ROOT / Path(*package.split("."))
     assert link.is_symlink() and link.resolve() == folder.resolve()
+
+
+LOWER_ROOMS = ["model", "hf", "data", "attention", "fused"]
+UPPER_ROOMS = ["sftplug.loading", "sftplug.registry", "sftplug.train", "sftplug.checkpoint", "sftplug.cli",
+               "sftplug.diagnostics"]
+
+
+@pytest.mark.parametrize("room", LOWER_ROOMS)
+def test_no_import_runs_from_a_lower_room_back_up(room):
+    # the rooms a run is built from never import what assembles the run from them
+    def forbidden(path, module):
+        return any(within(module, upper) for upper in UPPER_ROOMS)
+
+    assert violations(FOLDERS["sftplug"] / room, forbidden) == []

@@ -30,7 +30,7 @@ from sftplug.errors import SftplugError
 from sftplug.hf.config import config_from_hf
 from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error
 from sftplug.hf.weights import WeightFiles, open_weights, read_into
-from sftplug.loading import LoadedModel
+from sftplug.model.contract import LoadedModel
 from sftplug.model.quantize import (
     QuantSpec,
     block_linear_names,

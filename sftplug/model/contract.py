@@ -1,4 +1,5 @@
-"""What the trainer needs of a model: the contract a load_state plugin's model keeps.
+"""What the trainer needs of a model: the contract a load_state plugin's model keeps, and
+what such a plugin returns.
 
 sftplug's own :class:`~sftplug.model.transformer.Transformer` keeps it; a third-party
 architecture usually keeps it by subclassing that and its blocks (README, "An architecture
@@ -7,6 +8,7 @@ sftplug does not ship").
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -14,6 +16,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from sftplug.attention import AttentionBackend
+    from sftplug.attention.choice import AttentionChoice
+    from sftplug.data.tokenizer import Tokenizer
     from sftplug.fused import OpSet
     from sftplug.model.transformer import ModelConfig
 
@@ -44,3 +48,15 @@ class DecoderModel(Protocol):
 
     def set_fused_ops(self, ops: OpSet) -> None:
         """Compute its RMSNorms, gated MLPs and RoPE with these forms."""
+
+
+@dataclass
+class LoadedModel:
+    """What a load_state plugin returns (also importable from sftplug.loading)."""
+
+    model: DecoderModel
+    tokenizer: Tokenizer
+    source: str
+    description: str = ""
+    info: dict = field(default_factory=dict)  # format-specific facts (base source, lora, step)
+    attention: AttentionChoice | None = None  # set by sftplug.loading.load_model
