@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from sftplug.checkpoint import folders
-from sftplug.data.tokenizer import CONFIG_FILE, TEMPLATE_FILE
+from sftplug.data.chat_templates import CONFIG_FILE, TEMPLATE_FILE
 from sftplug.dtypes import as_dtype
 from sftplug.errors import SftplugError
 from sftplug.hf.config import check_exportable, config_to_hf

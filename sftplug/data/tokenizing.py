@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sftplug.data.chat_templates import ChatTemplateError
 from sftplug.data.packing import Tokenized
 from sftplug.data.records import BadLog, BadRecord, detect_format, format_problem, text_field, to_messages
-from sftplug.data.tokenizer import ChatTemplateError, Tokenizer
+from sftplug.data.tokenizer import Tokenizer
 from sftplug.errors import SftplugError
 
 ENCODE_CHUNK = 4096  # records per tokenizer batch call

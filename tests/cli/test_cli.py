@@ -118,7 +118,7 @@ def test_export_command(tmp_path):
 def test_export_keeps_the_chat_template_the_run_trained_with(tmp_path):
     from transformers import AutoTokenizer
 
-    from sftplug.data.tokenizer import BUILTIN_TEMPLATES
+    from sftplug.data.chat_templates import BUILTIN_TEMPLATES
 
     out = tmp_path / "run"
     assert invoke("train", "--out", str(out), *SMALL, "--chat-template", "chatml").exit_code == 0

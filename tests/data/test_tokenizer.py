@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from sftplug.config import ASSETS
-from sftplug.data.tokenizer import BUILTIN_TEMPLATES, ChatTemplateError, Tokenizer, resolve_chat_template
+from sftplug.data.chat_templates import BUILTIN_TEMPLATES, ChatTemplateError, resolve_chat_template
+from sftplug.data.tokenizer import Tokenizer
 from sftplug.errors import SftplugError
 
 CHAT = [
