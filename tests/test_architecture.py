@@ -211,3 +211,10 @@ def test_no_import_runs_from_a_lower_room_back_up(room):
         return any(within(module, upper) for upper in UPPER_ROOMS)
 
     assert violations(FOLDERS["sftplug"] / room, forbidden) == []
+
+
+def test_modules_stay_small_outside_kernels():
+    # kernels follow the Triton tutorials' one-file-per-kernel form; everything else splits by job
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for folder in (FOLDERS["sftplug"], FOLDERS["sftplug.plugins"])
+            for p in files(folder) if (n := len(p.read_text().splitlines())) > 400]
+    assert long == []
