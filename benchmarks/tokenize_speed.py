@@ -91,7 +91,7 @@ def phase(args) -> None:
     print(json.dumps({
         "wall": wall, "cpu": cpu, "base_mb": base, "peak_mb": peak,
         "workers_peak_mb": _max_rss_mb(resource.RUSAGE_CHILDREN), "workers_cpu": _cpu(resource.RUSAGE_CHILDREN),
-        "tokens": s["tokens"], "stored_tokens": len(prepared.train.ids), "rows": s["rows"], "cache": s["cache"],
+        "tokens": s.tokens, "stored_tokens": len(prepared.train.ids), "rows": s.rows, "cache": s.cache,
         "mapped": isinstance(prepared.train.ids, np.memmap), "batch_ms": 1000 * (time.perf_counter() - batch_started),
         "describe": prepared.describe(),
     }))  # fmt: skip

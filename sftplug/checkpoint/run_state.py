@@ -59,7 +59,7 @@ def save_checkpoint(run) -> Path:
 
 def load_checkpoint(run, folder: Path) -> None:
     """Restore ``run`` from a complete checkpoint: weights (or shards), then every plugin's part."""
-    check_resumable(folder, run.config, run.data.stats.get("data_sha256"))
+    check_resumable(folder, run.config, getattr(run.data.stats, "data_sha256", None))
     if run.sharded:  # weights and optimizer state, each rank its own shards
         if not (folder / folders.SHARDS).is_dir():
             raise SftplugError(f"{folder} holds no weight shards ({folders.SHARDS}/); it cannot resume an FSDP run")
@@ -132,7 +132,7 @@ def manifest_fields(run) -> dict:
         "lora": lora_settings(run.model),
         "config": run.config.to_dict(),
         "tokens_seen": run.tokens_seen,
-        "data_sha256": run.data.stats.get("data_sha256"),
+        "data_sha256": getattr(run.data.stats, "data_sha256", None),
     }
 
 

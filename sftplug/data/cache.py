@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sftplug.data.packing import PackedRows
+from sftplug.data.stats import DataStats
 from sftplug.data.tokenizer import Tokenizer
 
 # Bump when tokens, masks, row layout or the cache's files produced from the same inputs change.
@@ -56,7 +57,7 @@ class Cache:
         self.folder, self.key = Path(folder), key
         self.entry = self.folder / f"data-{key[:24]}"
 
-    def load(self) -> tuple[PackedRows, PackedRows | None, dict] | None:
+    def load(self) -> tuple[PackedRows, PackedRows | None, DataStats] | None:
         """The entry's train rows, eval rows (or None) and stats, mapped; None when there is no sound entry."""
         try:
             meta = json.loads((self.entry / "meta.json").read_text())
@@ -70,7 +71,7 @@ class Cache:
                 if not len(layout[0]) == len(layout[1]) == layout[2][-1]:
                     return None
                 rows[part] = PackedRows(*tokens, *layout, meta["seq_len"], meta["pad_id"], target)
-            return rows["train"], rows.get("eval"), meta["stats"]
+            return rows["train"], rows.get("eval"), DataStats(**meta["stats"])
         except Exception:  # a damaged cache is rebuilt, never trusted
             return None
 
@@ -81,15 +82,14 @@ class Cache:
             shutil.rmtree(left, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix=f"{self.entry.name}.tmp", dir=self.folder))
 
-    def commit(self, folder: Path, train: PackedRows, eval: PackedRows | None, stats: dict) -> None:
+    def commit(self, folder: Path, train: PackedRows, eval: PackedRows | None, stats: DataStats) -> None:
         """The entry written in ``folder``, meta.json added last, put in place (its rows map it already)."""
-        stats["cache_file"] = str(self.entry)
         rows = {"train": train, "eval": eval}
         meta = {
             "key": self.key, "version": DATA_FORMAT_VERSION, "tokens": len(train.ids),
             "seq_len": train.seq_len, "pad_id": train.pad_id,
             "target_tokens": {part: r.target_tokens for part, r in rows.items() if r is not None},
-            "stats": stats,
+            "stats": stats.saved(),
         }  # fmt: skip
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(self.entry, ignore_errors=True)  # a damaged or older entry of the same key

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from sftplug.data import sources
 from sftplug.data.cache import LAYOUT, Cache, cache_key, map_tokens
 from sftplug.data.packing import PackedRows, doc_targets, plan
 from sftplug.data.records import SHOW_LINES, BadLog
+from sftplug.data.stats import DataStats
 from sftplug.data.tokenizer import Tokenizer
 from sftplug.data.tokenizing import Problems, tokenize_source
 from sftplug.errors import SftplugError
@@ -47,53 +49,11 @@ class Prepared:
 
     train: PackedRows
     eval: PackedRows | None
-    stats: dict = field(default_factory=dict)
+    stats: DataStats | None = None  # None for rows built elsewhere (tests hand build_run their own)
 
     def describe(self, batch_fill: float | None = None) -> str:
-        """One line for the run header; ``batch_fill``: the fill of micro-batches cut to their
-        longest row (``--no-pack``, :meth:`MicroBatches.fill`), where training cuts them."""
-        s = self.stats
-        length, how, counted = s["seq_len"], f"packed, {s['fill']:.0%} filled", ""
-        if not s["pack"]:
-            how, counted = f"one per row, {s['fill']:.0%} filled", "; tok/s counts tokens, not padding"
-        if batch_fill is not None:
-            length = f"up to {length}"
-            how = f"one per row, each micro-batch cut to its longest row: {batch_fill:.0%} filled"
-        parts = [
-            f"data: {s['records']:,} {s['format']} records{_examples(s.get('examples'), s['records'])} -> "
-            f"{s['rows']:,} rows of {length} ({how}, {s['target_tokens']:,} target tokens{counted})"
-        ]
-        if s.get("eval_records"):
-            how = f"{s['eval_split']:.0%} split" if s.get("eval_split") else "held out"
-            parts.append(f"eval: {s['eval_records']:,} records ({how}) -> {s['eval_rows']:,} rows")
-        if s.get("skipped_bad"):
-            n = s["skipped_bad"]
-            parts.append(f"skipped {n:,} bad record{'s' if n != 1 else ''} ({', '.join(s['skipped_bad_lines'])})")
-        for name in ("truncated", "dropped", "untrainable"):
-            if s.get(name):
-                parts.append(f"{s[name]:,} {name} ({', '.join(s[name + '_lines'])})")
-        if s.get("chat_template") and s.get("format") != "text":  # which file, or which built-in
-            parts.append(f"chat template: {s['chat_template']}")
-            if s.get("chat_template_warning"):
-                parts.append(f"warning: {s['chat_template_warning']}")
-        if s.get("assistant_turns_without_eos"):
-            parts.append(f"warning: {s['assistant_turns_without_eos']:,} assistant turns do not end with EOS")
-        if s.get("cache") == "hit":
-            parts.append(f"cache hit, mapped in {s['load_seconds']:.2f}s")
-        else:
-            cache = {"miss": " (cache miss, saved)", None: ""}.get(s.get("cache"), f" (cache {s.get('cache')})")
-            parts.append(f"tokenized at {s['records_per_s']:,.0f} records/s{cache}")
-        return "; ".join(parts)
-
-
-def template_stats(tokenizer: Tokenizer) -> dict:
-    """Where the chat template came from, and the warning for a model that has none."""
-    return {"chat_template": tokenizer.template_source, "chat_template_warning": tokenizer.template_warning}
-
-
-def _examples(examples: int | None, records: int) -> str:
-    """", as 7 examples" where records gave more examples than themselves (turns in their own contexts)."""
-    return f" as {examples:,} examples" if examples and examples != records else ""
+        """The run header's data line (:meth:`DataStats.describe`)."""
+        return self.stats.describe(batch_fill)
 
 
 # -- reading and checking records ----------------------------------------------------
@@ -187,17 +147,14 @@ def prepare_data(
         eval_split=float(eval_split), seed=int(seed), skip_bad_records=bool(skip_bad_records),
         field_map=dict(field_map) if field_map else None,
     )  # fmt: skip
+    # An entry is keyed by the files' contents, the tokenizer and every option that changes a row.
     data_sha256 = sources.fingerprint(data)
     eval_sha256 = sources.fingerprint(eval_data) if eval_data else None
-    key = cache_key(data_sha256, eval_sha256, tokenizer, options)
-    cache = Cache(cache_dir, key) if cache_dir else None
-    if cache is not None:
-        hit = cache.load()
-        if hit is not None:
-            train, held_out, stats = hit
-            stats.update(cache="hit", load_seconds=time.perf_counter() - started, data=str(data),
-                         data_sha256=data_sha256, **template_stats(tokenizer))  # the same text may have moved
-            return Prepared(train, held_out, stats)
+    cache = Cache(cache_dir, cache_key(data_sha256, eval_sha256, tokenizer, options)) if cache_dir else None
+    hit = cache.load() if cache is not None else None
+    if hit is not None:
+        return _mapped(hit, data, data_sha256, tokenizer, started)
+    # A miss: tokenized into a new entry's folder, put in place whole (or into memory, without a cache).
     folder, cache_note = None, None
     if cache is not None:
         try:
@@ -206,8 +163,9 @@ def prepare_data(
             cache_note = f"not written ({exc.strerror})"
     try:
         prepared = _prepare(tokenizer, data, eval_data, folder, options, started)
-        prepared.stats.update(data_sha256=data_sha256, cache="miss" if folder else cache_note)
+        prepared.stats.data_sha256, prepared.stats.cache = data_sha256, "miss" if folder else cache_note
         if folder is not None:
+            prepared.stats.cache_file = str(cache.entry)
             cache.commit(folder, prepared.train, prepared.eval, prepared.stats)
         return prepared
     except OSError as exc:
@@ -217,86 +175,133 @@ def prepare_data(
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _mapped(hit: tuple, data, data_sha256: str, tokenizer: Tokenizer, started: float) -> Prepared:
+    """A cache entry's rows, its stats brought up to date: the same text may have moved, and the
+    tokenizer's template file be named anew."""
+    prepared = Prepared(*hit)
+    stats = prepared.stats
+    stats.cache, stats.load_seconds = "hit", time.perf_counter() - started
+    stats.data, stats.data_sha256 = str(data), data_sha256
+    stats.chat_template, stats.chat_template_warning = tokenizer.template_source, tokenizer.template_warning
+    return prepared
+
+
+class _File(NamedTuple):
+    """One data file, tokenized into the store."""
+
+    path: str
+    records: int
+    format: str
+    without_eos: int  # assistant turns that do not end with EOS
+
+
+class _Part(NamedTuple):
+    """The training or the held-out part: its records' examples placed into rows."""
+
+    records: int
+    examples: int
+    rows: PackedRows | None
+    counts: dict  # plan()'s: tokens, target_tokens, truncated, dropped, untrainable (each with its _lines)
+
+
+_NO_PART = _Part(0, 0, None, {})  # where nothing is held out
+
+
 def _prepare(tokenizer: Tokenizer, data, eval_data, folder: Path | None, options: dict, started: float) -> Prepared:
     """Tokenize, split and place; the tokens go to ``folder`` (or memory)."""
-    seq_len, fmt, eval_split = options["seq_len"], options["fmt"], options["eval_split"]
     bad = BadLog(options["skip_bad_records"])
-    store = _Store(folder, seq_len)
-    formats, without_eos, counts = {}, 0, []
-
-    def tokenize(path) -> int:
-        """The source's records tokenized into the store; how many."""
-        nonlocal without_eos
-        before, records_before = bad.count, store.records
-        problems = Problems()
-        records = _records(path, problems, options["field_map"])
-        file_fmt, missing = tokenize_source(path, records, problems, tokenizer, fmt, options["train_on_prompt"], bad,
-                                            store.add, options["train_turns"])
-        without_eos += missing
-        formats[str(path)] = file_fmt or fmt
-        n = store.records - records_before
-        if not n:
-            skipped = bad.count - before
-            if skipped:
-                raise SftplugError(f"{path}: no usable records: all {skipped:,} were bad (first: {bad.first[0]})")
-            raise SftplugError(f"{path}: no records (the file is empty)")
-        return n
-
-    n_train = tokenize(data)
-    n_eval = tokenize(eval_data) if eval_data else 0
+    store = _Store(folder, options["seq_len"])
+    # The training file's records first: records and their examples are numbered in that order.
+    files = [_tokenize(path, tokenizer, options, bad, store) for path in (data, eval_data) if path]
     ids, trained, start, length, targets, lines, owners = store.close()
-    is_eval = np.zeros(n_train + n_eval, dtype=bool)  # per record
-    is_eval[n_train:] = True
-    if eval_split:
-        order, n_eval = _split_order(n_train, eval_split, options["seed"])
-        if n_eval >= n_train:
-            raise SftplugError(f"{data}: {n_train} records are too few for --eval-split {eval_split}")
-        is_eval[order[:n_eval]] = True
-    # Examples by their record's part: one conversation's examples are never split between train and eval.
-    parts = {"train": np.flatnonzero(~is_eval[owners]),
-             "eval": np.flatnonzero(is_eval[owners]) if eval_data or eval_split else None}
+    # Held out: the eval file's records, or a seeded fraction of the training file's.
+    is_eval = _held_out_records(files, options)
+    # Split by record: one conversation's examples are never split between train and eval.
+    examples = {"train": np.flatnonzero(~is_eval[owners])}
+    if eval_data or options["eval_split"]:
+        examples["eval"] = np.flatnonzero(is_eval[owners])
+    # Each part's documents into rows of seq_len positions (only where they start and end).
     layouts, counts = {}, {}
-    for part, index in parts.items():
-        if index is not None:
-            source = str(eval_data if part == "eval" and eval_data else data)
-            layouts[part], counts[part] = plan(start[index], length[index], targets[index], lines[index], source,
-                                               seq_len, options["pack"], options["overlong"])
+    for part, index in examples.items():
+        source = files[-1].path if part == "eval" and eval_data else files[0].path
+        layouts[part], counts[part] = plan(start[index], length[index], targets[index], lines[index], source,
+                                           options["seq_len"], options["pack"], options["overlong"])
     if folder is not None:  # the rows map the files they will be read from
         for part, layout in layouts.items():
             for name, array in zip(LAYOUT, layout):
                 np.save(folder / f"{part}.{name}.npy", array, allow_pickle=False)
         ids, trained = map_tokens(folder, store.tokens)
-    rows = {part: PackedRows(ids, trained, *layout, seq_len, tokenizer.pad_id, counts[part]["target_tokens"])
-            for part, layout in layouts.items()}
-    train, held_out = counts["train"], counts.get("eval", {})
-    seconds = time.perf_counter() - started
-    n_records = len(is_eval)
-    n_train_records = int((~is_eval).sum())
-    stats = {
-        "data": str(data),
-        "eval_data": str(eval_data) if eval_data else None,
-        "format": formats[str(data)],
-        "formats": formats,
-        **template_stats(tokenizer),
-        "records": n_train_records,
-        "eval_records": n_records - n_train_records,
-        "examples": len(parts["train"]),
-        "eval_examples": len(parts["eval"]) if parts["eval"] is not None else 0,
-        "skipped_bad": bad.count,
-        "skipped_bad_lines": bad.first,
-        "rows": len(rows["train"]),
-        "eval_rows": len(rows["eval"]) if "eval" in rows else 0,
-        "tokens": train["tokens"],
-        "target_tokens": train["target_tokens"],
-        "eval_target_tokens": held_out.get("target_tokens", 0),
-        "fill": train["tokens"] / (len(rows["train"]) * seq_len),
-        "assistant_turns_without_eos": without_eos,
-        "seconds": seconds,
-        "records_per_s": n_records / max(seconds, 1e-9),
-        **options,
-    }
-    for name in ("truncated", "dropped", "untrainable"):
-        stats[name] = train[name] + held_out.get(name, 0)
-        stats[name + "_lines"] = (train[name + "_lines"] + held_out.get(name + "_lines", []))[:SHOW_LINES]
-    return Prepared(rows["train"], rows.get("eval"), stats)
+    parts = {}
+    for part, layout in layouts.items():
+        rows = PackedRows(ids, trained, *layout, options["seq_len"], tokenizer.pad_id, counts[part]["target_tokens"])
+        records = int((is_eval == (part == "eval")).sum())
+        parts[part] = _Part(records, len(examples[part]), rows, counts[part])
+    stats = _stats(files, parts, bad, tokenizer, options, time.perf_counter() - started)
+    return Prepared(parts["train"].rows, parts["eval"].rows if "eval" in parts else None, stats)
 
+
+def _tokenize(path, tokenizer: Tokenizer, options: dict, bad: BadLog, store: _Store) -> _File:
+    """A data file's records tokenized into the store; a file without a usable record is an error."""
+    bad_before, records_before = bad.count, store.records
+    problems = Problems()
+    records = _records(path, problems, options["field_map"])
+    file_format, without_eos = tokenize_source(path, records, problems, tokenizer, options["fmt"],
+                                               options["train_on_prompt"], bad, store.add, options["train_turns"])
+    n = store.records - records_before
+    if not n:
+        skipped = bad.count - bad_before
+        if skipped:
+            raise SftplugError(f"{path}: no usable records: all {skipped:,} were bad (first: {bad.first[0]})")
+        raise SftplugError(f"{path}: no records (the file is empty)")
+    return _File(str(path), n, file_format or options["fmt"], without_eos)
+
+
+def _held_out_records(files: list[_File], options: dict) -> np.ndarray:
+    """Per record (training file's, then eval file's): is it held out."""
+    n_train = files[0].records
+    is_eval = np.zeros(sum(file.records for file in files), dtype=bool)
+    is_eval[n_train:] = True
+    eval_split = options["eval_split"]
+    if eval_split:
+        order, n_eval = _split_order(n_train, eval_split, options["seed"])
+        if n_eval >= n_train:
+            raise SftplugError(f"{files[0].path}: {n_train} records are too few for --eval-split {eval_split}")
+        is_eval[order[:n_eval]] = True
+    return is_eval
+
+
+def _stats(files: list[_File], parts: dict[str, _Part], bad: BadLog, tokenizer: Tokenizer, options: dict,
+           seconds: float) -> DataStats:
+    """What came of the files, the options that decided it, and how long it took."""
+    train, held_out = parts["train"], parts.get("eval", _NO_PART)
+    n_records = sum(file.records for file in files)
+    documents = {}  # cut, dropped or without a target, in both parts
+    for name in ("truncated", "dropped", "untrainable"):
+        documents[name] = train.counts[name] + held_out.counts.get(name, 0)
+        lines = train.counts[name + "_lines"] + held_out.counts.get(name + "_lines", [])
+        documents[name + "_lines"] = lines[:SHOW_LINES]
+    return DataStats(
+        data=files[0].path,
+        eval_data=files[1].path if len(files) > 1 else None,
+        format=files[0].format,
+        formats={file.path: file.format for file in files},
+        chat_template=tokenizer.template_source,
+        chat_template_warning=tokenizer.template_warning,
+        records=train.records,
+        eval_records=held_out.records,
+        examples=train.examples,
+        eval_examples=held_out.examples,
+        skipped_bad=bad.count,
+        skipped_bad_lines=bad.first,
+        rows=len(train.rows),
+        eval_rows=len(held_out.rows) if held_out.rows is not None else 0,
+        tokens=train.counts["tokens"],
+        target_tokens=train.counts["target_tokens"],
+        eval_target_tokens=held_out.counts.get("target_tokens", 0),
+        fill=train.counts["tokens"] / (len(train.rows) * options["seq_len"]),
+        assistant_turns_without_eos=sum(file.without_eos for file in files),
+        seconds=seconds,
+        records_per_s=n_records / max(seconds, 1e-9),
+        **options,
+        **documents,
+    )

@@ -102,23 +102,21 @@ def heading(doc: Document, path) -> str:
 def stats_lines(prepared: Prepared) -> list[str]:
     """The dataset as training will see it, from prepare_data's stats."""
     s = prepared.stats
-    tokens, targets = s["tokens"], s["target_tokens"]
+    tokens, targets = s.tokens, s.target_tokens
     lines = [
-        f"records: {s['records']:,} ({s['format']})" + (
-            f", {s['examples']:,} examples (turns trained in their own contexts)"
-            if s.get("examples", s["records"]) != s["records"] else ""),
+        f"records: {s.records:,} ({s.format})" + (
+            f", {s.examples:,} examples (turns trained in their own contexts)" if s.examples != s.records else ""),
         f"tokens: {tokens:,} (input positions); trained: {targets:,} ({targets / max(tokens, 1):.1%})",
-        f"rows: {s['rows']:,} of {s['seq_len']} ({'packed' if s['pack'] else 'one record per row'}, "
-        f"{s['fill']:.1%} filled)",
-        f"truncated: {s['truncated']:,}; dropped: {s['dropped']:,}; untrainable: {s['untrainable']:,}; "
-        f"bad records skipped: {s['skipped_bad']:,}",
+        f"rows: {s.rows:,} of {s.seq_len} ({'packed' if s.pack else 'one record per row'}, {s.fill:.1%} filled)",
+        f"truncated: {s.truncated:,}; dropped: {s.dropped:,}; untrainable: {s.untrainable:,}; "
+        f"bad records skipped: {s.skipped_bad:,}",
     ]
-    if s.get("chat_template_warning") and s.get("format") != "text":
-        lines.append(f"warning: {s['chat_template_warning']}")
-    if s.get("assistant_turns_without_eos"):
-        lines.append(f"warning: {s['assistant_turns_without_eos']:,} assistant turns do not end with EOS "
+    if s.chat_template_warning and s.format != "text":
+        lines.append(f"warning: {s.chat_template_warning}")
+    if s.assistant_turns_without_eos:
+        lines.append(f"warning: {s.assistant_turns_without_eos:,} assistant turns do not end with EOS "
                      "(generation may not learn to stop)")
-    if s.get("eval_records"):
-        lines.append(f"eval: {s['eval_records']:,} records -> {s['eval_rows']:,} rows, "
-                     f"{s['eval_target_tokens']:,} trained tokens")
+    if s.eval_records:
+        lines.append(f"eval: {s.eval_records:,} records -> {s.eval_rows:,} rows, "
+                     f"{s.eval_target_tokens:,} trained tokens")
     return lines

@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -47,6 +48,7 @@ def _train(run: Run) -> dict:
     # Generating with FSDP would need every rank in each forward; tried, it left gloo work
     # pending at exit (an abort in 1 run of 2), so sharded runs skip the sample answers.
     prompt = sample_prompt(config) if not run.sharded else None
+    # The model before training, to compare with after it.
     before_loss = run.eval_loss()
     before_answer = sample_answer(run, prompt)
     if before_loss is not None:
@@ -55,10 +57,55 @@ def _train(run: Run) -> dict:
             run.log({"step": 0, "eval_loss": before_loss})
     if run.device.type == "cuda":  # the peak of the training steps, not of loading or generation
         torch.cuda.reset_peak_memory_stats(run.device)
+    ended = _update_loop(run)
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
+    run.batches.close()
+    # The last checkpoint, then the model after training, unless the run was stopped before its end.
+    folder = save_checkpoint(run)
+    if ended.interrupted:  # the end-of-run evaluation and answers are skipped: the run is not over
+        echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
+    after_loss = ended.after_loss
+    if after_loss is None and not ended.interrupted:  # no update ran here (resumed at the end)
+        after_loss = run.eval_loss()
+    summary = {
+        "steps": run.step,
+        "interrupted": ended.interrupted,
+        "signal": ended.signal_name,
+        "seconds": ended.seconds,
+        "compile_seconds": ended.compile_seconds,
+        "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(ended.seconds, 1e-9),
+        "eval_loss_before": before_loss,
+        "eval_loss_after": after_loss,
+        "out": str(run.out),
+        "checkpoint": str(folder),
+        "sample_prompt": prompt,
+        "answer_before": before_answer,
+        "answer_after": None if ended.interrupted else sample_answer(run, prompt),
+        "data": {k: getattr(run.data.stats, k, 0) for k in ("records", "skipped_bad", "truncated", "dropped")},
+    }
+    if peak is not None:
+        summary["peak_memory_gib"] = peak
+    if run.world.is_main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+@dataclass
+class _LoopEnd:
+    """How the update loop ended."""
+
+    seconds: float  # of training: neither the first update where it compiles nor held-out passes
+    compile_seconds: float | None
+    interrupted: bool
+    signal_name: str | None  # the signal that interrupted it; None also where another process was signalled
+    after_loss: float | None  # measured with the last update, into its record
+
+
+def _update_loop(run: Run) -> _LoopEnd:
+    """Updates until --steps or a stop signal, each logged and shown, checkpoints every --save-every."""
+    config = run.config
     started = time.perf_counter()
-    compile_seconds = None
-    interrupted = False
-    after_loss = None  # measured with the last update, into its record
+    compile_seconds, interrupted, after_loss = None, False, None
     eval_seconds = 0.0  # held-out passes inside the loop: not training time
     with Progress(run) as progress, _StopOnSignal(progress.echo) as stop:
         while run.step < config.steps:
@@ -90,34 +137,7 @@ def _train(run: Run) -> dict:
             if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
                 save_checkpoint(run)
     seconds = time.perf_counter() - started - eval_seconds
-    peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
-    run.batches.close()
-    folder = save_checkpoint(run)
-    if interrupted:  # the end-of-run evaluation and answers are skipped: the run is not over
-        echo(f"interrupted: saved {folder} at step {run.step}; resume with the same command plus --resume auto")
-    if after_loss is None and not interrupted:  # no update ran here (resumed at the end)
-        after_loss = run.eval_loss()
-    summary = {
-        "steps": run.step,
-        "interrupted": interrupted,
-        "signal": stop.signal_name if interrupted else None,  # None also where another process was signalled
-        "seconds": seconds,
-        "compile_seconds": compile_seconds,
-        "tokens_per_second": (run.tokens_seen - run.tokens_at_start) / max(seconds, 1e-9),
-        "eval_loss_before": before_loss,
-        "eval_loss_after": after_loss,
-        "out": str(run.out),
-        "checkpoint": str(folder),
-        "sample_prompt": prompt,
-        "answer_before": before_answer,
-        "answer_after": None if interrupted else sample_answer(run, prompt),
-        "data": {k: run.data.stats.get(k, 0) for k in ("records", "skipped_bad", "truncated", "dropped")},
-    }
-    if peak is not None:
-        summary["peak_memory_gib"] = peak
-    if run.world.is_main:
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return _LoopEnd(seconds, compile_seconds, interrupted, stop.signal_name if interrupted else None, after_loss)
 
 
 def sample_prompt(config: TrainConfig) -> str | None:

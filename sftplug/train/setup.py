@@ -80,7 +80,7 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     model = trainable_model(loaded.model, config, world, echo)
     params = [p for p in model.parameters() if p.requires_grad]
     replicated = distributed.replicate(model, world) if world.active and not distributed.is_sharded(model) else None
-    data = Prepared(rows, None, {}) if rows is not None else load_data(config, tokenizer, world, out, echo)
+    data = Prepared(rows, None) if rows is not None else load_data(config, tokenizer, world, out, echo)
     compute_dtype = precision.autocast_dtype or torch.float32
     attention = attach(model, registry, config.attention, device, compute_dtype,
                        packed=bool(int(data.train.docs_per_row.max()) > 1), seq_len=config.seq_len)

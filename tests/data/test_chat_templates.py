@@ -210,13 +210,13 @@ def test_prepare_data_counts_records_and_examples_and_keeps_them_together(models
     path.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     prepared = prepare_data(tok, data=path, seq_len=256, pack=False, eval_split=0.3)
     s = prepared.stats
-    assert (s["records"], s["eval_records"], s["examples"], s["eval_examples"]) == (7, 3, 21, 9)
+    assert (s.records, s.eval_records, s.examples, s.eval_examples) == (7, 3, 21, 9)
     assert "7 chat records as 21 examples" in prepared.describe()
     examples, _ = examples_of(tok, path)
     # Every trained token is a target (none starts an example); the split moves whole conversations.
-    assert s["target_tokens"] + s["eval_target_tokens"] == sum(sum(trained) for _, trained in examples)
+    assert s.target_tokens + s.eval_target_tokens == sum(sum(trained) for _, trained in examples)
     last = prepare_data(tok, data=path, seq_len=256, pack=False, train_turns="last").stats
-    assert (last["records"], last["examples"]) == (10, 10)
+    assert (last.records, last.examples) == (10, 10)
 
 
 

@@ -313,18 +313,18 @@ def test_overlong_truncate_and_drop(tok, tmp_path):
     records = [{"prompt": "Hi", "completion": "Yes."}] * 3 + [{"prompt": "Hi", "completion": "1, 2, 3. " * 10}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     kept = prepare_data(tok, data=path, seq_len=16, overlong="truncate")
-    assert kept.stats["truncated"] == 1 and kept.stats["truncated_lines"] == [f"{path}:4"]
-    assert kept.stats["dropped"] == 0
+    assert kept.stats.truncated == 1 and kept.stats.truncated_lines == [f"{path}:4"]
+    assert kept.stats.dropped == 0
     assert int((kept.train.dense().input_ids != tok.pad_id).sum()) == 3 * 12 + 16
     dropped = prepare_data(tok, data=path, seq_len=16, overlong="drop")
-    assert dropped.stats["dropped"] == 1 and dropped.stats["truncated"] == 0
+    assert dropped.stats.dropped == 1 and dropped.stats.truncated == 0
     assert int((dropped.train.dense().input_ids != tok.pad_id).sum()) == 3 * 12
     assert "1 truncated" in kept.describe() and "1 dropped" in dropped.describe()
     # A prompt longer than a row leaves nothing to train: left out and counted, not trained on.
     write_jsonl(path, records[:3] + [{"prompt": "Count to 3. " * 5, "completion": "Yes."}])
     long_prompt = prepare_data(tok, data=path, seq_len=16)
-    assert long_prompt.stats["untrainable"] == 1 and long_prompt.stats["untrainable_lines"] == [f"{path}:4"]
-    assert long_prompt.stats["truncated"] == 0 and long_prompt.train.docs_per_row.sum() == 3
+    assert long_prompt.stats.untrainable == 1 and long_prompt.stats.untrainable_lines == [f"{path}:4"]
+    assert long_prompt.stats.truncated == 0 and long_prompt.train.docs_per_row.sum() == 3
     with pytest.raises(SftplugError, match="no trainable examples"):
         prepare_data(tok, data=path, seq_len=6)  # "<|bos|><|user|>\nHi\n<|assistant|>" fills it
 
@@ -475,7 +475,7 @@ def test_json_array_records_and_line_numbers(tok, tmp_path):
     records = [json.loads(GOOD), json.loads(CHAT_GOOD)]
     path = tmp_path / "d.json"
     path.write_text(json.dumps([json.loads(GOOD)] * 3, indent=2))
-    assert prepare_data(tok, data=path, seq_len=32).stats["records"] == 3
+    assert prepare_data(tok, data=path, seq_len=32).stats.records == 3
     records = [json.loads(GOOD), json.loads(GOOD), {"prompt": "Hi", "completion": " "}]
     path.write_text(json.dumps(records, indent=2))  # each record spans 4 lines
     with pytest.raises(SftplugError, match=rf"^{path}:10: empty 'completion'"):
@@ -506,8 +506,8 @@ def test_skip_bad_records_counts_and_names_lines(tok, tmp_path):
         prepare_data(tok, data=path, seq_len=32)
     prepared = prepare_data(tok, data=path, seq_len=32, skip_bad_records=True)
     s = prepared.stats
-    assert s["records"] == 4 and s["skipped_bad"] == 7
-    assert s["skipped_bad_lines"] == [f"{path}:{n}" for n in (2, 4, 5, 7, 8)]
+    assert s.records == 4 and s.skipped_bad == 7
+    assert s.skipped_bad_lines == [f"{path}:{n}" for n in (2, 4, 5, 7, 8)]
     assert "skipped 7 bad records" in prepared.describe()
     everything_bad = bad_file(tmp_path, "{x\n{y\n")
     with pytest.raises(SftplugError, match="no usable records: all 2 were bad"):
@@ -523,7 +523,7 @@ def test_template_refusal_is_a_bad_record(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [json.loads(GOOD), {"system": "S", "prompt": "Hi", "completion": "Yes."}])
     with pytest.raises(SftplugError, match=rf"^{path}:2: the chat template failed: no system messages"):
         prepare_data(strict, data=path, seq_len=32)
-    assert prepare_data(strict, data=path, seq_len=32, skip_bad_records=True).stats["skipped_bad"] == 1
+    assert prepare_data(strict, data=path, seq_len=32, skip_bad_records=True).stats.skipped_bad == 1
 
 
 # -- eval split ----------------------------------------------------------------------------
@@ -531,7 +531,7 @@ def test_eval_split_is_seeded_and_disjoint(tok, small_data):
     a = prepare_data(tok, data=small_data, seq_len=64, eval_split=0.25, seed=1)
     b = prepare_data(tok, data=small_data, seq_len=64, eval_split=0.25, seed=1)
     c = prepare_data(tok, data=small_data, seq_len=64, eval_split=0.25, seed=2)
-    assert a.stats["records"] == 18 and a.stats["eval_records"] == 6
+    assert a.stats.records == 18 and a.stats.eval_records == 6
     assert torch.equal(a.eval.dense().input_ids, b.eval.dense().input_ids)
     assert not torch.equal(a.eval.dense().input_ids, c.eval.dense().input_ids)
     train_docs = set(losses_keys(a.train.dense()))
@@ -549,8 +549,8 @@ def losses_keys(rows, *only):
 
 def test_eval_data_file(tok, small_data):
     p = prepare_data(tok, data=small_data, eval_data=ASSETS / "default_eval.jsonl", seq_len=64)
-    assert p.stats["eval_records"] == 200 and p.eval is not None and p.eval.target_tokens > 0
-    assert p.stats["formats"] == {str(small_data): "prompt", str(ASSETS / "default_eval.jsonl"): "prompt"}
+    assert p.stats.eval_records == 200 and p.eval is not None and p.eval.target_tokens > 0
+    assert p.stats.formats == {str(small_data): "prompt", str(ASSETS / "default_eval.jsonl"): "prompt"}
 
 
 # -- cache ---------------------------------------------------------------------------------
@@ -568,9 +568,9 @@ def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
     shutil.copy(small_data, path)
     kw = dict(seq_len=64, cache_dir=cache, eval_split=0.2)
     first = prepare_data(tok, data=path, **kw)
-    assert first.stats["cache"] == "miss"
+    assert first.stats.cache == "miss"
     again = prepare_data(tok, data=path, **kw)
-    assert again.stats["cache"] == "hit" and "cache hit" in again.describe()
+    assert again.stats.cache == "hit" and "cache hit" in again.describe()
     assert rows_equal(first.train, again.train) and rows_equal(first.eval, again.eval)
     batch = again.train.batch([0, 1])
     assert batch["input_ids"].dtype == torch.long and batch["doc_ids"].dtype == torch.int32
@@ -584,7 +584,7 @@ def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
 
     moved = tmp_path / "moved.jsonl"
     shutil.copy(path, moved)
-    assert prepare_data(tok, data=moved, **kw).stats["cache"] == "hit"  # keyed by content, not path
+    assert prepare_data(tok, data=moved, **kw).stats.cache == "hit"  # keyed by content, not path
 
     changes = {
         "seq_len": dict(kw, seq_len=48),
@@ -602,23 +602,23 @@ def test_cache_hit_and_invalidation(tok, tmp_path, small_data):
             with pytest.raises(SftplugError, match="no known format"):
                 prepare_data(tok, data=path, **options)
             options = dict(options, field_map={"completion": "response"})
-        assert prepare_data(tok, data=path, **options).stats["cache"] == "miss", name
+        assert prepare_data(tok, data=path, **options).stats.cache == "miss", name
 
     with open(path, "a") as f:
         f.write(GOOD + "\n")
     changed = prepare_data(tok, data=path, **kw)
-    assert changed.stats["cache"] == "miss" and changed.stats["records"] + changed.stats["eval_records"] == 25
+    assert changed.stats.cache == "miss" and changed.stats.records + changed.stats.eval_records == 25
 
     other_template = Tokenizer(ASSETS, chat_template="chatml")
-    assert prepare_data(other_template, data=path, **kw).stats["cache"] == "miss"
+    assert prepare_data(other_template, data=path, **kw).stats.cache == "miss"
     folder = tmp_path / "tok"
     folder.mkdir()
     shutil.copy(ASSETS / "tokenizer_config.json", folder)
     spec = json.loads((ASSETS / "tokenizer.json").read_text())
     spec["model"]["merges"] = spec["model"]["merges"][:-1]  # one merge fewer: another tokenizer
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    assert prepare_data(Tokenizer(folder), data=path, **kw).stats["cache"] == "miss"
-    assert prepare_data(tok, data=path, **kw).stats["cache"] == "hit"
+    assert prepare_data(Tokenizer(folder), data=path, **kw).stats.cache == "miss"
+    assert prepare_data(tok, data=path, **kw).stats.cache == "hit"
 
 
 @pytest.mark.parametrize("damage", ["token file cut short", "placement file garbled", "no meta.json"])
@@ -634,8 +634,8 @@ def test_damaged_cache_is_rebuilt(tok, tmp_path, small_data, damage):
     else:  # an entry whose writer stopped before its last file
         (entry / "meta.json").unlink()
     rebuilt = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache)
-    assert rebuilt.stats["cache"] == "miss" and rows_equal(first.train, rebuilt.train)
-    assert prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache"] == "hit"
+    assert rebuilt.stats.cache == "miss" and rows_equal(first.train, rebuilt.train)
+    assert prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats.cache == "hit"
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary folder left behind
 
 
@@ -648,12 +648,12 @@ def test_a_failed_tokenization_leaves_no_cache_entry(tok, tmp_path):
 
 def test_a_killed_tokenizations_folder_is_cleaned_up(tok, tmp_path, small_data):
     cache = tmp_path / "cache"
-    entry = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache_file"]
+    entry = prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats.cache_file
     left = Path(entry + ".tmpkilled")  # what a run killed while writing this entry leaves
     shutil.rmtree(entry)
     (left / "ids.bin").parent.mkdir(parents=True)
     (left / "ids.bin").write_bytes(b"\0" * 12)
-    assert prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats["cache"] == "miss"
+    assert prepare_data(tok, data=small_data, seq_len=64, cache_dir=cache).stats.cache == "miss"
     assert [p.name for p in cache.iterdir()] == [Path(entry).name]
 
 

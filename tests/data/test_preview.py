@@ -91,7 +91,7 @@ def test_a_dropped_document_has_no_marks(tmp_path):
     long, short = preview_documents(tok, path, 2, seq_len=40, overlong="drop")
     assert long.dropped and not any(long.marked) and not short.dropped
     prepared = prepare_data(tok, data=path, seq_len=40, overlong="drop")
-    assert prepared.stats["dropped"] == 1 and prepared.stats["target_tokens"] == sum(short.marked)
+    assert prepared.stats.dropped == 1 and prepared.stats.target_tokens == sum(short.marked)
 
 
 def test_render_styles_each_trained_run(tmp_path):
@@ -108,7 +108,7 @@ def test_stats_lines_are_prepare_datas(tmp_path):
     s = prepared.stats
     lines = stats_lines(prepared)
     assert lines[0] == "records: 3 (chat)"
-    assert lines[1] == f"tokens: {s['tokens']:,} (input positions); trained: {s['target_tokens']:,} " \
-                       f"({s['target_tokens'] / s['tokens']:.1%})"
-    assert lines[2] == f"rows: {s['rows']} of 40 (packed, {s['fill']:.1%} filled)"
+    assert lines[1] == f"tokens: {s.tokens:,} (input positions); trained: {s.target_tokens:,} " \
+                       f"({s.target_tokens / s.tokens:.1%})"
+    assert lines[2] == f"rows: {s.rows} of 40 (packed, {s.fill:.1%} filled)"
     assert lines[3] == "truncated: 1; dropped: 0; untrainable: 0; bad records skipped: 1"

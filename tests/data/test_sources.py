@@ -112,7 +112,7 @@ def test_every_source_gives_the_jsonl_rows_through_prepare_data(tok, tmp_path, k
     expected, got = prepare_data(tok, data=reference, seq_len=48), prepare_data(tok, data=path, seq_len=48)
     for name in ("input_ids", "labels", "positions", "doc_ids", "docs_per_row"):
         assert torch.equal(getattr(got.train.dense(), name), getattr(expected.train.dense(), name)), name
-    assert got.stats["records"] == expected.stats["records"] == len(RECORDS)
+    assert got.stats.records == expected.stats.records == len(RECORDS)
 
 
 def test_the_record_numbers_of_tables_count_rows_across_batches(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_workers_give_the_cache_one_process_gives(tok, tmp_path, small_chunks, m
         small_chunks(workers)
         cache = tmp_path / f"cache{workers}"
         prepared = prepare_data(tok, data=path, seq_len=128, eval_split=0.1, skip_bad_records=True, cache_dir=cache)
-        assert prepared.stats["cache"] == "miss"
+        assert prepared.stats.cache == "miss"
         caches[workers] = cache_files(cache)
     assert pools == [2]  # one process, then two workers
     one, two = caches[1], caches[2]

@@ -81,15 +81,15 @@ def test_the_data_line_says_what_is_counted(small_config, registry, tmp_path):
     fill = MicroBatches(run.data.train, 4, config.seed, trim=True).fill()
     line = next(x for x in lines if x.startswith("data: "))
     assert (f"rows of up to 64 (one per row, each micro-batch cut to its longest row: {fill:.0%} filled, "
-            f"{run.data.stats['target_tokens']:,} target tokens; tok/s counts tokens, not padding)") in line
-    assert fill > run.data.stats["fill"]  # the rows' own fill counts padding no batch computes
+            f"{run.data.stats.target_tokens:,} target tokens; tok/s counts tokens, not padding)") in line
+    assert fill > run.data.stats.fill  # the rows' own fill counts padding no batch computes
     whole_rows = run.data.describe()  # torch.compile keeps whole rows: their own fill is the one computed
-    assert (f"rows of 64 (one per row, {run.data.stats['fill']:.0%} filled, {run.data.stats['target_tokens']:,} "
+    assert (f"rows of 64 (one per row, {run.data.stats.fill:.0%} filled, {run.data.stats.target_tokens:,} "
             "target tokens; tok/s counts tokens, not padding)") in whole_rows
     lines.clear()
     run = build_run(small_config(out=str(tmp_path / "packed")), registry, echo=lines.append)
     line = next(x for x in lines if x.startswith("data: "))
-    assert f"rows of 64 (packed, {run.data.stats['fill']:.0%} filled, " in line
+    assert f"rows of 64 (packed, {run.data.stats.fill:.0%} filled, " in line
 
 
 def test_every_batch_counts_its_real_tokens(small_config, registry):
