@@ -76,33 +76,22 @@ def export_checkpoint(
     :param max_shard_bytes: largest safetensors file before the weights are sharded.
     :returns: ``{"model": out_dir}``, or ``{"base": out_dir/"base", "adapter": out_dir/"adapter"}``.
     """
-    from sftplug.loading import load_model
-
     out = Path(out_dir)
     wanted_dtype = as_dtype(dtype)  # a bad dtype fails before anything is loaded
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SftplugError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-    folder = folders.resolve(checkpoint)
-    if folder.is_dir() and (folder / folders.MANIFEST).exists():
-        manifest = folders.verify(folder)  # a precise message for an incomplete or corrupt checkpoint
-        if not isinstance(manifest.get("base_model"), str):
-            raise SftplugError(f"{folder / folders.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
-    loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry, attention=None)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if getattr(model, "quantized_base", None) is not None:
-        dequantize_model(model, torch.float32)  # the 4-bit base the adapter trained on, as plain weights
+    _refuse_before_loading(checkpoint, out)
+    model, tokenizer = _load_in_fp32(checkpoint, registry)
     config: ModelConfig = model.config
     check_exportable(config)
     lora = getattr(model, "lora_config", None)
     out_dtype = wanted_dtype or source_dtype(config)
     as_adapter = lora is not None and not merge
-
+    # HF's names and layout, the LoRA merged in unless it is written beside the base as an adapter.
     plain = plain_weights(model, merge=lora is not None and merge)
     export_config = config
     if config.tie_embeddings and not torch.equal(plain["lm_head.weight"], plain["embed_tokens.weight"]):
         export_config = ModelConfig(**{**config.to_dict(), "tie_embeddings": False})  # a merged LoRA on lm_head
     hf_weights = to_hf_state_dict(plain, export_config)
-
+    # Written under a temporary name and renamed when complete: no half-written export is ever left at out.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,6 +108,27 @@ def export_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"base": out / "base", "adapter": out / "adapter"} if as_adapter else {"model": out}
+
+
+def _refuse_before_loading(checkpoint, out: Path) -> None:
+    """An output folder in use, or an incomplete or corrupt sftplug checkpoint, refused with a precise message."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SftplugError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+    folder = folders.resolve(checkpoint)
+    if folder.is_dir() and (folder / folders.MANIFEST).exists():
+        manifest = folders.verify(folder)
+        if not isinstance(manifest.get("base_model"), str):
+            raise SftplugError(f"{folder / folders.MANIFEST}: names no base_model; not a complete sftplug checkpoint")
+
+
+def _load_in_fp32(checkpoint, registry) -> tuple[torch.nn.Module, object]:
+    """The model on the CPU in fp32, a 4-bit base dequantized (the base its adapter trained on), and its tokenizer."""
+    from sftplug.loading import load_model
+
+    loaded = load_model(str(checkpoint), dtype=torch.float32, device="cpu", registry=registry, attention=None)
+    if getattr(loaded.model, "quantized_base", None) is not None:
+        dequantize_model(loaded.model, torch.float32)
+    return loaded.model, loaded.tokenizer
 
 
 def plain_weights(model: torch.nn.Module, merge: bool) -> dict[str, torch.Tensor]:
@@ -184,4 +194,3 @@ def write_chat_template(folder: Path, tokenizer) -> None:
             config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if tokenizer.chat_template:
         (folder / TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
-
