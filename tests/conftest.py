@@ -26,6 +26,24 @@ def registry():
     return build_registry(entrypoints=False)
 
 
+@pytest.fixture(scope="session")
+def quiet():
+    """An echo that prints nothing: for train() and build_run() where a test does not read what they say."""
+
+    def echo(*args, **kwargs) -> None:
+        pass
+
+    return echo
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The bundled tokenizer (sftplug/assets), one per test module."""
+    from sftplug.data.tokenizer import Tokenizer
+
+    return Tokenizer(ASSETS)
+
+
 @pytest.fixture
 def small_config(tmp_path):
     """A run of the built-in tiny model that takes a few seconds on 2 CPU cores."""
@@ -82,3 +100,11 @@ def make_hf_folder():
         return model
 
     return make
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, make_hf_folder):
+    """A tiny random Llama HF checkpoint (make_hf_folder's defaults), one per test module."""
+    folder = tmp_path_factory.mktemp("hf")
+    make_hf_folder(folder)
+    return folder

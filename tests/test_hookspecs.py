@@ -78,12 +78,12 @@ class Log:
         pass
 
 
-def run_recorded(config) -> list[str]:
+def run_recorded(config, quiet) -> list[str]:
     """The hooks in the order of their first call once the model is loaded, after precision."""
     recorder = Recorder()
     registry = build_registry(entrypoints=False)
     registry.add("recorder", lambda: recorder)
-    train(config, registry, echo=lambda *args, **kwargs: None)
+    train(config, registry, echo=quiet)
     calls = recorder.calls
     # before loading, the kernel hooks may only be asked whether the run's choices can work here
     before = calls[: calls.index("load_state")]
@@ -92,8 +92,8 @@ def run_recorded(config) -> list[str]:
     return ["configure_precision"] + sorted(set(after), key=after.index)
 
 
-def test_hooks_are_listed_in_the_order_a_run_calls_them(small_config):
-    fresh = run_recorded(small_config(steps=2, save_every=1, log_to=["recorder"]))
+def test_hooks_are_listed_in_the_order_a_run_calls_them(small_config, quiet):
+    fresh = run_recorded(small_config(steps=2, save_every=1, log_to=["recorder"]), quiet)
     assert fresh == [name for name in SPECS if name != "on_resume"]
-    resumed = run_recorded(small_config(steps=3, save_every=1, log_to=["recorder"], resume="auto"))
+    resumed = run_recorded(small_config(steps=3, save_every=1, log_to=["recorder"], resume="auto"), quiet)
     assert resumed == SPECS[:-2] + ["on_resume", "resume_state"]  # restored before the next checkpoint

@@ -31,6 +31,8 @@ from sftplug.diagnostics.doctor import doctor_report
 from sftplug.errors import SftplugError
 from sftplug.registry import build_registry
 
+pytestmark = pytest.mark.slow  # every test here needs the plugin that pip installs in a child process
+
 FIXTURE = Path(__file__).parent / "fixtures" / "sftplug_hello_plugin"
 
 

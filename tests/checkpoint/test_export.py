@@ -41,12 +41,12 @@ def hf_model(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")
 
 
-def train_lora(registry, model, out, targets=("qkv", "o", "gate_up", "down")):
+def train_lora(registry, quiet, model, out, targets=("qkv", "o", "gate_up", "down")):
     config = TrainConfig(
         model=str(model), out=str(out), steps=3, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2, warmup=0,
         log_every=100, lora_targets=targets,
     )  # fmt: skip
-    folder = train(config, registry, echo=lambda *a: None)["checkpoint"]
+    folder = train(config, registry, echo=quiet)["checkpoint"]
     # Training moves B off zero; perturb every B as well so no LoRA (lm_head included) is trivial,
     # within its diagonal blocks (the entries a PEFT adapter has).
     path = folders.resolve(folder) / folders.WEIGHTS
@@ -68,10 +68,10 @@ def train_lora(registry, model, out, targets=("qkv", "o", "gate_up", "down")):
     ids=["llama", "qwen2-tied-lm_head"],
 )
 def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, overrides, targets, make_hf_folder,
-                                                registry):
+                                                registry, quiet):
     base = tmp_path / "hf"
     make_hf_folder(base, config_class, **overrides)
-    run = train_lora(registry, base, tmp_path / "run", targets)
+    run = train_lora(registry, quiet, base, tmp_path / "run", targets)
     ours = sftplug_logits(tmp_path / "run")
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-2  # the LoRA changes the model
 
@@ -98,14 +98,14 @@ def test_lora_run_exports_merged_and_as_adapter(tmp_path, config_class, override
     assert relative_error(hf_logits(hf_model(parts["base"])), hf_logits(hf_model(base))) <= 1e-4
 
 
-def test_full_fine_tune_exports_as_one_model(tmp_path, make_hf_folder, registry):
+def test_full_fine_tune_exports_as_one_model(tmp_path, make_hf_folder, registry, quiet):
     base = tmp_path / "hf"
     make_hf_folder(base, "MistralConfig", head_dim=16)
     config = TrainConfig(
         model=str(base), out=str(tmp_path / "run"), steps=2, micro_bsz=2, seq_len=64, eval_data=None, lr=1e-2,
         warmup=0, full=True, log_every=100,
     )  # fmt: skip
-    train(config, registry, echo=lambda *a: None)
+    train(config, registry, echo=quiet)
     ours = sftplug_logits(tmp_path / "run")
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3  # the weights changed
     out = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)["model"]  # no LoRA: one model
@@ -159,12 +159,12 @@ def test_tiny_preset_exports_with_its_tokenizer(tmp_path):
     )
 
 
-def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path, registry):
+def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path, registry, quiet):
     config = TrainConfig(
         out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0, log_every=100,
         lora_targets=("qkv", "down"),
     )  # fmt: skip
-    train(config, registry, echo=lambda *a: None)
+    train(config, registry, echo=quiet)
     parts = export_checkpoint(tmp_path / "run", tmp_path / "out", merge=False)
     assert sorted(json.loads((parts["adapter"] / "adapter_config.json").read_text())["target_modules"]) == [
         "down_proj", "k_proj", "q_proj", "v_proj",
@@ -173,11 +173,11 @@ def test_lora_on_the_tiny_preset_exports_base_and_adapter(tmp_path, registry):
     assert relative_error(hf_logits(wrapped), sftplug_logits(tmp_path / "run")) <= 1e-4
 
 
-def test_every_exported_file_has_the_mode_a_new_file_gets(tmp_path, registry):
+def test_every_exported_file_has_the_mode_a_new_file_gets(tmp_path, registry, quiet):
     # safetensors leaves 0600 and a copy keeps its source's mode; an export is one set of plain files
     config = TrainConfig(out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0,
                          log_every=100)
-    train(config, registry, echo=lambda *a: None)
+    train(config, registry, echo=quiet)
     previous = os.umask(0o027)  # not the usual 022: the modes must follow the umask, not be a fixed 0644
     try:
         merged = export_checkpoint(tmp_path / "run", tmp_path / "merged")["model"]
@@ -222,13 +222,13 @@ def test_bad_inputs_are_user_errors(tmp_path):
         export_checkpoint("tiny", tmp_path / "taken")
 
 
-def test_an_earlier_runs_shared_a_lora_loads_and_exports_exactly_but_does_not_resume(tmp_path, registry):
+def test_an_earlier_runs_shared_a_lora_loads_and_exports_exactly_but_does_not_resume(tmp_path, registry, quiet):
     """Checkpoints of earlier sftplug runs hold one A of r rows shared by q/k/v and B over all rows."""
     config = TrainConfig(
         out=str(tmp_path / "run"), steps=1, micro_bsz=1, seq_len=64, eval_data=None, warmup=0, log_every=100,
         lora_targets=("qkv", "down"), lora_r=4,
     )  # fmt: skip
-    step = folders.resolve(train(config, registry, echo=lambda *a: None)["checkpoint"])
+    step = folders.resolve(train(config, registry, echo=quiet)["checkpoint"])
     weights = load_file(str(step / folders.WEIGHTS))
     generator = torch.Generator().manual_seed(1)
     deltas = {}
@@ -260,4 +260,4 @@ def test_an_earlier_runs_shared_a_lora_loads_and_exports_exactly_but_does_not_re
 
     resumed = TrainConfig(**{**config.to_dict(), "steps": 2, "resume": "auto"})
     with pytest.raises(SftplugError, match="earlier sftplug whose LoRA shares one A .* continue with --adapter"):
-        train(resumed, registry, echo=lambda *a: None)
+        train(resumed, registry, echo=quiet)

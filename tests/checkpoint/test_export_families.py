@@ -63,13 +63,13 @@ def assert_renders_as_trained(exported, base):
         CHAT[:1], add_generation_prompt=True)
 
 
-def run(tmp_path, registry, base, **options):
+def run(tmp_path, registry, quiet, base, **options):
     data = tmp_path / "data.jsonl"  # a few records: tokenizing is not what is tested here
     data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:64]))
     config = TrainConfig(model=str(base), data=str(data), out=str(tmp_path / "run"), steps=3, micro_bsz=2,
                          seq_len=48, eval_data=None, lr=3e-2, warmup=0, log_every=100, **options)
     records = []
-    train(config, registry, echo=lambda *a: None)
+    train(config, registry, echo=quiet)
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         records.append(json.loads(line))
     assert len(records) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
@@ -77,10 +77,10 @@ def run(tmp_path, registry, base, **options):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_lora_trains_and_exports_merged_and_as_an_adapter(tmp_path, family, make_hf_folder, registry):
+def test_lora_trains_and_exports_merged_and_as_an_adapter(tmp_path, family, make_hf_folder, registry, quiet):
     base = tmp_path / "hf"
     make_hf_folder(base, **FAMILIES[family])
-    folder = run(tmp_path, registry, base)
+    folder = run(tmp_path, registry, quiet, base)
     ours = sftplug_logits(folder)
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3  # the adapter changed the model
     merged = export_checkpoint(folder, tmp_path / "merged", merge=True)["model"]
@@ -95,10 +95,10 @@ def test_lora_trains_and_exports_merged_and_as_an_adapter(tmp_path, family, make
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_full_fine_tuning_trains_and_exports(tmp_path, family, make_hf_folder, registry):
+def test_full_fine_tuning_trains_and_exports(tmp_path, family, make_hf_folder, registry, quiet):
     base = tmp_path / "hf"
     make_hf_folder(base, **FAMILIES[family])
-    folder = run(tmp_path, registry, base, full=True)
+    folder = run(tmp_path, registry, quiet, base, full=True)
     ours = sftplug_logits(folder)
     assert relative_error(ours, hf_logits(hf_model(base))) > 1e-3
     out = export_checkpoint(folder, tmp_path / "out", merge=False)["model"]

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here starts a process
+
 ARGS = ["--steps", "10", "--save-every", "2", "--micro-bsz", "2", "--seq-len", "64", "--lora-dropout", "0.1",
         "--accum", "2", "--log-every", "1", "--sample-prompt", "Hi"]
 

@@ -11,10 +11,6 @@ from sftplug.errors import SftplugError
 from sftplug.train.loop import train
 
 
-def quiet(*args):
-    pass
-
-
 def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -28,7 +24,7 @@ def final_weights(out, step):
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_resume_continues_bitwise(small_config, tmp_path, full, registry):
+def test_resume_continues_bitwise(small_config, tmp_path, full, registry, quiet):
     straight = small_config(out=str(tmp_path / "a"), steps=12, save_every=6, accum=2, lora_dropout=0.1, full=full)
     train(straight, registry, echo=quiet)
     # A second run that has only the step-6 checkpoint, as if the first had died after it.
@@ -45,7 +41,7 @@ def test_resume_continues_bitwise(small_config, tmp_path, full, registry):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_longer_resume_keeps_the_lr_curve_continuous(small_config, tmp_path, registry):
+def test_longer_resume_keeps_the_lr_curve_continuous(small_config, tmp_path, registry, quiet):
     out = tmp_path / "run"
     train(small_config(out=str(out), steps=8, warmup=2), registry, echo=quiet)
     train(small_config(out=str(out), steps=16, warmup=2, resume="auto"), registry, echo=quiet)
@@ -58,7 +54,7 @@ def test_longer_resume_keeps_the_lr_curve_continuous(small_config, tmp_path, reg
     assert curve[-1] == pytest.approx(3e-4, rel=0.05)  # still decays to the configured end
 
 
-def test_changed_setting_is_refused(small_config, tmp_path, registry):
+def test_changed_setting_is_refused(small_config, tmp_path, registry, quiet):
     out = tmp_path / "run"
     train(small_config(out=str(out), steps=2), registry, echo=quiet)
     with pytest.raises(SftplugError, match="--lora-r is 8 but .* trained with 16; it cannot change on resume"):
@@ -67,7 +63,7 @@ def test_changed_setting_is_refused(small_config, tmp_path, registry):
     train(small_config(out=str(out), steps=3, save_every=1, profile=True, resume="auto"), registry, echo=quiet)
 
 
-def test_truncated_checkpoint_is_refused_and_auto_falls_back(small_config, tmp_path, registry):
+def test_truncated_checkpoint_is_refused_and_auto_falls_back(small_config, tmp_path, registry, quiet):
     out = tmp_path / "run"
     train(small_config(out=str(out), steps=4, save_every=2), registry, echo=quiet)
     broken = out / "checkpoints" / "step-4"
@@ -85,7 +81,7 @@ def test_truncated_checkpoint_is_refused_and_auto_falls_back(small_config, tmp_p
               echo=quiet)
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_path, monkeypatch, registry):
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_path, monkeypatch, registry, quiet):
     out = tmp_path / "run"
     train(small_config(out=str(out), steps=2), registry, echo=quiet)
     saved = (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes()
@@ -97,7 +93,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(small_config, tmp_pa
     assert (out / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == saved
 
 
-def test_crash_during_a_save_leaves_the_previous_checkpoint_whole(small_config, tmp_path, monkeypatch, registry):
+def test_crash_during_a_save_leaves_the_previous_checkpoint_whole(small_config, tmp_path, monkeypatch, registry, quiet):
     out = tmp_path / "run"
     train(small_config(out=str(out), steps=2), registry, echo=quiet)
     before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step-2").iterdir()}
@@ -130,7 +126,7 @@ def test_a_checkpoint_displaced_by_a_dead_writer_is_restored(tmp_path):
     assert [p.name for p in folders.complete_checkpoints(tmp_path)] == ["step-4", "step-2"]
 
 
-def test_fp16_scaler_state_comes_back(small_config, tmp_path, registry):
+def test_fp16_scaler_state_comes_back(small_config, tmp_path, registry, quiet):
     from sftplug.train.setup import build_run
 
     first = build_run(small_config(steps=4, dtype="fp16"), registry, echo=quiet)

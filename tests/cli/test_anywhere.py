@@ -17,7 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="needs the venv's torchrun script")
+pytestmark = [
+    pytest.mark.slow,  # every test here starts a process
+    pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="needs the venv's torchrun script"),
+]
 
 
 @pytest.fixture(scope="module", params=["repo root", "beside a clone"])

@@ -94,6 +94,7 @@ def test_generate_on_a_folder_that_is_no_checkpoint(tmp_path):
     assert "not a built-in preset" in result.output
 
 
+@pytest.mark.slow
 def test_python_dash_m_works():
     import subprocess
     import sys

@@ -31,11 +31,6 @@ from sftplug.errors import SftplugError
 from sftplug.model.transformer import ModelConfig, Transformer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(ASSETS)
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

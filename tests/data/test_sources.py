@@ -13,11 +13,9 @@ import tracemalloc
 import pytest
 import torch
 
-from sftplug.config import ASSETS
 from sftplug.data import sources
 from sftplug.data.prepare import prepare_data
 from sftplug.data.records import BadLog
-from sftplug.data.tokenizer import Tokenizer
 from sftplug.data.tokenizing import tokenize_records
 from sftplug.errors import SftplugError
 
@@ -36,11 +34,6 @@ RECORDS = [
     chat("Say hi in French.", "Bonjour."),
     chat("Count to three.", "1, 2, 3.", "And back?", "3, 2, 1.", "Thanks.", "You're welcome."),
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(ASSETS)
 
 
 def write_jsonl(path, records):

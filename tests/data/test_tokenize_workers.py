@@ -10,13 +10,7 @@ from sftplug.config import ASSETS
 from sftplug.data import tokenizing
 from sftplug.data.batches import Batches
 from sftplug.data.prepare import prepare_data
-from sftplug.data.tokenizer import Tokenizer
 from sftplug.errors import SftplugError
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(ASSETS)
 
 
 @pytest.fixture

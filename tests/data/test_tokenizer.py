@@ -18,11 +18,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(ASSETS)
-
-
 def saved(folder, chat_template, jinja=True):
     """The bundled tokenizer saved by transformers with ``chat_template`` (None, a string or {name: template});
     ``jinja=False``: the layout before transformers 5, the templates in tokenizer_config.json."""

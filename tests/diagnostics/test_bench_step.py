@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 def test_bench_step_w0_reports_every_side_and_the_ratios():
     cmd = [sys.executable, "-m", "sftplug", "bench", "step", "--workload", "W0", "--rounds", "1", "--steps", "1",
            "--warmup", "1", "--variant", "workers2", "--json"]
@@ -41,6 +42,7 @@ def test_a_failing_side_is_reported_and_the_others_still_count(monkeypatch):
     assert "failed: sftplug+compile failed: RuntimeError: out of memory" in step_bench.format_step_table(result)
 
 
+@pytest.mark.slow
 def test_bench_step_exits_1_when_a_side_failed():
     # sftplug's side refuses the unknown backend in its own process; the peer's side still runs and is reported
     cmd = [sys.executable, "-m", "sftplug", "bench", "step", "--workload", "W0", "--rounds", "1", "--steps", "1",

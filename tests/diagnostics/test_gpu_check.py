@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts a process
+
 ROOT = Path(__file__).resolve().parents[2]
 GPU_STEPS = ("doctor", "kernels", "attention", "ops", "compare", "syncs", "bench-step")
 

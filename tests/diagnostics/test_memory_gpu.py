@@ -16,6 +16,7 @@ SCRIPT = ROOT / "benchmarks" / "memory_gpu.py"
 pytest.importorskip("bitsandbytes")
 
 
+@pytest.mark.slow
 def test_each_mode_runs_in_its_own_process_and_reports_a_line(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--device", "cpu", "--shapes", "tiny",
                            "--modes", "lora,qlora-offload-ckpt", "--steps", "1"], capture_output=True, text=True,

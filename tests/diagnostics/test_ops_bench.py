@@ -56,6 +56,7 @@ def test_pytorch_is_timed_and_a_fused_form_is_checked_against_it():
     assert "cross_entropy off      32 x 100" in table
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the fused forms are timed, not interpreted")
 def test_the_triton_forms_match_pytorch_under_the_interpreter():
     pytest.importorskip("triton")

@@ -329,6 +329,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_interpreter_set_too_late_is_reported():
     result = _python("""
         import os, torch
@@ -345,6 +346,7 @@ def test_interpreter_set_too_late_is_reported():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_import_without_triton():
     result = _python("""
         import sys

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow  # every test here starts a process
+
 HERE = Path(__file__).resolve().parent
 
 

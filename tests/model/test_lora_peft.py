@@ -30,13 +30,6 @@ def relative_error(got, ref) -> float:
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory, make_hf_folder):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_folder(folder)
-    return folder
-
-
 def peft_model(folder, targets=ALL, dropout=0.0, seed=0, **options):
     """HF Llama + PEFT LoRA with B moved off zero (as after training), so every gradient is nonzero."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager")

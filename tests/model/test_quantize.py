@@ -45,13 +45,6 @@ def relative_error(got, ref) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory, make_hf_folder):
-    folder = tmp_path_factory.mktemp("hf")
-    make_hf_folder(folder)
-    return folder
-
-
 def original_weights(folder, layer: int) -> dict[str, torch.Tensor]:
     """Each block linear's weight as the HF files hold it, q/k/v and gate/up stacked as sftplug fuses them."""
     tensors = load_file(str(folder / "model.safetensors"))
@@ -302,21 +295,21 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def qlora_run(hf_folder, tmp_path_factory, registry):
+def qlora_run(hf_folder, tmp_path_factory, registry, quiet):
     """4 QLoRA updates in bf16 (the base quantized from bf16), checkpoints at 2 and 4."""
     tmp_path = tmp_path_factory.mktemp("qlora")
-    train(qlora_config(hf_folder, few_records(tmp_path), tmp_path / "run"), registry, echo=lambda *a: None)
+    train(qlora_config(hf_folder, few_records(tmp_path), tmp_path / "run"), registry, echo=quiet)
     return tmp_path / "run"
 
 
-def test_qlora_trains_and_resumes_bitwise(qlora_run, hf_folder, tmp_path, registry):
+def test_qlora_trains_and_resumes_bitwise(qlora_run, hf_folder, tmp_path, registry, quiet):
     curve = losses(qlora_run)
     assert len(curve) == 4 and curve[-1] < curve[0]
     resumed = tmp_path / "resumed"  # a run that has only the step-2 checkpoint, as if the first had died
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(qlora_run / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
     data = qlora_run.parent / "data.jsonl"
-    train(qlora_config(hf_folder, data, resumed, resume="auto"), registry, echo=lambda *a: None)
+    train(qlora_config(hf_folder, data, resumed, resume="auto"), registry, echo=quiet)
     assert losses(resumed) == curve[2:]
     a = load_file(str(qlora_run / "checkpoints" / "step-4" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step-4" / "model.safetensors"))
@@ -379,10 +372,10 @@ def test_cli_trains_a_quantized_preset_and_says_so(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_qlora_trains_on_cuda_in_bf16(hf_folder, tmp_path, registry):
+def test_qlora_trains_on_cuda_in_bf16(hf_folder, tmp_path, registry, quiet):
     out = tmp_path / "run"
     config = qlora_config(hf_folder, few_records(tmp_path), out, device="cuda", save_every=0)
-    train(config, registry, echo=lambda *a: None)
+    train(config, registry, echo=quiet)
     curve = losses(out)
     assert len(curve) == 4 and curve[-1] < curve[0]
     loaded = load_model(str(out), device="cuda", attention="auto")

@@ -106,6 +106,7 @@ def test_auto_takes_chunked_for_fp32_rows_on_the_cpu_and_flash_for_packed_long_o
     assert auto(dtype=torch.bfloat16).backend.name == "flash"
 
 
+@pytest.mark.slow
 def test_training_with_chunked_matches_flash(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:16]))  # packed rows

@@ -17,10 +17,6 @@ from sftplug.train.loggers import Logger, check_log_to
 from sftplug.train.loop import train
 
 
-def quiet(*args, **kwargs):
-    pass
-
-
 def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -40,7 +36,7 @@ def tiny(small_config, tmp_path):
     return lambda **kw: small_config(**{"steps": 3, "warmup": 1, **files, **kw})
 
 
-def test_tensorboard_has_one_scalar_per_metric_per_step_equal_to_metrics_jsonl(tiny, registry):
+def test_tensorboard_has_one_scalar_per_metric_per_step_equal_to_metrics_jsonl(tiny, registry, quiet):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny(log_to=("tensorboard",), eval_every=2)
@@ -84,7 +80,7 @@ def wandb_records(path: Path):
             yield record
 
 
-def test_wandb_offline_run_holds_the_config_and_every_record(tiny, registry, monkeypatch):
+def test_wandb_offline_run_holds_the_config_and_every_record(tiny, registry, monkeypatch, quiet):
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -140,7 +136,7 @@ def registry_with(plugin, name="memory"):
     return registry
 
 
-def test_a_third_party_logger_gets_the_config_once_and_every_record(tiny):
+def test_a_third_party_logger_gets_the_config_once_and_every_record(tiny, quiet):
     plugin = MemoryPlugin()
     config = tiny(log_to=("memory",), eval_every=3)
     train(config, registry_with(plugin), echo=quiet)
@@ -150,7 +146,7 @@ def test_a_third_party_logger_gets_the_config_once_and_every_record(tiny):
     assert "eval_loss" in logger.records[-1] and logger.closed == 1
 
 
-def test_a_logger_is_closed_when_the_run_fails(tiny):
+def test_a_logger_is_closed_when_the_run_fails(tiny, quiet):
     plugin = MemoryPlugin(fail_at=2)
     with pytest.raises(RuntimeError, match="server went away"):
         train(tiny(log_to=("memory",)), registry_with(plugin), echo=quiet)

@@ -11,6 +11,8 @@ import torch
 from sftplug.config import DEFAULT_DATA
 
 pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow  # every test here starts a process
 ARGS = ["train", "--steps", "3", "--seq-len", "48", "--micro-bsz", "2", "--log-every", "1", "--warmup", "1"]
 
 

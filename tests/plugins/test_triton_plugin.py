@@ -30,6 +30,7 @@ def run(out, attention, **env):
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test below covers this on a GPU")
 def test_triton_training_matches_flash_under_the_interpreter(tmp_path):
     header = run(tmp_path / "triton", "triton", TRITON_INTERPRET="1")
@@ -38,6 +39,7 @@ def test_triton_training_matches_flash_under_the_interpreter(tmp_path):
     assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "flash"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_triton_is_listed_saying_why_when_unavailable():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "sftplug", "plugins", "--json"], capture_output=True, text=True,
@@ -49,6 +51,7 @@ def test_triton_is_listed_saying_why_when_unavailable():
         assert not triton["available"] and triton["reason"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_training_matches_flash_on_the_gpu(tmp_path):
     for name in ("triton", "flash"):

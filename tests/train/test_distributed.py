@@ -68,6 +68,7 @@ def weights(out, step=4):
 NO_BITSANDBYTES = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode", [[], ["--full"], ["--full", "--strategy", "fsdp"],
              pytest.param(["--quantize", "nf4", "--strategy", "fsdp"], marks=NO_BITSANDBYTES)],
@@ -100,6 +101,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, mode):
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode", [["--lora-dropout", "0.1"], ["--full", "--strategy", "fsdp"]], ids=["ddp-lora", "fsdp-full"]
 )
@@ -116,6 +118,7 @@ def test_resume_in_two_processes(tmp_path, mode):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
     data = data_file(tmp_path)
     out = tmp_path / "run"
@@ -149,6 +152,7 @@ def test_fsdp_checkpoints_are_sharded_and_export_to_one_hf_folder(tmp_path):
     assert done.returncode == 2 and "__1_0.distcp: truncated" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_nproc_starts_torchrun_and_a_bad_input_ends_every_process_in_one_line(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "hi", "completion": "there"}\nnot json\n')
@@ -161,6 +165,7 @@ def test_nproc_starts_torchrun_and_a_bad_input_ends_every_process_in_one_line(tm
     assert "Traceback" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_run_and_keeps_the_last_checkpoint(tmp_path):
     data, out = data_file(tmp_path), tmp_path / "run"
     cmd = [sys.executable, "-m", "sftplug", "train", "--nproc", "2", "--out", str(out), "--data", str(data),

@@ -26,11 +26,11 @@ def test_peak_is_stated_or_known(monkeypatch):
     assert peak_flops(torch.device("cpu"), half=False) == 2.5e12
 
 
-def test_mfu_is_recorded_against_the_stated_peak(small_config, registry, monkeypatch):
+def test_mfu_is_recorded_against_the_stated_peak(small_config, registry, monkeypatch, quiet):
     from sftplug.train.setup import build_run
 
     monkeypatch.setenv(PEAK_ENV, "1")
-    run = build_run(small_config(steps=1), registry, echo=lambda *a: None)
+    run = build_run(small_config(steps=1), registry, echo=quiet)
     record = run.update()
     adapters = sum(p.numel() for p in run.params)
     flops = update_flops(run.model.config, record["tokens"], record["target_tokens"], 64, False, adapters)

@@ -8,10 +8,6 @@ import pytest
 from sftplug.train.loop import train
 
 
-def quiet(*args):
-    pass
-
-
 @pytest.fixture
 def texts(tmp_path):
     """Four text records, trained on and held out: no sample prompt in them, so the runs spend no
@@ -28,7 +24,7 @@ def records_of(summary) -> list[dict]:
 
 @pytest.mark.parametrize("steps, eval_every, evaluated", [(1, 0, [0, 1]), (5, 2, [0, 2, 4, 5])])
 def test_held_out_loss_is_recorded_before_the_first_update_and_with_the_last(small_config, registry, texts,
-                                                                            steps, eval_every, evaluated):
+                                                                            steps, eval_every, evaluated, quiet):
     config = small_config(data=texts, eval_data=texts, steps=steps, eval_every=eval_every)
     summary = train(config, registry, echo=quiet)
     records = records_of(summary)
@@ -39,7 +35,7 @@ def test_held_out_loss_is_recorded_before_the_first_update_and_with_the_last(sma
     assert records[-1]["eval_loss"] == summary["eval_loss_after"] < summary["eval_loss_before"]
 
 
-def test_without_held_out_data_no_record_claims_a_held_out_loss(small_config, registry, texts):
+def test_without_held_out_data_no_record_claims_a_held_out_loss(small_config, registry, texts, quiet):
     summary = train(small_config(data=texts, steps=2, eval_every=1), registry, echo=quiet)
     assert [r["step"] for r in records_of(summary)] == [1, 2]
     assert all("eval_loss" not in r for r in records_of(summary))

@@ -40,6 +40,7 @@ def holder_of(out) -> dict:
     return json.loads((out / lock.LOCK_FILE).read_text() or "{}")
 
 
+@pytest.mark.slow
 def test_a_held_lock_is_refused_naming_its_holder_and_a_clean_end_frees_it(tmp_path):
     holder = start_holder(tmp_path)
     before = (tmp_path / lock.LOCK_FILE).read_text()
@@ -61,6 +62,7 @@ def test_a_held_lock_is_refused_naming_its_holder_and_a_clean_end_frees_it(tmp_p
     assert (tmp_path / lock.LOCK_FILE).read_text() == ""
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path):
     holder = start_holder(tmp_path)
     left = holder_of(tmp_path)
@@ -76,6 +78,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path):
         lock.release(tmp_path)
 
 
+@pytest.mark.slow
 def test_one_process_may_build_several_runs_on_its_folder_and_frees_it_after_the_last(tmp_path):
     lock.acquire(tmp_path)
     lock.acquire(tmp_path)  # e.g. a test resuming a run it built itself
@@ -103,6 +106,7 @@ def tree(folder) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_a_second_run_on_one_folder_is_refused_while_the_first_finishes_untouched(tmp_path):
     out = tmp_path / "run"
     tiny = ["--out", str(out), "--steps", "3", "--seq-len", "64", "--micro-bsz", "2", "--data", str(DEFAULT_EVAL)]
@@ -132,6 +136,7 @@ def test_a_second_run_on_one_folder_is_refused_while_the_first_finishes_untouche
     assert (out / lock.LOCK_FILE).read_text() == ""  # released at the end
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_to_start_leaves_its_folder_free(tmp_path, registry):
     from sftplug.config import TrainConfig
     from sftplug.train.setup import build_run
@@ -144,6 +149,7 @@ def test_a_run_that_fails_to_start_leaves_its_folder_free(tmp_path, registry):
     assert try_from_another_process(out) == "taken\n"
 
 
+@pytest.mark.slow
 def test_a_failed_start_puts_back_the_lock_file_of_a_killed_run(tmp_path, registry):
     from sftplug.config import TrainConfig
     from sftplug.train.setup import build_run

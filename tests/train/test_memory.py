@@ -16,10 +16,6 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 TABLE_START, TABLE_END = "<!-- memory-table: python -m sftplug.train.memory -->", "<!-- /memory-table -->"
 
 
-def quiet(*args):
-    pass
-
-
 def one_document_rows(n=8, t=64, vocab=1024) -> Rows:
     """Full rows of one document each, the first quarter prompt: every micro-batch has 2 x 64 tokens."""
     tokens = torch.randint(0, vocab, (n, t + 1), generator=torch.Generator().manual_seed(0))
@@ -80,7 +76,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_built_run_has_the_modelled_bytes(case, small_config, registry):
+def test_a_built_run_has_the_modelled_bytes(case, small_config, registry, quiet):
     """The tiny preset in fp32 with chunked attention (the CPU's kernel for rows of one document)."""
     options = CASES[case]
     if options.get("quantize") or options.get("optimizer") == "adamw8bit":
@@ -89,7 +85,7 @@ def test_a_built_run_has_the_modelled_bytes(case, small_config, registry):
     check_run(run)
 
 
-def test_bf16_runs_have_the_modelled_bytes(small_config, registry, make_hf_folder, tmp_path):
+def test_bf16_runs_have_the_modelled_bytes(small_config, registry, make_hf_folder, tmp_path, quiet):
     """bf16 autocast with SDPA's flash kernel (the GPU's dtype and kernel, here on the CPU), on an HF folder
     (hidden 64, 2 layers), LoRA, QLoRA and full fine-tuning."""
     make_hf_folder(tmp_path / "hf")
@@ -123,7 +119,7 @@ def check_run(run):
     assert sum(storage_bytes(state).values()) == expected.optimizer
 
 
-def test_grad_ckpt_keeps_the_blocks_inputs(small_config, registry, monkeypatch):
+def test_grad_ckpt_keeps_the_blocks_inputs(small_config, registry, monkeypatch, quiet):
     """Checkpointed, autograd saves what is outside the blocks and checkpoint holds each block's arguments;
     the model's activations are those plus one block's recompute (the term the runs above check)."""
     run = build_run(small_config(attention="chunked", grad_ckpt=True), registry, echo=quiet, rows=one_document_rows())

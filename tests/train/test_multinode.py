@@ -98,7 +98,8 @@ def hf_and_data(tmp_path, make_hf_folder):
     return hf, data
 
 
-def test_fsdp_lora_over_two_nodes_equals_one_process_resumes_and_exports(tmp_path, hf_and_data, registry):
+@pytest.mark.slow
+def test_fsdp_lora_over_two_nodes_equals_one_process_resumes_and_exports(tmp_path, hf_and_data, registry, quiet):
     from transformers import AutoModelForCausalLM
 
     from sftplug.checkpoint.export import export_checkpoint
@@ -109,7 +110,7 @@ def test_fsdp_lora_over_two_nodes_equals_one_process_resumes_and_exports(tmp_pat
     one, two = tmp_path / "one", tmp_path / "two"
     options = dict(steps=4, seq_len=64, log_every=1, sample_prompt="Hi", accum=2, save_every=2)
     train(TrainConfig(out=str(one), model=str(hf), data=str(data), micro_bsz=4, **options), registry,
-          echo=lambda *a: None)
+          echo=quiet)
     output = two_nodes([two, two], hf, data, "--micro-bsz", "2", "--strategy", "fsdp")
     assert output.count("precision:") == 1 and "out:" not in output  # rank 0 speaks; both nodes see one OUT
 
@@ -150,6 +151,7 @@ def test_fsdp_lora_over_two_nodes_equals_one_process_resumes_and_exports(tmp_pat
     assert all(torch.equal(final[n], adapter[n]) for n in adapter)
 
 
+@pytest.mark.slow
 def test_a_node_with_its_own_out_keeps_its_data_cache_there_and_checkpoints_stay_rank_0s(tmp_path, hf_and_data):
     hf, data = hf_and_data
     outs = [tmp_path / "node-a", tmp_path / "node-b"]

@@ -59,9 +59,9 @@ class DeviceReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype, pack", [("fp32", True), ("fp32", False), ("bf16", True)],
                          ids=["fp32-packed", "fp32-rows", "bf16-packed"])
-def test_the_update_reads_the_device_once(small_config, registry, monkeypatch, dtype, pack):
+def test_the_update_reads_the_device_once(small_config, registry, monkeypatch, dtype, pack, quiet):
     run = build_run(small_config(dtype=dtype, pack=pack, attention="flash", accum=2, steps=3), registry,
-                    echo=lambda *a: None)
+                    echo=quiet)
     run.update()  # the first update creates the optimizer state (outside the watch, as any first step)
     mode = DeviceReads([*run.model.parameters(), *run.model.buffers()])
     for state in run.optimizer.state.values():

@@ -17,15 +17,11 @@ from sftplug.train.setup import build_run
 pytest.importorskip("bitsandbytes")
 
 
-def quiet(*args):
-    pass
-
-
 def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_adamw8bit_trains_and_resumes_bitwise(small_config, tmp_path, registry):
+def test_adamw8bit_trains_and_resumes_bitwise(small_config, tmp_path, registry, quiet):
     straight = small_config(out=str(tmp_path / "a"), steps=8, save_every=4, optimizer="adamw8bit")
     train(straight, registry, echo=quiet)
     curve = losses(tmp_path / "a")
@@ -40,7 +36,7 @@ def test_adamw8bit_trains_and_resumes_bitwise(small_config, tmp_path, registry):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_adamw8bit_keeps_one_byte_per_moment_value(small_config, registry):
+def test_adamw8bit_keeps_one_byte_per_moment_value(small_config, registry, quiet):
     run = build_run(small_config(optimizer="adamw8bit"), registry, echo=quiet)
     run.update()
     large = [p for p in run.params if p.numel() >= 4096]  # bitsandbytes keeps smaller tensors' state in fp32
@@ -51,12 +47,13 @@ def test_adamw8bit_keeps_one_byte_per_moment_value(small_config, registry):
             assert state[moment].dtype == torch.uint8 and state[moment].numel() == p.numel()
 
 
-def test_changing_the_optimizer_on_resume_is_refused(small_config, tmp_path, registry):
+def test_changing_the_optimizer_on_resume_is_refused(small_config, tmp_path, registry, quiet):
     train(small_config(steps=2, optimizer="adamw8bit"), registry, echo=quiet)
     with pytest.raises(SftplugError, match="^--optimizer is 'adamw' but .* was trained with 'adamw8bit'"):
         train(small_config(steps=4, resume="auto"), registry, echo=quiet)
 
 
+@pytest.mark.slow
 def test_paged_optimizers_need_a_gpu_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sftplug", "train", "--steps", "1", "--seq-len", "32",
                            "--optimizer", "paged_adamw", "--device", "cpu", "--out", str(tmp_path / "run")],
@@ -78,7 +75,7 @@ def test_without_bitsandbytes_the_error_says_how_to_install_it(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paged optimizers need a CUDA GPU")
 @pytest.mark.parametrize("name", ["paged_adamw", "paged_adamw8bit"])
-def test_paged_optimizers_train_on_a_gpu(small_config, registry, name):
+def test_paged_optimizers_train_on_a_gpu(small_config, registry, name, quiet):
     run = build_run(small_config(optimizer=name, device="cuda"), registry, echo=quiet)
     first = run.update()["loss"]
     for _ in range(4):

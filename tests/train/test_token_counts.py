@@ -13,10 +13,6 @@ SEQ_LEN = 64
 LENGTHS = [5, 60, 17, 33, 9, 64, 41, 2, 28, 50, 12, 37]  # each row's one document, in positions
 
 
-def quiet(*args):
-    pass
-
-
 def padded_rows(lengths=LENGTHS, seq_len=SEQ_LEN, vocab=200) -> Rows:
     """One document per row of the given lengths, then padding (its own document: doc id 1)."""
     n = len(lengths)
@@ -31,7 +27,7 @@ def padded_rows(lengths=LENGTHS, seq_len=SEQ_LEN, vocab=200) -> Rows:
 
 
 @pytest.mark.parametrize("compiled_shape", [False, True])
-def test_unpacked_updates_count_the_documents_tokens_not_padding(small_config, registry, compiled_shape):
+def test_unpacked_updates_count_the_documents_tokens_not_padding(small_config, registry, compiled_shape, quiet):
     config = small_config(pack=False, micro_bsz=3, accum=2, steps=3)
     run = build_run(config, registry, echo=quiet, rows=padded_rows())
     run.batches.dataset.trim = not compiled_shape  # torch.compile keeps whole rows: the count must not change
@@ -44,7 +40,7 @@ def test_unpacked_updates_count_the_documents_tokens_not_padding(small_config, r
     assert run.tokens_seen == sum(LENGTHS[row] for m in range(6) for row in run.batches.dataset.picks(m))
 
 
-def test_packed_updates_count_whole_rows_as_before(small_config, registry):
+def test_packed_updates_count_whole_rows_as_before(small_config, registry, quiet):
     config = small_config(pack=True, micro_bsz=3, accum=2, steps=2)
     run = build_run(config, registry, echo=quiet, rows=padded_rows())
     for _ in range(2):
@@ -92,7 +88,7 @@ def test_the_data_line_says_what_is_counted(small_config, registry, tmp_path):
     assert f"rows of 64 (packed, {run.data.stats.fill:.0%} filled, " in line
 
 
-def test_every_batch_counts_its_real_tokens(small_config, registry):
+def test_every_batch_counts_its_real_tokens(small_config, registry, quiet):
     """Bundled data, --no-pack: each micro-batch's count is its documents' positions (need), however cut."""
     run = build_run(small_config(pack=False, micro_bsz=4), registry, echo=quiet)
     rows = run.data.train

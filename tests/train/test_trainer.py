@@ -9,11 +9,7 @@ from sftplug.train.loop import train
 from sftplug.train.setup import build_run
 
 
-def quiet(*args):
-    pass
-
-
-def first_update_grads(config, registry):
+def first_update_grads(config, registry, quiet):
     """Loss and gradients of the first update of a run (the optimizer step is skipped)."""
     run = build_run(config, registry, echo=quiet)
     grads = {}
@@ -25,18 +21,18 @@ def first_update_grads(config, registry):
     return run.update(), grads
 
 
-def test_accumulation_is_exact(small_config, tmp_path, registry):
+def test_accumulation_is_exact(small_config, tmp_path, registry, quiet):
     # Rows of the bundled data hold different numbers of target tokens, so averaging
     # per-micro-batch means would differ; the sum / total-targets rule must not.
-    one, grads_one = first_update_grads(small_config(out=str(tmp_path / "a"), micro_bsz=8, accum=1), registry)
-    four, grads_four = first_update_grads(small_config(out=str(tmp_path / "b"), micro_bsz=2, accum=4), registry)
+    one, grads_one = first_update_grads(small_config(out=str(tmp_path / "a"), micro_bsz=8, accum=1), registry, quiet)
+    four, grads_four = first_update_grads(small_config(out=str(tmp_path / "b"), micro_bsz=2, accum=4), registry, quiet)
     assert one["target_tokens"] == four["target_tokens"]
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-6)
     for name in grads_one:
         torch.testing.assert_close(grads_four[name], grads_one[name], rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_never_constructs_a_grad_scaler(small_config, monkeypatch, registry):
+def test_bf16_never_constructs_a_grad_scaler(small_config, monkeypatch, registry, quiet):
     def forbidden(*args, **kwargs):
         raise AssertionError("GradScaler constructed in a bf16 run")
 
@@ -45,7 +41,7 @@ def test_bf16_never_constructs_a_grad_scaler(small_config, monkeypatch, registry
     assert summary["steps"] == 2
 
 
-def test_fp16_skips_exactly_the_step_with_an_inf_gradient(small_config, tmp_path, registry):
+def test_fp16_skips_exactly_the_step_with_an_inf_gradient(small_config, tmp_path, registry, quiet):
     run = build_run(small_config(dtype="fp16", steps=4), registry, echo=quiet)
     param = next(p for n, p in run.model.named_parameters() if "lora_B" in n)  # lora_A has no grad at step 0
     poison = {"step": 2}
@@ -72,7 +68,7 @@ def test_profile_lines_and_metrics_fields(small_config, tmp_path, registry):
         assert r["fwd_ms"] > 0 and r["bwd_ms"] > 0
 
 
-def test_short_run_loss_falls(small_config, registry):
+def test_short_run_loss_falls(small_config, registry, quiet):
     summary = train(small_config(steps=25, micro_bsz=4, lr=5e-3, eval_data=None), registry, echo=quiet)
     records = [json.loads(x) for x in open(summary["checkpoint"].rsplit("/checkpoints", 1)[0] + "/metrics.jsonl")]
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
@@ -83,7 +79,7 @@ def metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_workers_change_nothing_but_speed(small_config, tmp_path, registry):
+def test_workers_change_nothing_but_speed(small_config, tmp_path, registry, quiet):
     plain = tmp_path / "plain"
     train(small_config(out=str(plain), steps=6, save_every=3), registry, echo=quiet)
     prefetched = tmp_path / "workers"
@@ -98,7 +94,7 @@ def test_workers_change_nothing_but_speed(small_config, tmp_path, registry):
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "one-document-rows"])
-def test_torch_compile_matches_eager(small_config, tmp_path, recwarn, pack, registry):
+def test_torch_compile_matches_eager(small_config, tmp_path, recwarn, pack, registry, quiet):
     lines = []
 
     def echo(line, *args, **kwargs):  # once the first update has compiled, any recompilation is an error
@@ -123,7 +119,7 @@ def test_torch_compile_matches_eager(small_config, tmp_path, recwarn, pack, regi
     assert not [w for w in recwarn if "Dynamo" in str(w.message)]  # nothing in the traced code surprises it
 
 
-def test_unpacked_batches_are_cut_to_their_longest_document(small_config, registry):
+def test_unpacked_batches_are_cut_to_their_longest_document(small_config, registry, quiet):
     run = build_run(small_config(pack=False, seq_len=128), registry, echo=quiet)
     batch = run.batches.next()
     real = (batch["labels"] != -100).sum(1)
@@ -132,13 +128,13 @@ def test_unpacked_batches_are_cut_to_their_longest_document(small_config, regist
     assert batch["input_ids"].shape[1] >= int(real.max())
 
 
-def test_keep_last_prunes_old_checkpoints(small_config, tmp_path, registry):
+def test_keep_last_prunes_old_checkpoints(small_config, tmp_path, registry, quiet):
     train(small_config(steps=6, save_every=1, keep_last=2), registry, echo=quiet)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["latest", "step-5", "step-6"]
 
 
-def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_config, tmp_path, registry):
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_config, tmp_path, registry, quiet):
     run = build_run(small_config(dtype="bf16", steps=3, out=str(tmp_path / "bf16")), registry, echo=quiet)
     frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
     assert frozen == {torch.bfloat16}
@@ -148,7 +144,7 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_trains_in_fp32(small_
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
     # The same first update with an fp32 base (full-precision weights, bf16 autocast) gives
     # the same loss to bf16 rounding.
-    full_base, _ = first_update_grads(small_config(dtype="fp32", out=str(tmp_path / "fp32")), registry)
+    full_base, _ = first_update_grads(small_config(dtype="fp32", out=str(tmp_path / "fp32")), registry, quiet)
     assert records[0]["loss"] == pytest.approx(full_base["loss"], rel=2e-2)
 
 
