@@ -31,7 +31,7 @@ def test_bench_step_command_prints_the_side_lines_on_stderr(monkeypatch):
                         lambda name, *a: f"{name} failed: boom" if name == "hf+peft" else
                         step_bench.SideResult(name, 100.0, 1.0, 2.0, 0.5, 10.0))
     result = CliRunner().invoke(cli, ["bench", "step", "--rounds", "1", "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a side failed: a script must not read the ratios as good
     assert result.stderr.splitlines() == ["round 1/1 sftplug: 100 tok/s, peak 10 MiB",
                                           "round 1/1 hf+peft: hf+peft failed: boom"]
     assert json.loads(result.stdout)["errors"] == {"hf+peft": "hf+peft failed: boom"}
