@@ -12,12 +12,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 rm -f "$OUT/skip"
 
-# sftplug from this checkout: plugins/ and kernels/ appear as sftplug.plugins / sftplug.kernels
-SITE="$OUT/site"
-rm -rf "$SITE" && mkdir -p "$SITE/sftplug"
-for entry in sftplug/*; do ln -s "$PWD/$entry" "$SITE/sftplug/"; done
-ln -s "$PWD/plugins" "$SITE/sftplug/plugins" && ln -s "$PWD/kernels" "$SITE/sftplug/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SFTPLUG_NO_ENTRYPOINTS=1
+# sftplug from this checkout (sftplug/plugins and sftplug/kernels link to plugins/ and kernels/)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SFTPLUG_NO_ENTRYPOINTS=1
 export TRITON_DEFAULT_FP_FUSION=1
 
 step() {  # step NAME BUDGET_S COMMAND...: the full log in $OUT/NAME.log, one line of verdict here
