@@ -90,32 +90,35 @@ def acquire(out: Path, echo=print, check=None) -> None:
 
 def release(out: Path) -> None:
     """Let go of OUT's lock (when the last run of this process on OUT ends); no-op if not held."""
-    key = Path(out).resolve()
-    held = _held.get(key)
-    if held is None or held.pid != os.getpid():
-        return
-    held.count -= 1
-    if held.count == 0:
-        del _held[key]
+    held = _last_release(out)
+    if held is not None:
         os.ftruncate(held.fd, 0)  # empty: this run ended cleanly
         os.close(held.fd)  # closing drops the flock
 
 
 def abandon(out: Path) -> None:
     """Let go of OUT's lock and leave its file as :func:`acquire` found it (a run that failed to start)."""
-    key = Path(out).resolve()
-    held = _held.get(key)
-    if held is None or held.pid != os.getpid():
-        return
-    held.count -= 1
-    if held.count == 0:
-        del _held[key]
+    held = _last_release(out)
+    if held is not None:
         if held.found is None:  # removed while still locked: a run waiting for it locks a new file
             (Path(out) / LOCK_FILE).unlink(missing_ok=True)
         else:
             os.ftruncate(held.fd, 0)
             os.pwrite(held.fd, held.found, 0)
         os.close(held.fd)
+
+
+def _last_release(out: Path) -> _Held | None:
+    """Count one run of this process off OUT's lock; the lock when that was the last run, else None."""
+    key = Path(out).resolve()
+    held = _held.get(key)
+    if held is None or held.pid != os.getpid():
+        return None
+    held.count -= 1
+    if held.count:
+        return None
+    del _held[key]
+    return held
 
 
 def _checked(check, created: Path | None) -> None:
