@@ -28,6 +28,7 @@ Embeddings, norms and the LM head were never quantized and are the original weig
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -89,7 +90,7 @@ def export_checkpoint(
     plain = plain_weights(model, merge=lora is not None and merge)
     export_config = config
     if config.tie_embeddings and not torch.equal(plain["lm_head.weight"], plain["embed_tokens.weight"]):
-        export_config = ModelConfig(**{**config.to_dict(), "tie_embeddings": False})  # a merged LoRA on lm_head
+        export_config = dataclasses.replace(config, tie_embeddings=False)  # a merged LoRA on lm_head
     hf_weights = to_hf_state_dict(plain, export_config)
     # Written under a temporary name and renamed when complete: no half-written export is ever left at out.
     out.parent.mkdir(parents=True, exist_ok=True)
