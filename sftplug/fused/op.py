@@ -18,6 +18,11 @@ inputs, the same result up to rounding, gradients included. The call of each op:
   ``(loss_sum, grad)``: the sum of the rows' cross-entropies (fp32, 0-dim) and its gradient
   with respect to the logits, in their dtype. ``grad`` may be ``logits`` itself, overwritten.
   The LM head and the chunking around it stay in :mod:`sftplug.train.loss`.
+- ``grouped_linear(x, groups, weight, bias, lora)``: the experts' linear layers over rows
+  grouped by expert (:class:`sftplug.fused.grouped.Groups`): ``x`` [M, K] -> [M, N], the rows
+  of expert e get ``x W_e^T + b_e + s (x A_e^T) B_e^T``; ``weight`` [E, N, K] (any strides),
+  ``bias`` [E, N] or None, ``lora`` None or (A [E, r, K], B [E, N, r], s). Gradients reach
+  every input that requires them.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sftplug.fused import pytorch
+from sftplug.fused import grouped, pytorch
 from sftplug.offers import Priority
 
 OPS = ("rmsnorm", "glu", "rope", "cross_entropy")
@@ -90,3 +95,4 @@ class OpSet:
     glu: Callable = pytorch.glu
     rope: Callable = pytorch.rope
     cross_entropy: Callable = pytorch.cross_entropy
+    grouped_linear: Callable = grouped.grouped_linear

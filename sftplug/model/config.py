@@ -47,6 +47,8 @@ class AttentionConfig:
     """The softmax attention mixer: its projections, q/k norms, windows, scale and soft-cap."""
 
     qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False  # a bias on the output projection too (gpt-oss)
+    sinks: bool = False  # a learned logit per head in the softmax's denominator (gpt-oss)
     qk_norm: str = ""  # RMSNorm of q and k: "head" per head (Qwen3, Gemma 3), "projection" whole (OLMo 2)
     windows: tuple[int, ...] = ()  # each layer's sliding window, 0 for full attention; (): none
     scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Gemma's query_pre_attn_scalar, Granite)
@@ -70,17 +72,54 @@ class FeedForwardConfig:
         _check_choice("activation", self.activation, pytorch.ACTIVATIONS)
 
 
+@dataclass
+class ExpertsConfig:
+    """A mixture of experts: the router, the experts (stacked, as transformers 5 stores them) and
+    the shared expert beside them. ``count`` 0: the model has none."""
+
+    count: int = 0  # routed experts per MoE layer
+    top_k: int = 0  # experts per token
+    intermediate_size: int = 0  # of each expert
+    # "softmax": softmax, then the top k (Qwen, Mixtral, OLMoE); "logits": the top k logits, then
+    # their softmax (gpt-oss); "sigmoid_groups": sigmoid scores, top k within the best groups (GLM-4.5)
+    router: str = "softmax"
+    norm_top_k: bool = False  # the chosen weights renormalised to sum to 1
+    router_bias: bool = False  # the router has a bias (gpt-oss)
+    router_fp32: bool = False  # router logits computed in fp32 (GLM-4.5)
+    groups: int = 1  # sigmoid_groups: expert groups, ...
+    top_groups: int = 1  # ... of which the best top_groups are searched
+    scale: float = 1.0  # the chosen weights times this (GLM-4.5's routed_scaling_factor)
+    bias: bool = False  # the experts' projections have biases (gpt-oss)
+    # "silu": SwiGLU over gate_up's halves; "clamped_swiglu": gpt-oss's, over interleaved gate/up columns
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702  # clamped_swiglu: gate * sigmoid(alpha * gate) ...
+    swiglu_limit: float = 7.0  # ... with gate and up clamped at this
+    transposed: bool = False  # stored [experts, in, out] (gpt-oss), not [experts, out, in]
+    shared_size: int = 0  # intermediate size of the shared expert (Qwen2-MoE, GLM-4.5); 0: none
+    shared_gate: bool = False  # the shared expert's output times sigmoid(a linear gate) (Qwen2-MoE)
+    aux_loss_coef: float = 0.0  # the load-balancing loss's coefficient the model was trained with
+
+    def __post_init__(self):
+        _check_choice("router", self.router, ("softmax", "logits", "sigmoid_groups"))
+        _check_choice("experts activation", self.activation, ("silu", "clamped_swiglu"))
+        if self.count and not 0 < self.top_k <= self.count:
+            raise ValueError(f"experts top_k {self.top_k} must be between 1 and the {self.count} experts")
+        if self.count % self.groups or not 0 < self.top_groups <= self.groups:
+            raise ValueError(f"{self.count} experts cannot form {self.groups} groups of which {self.top_groups} "
+                             "are searched")
+
+
 @dataclass(frozen=True)
 class LayerType:
     """One layer's token mixer and feed-forward, by kind (sftplug.model.transformer maps kinds to modules)."""
 
     mixer: str = "attention"  # softmax attention, full or sliding as AttentionConfig.windows says
-    feed_forward: str = "mlp"  # the gated MLP
+    feed_forward: str = "mlp"  # the gated MLP, or "experts": a mixture of experts (ModelConfig.experts)
 
 
 # ModelConfig's groups: field -> its dataclass.
 GROUPS = {"rotary": RotaryConfig, "norm": NormConfig, "attention": AttentionConfig,
-          "feed_forward": FeedForwardConfig}
+          "feed_forward": FeedForwardConfig, "experts": ExpertsConfig}
 # The flat keys of checkpoints saved before the groups: key -> (group, field).
 FLAT_KEYS = {
     "rope_theta": ("rotary", "theta"), "rope_scaling": ("rotary", "scaling"), "rotary_dim": ("rotary", "dims"),
@@ -111,6 +150,7 @@ class ModelConfig:
     norm: NormConfig = field(default_factory=NormConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     feed_forward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     layer_types: tuple[LayerType, ...] = ()  # each layer's mixer and feed-forward; (): attention and mlp
     # The residual stream's and the LM head's scales.
     embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden); Granite: embedding_multiplier)
@@ -137,6 +177,13 @@ class ModelConfig:
         for name, values in per_layer.items():
             if len(values) not in (0, self.n_layers):
                 raise ValueError(f"{name} has {len(values)} entries for {self.n_layers} layers")
+        if self.has_experts and not self.experts.count:
+            raise ValueError("layer_types name experts, but the experts config has none (experts.count is 0)")
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether some layer's feed-forward is a mixture of experts."""
+        return any(t.feed_forward == "experts" for t in self.layer_types)
 
     def layer_type(self, layer: int) -> LayerType:
         return self.layer_types[layer] if self.layer_types else LayerType()
