@@ -45,8 +45,8 @@ def test_bad_options_are_refused(options, message):
 
 
 def test_an_unknown_layer_kind_is_refused_naming_the_known_ones():
-    config = ModelConfig(**SMALL, layer_types=[LayerType(), LayerType(feed_forward="experts")])
-    with pytest.raises(ValueError, match="layer_types: feed-forward 'experts' is not one of 'mlp'"):
+    config = ModelConfig(**SMALL, layer_types=[LayerType(), LayerType(feed_forward="conv")])
+    with pytest.raises(ValueError, match="layer_types: feed-forward 'conv' is not one of 'mlp'"):
         transformer.Transformer(config)
 
 
