@@ -150,12 +150,20 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     if kind in (None, "default"):
         return theta, None
-    if kind not in ("llama3", "linear", "longrope"):
+    if kind not in ("llama3", "linear", "longrope", "yarn"):
         raise SftplugError(f"{where}: rope type {kind!r} is not supported (supported: default, llama3, linear, "
-                           "longrope)")
+                           "longrope, yarn)")
     scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if kind == "longrope":
         scaling = _longrope(scaling, hf, where)
+    if kind == "yarn":  # made explicit as transformers standardises it: a top-level original length wins
+        original = (hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+                    or hf.get("max_position_embeddings"))
+        if "factor" not in scaling or not original:
+            raise SftplugError(f"{where}: rope type 'yarn' needs factor and original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = original
+        if scaling["factor"] is None:  # DeepSeek-V3: the ratio of the context lengths
+            scaling["factor"] = hf.get("max_position_embeddings", 2048) / original
     return theta, scaling
 
 

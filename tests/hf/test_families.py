@@ -68,7 +68,7 @@ def test_a_window_longer_than_the_rows_is_no_window(tmp_path, make_hf_folder):
 @pytest.mark.parametrize("key,value,message", [
     ("num_local_experts", 8, "num_local_experts (a mixture of experts) is not supported"),
     ("vision_config", {"hidden_size": 8}, "vision_config (a vision tower) is not supported"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope type 'yarn' is not supported"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 4.0}, "rope type 'dynamic' is not supported"),
     ("hidden_act", "relu", "hidden_act 'relu' is not supported"),
     ("layer_types", ["full_attention", "chunked_attention"], "layer_types must name full_attention or "
                                                                "sliding_attention"),

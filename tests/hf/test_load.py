@@ -98,8 +98,8 @@ def test_legacy_and_v5_rope_configs_agree():
     v5 = config_from_hf({**base, "rope_parameters": {**LLAMA31_ROPE, "rope_theta": 500000.0}})
     assert v4.rotary.theta == v5.rotary.theta == 500000.0 and v4.rotary.scaling == v5.rotary.scaling
     assert torch.equal(rope_inv_freq(v4), rope_inv_freq(v5))
-    with pytest.raises(SftplugError, match="rope type 'yarn'"):
-        config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(SftplugError, match="rope type 'dynamic'"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
     with pytest.raises(SftplugError, match="model_type 'gpt2'"):
         config_from_hf({**base, "model_type": "gpt2"})
 
