@@ -77,13 +77,14 @@ def _allowed_mask(T: int, device, causal: bool, doc_ids, window: int = 0) -> tor
     return allowed
 
 
-def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0, softcap=0.0):
+def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0, softcap=0.0, sinks=None):
     """Attention in plain PyTorch, in the inputs' dtype: explicit mask, K/V repeated for GQA.
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; doc_ids: optional [B, T], equal ids attend each
     other, negative ids are padding. ``window`` W > 0: query t sees keys t - W < s <= t.
-    ``softcap`` c > 0: scores s become c * tanh(s / c). Rows that may attend nothing give 0
-    (and 0 gradients).
+    ``softcap`` c > 0: scores s become c * tanh(s / c). ``sinks`` [Hq]: head h's logit joins
+    the softmax as one more column whose value is 0 (gpt-oss). Rows that may attend nothing
+    give 0 (and 0 gradients).
     """
     B, Hq, T, D = q.shape
     group = Hq // k.shape[1]
@@ -94,6 +95,11 @@ def attention_reference(q, k, v, *, causal=True, scale=None, doc_ids=None, windo
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     allowed = _allowed_mask(T, q.device, causal, doc_ids, window)  # [B|1, 1, T, T]
+    if sinks is not None:  # an empty row's softmax is all sink: no NaN, output 0
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+        return torch.matmul(probs, v)
     row_any = allowed.any(dim=-1, keepdim=True)  # [B|1, 1, T, 1]
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~row_any, 0.0)
     probs = torch.softmax(scores, dim=-1) * row_any  # empty rows: all zero, no NaN

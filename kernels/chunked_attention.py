@@ -11,10 +11,14 @@ they may see, so each step is one large ``bmm`` over batch * kv heads:
   mask [B, c, keys] hides other documents (no per-document calls). A sliding window
   (``window``) starts each chunk's keys at its first query minus the window, and one
   mask [1|B, c, keys] hides the keys that fell out of each query's window. Soft-capped
-  scores (``softcap``, Gemma 2) are ``c * tanh(s / c)`` before the mask and softmax;
+  scores (``softcap``, Gemma 2) are ``c * tanh(s / c)`` before the mask and softmax.
+  Sinks (``sinks`` [Hq], gpt-oss) join each row's denominator: the row's log-sum-exp takes
+  the head's sink logit too, and P = exp(S - lse);
 - backward, per chunk: the probabilities are computed again (nothing of size T x T is
   kept), then dV, dP, dS = P * (dP - rowsum(dO * O)) (soft-capped: times the cap's
   derivative 1 - tanh^2), dQ and dK, with dK and dV summed over the chunks that see each key.
+  A sink is a logit whose value vector is 0, so rowsum(dO * O) is unchanged and its gradient
+  is -P_sink * rowsum(dO * O), summed over the head's queries.
 
 Memory beyond the inputs and output is one chunk's scores, ``B*Hq*c*T`` floats. The
 query heads of a group sit next to each other (rows ordered by position, then head in
@@ -36,13 +40,15 @@ CHUNK_ROWS = 128
 
 
 def chunked_attention(q, k, v, causal: bool = True, chunk: int | None = None, doc_ids=None, window: int = 0,
-                      softcap: float = 0.0, scale: float | None = None):
+                      softcap: float = 0.0, scale: float | None = None, sinks=None):
     """softmax(q k^T * scale) v for q [B, Hq, T, D], k and v [B, Hkv, T, D] (Hq a multiple of Hkv).
 
     ``doc_ids`` [B, T], non-decreasing along T: a query sees only keys of its own document.
     ``window`` (causal only; 0: none): a query at i sees keys i - window < j <= i.
     ``softcap`` (0: none): scores s become softcap * tanh(s / softcap) before the softmax.
     ``scale``: the softmax scale, D ** -0.5 when None.
+    ``sinks`` [Hq] (None: none): head h's logit s_h joins its rows' softmax denominators,
+    p_ij = exp(z_ij) / (exp(s_h) + sum_j' exp(z_ij')); differentiable.
     """
     if window and not causal:
         raise ValueError("a sliding window is causal (keys i - window < j <= i): pass causal=True")
@@ -50,29 +56,30 @@ def chunked_attention(q, k, v, causal: bool = True, chunk: int | None = None, do
         chunk = max(16, CHUNK_ROWS // (q.shape[1] // k.shape[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     plan = _plan(q.shape[2], chunk, causal, doc_ids, window, q.device)
-    return _ChunkedAttention.apply(q, k, v, plan, float(softcap), float(scale))
+    return _ChunkedAttention.apply(q, k, v, plan, float(softcap), float(scale), sinks)
 
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, softcap, scale):
+    def forward(ctx, q, k, v, plan, softcap, scale, sinks):
         b, hq, t, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
         qs = _grouped(q * scale, hkv)  # [B*Hkv, T*g, D], pre-scaled
         kf, vf = k.reshape(b * hkv, t, d), v.reshape(b * hkv, t, d)
+        sink = None if sinks is None else sinks.to(q.dtype).view(hkv, 1, g, 1)  # per (kv head, head in group)
         out = torch.empty_like(qs)
         for span in plan:
             rows, keys = slice(span.s0 * g, span.e * g), slice(span.lo, span.hi)
-            p, _ = _probabilities(qs[:, rows], kf[:, keys], span, g, softcap)
+            p, _, _ = _probabilities(qs[:, rows], kf[:, keys], span, g, softcap, sink)
             out[:, rows] = torch.bmm(p, vf[:, keys])
-        ctx.save_for_backward(qs, kf, vf, out)
+        ctx.save_for_backward(qs, kf, vf, out, sinks)
         ctx.plan, ctx.shape, ctx.softcap, ctx.scale = plan, (b, hq, hkv, t, d), softcap, scale
         return _ungrouped(out, b, hq, t, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qs, kf, vf, out = ctx.saved_tensors
+        qs, kf, vf, out, sinks = ctx.saved_tensors
         b, hq, hkv, t, d = ctx.shape
         g = hq // hkv
         dos = _grouped(grad_out, hkv)
@@ -80,10 +87,14 @@ class _ChunkedAttention(torch.autograd.Function):
         dq = torch.empty_like(qs)
         dk = torch.zeros_like(kf)
         dv = torch.zeros_like(vf)
+        sink = None if sinks is None else sinks.to(qs.dtype).view(hkv, 1, g, 1)
+        dsink = None if sinks is None else torch.zeros(hkv, g, dtype=qs.dtype, device=qs.device)
         for span in ctx.plan:
             rows, keys = slice(span.s0 * g, span.e * g), slice(span.lo, span.hi)
             qi, doi = qs[:, rows], dos[:, rows]
-            p, capped = _probabilities(qi, kf[:, keys], span, g, ctx.softcap)
+            p, capped, p_sink = _probabilities(qi, kf[:, keys], span, g, ctx.softcap, sink)
+            if p_sink is not None:  # d/ds_h: -P_sink * rowsum(dO * O) over the head's rows
+                dsink -= (p_sink * delta[:, rows].view_as(p_sink)).sum((0, 2, 4)).view(hkv, g)
             dv[:, keys] += torch.bmm(p.transpose(1, 2), doi)
             ds = torch.bmm(doi, vf[:, keys].transpose(1, 2)).sub_(delta[:, rows]).mul_(p)
             if capped is not None:  # d(c * tanh(s / c)) / ds = 1 - tanh^2
@@ -91,7 +102,8 @@ class _ChunkedAttention(torch.autograd.Function):
             dq[:, rows] = torch.bmm(ds, kf[:, keys])
             dk[:, keys] += torch.bmm(ds.transpose(1, 2), qi)  # qi carries the scale
         dq = _ungrouped(dq.mul_(ctx.scale), b, hq, t, d)
-        return dq, dk.view(b, hkv, t, d), dv.view(b, hkv, t, d), None, None, None
+        dsinks = None if sinks is None else dsink.view(hq).to(sinks.dtype)
+        return dq, dk.view(b, hkv, t, d), dv.view(b, hkv, t, d), None, None, None, dsinks
 
 
 @dataclass
@@ -155,10 +167,12 @@ def _outside(position, s0: int, e: int, lo: int, hi: int, window: int):
     return hidden
 
 
-def _probabilities(qi, keys, span: _Span, g: int, softcap: float = 0.0):
+def _probabilities(qi, keys, span: _Span, g: int, softcap: float = 0.0, sink=None):
     """Softmax of one chunk's scores [B*Hkv, (e - s0)*g, hi - lo], hidden keys masked.
 
-    Soft-capped, also tanh(s / softcap) (for backward's derivative); else None.
+    Soft-capped, also tanh(s / softcap) (for backward's derivative); else None. With
+    ``sink`` [Hkv, 1, g, 1] (the sinks by kv head and head in group) each row's denominator
+    takes exp(sink) too, and the sinks' probabilities [B, Hkv, n, g, 1] come third; else None.
     """
     scores = torch.bmm(qi, keys.transpose(1, 2))
     capped = None
@@ -172,7 +186,11 @@ def _probabilities(qi, keys, span: _Span, g: int, softcap: float = 0.0):
     elif span.causal:
         diagonal = scores.view(scores.shape[0], n, g, -1)[..., span.s0 - span.lo :]  # [B*Hkv, n, g, n]
         diagonal.masked_fill_(_above_diagonal(n, scores.device), float("-inf"))
-    return torch.softmax(scores, -1), capped
+    if sink is None:
+        return torch.softmax(scores, -1), capped, None
+    by_row = scores.view(-1, sink.shape[0], n, g, scores.shape[-1])  # [B, Hkv, n, g, m]
+    lse = torch.logaddexp(torch.logsumexp(by_row, -1, keepdim=True), sink)  # the sink in the denominator
+    return by_row.sub_(lse).exp_().view_as(scores), capped, (sink - lse).exp_()
 
 
 _MASKS: dict[tuple, torch.Tensor] = {}

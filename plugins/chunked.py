@@ -7,8 +7,9 @@ up to 1024 positions, so ``auto`` takes it for those; on a GPU the fused kernels
 far faster, and half-precision softmax in plain matrix products would lose accuracy.
 Packed rows run natively (one mask per chunk hides other documents); there the two
 kernels measured about even, so auto keeps PyTorch's flash for packed rows.
-Sliding windows, soft-capped scores and a custom scale are applied exactly (a window also
-skips the keys before it), so on the CPU it runs Gemma-style attention that flash cannot.
+Sliding windows, soft-capped scores, a custom scale and attention sinks (gpt-oss) are applied
+exactly (a window also skips the keys before it), so on the CPU it runs Gemma- and gpt-oss-style
+attention that flash cannot.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Chunked(AttentionBackend):
     description = "sftplug's CPU attention: query chunks as batched matmuls (fp32, GQA native)"
     priority = 35  # above SDPA flash (30) on the CPU: measured at W0's shapes, see BENCHMARKS.md
     host_doc_ids = True  # it runs on the CPU: nothing to move
-    sliding_window = softcap = custom_scale = True  # applied in the kernel, forward and backward
+    sliding_window = softcap = custom_scale = sinks = True  # applied in the kernel, forward and backward
 
     @hookimpl
     def select_attention(self, request: AttentionRequest):
@@ -53,13 +54,13 @@ class Chunked(AttentionBackend):
         return "native"  # a group's query heads share one product with their K/V head
 
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0, softcap: float = 0.0,
-                 scale: float | None = None):
+                 scale: float | None = None, sinks=None):
         from sftplug.kernels.chunked_attention import chunked_attention
 
         if doc_ids is not None and one_document_per_row(doc_ids):
             doc_ids = None  # one document per row: only the causal diagonal (and window) need a mask
         return chunked_attention(q, k, v, causal=causal, doc_ids=doc_ids, window=window, softcap=softcap,
-                                 scale=scale)
+                                 scale=scale, sinks=sinks)
 
 
 chunked = Chunked()

@@ -2,9 +2,9 @@
 
 The model calls ``backend(q, k, v, causal=..., doc_ids=...)`` with q [B, Hq, T, D] and
 k, v [B, Hkv, T, D]; ``doc_ids`` [B, T] (non-decreasing along T) marks packed documents,
-and None means one document per row. Models that need them add ``window=``, ``softcap=``
-and ``scale=`` (only then, so a backend that cannot honour them is never called with them:
-the request says which a run needs, and such a backend is unavailable, saying why).
+and None means one document per row. Models that need them add ``window=``, ``softcap=``,
+``scale=`` and ``sinks=`` (only then, so a backend that cannot honour them is never called
+with them: the request says which a run needs, and such a backend is unavailable, saying why).
 Plugins offer backends through the ``select_attention`` hook;
 :mod:`sftplug.attention.choice` picks one and says why.
 """
@@ -31,6 +31,7 @@ class AttentionRequest:
     window: int = 0  # sliding window of the layers that have one (a query at i sees keys i - window < j <= i)
     softcap: float = 0.0  # attention scores soft-capped, softcap * tanh(s / softcap) (Gemma 2); 0: none
     scale: float | None = None  # the softmax scale, when it is not head_dim ** -0.5
+    sinks: bool = False  # a learned logit per query head in the softmax's denominator (gpt-oss)
 
 
 class AttentionBackend:
@@ -46,8 +47,10 @@ class AttentionBackend:
     Keyword options a backend declares it honours, passed only by models that need them:
     ``window=W`` (``sliding_window = True``: a query at i sees keys i - W < j <= i, within
     its document), ``softcap=c`` (``softcap = True``: scores s become c * tanh(s / c)
-    before the softmax) and ``scale=s`` (``custom_scale = True``: the softmax scale instead
-    of head_dim ** -0.5).
+    before the softmax), ``scale=s`` (``custom_scale = True``: the softmax scale instead
+    of head_dim ** -0.5) and ``sinks=tensor[Hq]`` (``sinks = True``: one logit s_h per query
+    head joins each row's softmax denominator only, p_ij = exp(z_ij) / (exp(s_h) + sum_j'
+    exp(z_ij')); the tensor is trained, so gradients reach it).
     """
 
     name = ""
@@ -58,6 +61,7 @@ class AttentionBackend:
     sliding_window = False  # honours window=
     softcap = False  # honours softcap=
     custom_scale = False  # honours scale=
+    sinks = False  # honours sinks= (and differentiates through it)
 
     def priority_for(self, request: AttentionRequest) -> Priority:
         """How strongly auto prefers this backend for ``request``: by default its ``priority``."""

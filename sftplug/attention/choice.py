@@ -73,6 +73,8 @@ def _missing_option(backend: AttentionBackend, request: AttentionRequest) -> str
         return f"soft-capped scores (cap {request.softcap:g})"
     if request.scale is not None and not getattr(backend, "custom_scale", False):
         return f"a softmax scale of {request.scale:.4g}"
+    if request.sinks and not getattr(backend, "sinks", False):
+        return "attention sinks (a learned logit per head in the softmax's denominator)"
     return None
 
 
@@ -148,7 +150,8 @@ def describe_request(request: AttentionRequest) -> str:
     packed = ", packed rows" if request.packed else ""
     window = f", sliding window {request.window}" if request.window else ""
     softcap = f", soft-cap {request.softcap:g}" if request.softcap else ""
-    return (f"{dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed}{window}{softcap} "
+    sinks = ", sinks" if request.sinks else ""
+    return (f"{dtype_name(request.dtype)}, head dim {request.head_dim}, {heads}{packed}{window}{softcap}{sinks} "
             f"on {request.device.type}")
 
 

@@ -1,5 +1,5 @@
 """The softmax attention token mixer: fused qkv, q/k norms, RoPE, grouped-query heads, sliding
-windows, soft-capped scores; its generation cache is a KV cache.
+windows, soft-capped scores, attention sinks; its generation cache is a KV cache.
 
 Attention itself is a pluggable backend (see sftplug.attention): the mixer computes q, k, v and
 hands them over. Module names (qkv, o) are what LoRA targets.
@@ -36,7 +36,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.hidden_size, qkv_out, bias=options.qkv_bias)
-        self.o = nn.Linear(config.n_heads * config.head_dim, config.hidden_size, bias=False)
+        self.o = nn.Linear(config.n_heads * config.head_dim, config.hidden_size, bias=options.o_bias)
+        # gpt-oss: a learned logit per query head joins each softmax's denominator (a key no query
+        # can read a value from); trained with the rest, in the model's dtype
+        self.sinks = nn.Parameter(torch.zeros(config.n_heads)) if options.sinks else None
         self.qk_norm = options.qk_norm
         if options.qk_norm:  # per head, or over the whole q and k projections
             per_head = options.qk_norm == "head"
@@ -61,7 +64,7 @@ class Attention(nn.Module):
             y = attend(self.backend, q, k, v, doc_ids, self.options(t))  # [B, Hq, T, D]
         else:  # generation: keys and values of earlier tokens come from the cache
             k, v = cache.append(k, v)  # [B, Hkv, T_past + T, D]
-            y = cached_attention(q, k, v, self.window, self.softcap, self.scale)
+            y = cached_attention(q, k, v, self.window, self.softcap, self.scale, self.sinks)
         return self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def normed_qk(self, qkv, heads):
@@ -81,6 +84,8 @@ class Attention(nn.Module):
             options["softcap"] = self.softcap
         if self.scale is not None:
             options["scale"] = self.scale
+        if self.sinks is not None:
+            options["sinks"] = self.sinks
         return options
 
     def new_cache(self) -> KVCache:
@@ -101,19 +106,28 @@ def attend(backend, q, k, v, doc_ids, options):
     return backend(q, k, v, causal=True, doc_ids=doc_ids, **options)
 
 
-def cached_attention(q, k, v, window: int = 0, softcap: float = 0.0, scale: float | None = None):
-    """Generation's attention: q [B, Hq, t, D] are the last t of the T positions in k, v [B, Hkv, T, D]."""
+def cached_attention(q, k, v, window: int = 0, softcap: float = 0.0, scale: float | None = None, sinks=None):
+    """Generation's attention: q [B, Hq, t, D] are the last t of the T positions in k, v [B, Hkv, T, D].
+
+    ``sinks`` [Hq] (or None): each head's logit in the softmax's denominator only.
+    """
     t, total = q.shape[2], k.shape[2]
-    if not (window or softcap):  # prefill (t = T) or one new token: SDPA's causal mask is right
+    if not (window or softcap or sinks is not None):  # prefill (t = T) or one new token: SDPA's causal mask is right
         return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = (q.float() @ k.float().transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # [B, Hq, t, T]
+    wide = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
+    scores = (q.to(wide) @ k.to(wide).transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)  # [B, Hq, t, T]
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     query_at = torch.arange(total - t, total, device=q.device)[:, None]
     key_at = torch.arange(total, device=q.device)[None, :]
     allowed = (key_at <= query_at) & ((key_at > query_at - window) if window else True)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return (probs @ v.float()).to(q.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:  # the sink is one more logit in the softmax, whose probability multiplies no value
+        sink = sinks.to(wide)[None, :, None, None].expand(*scores.shape[:3], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return (probs @ v.to(wide)).to(q.dtype)

@@ -128,6 +128,8 @@ class Transformer(nn.Module):
             options["softcap"] = attention.softcap
         if attention.scale:
             options["scale"] = attention.scale
+        if attention.sinks:
+            options["sinks"] = True
         return options
 
     def set_fused_ops(self, ops: OpSet) -> None:

@@ -107,14 +107,15 @@ def test_a_backend_that_cannot_keep_documents_apart_is_refused_for_packed_rows()
 
 
 class Declares(Fake):
-    sliding_window = softcap = custom_scale = True
+    sliding_window = softcap = custom_scale = sinks = True
 
 
 @pytest.mark.parametrize("option, missing", [
     (dict(window=4096), "a sliding window (4096 keys)"),
     (dict(softcap=50.0), "soft-capped scores (cap 50)"),
     (dict(scale=0.0625), "a softmax scale of 0.0625"),
-], ids=["window", "softcap", "scale"])
+    (dict(sinks=True), "attention sinks (a learned logit per head in the softmax's denominator)"),
+], ids=["window", "softcap", "scale", "sinks"])
 def test_a_backend_that_does_not_declare_an_option_is_unavailable_saying_why(option, missing):
     registry = registry_of(Fake("plain", 99), Declares("capable", 1))
     asked = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, **option)
