@@ -15,18 +15,26 @@ import torch
 
 from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
+from sftplug.hf.experts_config import EXPERT_COUNT_KEYS, experts_from_hf
 from sftplug.model.config import AttentionConfig, FeedForwardConfig, ModelConfig, NormConfig, RotaryConfig
 
 # model_type -> the transformers class that loads it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                  "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-                 "granite": "GraniteForCausalLM"}
+                 "granite": "GraniteForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 GEMMA = ("gemma2", "gemma3_text")
-# Keys of configurations sftplug cannot run exactly: key -> what it means.
+# Keys of configurations sftplug cannot run exactly: key -> what it means (experts only in the MoE families).
 REFUSED_KEYS = {"num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
                 "n_routed_experts": "a mixture of experts", "vision_config": "a vision tower",
-                "audio_config": "an audio tower"}
+                "audio_config": "an audio tower", "kv_lora_rank": "multi-head latent attention",
+                "clip_qkv": "q, k and v clamped"}
+# Families with biases on q, k and v (and where o has one too).
+QKV_BIAS = {"qwen2": "always", "qwen2_moe": "qkv_bias", "glm4_moe": "attention_bias", "gpt_oss": "attention_bias"}
+O_BIAS = {"gpt_oss": "attention_bias"}
+QWEN_WINDOWS = ("qwen2", "qwen3", "smollm3", "qwen3_moe", "qwen2_moe")  # use_sliding_window, max_window_layers
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -38,7 +46,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             f"{where}: model_type {model_type!r} is not supported; sftplug loads {', '.join(ARCHITECTURES)}"
         )
     for key, what in REFUSED_KEYS.items():
-        if hf.get(key):
+        if hf.get(key) and not (what == "a mixture of experts" and model_type in EXPERT_COUNT_KEYS):
             raise SftplugError(f"{where}: {key} ({what}) is not supported; sftplug runs dense decoders")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(key), int):
@@ -48,7 +56,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if act not in ACTIVATIONS:
         raise SftplugError(f"{where}: {act_key} {act!r} is not supported (sftplug's gated MLP runs "
                            f"{', '.join(ACTIVATIONS)})")
-    if model_type != "qwen2" and hf.get("attention_bias"):
+    if model_type not in QKV_BIAS and hf.get("attention_bias"):
         raise SftplugError(f"{where}: attention_bias=true (biases on q/k/v/o) is not supported")
     if hf.get("mlp_bias"):
         raise SftplugError(f"{where}: mlp_bias=true is not supported")
@@ -56,6 +64,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     n_heads = hf["num_attention_heads"]
     try:
         options = _family_options(model_type, hf, where)
+        experts, layer_types = experts_from_hf(model_type, hf, where)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -70,13 +79,21 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             extra=dict(hf),
             rotary=RotaryConfig(theta=float(theta), scaling=scaling, **options.pop("rotary")),
             norm=NormConfig(eps=float(hf.get("rms_norm_eps", 1e-6)), **options.pop("norm")),
-            # Qwen2: biases on q/k/v, none on o
-            attention=AttentionConfig(qkv_bias=model_type == "qwen2", **options.pop("attention")),
+            attention=AttentionConfig(qkv_bias=_has_bias(QKV_BIAS, model_type, hf),
+                                      o_bias=_has_bias(O_BIAS, model_type, hf), **options.pop("attention")),
             feed_forward=FeedForwardConfig(activation=ACTIVATIONS[act]),
+            experts=experts,
+            layer_types=layer_types,
             **options,  # the residual stream's and LM head's scales
         )
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
+
+
+def _has_bias(table: dict, model_type: str, hf: dict) -> bool:
+    """Whether the family's projections in ``table`` have biases: always, or as a config.json key says."""
+    key = table.get(model_type)
+    return key == "always" or bool(key and hf.get(key, model_type in ("qwen2_moe", "gpt_oss")))  # their defaults
 
 
 def _family_options(model_type: str, hf: dict, where: str) -> dict:
@@ -95,13 +112,16 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
                          softcap=float(hf.get("attn_logit_softcapping") or 0.0))
         scales.update(embed_scale=hf["hidden_size"] ** 0.5,
                       logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
-    if model_type in ("qwen3", "gemma3_text"):
+    if model_type in ("qwen3", "gemma3_text", "qwen3_moe") or (model_type == "glm4_moe" and hf.get("use_qk_norm")):
         attention["qk_norm"] = "head"
+    if model_type == "gpt_oss":
+        attention["sinks"] = True
     if model_type == "gemma3_text":
         local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
         rotary["local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
     if model_type == "olmo2":
         norm["placement"] = "post"
+    if model_type in ("olmo2", "olmoe"):
         attention["qk_norm"] = "projection"
     if model_type == "smollm3" and hf.get("no_rope_layers"):
         rotary["layers"] = tuple(bool(x) for x in hf["no_rope_layers"])
@@ -116,13 +136,13 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
 def _layer_windows(model_type: str, hf: dict, n_layers: int, where: str) -> tuple[int, ...]:
     """Each layer's sliding window (0: full attention), from ``layer_types`` where the file has them."""
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
+    if model_type in QWEN_WINDOWS and not hf.get("use_sliding_window", False):
         window = None
     if not window:
         return ()
     types = hf.get("layer_types")
     if types is None:  # files written before layer_types: each family's own rule
-        if model_type in ("qwen2", "qwen3", "smollm3"):
+        if model_type in QWEN_WINDOWS:
             first = hf.get("max_window_layers", 0)
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
         elif model_type == "gemma2":
@@ -191,11 +211,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
     """The config.json that makes transformers build the same model as ``config``."""
     check_exportable(config)
     arch = config.architecture
-    if config.attention.qkv_bias != (arch == "qwen2"):
-        raise SftplugError(
-            f"cannot export a {arch} model with qkv_bias={config.attention.qkv_bias}: "
-            "only Qwen2 has q/k/v biases without an o bias"
-        )
+    if config.attention.qkv_bias and arch not in QKV_BIAS or config.attention.o_bias and arch not in O_BIAS:
+        raise SftplugError(f"cannot export a {arch} model with biases on its attention projections: {arch} has none")
     hf = {k: v for k, v in config.extra.items() if k not in ("transformers_version", "_name_or_path")}
     hf.update(
         architectures=[ARCHITECTURES[arch]],

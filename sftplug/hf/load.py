@@ -28,7 +28,8 @@ from sftplug.data.tokenizer import Tokenizer
 from sftplug.dtypes import as_dtype, dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.config import config_from_hf
-from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error
+from sftplug.hf.mxfp4 import dequantized_weights
+from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error, rows_of
 from sftplug.hf.weights import WeightFiles, open_weights, read_into
 from sftplug.model.contract import LoadedModel
 from sftplug.model.quantize import (
@@ -73,6 +74,8 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     device = torch.device(device)
     config = read_hf_config(folder)
     weights = open_weights(folder)  # validates every file before anything is allocated
+    # MXFP4 experts (gpt-oss) are read dense: the loaded model, and so its export, is not quantized
+    weights = dequantized_weights(weights, config.extra.pop("quantization_config", None))
     tokenizer = Tokenizer(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise SftplugError(
@@ -136,7 +139,7 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
     names = map_names_to_model({ours for ours, _, _ in plan.values()}, model)
     filled = set(names.values())
     embedding = own.get(names["embed_tokens.weight"])  # a tied lm_head is this very parameter
-    unfilled = [n for n, t in own.items() if n not in filled and ".lora_" not in n and t is not embedding]
+    unfilled = [n for n, t in own.items() if n not in filled and not _is_lora(n) and t is not embedding]
     if unfilled or None in filled:  # the model and hf_layout disagree: never leave a tensor uninitialized
         raise SftplugError(f"sftplug cannot load HF weights into {unfilled or sorted(names)}: no HF name for them")
     ignored, unexpected, wrong = [], {}, []
@@ -148,8 +151,8 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
                 unexpected[key] = entry.file.name
             continue
         ours, start, end = plan[key]
-        want = (end - start, *own[names[ours]].shape[1:])
-        if entry.shape != want:
+        want = (end - start, *rows_of(own[names[ours]]).shape[1:])
+        if _rows_shape(entry.shape) != want:
             wrong.append((key, entry.file.name, entry.shape, want))
         elif not entry.dtype.is_floating_point:
             raise SftplugError(f"{entry.file}: tensor '{key}' has dtype {entry.dtype}; weights must be floating point")
@@ -166,8 +169,17 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
             for entry in entries:
                 if entry.key in plan:
                     ours, start, end = plan[entry.key]
-                    read_into(entry, own[names[ours]].data[start:end], handle)
+                    read_into(entry, rows_of(own[names[ours]].data)[start:end], handle)
     return sorted(ignored)
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_" in name or ".lora." in name  # PEFT's layers' adapters, the experts' (sftplug.model.experts)
+
+
+def _rows_shape(shape: tuple) -> tuple:
+    """A stored tensor's shape as rows (an experts' stack of 3 dims has its first two flattened)."""
+    return (shape[0] * shape[1], *shape[2:]) if len(shape) == 3 else tuple(shape)
 
 
 def read_quantizing(model: torch.nn.Module, weights: WeightFiles, plan: dict, targets: dict, spec: QuantSpec) -> None:

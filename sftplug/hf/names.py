@@ -39,9 +39,11 @@ NORM_NAMES = {
 
 
 def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
-    """HF tensor name -> (sftplug parameter name, first row, end row) for every learned tensor."""
-    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    projections = lora_layout(config)  # the HF projections each fused layer holds, with their rows
+    """HF tensor name -> (sftplug parameter name, first row, end row) for every learned tensor.
+
+    The rows of an experts' 3-D parameter are those of its first two dims flattened
+    (:func:`rows_of`): expert e's gate_proj is rows [e·2I, e·2I + I) of gate_up_proj [E, 2I, H].
+    """
     plan = {
         "model.embed_tokens.weight": ("embed_tokens.weight", 0, config.vocab_size),
         "model.norm.weight": ("norm.weight", 0, config.hidden_size),
@@ -50,20 +52,85 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         plan["lm_head.weight"] = ("lm_head.weight", 0, config.vocab_size)
     for i in range(config.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias") if config.attention.qkv_bias else ("weight",):
-            for part, start, end in projections["qkv"]:
-                plan[f"{hf}self_attn.{part}.{kind}"] = (f"{ours}attn.qkv.{kind}", start, end)
-        for part, start, end in projections["gate_up"]:
-            plan[f"{hf}mlp.{part}.weight"] = (f"{ours}mlp.gate_up.weight", start, end)
-        plan[f"{hf}self_attn.o_proj.weight"] = (f"{ours}attn.o.weight", 0, config.hidden_size)
-        plan[f"{hf}mlp.down_proj.weight"] = (f"{ours}mlp.down.weight", 0, config.hidden_size)
-        if config.attention.qk_norm:
-            per_head = config.attention.qk_norm == "head"
-            plan[f"{hf}self_attn.q_norm.weight"] = (f"{ours}attn.q_norm.weight", 0, config.head_dim if per_head else q)
-            plan[f"{hf}self_attn.k_norm.weight"] = (f"{ours}attn.k_norm.weight", 0, config.head_dim if per_head else kv)
+        plan.update(_attention_names(config, f"{hf}self_attn.", f"{ours}attn."))
+        if config.layer_type(i).feed_forward == "experts":
+            plan.update(experts_names(config, hf, f"{ours}mlp."))
+        else:
+            plan.update(_mlp_names(config, f"{hf}mlp.", f"{ours}mlp.", lora_layout(config)["gate_up"]))
         for hf_norm, our_norm in NORM_NAMES[config.norm.placement].items():
             plan[f"{hf}{hf_norm}.weight"] = (f"{ours}{our_norm}.weight", 0, config.hidden_size)
     return plan
+
+
+def _attention_names(config: ModelConfig, hf: str, ours: str) -> dict[str, tuple[str, int, int]]:
+    q, kv, hidden = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.hidden_size
+    attention, plan = config.attention, {}
+    for kind in ("weight", "bias") if attention.qkv_bias else ("weight",):
+        for part, start, end in lora_layout(config)["qkv"]:
+            plan[f"{hf}{part}.{kind}"] = (f"{ours}qkv.{kind}", start, end)
+    for kind in ("weight", "bias") if attention.o_bias else ("weight",):
+        plan[f"{hf}o_proj.{kind}"] = (f"{ours}o.{kind}", 0, hidden)
+    if attention.qk_norm:
+        per_head = attention.qk_norm == "head"
+        plan[f"{hf}q_norm.weight"] = (f"{ours}q_norm.weight", 0, config.head_dim if per_head else q)
+        plan[f"{hf}k_norm.weight"] = (f"{ours}k_norm.weight", 0, config.head_dim if per_head else kv)
+    if attention.sinks:
+        plan[f"{hf}sinks"] = (f"{ours}sinks", 0, config.n_heads)
+    return plan
+
+
+def _mlp_names(config: ModelConfig, hf: str, ours: str, gate_up) -> dict[str, tuple[str, int, int]]:
+    """A gated MLP's projections: ``gate_up`` the (HF projection, first row, end row) its gate_up holds."""
+    plan = {f"{hf}{part}.weight": (f"{ours}gate_up.weight", start, end) for part, start, end in gate_up}
+    plan[f"{hf}down_proj.weight"] = (f"{ours}down.weight", 0, config.hidden_size)
+    return plan
+
+
+# model_type -> (the MoE block's HF name, the router's, each expert's gate, up and down projections as stored
+# one by one, or None where the experts are stored stacked, the shared expert's and its gate's)
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2"), None, None),
+    "gpt_oss": ("mlp", "router", None, None, None),
+    "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
+    "glm4_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
+}
+DEFAULT_MOE_NAMES = ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None, None)  # Qwen3-MoE, OLMoE
+
+
+def experts_names(config: ModelConfig, hf_layer: str, ours: str) -> dict[str, tuple[str, int, int]]:
+    """An MoE layer's HF tensors: the router, the experts (one by one or stacked) and the shared expert."""
+    block, router, per_expert, shared, shared_gate = MOE_NAMES.get(config.architecture, DEFAULT_MOE_NAMES)
+    o, hidden, inter = config.experts, config.hidden_size, config.experts.intermediate_size
+    hf = f"{hf_layer}{block}."
+    plan = {f"{hf}{router}.weight": (f"{ours}router.weight", 0, o.count)}
+    if o.router_bias:
+        plan[f"{hf}{router}.bias"] = (f"{ours}router.bias", 0, o.count)
+    if o.router == "sigmoid_groups":
+        plan[f"{hf}{router}.e_score_correction_bias"] = (f"{ours}router.e_score_correction_bias", 0, o.count)
+    if per_expert is None:  # stacked as in memory
+        for name, (out, inp) in {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}.items():
+            rows = o.count * (inp if o.transposed else out)
+            plan[f"{hf}experts.{name}"] = (f"{ours}experts.{name}", 0, rows)
+            if o.bias:
+                plan[f"{hf}experts.{name}_bias"] = (f"{ours}experts.{name}_bias", 0, o.count)
+    else:
+        gate, up, down = per_expert
+        for e in range(o.count):
+            expert, gate_up = f"{hf}experts.{e}.", 2 * inter * e
+            plan[f"{expert}{gate}.weight"] = (f"{ours}experts.gate_up_proj", gate_up, gate_up + inter)
+            plan[f"{expert}{up}.weight"] = (f"{ours}experts.gate_up_proj", gate_up + inter, gate_up + 2 * inter)
+            plan[f"{expert}{down}.weight"] = (f"{ours}experts.down_proj", hidden * e, hidden * (e + 1))
+    if o.shared_size:
+        parts = (("gate_proj", 0, o.shared_size), ("up_proj", o.shared_size, 2 * o.shared_size))
+        plan.update(_mlp_names(config, f"{hf}{shared}.", f"{ours}shared.", parts))
+    if o.shared_gate:
+        plan[f"{hf}{shared_gate}.weight"] = (f"{ours}shared_gate.weight", 0, 1)
+    return plan
+
+
+def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows hf_layout's row ranges index: an experts' 3-D parameter with its first two dims flattened."""
+    return tensor.flatten(0, 1) if tensor.dim() == 3 else tensor
 
 
 def hf_pieces(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
@@ -81,7 +148,13 @@ def to_hf_state_dict(plain: dict[str, torch.Tensor], config: ModelConfig) -> dic
     missing = sorted(set(pieces) - set(plain))
     if unknown or missing:
         raise SftplugError(f"cannot export: {_few(unknown)} have no HF name; {_few(missing)} are missing")
-    return {hf: plain[ours][start:end] for ours, parts in pieces.items() for hf, start, end in parts}
+    return {hf: _piece(plain[ours], start, end) for ours, parts in pieces.items() for hf, start, end in parts}
+
+
+def _piece(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of ``tensor`` as HF stores them: all of it keeps its shape (stacked experts)."""
+    rows = rows_of(tensor)
+    return tensor if (start, end) == (0, len(rows)) else rows[start:end]
 
 
 def map_names_to_model(state_dict_keys, model: torch.nn.Module) -> dict[str, str | None]:

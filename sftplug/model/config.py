@@ -81,11 +81,10 @@ class ExpertsConfig:
     top_k: int = 0  # experts per token
     intermediate_size: int = 0  # of each expert
     # "softmax": softmax, then the top k (Qwen, Mixtral, OLMoE); "logits": the top k logits, then
-    # their softmax (gpt-oss); "sigmoid_groups": sigmoid scores, top k within the best groups (GLM-4.5)
+    # their softmax (gpt-oss); "sigmoid_groups": sigmoid scores, top k within the best groups, in fp32 (GLM-4.5)
     router: str = "softmax"
     norm_top_k: bool = False  # the chosen weights renormalised to sum to 1
     router_bias: bool = False  # the router has a bias (gpt-oss)
-    router_fp32: bool = False  # router logits computed in fp32 (GLM-4.5)
     groups: int = 1  # sigmoid_groups: expert groups, ...
     top_groups: int = 1  # ... of which the best top_groups are searched
     scale: float = 1.0  # the chosen weights times this (GLM-4.5's routed_scaling_factor)

@@ -11,10 +11,11 @@ from sftplug.model.config import ModelConfig
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int = 0):
         super().__init__()
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        inter = intermediate_size or config.intermediate_size  # a shared expert has its own
+        self.gate_up = nn.Linear(config.hidden_size, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, config.hidden_size, bias=False)
         self.activation = config.feed_forward.activation
         self.glu = pytorch.glu  # or a fused form (set_fused_ops)
 

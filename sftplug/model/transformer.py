@@ -18,6 +18,7 @@ from sftplug.errors import SftplugError
 from sftplug.fused.op import OpSet
 from sftplug.model.attention import Attention, attend, cached_attention
 from sftplug.model.config import PRESETS, ModelConfig
+from sftplug.model.experts import MoE
 from sftplug.model.feed_forward import MLP
 from sftplug.model.norm import RMSNorm, rms_norm_of
 from sftplug.model.offload import ActivationOffloader
@@ -29,7 +30,7 @@ __all__ = ["MIXERS", "FEED_FORWARDS", "Block", "Transformer", "logits_of", "Mode
 
 # LayerType's kinds -> their modules: a mixer is built from (config, layer), a feed-forward from (config).
 MIXERS = {"attention": Attention}
-FEED_FORWARDS = {"mlp": MLP}
+FEED_FORWARDS = {"mlp": MLP, "experts": MoE}
 
 
 class Block(nn.Module):
@@ -96,7 +97,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.zeros_(p) if self.config.norm.gemma else nn.init.ones_(p)
-            elif name.endswith(".bias"):
+            elif name.endswith("bias"):  # nn.Linear's, and the experts' gate_up_proj_bias
                 nn.init.zeros_(p)
             else:
                 with torch.no_grad():
