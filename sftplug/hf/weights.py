@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class TensorEntry:
     shape: tuple
     offset: int = 0  # absolute byte offset of the data in the file (safetensors)
     tensor: torch.Tensor | None = None  # the tensor itself (opt-in .bin only)
+    fill: Callable | None = None  # fill(dest, handle): a tensor stored in another form (sftplug.hf.mxfp4)
 
 
 @dataclass
@@ -151,6 +153,9 @@ def _read_bin(path: Path) -> list[TensorEntry]:
 def read_into(entry: TensorEntry, dest: torch.Tensor, handle=None) -> None:
     """Fill ``dest`` (contiguous, same number of elements) with the tensor ``entry`` names."""
     with torch.no_grad():
+        if entry.fill is not None:
+            entry.fill(dest, handle)
+            return
         if entry.tensor is not None:
             dest.copy_(entry.tensor.reshape(dest.shape))
             return
