@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import sftplug.hf.mxfp4 as mxfp4
@@ -12,6 +12,7 @@ from sftplug.errors import SftplugError
 from sftplug.hf.load import load_hf_folder
 from sftplug.hf.mxfp4 import dequantize_mxfp4, dequantized_weights, mxfp4_tensor_names
 from sftplug.hf.weights import SAFE_INDEX, open_weights, read_into
+from sftplug.loading import load_model
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
@@ -159,3 +160,36 @@ def test_an_mxfp4_folder_without_packed_tensors_loads_and_is_no_longer_quantized
     loaded = load_hf_folder(tmp_path)
     assert "quantization_config" not in loaded.model.config.extra  # an export writes a dense config.json
     assert torch.equal(loaded.model.norm.weight, reference.model.norm.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_gpt_oss_folder_loads_the_experts_transformers_loads(tmp_path, make_hf_folder, dtype):
+    transformers = pytest.importorskip("transformers")
+    make_hf_folder(tmp_path, config_class="GptOssConfig", head_dim=16, num_local_experts=EXPERTS,
+                   num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    stored = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    for layer in range(2):  # the experts as a gpt-oss release stores them
+        prefix = f"model.layers.{layer}.mlp.experts."
+        del stored[f"{prefix}gate_up_proj"], stored[f"{prefix}down_proj"]
+        stored.update({k: v for k, v in gpt_oss_layer(prefix, seed=layer).items() if not k.endswith("_bias")})
+    write_checkpoint(tmp_path, stored, shards=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=dtype)
+    ours = load_hf_folder(tmp_path, dtype=dtype).model
+    for layer in range(2):
+        for proj in ("gate_up_proj", "down_proj"):
+            expected = getattr(reference.model.layers[layer].mlp.experts, proj)
+            got = ours.get_parameter(f"layers.{layer}.mlp.experts.{proj}")
+            assert got.dtype == expected.dtype == dtype
+            assert torch.equal(bits(got), bits(expected)), (layer, proj)
+    if dtype == torch.float32:  # and the model computes with them: logits as the house compares them (fp32)
+        ids = torch.randint(0, 1024, (2, 20), generator=torch.Generator().manual_seed(2))
+        model = load_model(str(tmp_path)).model  # auto: a backend that applies the sinks and windows
+        with torch.no_grad():
+            got, ref = model(ids), reference(ids).logits
+        assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
