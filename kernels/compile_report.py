@@ -13,7 +13,9 @@ packed documents on (the variant with every code path; a sliding window takes th
 one, its ranges come from the host), with and without soft-capped scores (the "softcap"
 variant: a constexpr switch, compiled apart, with one more tile live). The fused ops' kernels (RMSNorm,
 the gated MLP, RoPE, the loss) are compiled as their modules' ``compile_specs`` say a W1
-run launches them; they have no matrix products, so wgmma is not asked of them.
+run launches them; they have no matrix products, so wgmma is not asked of them. The
+experts' grouped GEMM (kernels/grouped_gemm.py) is the exception: its specs name their
+target (each has its own tile config) and ask for wgmma on sm_90a.
 
 Public API: :data:`TARGETS`, :func:`compile_config`, :func:`compile_spec`, :func:`report`.
 """
@@ -27,9 +29,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from sftplug.kernels import attention, cross_entropy, glu, rms_norm, rope
+from sftplug.kernels import attention, cross_entropy, glu, grouped_gemm, rms_norm, rope
 
-FUSED_KERNELS = (rms_norm, glu, rope, cross_entropy)  # modules with compile_specs(dtype)
+# modules with compile_specs(dtype); a spec naming its "targets" is compiled for those only
+FUSED_KERNELS = (rms_norm, glu, rope, cross_entropy, grouped_gemm)
 
 # name -> (compute capability, warp size, shared memory a block may use in bytes: A100's
 # 163 KB, Hopper's 227 KB)
@@ -153,11 +156,12 @@ def compile_config(kind: str, target: str, dtype: str, head_dim: int, config: tu
 
 
 def compile_spec(spec: dict, target: str, dtype: str) -> Compiled:
-    """Compile one fused-op kernel as its module's ``compile_specs(dtype)`` describes it."""
-    detail = " ".join(f"{k}={v}" for k, v in spec["constexprs"].items())
+    """Compile one fused-op kernel as its module's ``compile_specs(dtype)`` describes it (wgmma
+    is asked of the specs that say ``wgmma``: those with matrix products)."""
+    detail = spec.get("detail") or " ".join(f"{k}={v}" for k, v in spec["constexprs"].items())
     row = Compiled(spec["name"], target, dtype, 0, 0, 0, spec["num_warps"], spec["num_stages"], detail=detail)
     return _compile(row, spec["fn"], spec["signature"], spec["constexprs"], spec["divisible"], spec["num_warps"],
-                    spec["num_stages"], wgmma=False)
+                    spec["num_stages"], wgmma=spec.get("wgmma", False))
 
 
 def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, workers: int | None = None,
@@ -178,7 +182,8 @@ def report(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=None, work
                     jobs += [(compile_config, kind, target, dtype, head_dim, config, capped) for dtype in dtypes
                              for config in attention.candidate_configs(kind, head_dim, hopper, capped)]
         for module in FUSED_KERNELS if fused else ():
-            jobs += [(compile_spec, spec, target, dtype) for dtype in dtypes for spec in module.compile_specs(dtype)]
+            jobs += [(compile_spec, spec, target, dtype) for dtype in dtypes for spec in module.compile_specs(dtype)
+                     if target in spec.get("targets", (target,))]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:  # ptxas runs outside the GIL
         return list(pool.map(lambda job: job[0](*job[1:]), jobs))
 

@@ -47,6 +47,7 @@ _CONFIGS = {
     "interpreter": {"mm": (16, 32, 16, 1, 1), "wgrad": (16, 32, 16, 1, 1), "colsum": (16, 32, 0, 1, 1)},
 }
 _MIN_DOT = 16  # tl.dot's least size of each dimension
+_POINTERS = {"X", "W", "BIAS", "A", "B", "OUT", "ENDS", "L", "R", "DY"}  # the kernels' tensor arguments
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def _narrowed(block: int, width: int) -> int:
     return max(_MIN_DOT, min(block, triton.next_power_of_2(max(width, 1))))
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype | None) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16 / bf16 inputs
 
 
@@ -356,7 +357,71 @@ def _check(x, ends, weight, bias, lora) -> None:
 
 
 def compile_specs(dtype: str) -> list[dict]:
-    """Each kernel of this module as an MoE training run launches it, for kernels/compile_report.py."""
+    """Each kernel of this module as an MoE training run launches it, on each target at that
+    target's config, for kernels/compile_report.py (each spec names its ``targets``).
+
+    Sizes (K, N: 768, 2048, 4096 ...; r: 16) enter only as multiples of 16 and through the
+    output width, which narrows BLOCK_N for the r-wide LoRA products; a stride of 1 is a
+    constant, as Triton specializes it at launch, so each layout of the weight (K or N
+    contiguous: [E, N, K] storage, or gpt-oss's [E, K, N] seen transposed; the backward's dX
+    runs the other) compiles apart.
+    """
     if triton is None:
         raise RuntimeError(f"triton is not importable ({IMPORT_ERROR})")
-    return []
+    specs = []
+    for target, configs in (("sm_80", _CONFIGS["ampere"]), ("sm_90a", _CONFIGS["hopper"])):
+        block_m, block_n, block_k, warps, stages = configs["mm"]
+        rank_block = _rank_block(16)
+        for layout in ("k", "n"):
+            unit = {"stride_xk": 1, f"stride_w{layout}": 1, "stride_on": 1}
+            # contiguous A [E, r, K] and B [E, N, r]; dX reads them as B^T [E, r, N] and A^T [E, K, r]
+            lora_unit = {"stride_ak": 1, "stride_br": 1} if layout == "k" else {"stride_ar": 1, "stride_bn": 1}
+            for lora in (False, True):  # with the bias (gpt-oss) and with a LoRA (its backward: dX has no bias)
+                extra = lora_unit if lora else {"stride_biasn": 1}
+                specs.append(_mm_spec(f"grouped_mm_{layout}" + ("_lora" if lora else ""), target, dtype,
+                                      {**unit, **extra}, lora, bias=not lora, blocks=(block_m, block_n, block_k),
+                                      warps=warps, stages=stages))
+            # the r-wide products of the LoRA's backward: X A_e^T (A K-contiguous), dY B_e (B^T N-contiguous)
+            specs.append(_mm_spec(f"grouped_mm_{layout}_rank", target, dtype, unit, lora=False, bias=False,
+                                  blocks=(block_m, rank_block, block_k), warps=warps, stages=stages))
+        block_m, block_n, block_k, warps, stages = configs["wgrad"]
+        wgrads = {"grouped_wgrad_k": ({"stride_oq": 1}, block_k),  # dW_e in [E, N, K] storage
+                  "grouped_wgrad_n": ({"stride_op": 1}, block_k),  # ... in gpt-oss's [E, K, N]
+                  "grouped_wgrad_da": ({"stride_op": 1}, rank_block),  # dA_e^T [K, r] of A [E, r, K]
+                  "grouped_wgrad_db": ({"stride_oq": 1}, rank_block)}  # dB_e [N, r]
+        for name, (unit, q_block) in wgrads.items():
+            constexprs = {"stride_lp": 1, "stride_rq": 1, **unit, "PRECISION": _precision(None),
+                          "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": q_block}
+            specs.append(_spec(name, _grouped_wgrad_kernel, target, dtype, constexprs, warps, stages, wgmma=True))
+        block_m, block_n, _, warps, stages = configs["colsum"]
+        constexprs = {"stride_dn": 1, "stride_on": 1, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        specs.append(_spec("grouped_colsum", _grouped_colsum_kernel, target, dtype, constexprs, warps, stages,
+                           wgmma=False))
+    return specs
+
+
+def _mm_spec(name, target, dtype, unit, lora, bias, blocks, warps, stages) -> dict:
+    block_m, block_n, block_k = blocks
+    constexprs = {**unit, "HAS_BIAS": bias, "HAS_LORA": lora, "R_BLOCK": _rank_block(16), "E_BLOCK": 128,
+                  "PRECISION": _precision(None), "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    return _spec(name, _grouped_mm_kernel, target, dtype, constexprs, warps, stages, wgmma=True)
+
+
+def _spec(name, fn, target, dtype, constexprs, warps, stages, wgmma: bool) -> dict:
+    """The compile report's description of one launch: the tensors (ENDS int32), the LoRA's scale
+    fp32, every other argument i32; all divisible by 16 but the scale and the expert and rank counts."""
+    signature, divisible = {}, []
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            continue
+        signature[arg] = ("*i32" if arg == "ENDS" else "*" + dtype) if arg in _POINTERS else (
+            "fp32" if arg == "scale" else "i32")
+        if arg not in ("scale", "n_experts", "rank"):
+            divisible.append(arg)
+    blocks = "x".join(str(constexprs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if b in constexprs)
+    switches = [k.removeprefix("HAS_").lower() for k in ("HAS_BIAS", "HAS_LORA") if constexprs.get(k)]
+    unit = ",".join(k.removeprefix("stride_") for k in constexprs if k.startswith("stride_"))
+    return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=warps,
+                num_stages=stages, divisible=divisible, targets=[target], wgmma=wgmma,
+                detail=" ".join([blocks, *switches, f"unit={unit}"]))
