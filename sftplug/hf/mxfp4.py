@@ -25,6 +25,7 @@ E8M0_BIAS = 127
 # e2m1: the 3 low bits of a nibble pick the magnitude, its high bit is the sign
 FP4_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 CHUNK_BYTES = 16 * 2**20  # dequantised values computed at a time
+PAIR_AS_INTEGER = {2: torch.int32, 4: torch.int64}  # a float's itemsize -> the integer holding two of them
 DENSE_DTYPE = torch.bfloat16  # what the checkpoint's dense tensors are (its biases): the entry's nominal dtype
 
 
@@ -146,7 +147,12 @@ def _byte_values(dtype: torch.dtype, device) -> torch.Tensor:
 def _dequantize_rows(blocks: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """blocks [r, G, 16] and scales [r, G] -> values [r, G·32]: fp4 value times 2^(scale - 127)."""
     r, groups, _ = blocks.shape
-    values = table[blocks.to(torch.int32)].view(r * groups, GROUP)
+    pair = PAIR_AS_INTEGER.get(table.element_size())
+    if pair is None:  # float64: gather the pairs as they are
+        values = table[blocks.to(torch.int32)]
+    else:  # each byte's pair as one integer: one 1-D gather, about 3x faster than the 2-D one
+        values = table.view(pair).view(256).index_select(0, blocks.reshape(-1).to(torch.int32)).view(table.dtype)
+    values = values.view(r * groups, GROUP)
     exponents = scales.to(torch.int32).view(r * groups, 1) - E8M0_BIAS
     torch.ldexp(values, exponents, out=values)  # as transformers scales them: the same rounding
     return values.view(r, groups * GROUP)

@@ -14,8 +14,9 @@ from sftplug.hf.mxfp4 import dequantize_mxfp4, dequantized_weights, mxfp4_tensor
 from sftplug.hf.weights import SAFE_INDEX, open_weights, read_into
 from sftplug.loading import load_model
 
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+          torch.float64: torch.int64}
 EXPERTS, HIDDEN, INTER = 3, 64, 96  # a gpt-oss layer in miniature: 32-value groups along both
 
 
