@@ -38,12 +38,11 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     """The dense [experts, groups·32, rows] tensor of MXFP4 ``blocks`` and ``scales``, on their device."""
     shape = dense_shape(tuple(blocks.shape), blocks.dtype, tuple(scales.shape), scales.dtype, "blocks", "scales")
     out = torch.empty(shape, dtype=dtype, device=blocks.device)
-    n_rows = blocks.shape[1]
 
     def rows(e: int, start: int, end: int):
         return blocks[e, start:end], scales[e, start:end]
 
-    _fill(out, rows, n_rows)
+    _fill(out, rows)
     return out
 
 
@@ -70,7 +69,7 @@ def dequantized_weights(weights: WeightFiles, quantization: dict | None) -> Weig
     """
     if not quantization:
         return weights
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if method != "mxfp4":
         raise SftplugError(f"{weights.folder}: config.json's quantization_config (quant_method {method!r}) is not "
                            "supported; sftplug loads full-precision weights, and gpt-oss's mxfp4 experts")
@@ -102,7 +101,7 @@ def mxfp4_entry(name: str, blocks: TensorEntry, scales: TensorEntry) -> TensorEn
             return tuple(_read_rows(part, e, start, end, handle if part.file == blocks.file else None)
                          for part in (blocks, scales))
 
-        _fill(dest.view(shape), rows, shape[2])
+        _fill(dest.view(shape), rows)
 
     return TensorEntry(name, blocks.file, DENSE_DTYPE, shape, offset=blocks.offset, fill=fill)
 
@@ -122,10 +121,10 @@ def _read_rows(part: TensorEntry, expert: int, start: int, end: int, handle) -> 
     return out
 
 
-def _fill(out: torch.Tensor, rows, n_rows: int) -> None:
+def _fill(out: torch.Tensor, rows) -> None:
     """Dequantise into ``out`` [E, groups·32, rows] chunk by chunk; ``rows(e, start, end)`` gives
     those rows' (blocks, scales)."""
-    experts, width, _ = out.shape
+    experts, width, n_rows = out.shape
     step = max(1, CHUNK_BYTES // (width * out.element_size()))
     table = _byte_values(out.dtype, out.device)
     with torch.no_grad():
