@@ -1,5 +1,6 @@
-"""Built-in `triton` fused ops: sftplug's Triton kernels for RMSNorm, the gated MLP, RoPE and
-the loss's chunk step (kernels/rms_norm.py, glu.py, rope.py, cross_entropy.py).
+"""Built-in `triton` fused ops: sftplug's Triton kernels for RMSNorm, the gated MLP, RoPE, the
+loss's chunk step and the experts' linear layers (kernels/rms_norm.py, glu.py, rope.py,
+cross_entropy.py, grouped_gemm.py).
 
 Registers where the Triton kernels can run (kernels/runtime.py): a CUDA GPU of compute
 capability 8.0+, or the CPU interpreter under TRITON_INTERPRET=1, for tests. Before a form
@@ -126,6 +127,29 @@ class CrossEntropy(TritonForm):
         return lambda logits, targets: _summed(cross_entropy_reference(logits, targets))
 
 
+class GroupedLinear(TritonForm):
+    op = "grouped_linear"
+    description = "the experts' linear layers as one grouped GEMM, the LoRA inside it"
+
+    def check(self, request: FusedOpsRequest) -> str | None:
+        if not request.experts:
+            return "triton grouped_linear computes a mixture of experts; this model has none"
+        return super().check(request)
+
+    def __call__(self, x, groups, weight, bias=None, lora=None):
+        from sftplug.kernels.grouped_gemm import grouped_linear
+
+        return grouped_linear(x, groups.ends, weight, bias, lora)
+
+    def kernel(self):
+        return self.__call__
+
+    def reference(self):
+        from sftplug.fused.grouped import grouped_linear
+
+        return grouped_linear
+
+
 def _summed(losses_and_grad):
     losses, grad = losses_and_grad
     return losses.sum(), grad
@@ -161,9 +185,9 @@ def measured_speedup(form: TritonForm, request: FusedOpsRequest) -> float:
 
 
 class TritonOps:
-    """The plugin: the four forms, offered where the kernels can run."""
+    """The plugin: the five forms, offered where the kernels can run."""
 
-    forms = (RMSNorm(), GLU(), Rope(), CrossEntropy())
+    forms = (RMSNorm(), GLU(), Rope(), CrossEntropy(), GroupedLinear())
 
     def why_unavailable(self) -> str | None:
         from sftplug.kernels.runtime import triton_available

@@ -20,22 +20,28 @@ from sftplug.fused.timing import case_for, outputs, time_op
 
 # (hidden, intermediate, head dim, query heads, kv heads, vocab, tokens of a micro-batch): W0 and W1 (BENCHMARKS.md)
 SIZES = {"W0": (512, 1376, 64, 8, 4, 8192, 2048), "W1": (2048, 5632, 64, 32, 4, 32000, 16384)}
+# grouped_linear's mixture of experts at each: (experts, expert intermediate, top_k); W1's is
+# Qwen3-30B-A3B's (hidden 2048 as W1's). Its LoRA has sftplug's default rank on the experts.
+MOE_SIZES = {"W0": (8, 256, 2), "W1": (128, 768, 8)}
+MOE_LORA_RANK = 16
 CHECK_ROWS = 64  # rows a fused form is checked on under the interpreter
 
 
 def ops_request(device: torch.device, dtype: torch.dtype, workload: str | None = None) -> FusedOpsRequest:
-    hidden, intermediate, head_dim, heads, kv_heads, vocab, tokens = SIZES[workload or (
-        "W1" if device.type == "cuda" else "W0")]
+    workload = workload or ("W1" if device.type == "cuda" else "W0")
+    hidden, intermediate, head_dim, heads, kv_heads, vocab, tokens = SIZES[workload]
+    experts, expert_intermediate, top_k = MOE_SIZES[workload]
     return FusedOpsRequest(device=device, dtype=dtype, hidden_size=hidden, intermediate_size=intermediate,
                            head_dim=head_dim, rotary_dim=head_dim, n_heads=heads, n_kv_heads=kv_heads,
-                           vocab_size=vocab, tokens=tokens)
+                           vocab_size=vocab, tokens=tokens, experts=experts,
+                           expert_intermediate_size=expert_intermediate, top_k=top_k, lora_rank=MOE_LORA_RANK)
 
 
 def run_ops_bench(registry, request: FusedOpsRequest, repeats: int = 10, echo=None) -> list[dict]:
     """One row per op and form (PyTorch's first); ``echo`` gets each row as it is done."""
     offers = survey(registry.hook, request)
     rows = []
-    for op in OPS:
+    for op in filter(request.uses, OPS):  # grouped_linear only for a request with experts
         case = case_for(op, request)
         baseline = _timed_row(op, PYTORCH, getattr(pytorch, op), case, repeats)
         found = [baseline]

@@ -96,6 +96,9 @@ def choose_fused_ops(hook, request: FusedOpsRequest, fused: str, compiled: bool 
     offers = survey(hook, request)
     forms, why_chosen, rejected, chosen = {}, {}, {}, {}
     for op in OPS:
+        if not request.uses(op):  # grouped_linear of a dense model: whatever --fused says
+            forms[op], why_chosen[op] = PYTORCH, "not used"
+            continue
         working = [o for o in offers[op] if o.why_unavailable is None]
         rejected[op] = {o.name: o.why_unavailable for o in offers[op] if o.why_unavailable is not None}
         if wanted == "auto":

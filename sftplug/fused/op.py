@@ -35,7 +35,7 @@ import torch
 from sftplug.fused import grouped, pytorch
 from sftplug.offers import Priority
 
-OPS = ("rmsnorm", "glu", "rope", "cross_entropy")
+OPS = ("rmsnorm", "glu", "rope", "cross_entropy", "grouped_linear")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class FusedOpsRequest:
     activation: str = "silu"  # the gated MLP's: "silu" or "gelu_tanh"
     gemma_norm: bool = False  # RMSNorm in Gemma's (1 + w) form
     trains_norms: bool = False  # the norms' weights train (full fine-tuning), so need their gradient
+    # A mixture of experts (grouped_linear): routed experts (0: a dense model, which never computes
+    # grouped_linear), each expert's intermediate size, experts per token, and the experts' LoRA
+    # rank (0: the experts' weights train, full fine-tuning)
+    experts: int = 0
+    expert_intermediate_size: int = 0
+    top_k: int = 0
+    lora_rank: int = 0
+
+    def uses(self, op: str) -> bool:
+        """Whether a model of this request computes ``op``: all of them but grouped_linear, which
+        only a mixture of experts does."""
+        return op != "grouped_linear" or self.experts > 0
 
 
 class FusedOp:

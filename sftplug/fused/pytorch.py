@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sftplug.fused.grouped import grouped_linear  # noqa: F401 - the op's PyTorch form, listed with the others
+
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 

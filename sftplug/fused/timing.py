@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sftplug.fused.grouped import Groups
+
 CE_CHUNK = 4096  # rows of the loss's chunks (sftplug.train.loss.target_loss_sum)
 
 
@@ -35,8 +37,8 @@ class OpCase:
         gen = torch.Generator().manual_seed(seed)
         s, dt, dev = self.sizes, self.dtype, self.device
 
-        def rand(*shape, dtype=dt, grad=False):
-            t = torch.randn(shape, generator=gen).to(dev, dtype)
+        def rand(*shape, dtype=dt, grad=False, scale=1.0):
+            t = (scale * torch.randn(shape, generator=gen)).to(dev, dtype)
             return (t.double() if float64 else t).requires_grad_(grad)
 
         if self.op == "rmsnorm":
@@ -55,6 +57,8 @@ class OpCase:
         if self.op == "cross_entropy":
             targets = torch.randint(0, s["vocab"], (s["rows"],), generator=gen).to(dev)
             return (rand(s["rows"], s["vocab"]), targets), None, []
+        if self.op == "grouped_linear":
+            return _grouped_linear_inputs(s, gen, rand)
         raise ValueError(self.op)
 
 
@@ -77,12 +81,35 @@ def case_for(op: str, request) -> OpCase:
                      rotated=r.n_heads + r.n_kv_heads)
         moved = rows * sizes["rotated"] * r.rotary_dim * size
         return OpCase(op, f"{rows} x {heads} x {r.head_dim}", r.device, r.dtype, sizes, 2 * moved, 2 * moved)
+    if op == "grouped_linear":  # the experts' gate_up projection: each token's top_k rows
+        rows, out = rows * r.top_k, 2 * r.expert_intermediate_size
+        sizes = dict(rows=rows, experts=r.experts, hidden=r.hidden_size, out=out, rank=r.lora_rank)
+        weights = r.experts * out * r.hidden_size * size
+        activations = rows * (r.hidden_size + out) * size
+        # the backward reads dY, X and W and writes dX (and dW in full fine-tuning)
+        return OpCase(op, f"{rows} x {r.hidden_size} -> {r.experts} x {out}", r.device, r.dtype, sizes,
+                      activations + weights, 2 * activations + weights * (1 if r.lora_rank else 2))
     if op == "cross_entropy":
         rows = min(rows, CE_CHUNK)
         moved = rows * r.vocab_size * size
         return OpCase(op, f"{rows} x {r.vocab_size}", r.device, r.dtype, dict(rows=rows, vocab=r.vocab_size),
                       2 * moved, 0)
     raise ValueError(op)
+
+
+def _grouped_linear_inputs(s: dict, gen, rand):
+    """x [rows, hidden] routed uniformly at random and sorted by expert, the stacked weights, and a
+    LoRA of rank ``s["rank"]`` (its A and B train, the weights not) or none (the weights train)."""
+    experts = torch.randint(0, s["experts"], (s["rows"],), generator=gen).sort().values
+    x = rand(s["rows"], s["hidden"], grad=True)
+    full = not s["rank"]
+    weight = rand(s["experts"], s["out"], s["hidden"], grad=full, scale=s["hidden"] ** -0.5)
+    groups = Groups.of(experts.to(x.device), s["experts"])
+    if full:
+        return (x, groups, weight), rand(s["rows"], s["out"]), [x, weight]
+    a = rand(s["experts"], s["rank"], s["hidden"], grad=True, scale=s["hidden"] ** -0.5)
+    b = rand(s["experts"], s["out"], s["rank"], grad=True)
+    return (x, groups, weight, None, (a, b, 2.0)), rand(s["rows"], s["out"]), [x, a, b]
 
 
 def outputs(form, args, grad, leaves) -> list[torch.Tensor]:

@@ -27,6 +27,7 @@ from sftplug.errors import SftplugError
 from sftplug.fused.choice import choose_fused_ops, fused_skipped
 from sftplug.fused.op import FusedOpsRequest
 from sftplug.hf.load import CONFIG, read_hf_config
+from sftplug.model.lora_targets import EXPERTS_TARGETS
 from sftplug.model.transformer import PRESETS, ModelConfig
 from sftplug.train.loggers import check_log_to
 from sftplug.train.optimizers import check_optimizer
@@ -70,12 +71,17 @@ def check_attention(registry, config: TrainConfig, device: torch.device, dtype: 
 def fused_request_for(shape: ModelConfig, config: TrainConfig, device: torch.device,
                       dtype: torch.dtype) -> FusedOpsRequest:
     """The fused ops' request of a model of this shape trained with ``config``."""
+    experts = shape.experts if shape.has_experts else None
+    experts_lora = not config.full and any(t in EXPERTS_TARGETS for t in config.lora_targets)
     return FusedOpsRequest(device=device, dtype=dtype, hidden_size=shape.hidden_size,
                            intermediate_size=shape.intermediate_size, head_dim=shape.head_dim,
                            rotary_dim=shape.rotary.dims, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads,
                            vocab_size=shape.vocab_size, tokens=config.micro_bsz * config.seq_len,
                            activation=shape.feed_forward.activation, gemma_norm=shape.norm.gemma,
-                           trains_norms=config.full)
+                           trains_norms=config.full, experts=experts.count if experts else 0,
+                           expert_intermediate_size=experts.intermediate_size if experts else 0,
+                           top_k=experts.top_k if experts else 0,
+                           lora_rank=config.lora_r if experts and experts_lora else 0)
 
 
 def model_shape(source: str) -> ModelConfig | None:

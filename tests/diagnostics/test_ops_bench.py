@@ -1,5 +1,6 @@
 """`sftplug bench ops`: every op's PyTorch form timed, every fused form checked against it."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ from sftplug.fused import OPS, FusedOp, FusedOpsRequest, pytorch
 from sftplug.registry import Registry
 
 SMALL = FusedOpsRequest(device=torch.device("cpu"), dtype=torch.float32, hidden_size=64, intermediate_size=96,
-                        head_dim=16, rotary_dim=16, n_heads=4, n_kv_heads=2, vocab_size=100, tokens=32)
+                        head_dim=16, rotary_dim=16, n_heads=4, n_kv_heads=2, vocab_size=100, tokens=32, experts=4,
+                        expert_intermediate_size=24, top_k=2, lora_rank=4)
 
 
 class Off(FusedOp):
@@ -54,6 +56,15 @@ def test_pytorch_is_timed_and_a_fused_form_is_checked_against_it():
     table = format_table(rows)
     assert table.splitlines()[0].split()[:4] == ["op", "form", "sizes", "dtype"]
     assert "cross_entropy off      32 x 100" in table
+    assert "grouped_linear" in table and "64 x 64 -> 4 x 48" in table  # top_k rows per token, gate and up
+
+
+def test_a_dense_model_has_no_grouped_linear_row():
+    registry = Registry()
+    registry.add("off-ops", Plugin)
+    dense = dataclasses.replace(SMALL, experts=0, expert_intermediate_size=0, top_k=0, lora_rank=0)
+    rows = run_ops_bench(registry, dense, repeats=1)
+    assert [r["op"] for r in rows if r["form"] == "pytorch"] == [op for op in OPS if op != "grouped_linear"]
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """How --fused chooses the form of each op: auto takes only what is faster here, a request
 takes what it names or fails in one line, and the chosen forms are what the model computes with."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from sftplug.registry import Registry
 
 REQUEST = FusedOpsRequest(device=torch.device("cpu"), dtype=torch.float32, hidden_size=64, intermediate_size=96,
                           head_dim=16, rotary_dim=16, n_heads=4, n_kv_heads=2, vocab_size=100, tokens=32)
+MOE = dataclasses.replace(REQUEST, experts=4, expert_intermediate_size=24, top_k=2)
+DENSE_OPS = [op for op in OPS if op != "grouped_linear"]  # what a model without experts computes
 
 
 class Form(FusedOp):
@@ -52,7 +56,8 @@ def test_auto_takes_a_form_only_where_it_is_faster_and_can_run():
     slow = Form("glu", "slow", priority=-1)
     broken = Form("rope", "broken", priority=50, answer="broken cannot rotate here")
     choice = choose_fused_ops(registry_with(fast, slow, broken).hook, REQUEST, "auto")
-    assert choice.forms == {"rmsnorm": "fast", "glu": PYTORCH, "rope": PYTORCH, "cross_entropy": PYTORCH}
+    assert choice.forms == {"rmsnorm": "fast", "glu": PYTORCH, "rope": PYTORCH, "cross_entropy": PYTORCH,
+                            "grouped_linear": PYTORCH}
     assert choice.ops.rmsnorm is fast and choice.ops.glu is pytorch.glu
     assert choice.why_chosen["rmsnorm"] == "auto: 20 says the test"
     assert "no fused form is faster here (slow: -1 says the test)" in choice.why_chosen["glu"]
@@ -79,7 +84,8 @@ def test_none_and_compile_keep_pytorch_everywhere():
 def test_requested_ops_are_fused_even_when_slower_and_the_rest_stay_pytorch():
     slow = Form("glu", "slow", priority=-1)
     choice = choose_fused_ops(registry_with(slow).hook, REQUEST, "glu")
-    assert choice.forms == {"rmsnorm": PYTORCH, "glu": "slow", "rope": PYTORCH, "cross_entropy": PYTORCH}
+    assert choice.forms == {"rmsnorm": PYTORCH, "glu": "slow", "rope": PYTORCH, "cross_entropy": PYTORCH,
+                            "grouped_linear": PYTORCH}
     assert choice.why_chosen["glu"] == "requested" and choice.why_chosen["rmsnorm"] == "not requested"
 
 
@@ -89,8 +95,20 @@ def test_all_needs_every_op_and_says_which_cannot_be_fused():
         choose_fused_ops(registry_with(*forms).hook, REQUEST, "all")
     assert str(info.value) == ("--fused all: no fused rope runs fp32 on cpu: f: f needs even heads; "
                                "use --fused auto or none")
-    everything = choose_fused_ops(registry_with(*[Form(op, "f") for op in OPS]).hook, REQUEST, "all")
+    everything = choose_fused_ops(registry_with(*[Form(op, "f") for op in OPS]).hook, MOE, "all")
     assert everything.fused == list(OPS)
+
+
+def test_a_dense_model_does_not_use_grouped_linear_whatever_is_asked():
+    # no form of it is needed: --fused all on a dense model is what it was before experts
+    registry = registry_with(*[Form(op, "f") for op in DENSE_OPS])
+    for fused in ("all", "auto", "grouped_linear", "rmsnorm,grouped_linear=f"):
+        choice = choose_fused_ops(registry.hook, REQUEST, fused)
+        assert choice.forms["grouped_linear"] == PYTORCH and choice.why_chosen["grouped_linear"] == "not used"
+    assert choose_fused_ops(registry.hook, REQUEST, "all").describe() == (
+        "rmsnorm, glu, rope, cross_entropy: f (requested); grouped_linear: pytorch (not used)")
+    with pytest.raises(SftplugError, match="no fused grouped_linear runs fp32 on cpu"):
+        choose_fused_ops(registry.hook, MOE, "all")  # a mixture of experts needs one
 
 
 def test_a_named_form_is_taken_or_refused_in_one_line():
@@ -136,7 +154,7 @@ def test_the_model_computes_with_the_chosen_forms():
     before = model(ids)
     forms = [Form(op, "count", priority=1) for op in OPS]
     choice = attach_fused(model, registry_with(*forms), REQUEST, "auto")
-    assert choice.fused == list(OPS)
+    assert choice.fused == DENSE_OPS
     after = model(ids)
     assert torch.equal(after, before)  # the same PyTorch computation, through the forms
     n = len(model.layers)
