@@ -30,6 +30,12 @@ softmax, on the natural scale (then the log2(e) factor); it is a constexpr switc
 the kernels without it are unchanged. tanh(x) = 2 sigmoid(2x) - 1, and the backward's
 1 - tanh^2 = 4 sigmoid (1 - sigmoid) stays accurate where tanh saturates.
 
+Attention sinks (gpt-oss) are one logit s_h per query head in the softmax's denominator
+only: the forward adds exp2(s_h log2(e) - m) to each row's running sum after the key loop
+(a constexpr switch), so the stored log-sum-exp includes it and P = exp2(S - lse) in the
+backward kernels is already right. A sink is a key whose value is 0, so rowsum(dO * O) is
+unchanged, and its gradient -sum_i P_sink_i * rowsum(dO * O)_i is a few torch ops on the host.
+
 Public API: :func:`triton_attention`, :func:`triton_attention_available`,
 :func:`attention_reference`.
 """
@@ -237,6 +243,7 @@ if triton is not None:
         O,  # [B, Hq, T, D] output, written here
         LSE,  # fp32 [B, Hq, T] log2-sum-exp2 of the scaled (and capped) scores (+inf for empty rows)
         RANGES,  # int32 [B, 4, T] per-token attention ranges (read only if HAS_DOCS)
+        SINKS,  # fp32 [Hq] each head's sink logit (read only if HAS_SINKS)
         stride_qb, stride_qh, stride_qt,
         stride_kb, stride_kh, stride_kt,
         stride_vb, stride_vh, stride_vt,
@@ -250,6 +257,7 @@ if triton is not None:
         CAUSAL: tl.constexpr,
         HAS_DOCS: tl.constexpr,  # RANGES holds the ranges (packed documents or a sliding window)
         SOFTCAP: tl.constexpr,
+        HAS_SINKS: tl.constexpr,  # SINKS join the softmax's denominators
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -283,6 +291,13 @@ if triton is not None:
 
         # Padding rows may have ridden along through unmasked blocks: they still give 0.
         empty = (l_i == 0.0) | (hi <= lo)
+        if HAS_SINKS:  # one more term of the sum, exp2(sink - m), whose value vector is 0
+            sink = tl.load(SINKS + off_h) * _LOG2E_C
+            m_new = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.exp2(sink - m_new)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
         lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
@@ -759,7 +774,7 @@ def _t_bucket(T: int) -> int:
     return min(triton.next_power_of_2(max(T, 16)), 16384)
 
 
-def _attn_forward(q, k, v, causal: bool, scale: float, softcap: float, ranges):
+def _attn_forward(q, k, v, causal: bool, scale: float, softcap: float, ranges, sinks=None):
     B, HQ, T, D = q.shape
     HKV = k.shape[1]
     o = torch.empty(B, HQ, T, D, device=q.device, dtype=q.dtype)
@@ -767,9 +782,11 @@ def _attn_forward(q, k, v, causal: bool, scale: float, softcap: float, ranges):
     _launch(
         "fwd", lambda bm, bn: triton.cdiv(T, bm), B * HQ,
         q, k, v, o, lse, ranges if ranges is not None else lse,
+        sinks.float().contiguous() if sinks is not None else lse,  # (read only if HAS_SINKS)
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         T, scale * _LOG2E, scale, softcap or 1.0, _t_bucket(T),  # (the cap is read only if SOFTCAP)
         HQ=HQ, GROUP=HQ // HKV, HEAD_DIM=D, CAUSAL=causal, HAS_DOCS=ranges is not None, SOFTCAP=softcap > 0,
+        HAS_SINKS=sinks is not None,
     )
     return o, lse
 
@@ -810,18 +827,25 @@ def _attn_backward(do, q, k, v, o, lse, causal: bool, scale: float, softcap: flo
         HQ=HQ, GROUP=HQ // HKV, **common,
     )
     if split == 1:
-        return dq, dk[0], dv[0]
-    return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        return dq, dk[0], dv[0], delta
+    return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype), delta
+
+
+def _sinks_grad(sinks, lse, delta):
+    """d loss / d sinks [Hq]: -sum over batch and rows of P_sink * rowsum(dO * O), where
+    P_sink = exp2(s_h log2(e) - lse) (lse in base 2, +inf on empty rows: there P_sink is 0)."""
+    p_sink = torch.exp2(sinks.float()[None, :, None] * _LOG2E - lse)  # [B, Hq, T]
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
 
 
 class TritonAttention(torch.autograd.Function):
     """softmax(cap(scale * Q K^T) + mask) V with the fused Triton kernels, forward and backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, softcap: float, ranges):
+    def forward(ctx, q, k, v, causal: bool, scale: float, softcap: float, ranges, sinks):
         with on_device(q):
-            o, lse = _attn_forward(q, k, v, causal, scale, softcap, ranges)
-        ctx.save_for_backward(q, k, v, o, lse, ranges)
+            o, lse = _attn_forward(q, k, v, causal, scale, softcap, ranges, sinks)
+        ctx.save_for_backward(q, k, v, o, lse, ranges, sinks)
         ctx.causal = causal
         ctx.scale = scale
         ctx.softcap = softcap
@@ -829,13 +853,14 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, ranges = ctx.saved_tensors
+        q, k, v, o, lse, ranges, sinks = ctx.saved_tensors
         with on_device(q):
-            dq, dk, dv = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.softcap, ranges)
-        return dq, dk, dv, None, None, None, None
+            dq, dk, dv, delta = _attn_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.softcap, ranges)
+        dsinks = _sinks_grad(sinks, lse, delta) if sinks is not None and ctx.needs_input_grad[7] else None
+        return dq, dk, dv, None, None, None, None, dsinks
 
 
-def _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap):
+def _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap, sinks):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, HQ, T, D = q.shape
@@ -862,9 +887,12 @@ def _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap):
         raise ValueError("a sliding window needs causal=True (non-causal windows are not supported)")
     if not (softcap >= 0 and math.isfinite(softcap)):
         raise ValueError(f"softcap must be finite and >= 0 (0: none); got {softcap}")
+    if sinks is not None and (sinks.shape != (HQ,) or not sinks.is_floating_point() or sinks.device != q.device):
+        raise ValueError(f"sinks must be a float tensor of shape [{HQ}] (one logit per query head) on q's device; "
+                         f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
 
 
-def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0, softcap=0.0):
+def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0, softcap=0.0, sinks=None):
     """Fused attention: q [B, Hq, T, D], k and v [B, Hkv, T, D] -> [B, Hq, T, D] in q's dtype.
 
     ``causal``: a query attends only to keys at or before it. ``scale``: defaults to
@@ -874,8 +902,9 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0
     output and gradients are 0 and which no token attends. ``window`` W > 0 (causal
     only): a query at i sees keys i - W < j <= i (within its document); key blocks behind
     the window are skipped. ``softcap`` c > 0: the scaled scores s become c * tanh(s / c)
-    before the softmax. GQA (Hq a multiple of Hkv) is handled in the kernel; K/V are never
-    repeated. Differentiable in q, k and v.
+    before the softmax. ``sinks`` [Hq]: head h's logit s_h joins each of its rows' softmax
+    denominators only (gpt-oss). GQA (Hq a multiple of Hkv) is handled in the kernel; K/V are
+    never repeated. Differentiable in q, k, v and sinks.
 
     Runs fp16 / bf16 on CUDA GPUs of compute capability 8.0+, and fp32 / fp16 (bf16 via
     fp32) under TRITON_INTERPRET=1 on the CPU; see :func:`triton_attention_available`.
@@ -886,9 +915,10 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     softcap = float(softcap or 0.0)
-    _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap)
+    _check_inputs(q, k, v, doc_ids, scale, causal, window, softcap, sinks)
     if q.numel() == 0:
-        return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())  # keeps the graph
+        kept = q.sum() + k.sum() + v.sum() + (0 if sinks is None else sinks.sum())
+        return q.new_zeros(q.shape) + 0 * kept  # keeps the graph
     check_cuda("triton_attention", _jit_interpreted, q)
     if not _jit_interpreted and q.dtype == torch.float32:
         raise ValueError("triton_attention runs fp16 and bf16 on the GPU (fp32 only under TRITON_INTERPRET=1)")
@@ -905,5 +935,5 @@ def triton_attention(q, k, v, *, causal=True, scale=None, doc_ids=None, window=0
         ranges = _doc_ranges(None, T, causal, window, batch=q.shape[0], device=q.device)
     else:
         ranges = None  # computed in the kernel
-    out = TritonAttention.apply(q, k, v, bool(causal), scale, softcap, ranges)
+    out = TritonAttention.apply(q, k, v, bool(causal), scale, softcap, ranges, sinks)
     return out.to(out_dtype)

@@ -10,7 +10,8 @@ nothing, use wgmma on sm_90a and fit the target's shared memory.
 The attention kernels are compiled as a training run launches them: contiguous [B, H, T, D]
 tensors (pointers and strides divisible by 16), 32 query heads over 8 K/V heads, causal,
 packed documents on (the variant with every code path; a sliding window takes the same
-one, its ranges come from the host), with and without soft-capped scores (the "softcap"
+one, its ranges come from the host; the forward with attention sinks on, which only add a few
+operations after its key loop), with and without soft-capped scores (the "softcap"
 variant: a constexpr switch, compiled apart, with one more tile live). The fused ops' kernels (RMSNorm,
 the gated MLP, RoPE, the loss) are compiled as their modules' ``compile_specs`` say a W1
 run launches them; they have no matrix products, so wgmma is not asked of them. The
@@ -42,7 +43,7 @@ KINDS = ("fwd", "dkdv", "dq")
 # is why auto never takes Triton for these head dims on Hopper.
 WITHOUT_WGMMA = {("dkdv", 256)}
 _HQ, _HKV = 32, 8
-_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "RANGES": "i32"}
+_POINTER_DTYPES = {"LSE": "fp32", "DELTA": "fp32", "RANGES": "i32", "SINKS": "fp32"}
 
 
 @dataclass
@@ -97,6 +98,8 @@ def _constexprs(kind: str, head_dim: int, block_m: int, block_n: int, softcap: b
                   BLOCK_M=block_m, BLOCK_N=block_n)
     if kind == "dkdv":
         values.update(HKV=_HKV, SPLIT=1)
+    if kind == "fwd":  # with sinks: every code path (they only touch the end of the forward)
+        values.update(HAS_SINKS=True)
     return values
 
 

@@ -3,7 +3,10 @@
 One BlockMask holds the causal mask, the packed documents (``doc_ids``) and the sliding
 window, so blocks that no query of a block may see are skipped and the rest are masked
 per score; soft-capped scores are a ``score_mod`` (``softcap * tanh(s / softcap)``), and the
-softmax scale and GQA are flex_attention's own ``scale=`` and ``enable_gqa=True``. The
+softmax scale and GQA are flex_attention's own ``scale=`` and ``enable_gqa=True``. Sinks
+(gpt-oss: exp(s_h) joins each row's denominator) scale the output by sigmoid(lse - s_h),
+exact since softmax's sum is exp(lse): flex returns the log-sum-exp, and its backward takes
+the gradient of lse (into its rowsum(dO * O) term), so q, k and the sinks all get theirs. The
 mask is built once per ``doc_ids`` batch (every layer of a forward passes the same tensor)
 and once per length and window for rows of one document.
 
@@ -51,7 +54,7 @@ class Flex(AttentionBackend):
     description = "PyTorch FlexAttention, compiled (CUDA): causal, documents and sliding window in one block mask"
     priority = PRIORITY
     host_doc_ids = True  # one document per row is told on the host; the mask's copy moves once per batch
-    sliding_window = softcap = custom_scale = True  # block mask, score_mod, scale=
+    sliding_window = softcap = custom_scale = sinks = True  # block mask, score_mod, scale=, the returned lse
 
     def why_unavailable(self) -> str | None:
         if flex_module() is None:
@@ -83,25 +86,46 @@ class Flex(AttentionBackend):
             return f"flex attention computes in fp16, bf16 or fp32, not {dtype_name(request.dtype)}"
         if request.head_dim < 16:
             return f"flex attention needs a head dim of at least 16, not {request.head_dim}"
-        if request.window or request.softcap or request.name == self.name:
+        if request.window or request.softcap or request.sinks or request.name == self.name:
             # compiling costs seconds: only where flex would run (auto picks it for these, or by name)
             return first_run(str(request.device), request.dtype, request.head_dim, request.window > 0,
-                             request.softcap > 0)
+                             request.softcap > 0, request.sinks)
         return None
 
     def gqa_mode(self, device, dtype, head_dim) -> str:
         return "native"  # enable_gqa=True: K/V keep their own heads
 
     def __call__(self, q, k, v, *, causal: bool = True, doc_ids=None, window: int = 0, softcap: float = 0.0,
-                 scale: float | None = None):
-        # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; doc_ids: [B, T] (host) or None
+                 scale: float | None = None, sinks=None):
+        # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]; doc_ids: [B, T] (host) or None; sinks: [Hq] or None
         if window and not causal:
             raise ValueError("a sliding window is causal (keys i - window < j <= i): pass causal=True")
         # eager flex_attention (CPU) is PyTorch's unfused reference path
         run = _compiled_flex() if q.device.type == "cuda" else flex_module().flex_attention
-        return run(q, k, v, score_mod=soft_capped(float(softcap), q.device) if softcap else None,
-                   block_mask=block_mask(doc_ids, q.shape[2], causal, window, q.device), scale=scale,
-                   enable_gqa=q.shape[1] != k.shape[1])
+        options = dict(score_mod=soft_capped(float(softcap), q.device) if softcap else None,
+                       block_mask=block_mask(doc_ids, q.shape[2], causal, window, q.device), scale=scale,
+                       enable_gqa=q.shape[1] != k.shape[1])
+        if sinks is None:
+            return run(q, k, v, **options)
+        return with_sinks(*_with_lse(run, q, k, v, **options), sinks)
+
+
+def _with_lse(run, q, k, v, **options):
+    """flex_attention's output and log-sum-exp [B, Hq, T] (natural log, fp32)."""
+    api = flex_module()
+    if hasattr(api, "AuxRequest"):
+        out, aux = run(q, k, v, return_aux=api.AuxRequest(lse=True), **options)
+        return out, aux.lse
+    return run(q, k, v, return_lse=True, **options)  # torch < 2.9
+
+
+def with_sinks(out, lse, sinks):
+    """Attention whose denominators also hold exp(s_h): out * sum / (sum + exp(s_h)), with sum = exp(lse).
+
+    A row that sees no key (lse = -inf) gives 0.
+    """
+    kept = torch.sigmoid(lse - sinks.float()[None, :, None])  # [B, Hq, T]
+    return out * kept[..., None].to(out.dtype)
 
 
 def _why_unavailable_on_cpu() -> str:
@@ -180,7 +204,8 @@ def _build(doc_ids, t: int, causal: bool, window: int, device):
                                  _compile=device.type == "cuda")
 
 
-def flex_reference(q, k, v, causal: bool, doc_ids=None, window: int = 0, softcap: float = 0.0, scale=None):
+def flex_reference(q, k, v, causal: bool, doc_ids=None, window: int = 0, softcap: float = 0.0, scale=None,
+                   sinks=None):
     """Plain-PyTorch attention with the same options (explicit [B, 1, T, T] mask), in q's dtype."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
@@ -198,13 +223,19 @@ def flex_reference(q, k, v, causal: bool, doc_ids=None, window: int = 0, softcap
     if doc_ids is not None:
         docs = doc_ids.to(q.device)
         allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        return torch.softmax(scores, -1) @ v
+    sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+    return torch.cat([scores, sink], -1).softmax(-1)[..., :-1] @ v
 
 
 @functools.cache
-def first_run(device: str, dtype: torch.dtype, head_dim: int, window: bool, softcap: bool) -> str | None:
-    """None when one tiny compiled forward and backward matches plain PyTorch on ``device``, else why not."""
-    what = f"{dtype_name(dtype)}, head dim {head_dim}"
+def first_run(device: str, dtype: torch.dtype, head_dim: int, window: bool, softcap: bool,
+              sinks: bool = False) -> str | None:
+    """None when one tiny compiled forward and backward matches plain PyTorch on ``device`` (the gradient of
+    the sinks too, when asked), else why not."""
+    what = f"{dtype_name(dtype)}, head dim {head_dim}{', sinks' if sinks else ''}"
     try:
         gen = torch.Generator().manual_seed(0)
         t = 200  # not a multiple of the 128 block: partial blocks masked per score
@@ -212,13 +243,14 @@ def first_run(device: str, dtype: torch.dtype, head_dim: int, window: bool, soft
         q, k, v, grad = make(4), make(2), make(2), make(4)
         doc_ids = torch.cat([torch.zeros(70, dtype=torch.long), torch.ones(t - 70, dtype=torch.long)])[None]
         options = {"window": 48 if window else 0, "softcap": 20.0 if softcap else 0.0, "scale": 0.2}
+        tensors = (q, k, v, (torch.randn(4, generator=gen) * 4).to(device, dtype)) if sinks else (q, k, v)
         grads = []
         for fn, cast in ((flex, dtype), (flex_reference, torch.float32)):
-            inputs = [x.detach().to(cast).requires_grad_() for x in (q, k, v)]
-            out = fn(*inputs, causal=True, doc_ids=doc_ids, **options)
+            inputs = [x.detach().to(cast).requires_grad_() for x in tensors]
+            out = fn(*inputs[:3], causal=True, doc_ids=doc_ids, **options, **({"sinks": inputs[3]} if sinks else {}))
             grads.append([out, *torch.autograd.grad(out, inputs, grad.to(cast))])
         tolerance = 1e-2 if dtype == torch.float32 else 6e-2  # fp32 may multiply in TF32
-        for name, got, want in zip(("out", "dq", "dk", "dv"), *grads):
+        for name, got, want in zip(("out", "dq", "dk", "dv", "dsinks"), *grads):
             err = (got.float() - want).abs().max().item()
             if not err <= tolerance * max(want.abs().max().item(), 1.0):
                 return f"flex attention's first run on {device} ({what}) differs from PyTorch: {name} off by {err:.2g}"

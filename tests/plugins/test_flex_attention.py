@@ -113,7 +113,7 @@ def test_a_window_is_causal_only():
 
 
 def test_it_declares_every_option_and_leads_auto_only_on_a_gpu_for_windows_and_softcaps():
-    assert flex.sliding_window and flex.softcap and flex.custom_scale and flex.packed_documents
+    assert flex.sliding_window and flex.softcap and flex.custom_scale and flex.sinks and flex.packed_documents
 
     def priority(device="cuda", **options):
         request = AttentionRequest("auto", torch.device(device), torch.bfloat16, 64, 8, 2, **options)
@@ -143,4 +143,49 @@ def test_on_the_cpu_it_is_not_offered_and_says_why(registry):
 def test_on_a_gpu_auto_takes_it_for_windows_after_its_first_run(registry):
     request = AttentionRequest("auto", DEVICE, torch.bfloat16, 64, 8, 2, True, 1024, window=256, softcap=50.0)
     assert flex.check(request) is None  # the compiled first run matched PyTorch
+    assert choose_backend(registry.hook, request).backend.name == "flex"
+
+
+SINK_CASES = {
+    "rows-gqa": dict(),
+    "packed-window": dict(packed=True, window=6),
+    "full-packed": dict(packed=True, causal=False, heads=(4, 4)),
+    "softcap-scale": dict(softcap=30.0, scale=0.3, loud=4.0),
+}
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
+def test_sinks_match_the_float64_reference_through_flex_lse(case):
+    from sftplug.kernels.attention import attention_reference
+
+    options = dict(SINK_CASES[case])
+    heads, packed, loud = options.pop("heads", (8, 2)), options.pop("packed", False), options.pop("loud", 1.0)
+    q, k, v, grad = inputs(*heads, loud=loud, seed=3)
+    sinks = (torch.randn(heads[0], generator=torch.Generator().manual_seed(4)) * 2).to(DEVICE).requires_grad_()
+    doc_ids = doc_ids_for(DOC_LENGTHS) if packed else None
+
+    def with_grads(fn, cast):
+        x = [t.detach().to(cast).requires_grad_() for t in (q, k, v, sinks)]
+        out = fn(*x[:3], sinks=x[3], doc_ids=doc_ids, **options)
+        return [out, *torch.autograd.grad(out, x, grad.to(cast))]
+
+    got = with_grads(flex, torch.float32)
+    want = with_grads(attention_reference, torch.float64)
+    for what, a, b in zip(("out", "dq", "dk", "dv", "dsinks"), got, want):
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double() / scale, b / scale, atol=TOL, rtol=0, msg=f"{case} {what}")
+
+
+def test_the_first_run_checks_the_sinks_and_their_gradient(monkeypatch):
+    check = flex_plugin.first_run.__wrapped__  # uncached
+    assert check(str(DEVICE), torch.float32, 32, True, False, sinks=True) is None
+    monkeypatch.setattr(flex_plugin, "with_sinks", lambda out, lse, sinks: out + 0 * sinks.sum())  # sinks ignored
+    assert check(str(DEVICE), torch.float32, 32, True, False, sinks=True).startswith(
+        f"flex attention's first run on {DEVICE} (fp32, head dim 32, sinks) differs from PyTorch: out off by")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_sinks_pass_the_first_run(registry):
+    request = AttentionRequest("flex", DEVICE, torch.bfloat16, 64, 8, 2, True, 1024, window=128, sinks=True)
+    assert flex.check(request) is None
     assert choose_backend(registry.hook, request).backend.name == "flex"

@@ -102,11 +102,11 @@ def test_auto_leaves_head_dim_256_on_hopper_to_flash(monkeypatch):
     assert priority(triton, 256) > priority(flash, 256)  # Ampere: mma.sync everywhere
 
 
-def test_the_first_run_covers_the_window_and_the_softcap_a_request_has(monkeypatch):
+def test_the_first_run_covers_the_window_softcap_and_sinks_a_request_has(monkeypatch):
     import sftplug.kernels.attention as kernel
     from sftplug.plugins.triton_attention import first_run
 
-    def ignoring_options(q, k, v, causal=True, **options):  # a kernel that drops the window and the cap
+    def ignoring_options(q, k, v, causal=True, **options):  # a kernel that drops the window, the cap, the sinks
         return kernel.attention_reference(q, k, v, causal=causal)
 
     check = first_run.__wrapped__  # uncached
@@ -116,26 +116,29 @@ def test_the_first_run_covers_the_window_and_the_softcap_a_request_has(monkeypat
         "triton attention's first run for fp32, head dim 32, sliding window on cpu is wrong: output off by")
     assert check("cpu", torch.float32, 32, softcap=True).startswith(
         "triton attention's first run for fp32, head dim 32, soft-capped on cpu is wrong: output off by")
+    assert check("cpu", torch.float32, 32, sinks=True).startswith(
+        "triton attention's first run for fp32, head dim 32, sinks on cpu is wrong: output off by")
     monkeypatch.setattr(kernel, "triton_attention", kernel.attention_reference)
-    assert check("cpu", torch.float32, 32, window=True, softcap=True) is None
+    assert check("cpu", torch.float32, 32, window=True, softcap=True, sinks=True) is None
 
 
-def test_windows_softcaps_and_scales_reach_the_kernel(monkeypatch):
+def test_windows_softcaps_scales_and_sinks_reach_the_kernel(monkeypatch):
     import sftplug.kernels.attention as kernel
     import sftplug.plugins.triton_attention as plugin
     from sftplug.attention import AttentionRequest
     from sftplug.attention.choice import _missing_option
 
     request = AttentionRequest("triton", torch.device("cuda"), torch.bfloat16, 128, 32, 8, window=4096, softcap=50.0,
-                               scale=0.1)
+                               scale=0.1, sinks=True)
     assert _missing_option(plugin.triton, request) is None  # declared: never refused for them
     first_runs = []
     monkeypatch.setattr(plugin, "first_run", lambda *args, **kw: first_runs.append((args, kw)))
     assert plugin.triton.check(request) is None
-    assert first_runs == [(("cuda", torch.bfloat16, 128), {"window": True, "softcap": True})]
+    assert first_runs == [(("cuda", torch.bfloat16, 128), {"window": True, "softcap": True, "sinks": True})]
 
     passed = {}
     monkeypatch.setattr(kernel, "triton_attention", lambda q, k, v, **options: passed.update(options) or q)
     q = torch.zeros(1, 2, 4, 16)
-    plugin.triton(q, q, q, causal=True, window=5, softcap=30.0, scale=0.25)
-    assert passed == {"causal": True, "doc_ids": None, "window": 5, "softcap": 30.0, "scale": 0.25}
+    sinks = torch.zeros(2)
+    plugin.triton(q, q, q, causal=True, window=5, softcap=30.0, scale=0.25, sinks=sinks)
+    assert passed == {"causal": True, "doc_ids": None, "window": 5, "softcap": 30.0, "scale": 0.25, "sinks": sinks}
