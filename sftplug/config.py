@@ -81,6 +81,9 @@ class TrainConfig:
                             "paged_adamw8bit: GPU only) AdamW.", "optimizer", choices=OPTIMIZERS)
     max_grad_norm: float = option(1.0, "Gradient clipping norm; 0 disables clipping.", "optimizer")
     seed: int = option(0, "Seed of the data order, eval split and LoRA init.", "optimizer")
+    router_aux_loss_coef: float | None = option(None, "Mixtures of experts: the load-balancing loss's coefficient "
+                                                "(0 turns it off).", "optimizer",
+                                                shown_default="the model's router_aux_loss_coef")
     # -- LoRA
     full: bool = option(False, "Full fine-tuning instead of LoRA.", "lora")
     lora_r: int = option(16, "LoRA rank.", "lora", minimum=1)
@@ -146,6 +149,8 @@ class TrainConfig:
             raise SftplugError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise SftplugError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise SftplugError(f"--router-aux-loss-coef must be 0 or more, got {self.router_aux_loss_coef}")
         if not 0 <= self.lora_dropout < 1:
             raise SftplugError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.eval_split < 1:

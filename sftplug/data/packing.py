@@ -27,11 +27,14 @@ IGNORE = -100
 def _batch(input_ids, labels, positions, doc_ids, single: bool, used, trim: bool) -> dict:
     """A micro-batch; rows of one document and trailing padding need plain causal attention only,
     and ``trim`` cuts the columns that are padding in every row. ``tokens``: the positions that
-    hold documents (``used``, per row), padding left out."""
+    hold documents (``used``, per row), padding left out; ``real`` [B, S] marks them (padding
+    trails each row)."""
     batch = {"input_ids": input_ids, "labels": labels, "positions": positions, "doc_ids": None if single else doc_ids}
     if trim and single:
         longest = int(used.max())
         batch = {k: v[:, :longest] if v is not None else None for k, v in batch.items()}
+    used = torch.as_tensor(used)
+    batch["real"] = torch.arange(batch["input_ids"].shape[1])[None, :] < used[:, None]
     batch["tokens"] = int(used.sum())
     return batch
 

@@ -17,6 +17,8 @@ from sftplug.errors import SftplugError
 INSTALL = "pip install 'sftplug[plot]'"
 # (record key, panel title); loss also shows eval_loss
 PANELS = [("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "gradient norm"), ("tps", "tokens/s")]
+# runs of a model with experts: the busiest and the idlest expert's load (records' expert_load_max, _min)
+EXPERTS_PANEL = ("expert_load_max", "experts' load / mean: busiest (solid), idlest (dashed)")
 DOTTED_UP_TO = 50  # points of a line drawn with a dot each; more would blur into the line
 
 
@@ -75,10 +77,11 @@ def draw_runs(folders: list[str | Path]):
     from matplotlib.ticker import MaxNLocator
 
     runs = [read_metrics(f) for f in folders]  # every folder checked before anything is drawn
-    fig = Figure(figsize=(11, 7), layout="constrained")
+    panels = PANELS + ([EXPERTS_PANEL] if any("expert_load_max" in r for rs in runs for r in rs) else [])
+    fig = Figure(figsize=(11, 7 if len(panels) <= 4 else 10), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 2, sharex=True).flat
-    for (key, title), ax in zip(PANELS, axes):
+    axes = list(fig.subplots((len(panels) + 1) // 2, 2, sharex=True).flat)
+    for (key, title), ax in zip(panels, axes):
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -87,6 +90,10 @@ def draw_runs(folders: list[str | Path]):
             steps = [r["step"] for r in records if key in r]
             ax.plot(steps, [r[key] for r in records if key in r], color=color, label=label, linewidth=1.2,
                     marker="o" if len(steps) <= DOTTED_UP_TO else None, markersize=3)
+            if key == "expert_load_max":
+                idle = [r for r in records if "expert_load_min" in r]
+                ax.plot([r["step"] for r in idle], [r["expert_load_min"] for r in idle], "--", color=color,
+                        linewidth=1.2, marker="o" if len(idle) <= DOTTED_UP_TO else None, markersize=3)
             if key == "loss":
                 evals = [r for r in records if r.get("eval_loss") is not None]
                 if evals:  # before, after and every --eval-every; none without held-out data
@@ -94,8 +101,11 @@ def draw_runs(folders: list[str | Path]):
                             markerfacecolor="white", markersize=6, label=f"{label} held-out")
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    for ax in fig.axes[2:]:
+    for ax in axes[len(panels):]:  # an odd number of panels leaves one cell empty
+        ax.set_visible(False)
+    for ax in axes[len(panels) - 2:len(panels)]:  # the bottom of each column
         ax.set_xlabel("step")
+        ax.xaxis.set_tick_params(labelbottom=True)
     fig.axes[0].legend(fontsize="small")
     return fig
 

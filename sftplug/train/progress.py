@@ -40,7 +40,7 @@ class Progress:
             self.echo(
                 f"[profile] forward {record['fwd_ms']:.0f} ms  backward {record['bwd_ms']:.0f} ms  "
                 f"optimizer {record['opt_ms']:.0f} ms | {record['tps']:,.0f} tok/s{mfu} | "
-                f"{record['s_per_update']:.2f} s/upd"
+                f"{record['s_per_update']:.2f} s/upd{_expert_loads(record)}"
             )
         skipped = "  (skipped: inf/NaN grads)" if record.get("skipped") else ""
         if self.bar is not None:
@@ -54,7 +54,7 @@ class Progress:
             eta = (time.perf_counter() - self.started) / done * (c.steps - step) if done else 0.0
             self.echo(
                 f"step {step:>{len(str(c.steps))}}/{c.steps}  loss {record['loss']:.4f}  "
-                f"lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  | {record['tps']:,.0f} tok/s  "
+                f"{_aux(record)}lr {record['lr']:.2e}  grad {record['grad_norm']:.2f}  | {record['tps']:,.0f} tok/s  "
                 f"eta {eta:.0f}s{skipped}"
             )
 
@@ -64,3 +64,15 @@ class Progress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+
+def _aux(record: dict) -> str:
+    """The experts' load-balancing loss, beside the loss (a model with experts)."""
+    return f"aux {record['aux_loss']:.4f}  " if "aux_loss" in record else ""
+
+
+def _expert_loads(record: dict) -> str:
+    """The busiest and the idlest expert's load relative to the mean, for --profile (a model with experts)."""
+    if "expert_load_max" not in record:
+        return ""
+    return f" | experts' load {record['expert_load_max']:.2f}x / {record['expert_load_min']:.2f}x the mean"

@@ -27,6 +27,7 @@ from sftplug.data.prepare import Prepared
 from sftplug.errors import SftplugError
 from sftplug.fused.choice import FusedChoice
 from sftplug.model.lora import lm_head_weight
+from sftplug.train.balance import Balance
 from sftplug.train.flops import update_flops
 from sftplug.train.loss import target_loss_sum
 from sftplug.train.precision import PrecisionPolicy
@@ -78,6 +79,7 @@ class Run:
     tokens_seen: int = 0
     tokens_at_start: int = 0  # tokens_seen when this process started timing
     loggers: list[Logger] = field(default_factory=list)  # the --log-to loggers (rank 0)
+    balance: Balance | None = None  # the experts' load-balancing loss and loads (a model with experts)
 
     @property
     def sharded(self) -> bool:
@@ -121,21 +123,27 @@ class Run:
         if self.world.active:
             summed = distributed.sum_tensor_(self.world, torch.tensor(counts).to(self.device, non_blocking=True))
         timer = Timer(self.device, self.config.profile)
+        if self.balance is not None:
+            self.balance.start()
         loss_sum = self._accumulate(micro, counts.target_tokens if summed is None else summed[0], timer)
         # The update's one read of the device, then the step (or its skip when not finite).
         with timer("opt"):
             distributed.sum_tensor_(self.world, loss_sum)
+            balance = [] if self.balance is None else [distributed.sum_tensor_(self.world, self.balance.sums)]
             grad_norm = self._clip(self.precision.scaler)
-            on_device = [loss_sum, grad_norm] + ([] if summed is None else [summed])
-            loss_value, norm_value, *summed_counts = host_values(*on_device)
-            if summed_counts:
-                counts = UpdateCounts(*(int(v) for v in summed_counts))
+            on_device = [loss_sum, grad_norm] + ([] if summed is None else [summed]) + balance
+            loss_value, norm_value, *rest = host_values(*on_device)
+            if summed is not None:
+                counts, rest = UpdateCounts(*(int(v) for v in rest[:len(counts)])), rest[len(counts):]
             finite = math.isfinite(loss_value) and math.isfinite(norm_value)
             skipped = self._step(self.precision.scaler, finite, loss_value)
         seconds = timer.elapsed()
         self.step += 1
         self.tokens_seen += counts.tokens
-        return self._record(lr, loss_value, norm_value, counts, skipped, seconds, timer)
+        record = self._record(lr, loss_value, norm_value, counts, skipped, seconds, timer)
+        if self.balance is not None:
+            record.update(self.balance.record(rest, self.world.size))
+        return record
 
     def _accumulate(self, micro: list[dict], n_targets: int | torch.Tensor, timer: Timer) -> torch.Tensor:
         """Backward through each micro-batch's loss (the update's gradients); the summed token losses."""
@@ -148,6 +156,9 @@ class Run:
                     total, _ = self.loss_sum(mb, self.replicated)
                     # DDP and FSDP average gradients over ranks; the update needs their sum
                     loss = total / n_targets * self.world.size
+                    if self.balance is not None:  # the experts' load-balancing loss, a mean (sftplug.train.balance)
+                        aux = self.balance.after_forward(self.model, mb)
+                        loss = loss if aux is None else loss + aux
                 with timer("bwd"):
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             loss_sum += total.detach()

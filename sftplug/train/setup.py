@@ -30,6 +30,7 @@ from sftplug.model.lora import apply_lora, describe_lora
 from sftplug.model.offload import describe_offload
 from sftplug.model.quantize import quant_spec
 from sftplug.train import run_folder
+from sftplug.train.balance import balance_of
 from sftplug.train.choices import check_choices, fused_request_for
 from sftplug.train.flops import peak_flops
 from sftplug.train.optimizers import make_optimizer
@@ -105,6 +106,7 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
         optimizer=make_optimizer(config.optimizer, params, config.lr, config.weight_decay, device),
         schedule=Schedule(config.schedule, config.lr, config.warmup, config.steps, config.min_lr_ratio),
         peak_flops=peak_flops(device, half=precision.autocast_dtype is not None),
+        balance=balance_of(model, config.router_aux_loss_coef, config.accum, device),
     )  # fmt: skip
 
 
