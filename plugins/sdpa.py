@@ -22,7 +22,9 @@ get a boolean band mask (causal and within the window), [T, T] for a row of one 
 [L, L] per bucket of packed documents (bucket positions are document positions), built
 once per length and window and broadcast over batch and heads, so the extra memory is
 T x T booleans (and the kernel's additive copy of them). No SDPA kernel can soft-cap
-scores (no score hook): the contract makes them unavailable for it, saying why.
+scores (no score hook) or add a sink (gpt-oss: a logit in the softmax's denominator only;
+SDPA returns no log-sum-exp to rescale by, and a dense extra key column would be a T x (T + 1)
+float mask): the contract makes them unavailable for it, saying why.
 """
 
 from __future__ import annotations

@@ -110,6 +110,16 @@ def test_chunked_sinks_pass_gradcheck():
 # -- which backends a sinks request may use --------------------------------------------------
 
 
+def test_every_backend_but_sdpa_applies_sinks():
+    from sftplug.plugins import sdpa
+    from sftplug.plugins.flex_attention import flex
+    from sftplug.plugins.triton_attention import triton
+
+    assert chunked.sinks and triton.sinks and flex.sinks
+    # SDPA takes no logit for the denominator alone, and returns no log-sum-exp to rescale by
+    assert not any(b.sinks for b in (sdpa.flash, sdpa.efficient, sdpa.cudnn, sdpa.math))
+
+
 def test_the_cpu_machine_runs_sinks_in_chunked_and_says_why_not_the_others(registry):
     asked = AttentionRequest("auto", torch.device("cpu"), torch.float32, 64, 8, 2, True, 512, sinks=True)
     choice = choose_backend(registry.hook, asked, attention_skipped(registry))
