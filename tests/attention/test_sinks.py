@@ -206,3 +206,23 @@ def test_generation_with_a_cache_applies_the_sinks(window):
     prefill = attention(x[:, :7], cos[:, :7], sin[:, :7], cache=cache)
     steps = [attention(x[:, i:i + 1], cos[:, i:i + 1], sin[:, i:i + 1], cache=cache) for i in range(7, 12)]
     torch.testing.assert_close(torch.cat([prefill, *steps], 1), whole, rtol=1e-10, atol=1e-10)
+
+
+def test_a_gpt_oss_shaped_model_attaches_chunked_and_trains_every_sink(registry):
+    from sftplug.attention.choice import attach
+    from sftplug.model.transformer import Transformer
+
+    config = ModelConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=48, n_layers=2, n_heads=HEADS,
+                         n_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                         attention=AttentionConfig(qkv_bias=True, o_bias=True, sinks=True, windows=(WINDOW, 0)))
+    model = Transformer(config)
+    model.init_weights(0)
+    assert model.attention_options(32) == {"window": WINDOW, "sinks": True}
+    assert {f"layers.{i}.attn.sinks" for i in (0, 1)} <= set(model.state_dict())
+    choice = attach(model, registry, "auto", "cpu", torch.float32, packed=True, seq_len=32)
+    assert choice.backend.name == "chunked" and "sinks" in choice.why_chosen
+    tokens = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.tensor([[0] * 20 + [1] * 12, [0] * 32])
+    model.hidden_states(tokens, doc_ids=doc_ids).square().mean().backward()
+    for block in model.layers:
+        assert block.attn.sinks.grad.abs().min() > 0
