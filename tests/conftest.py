@@ -75,7 +75,7 @@ def make_hf_folder():
     """
     transformers = pytest.importorskip("transformers")
 
-    def make(folder, config_class="LlamaConfig", seed=0, **overrides):
+    def make(folder, config_class="LlamaConfig", seed=0, max_shard_size=None, **overrides):
         options = dict(
             vocab_size=1024,  # the bundled tokenizer's size
             hidden_size=64,
@@ -93,8 +93,11 @@ def make_hf_folder():
             for name, p in model.named_parameters():
                 if "norm" in name or name.endswith("bias"):
                     p.add_(torch.randn_like(p) * 0.2)
+            for name, b in model.named_buffers():  # GLM-4.5's learned balance: make it change the choice
+                if name.endswith("e_score_correction_bias"):
+                    b.add_(torch.randn_like(b) * 0.05)
         folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
         # today's layout: the chat template in chat_template.jinja, not in tokenizer_config.json
         transformers.AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
         return model

@@ -47,7 +47,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         )
     for key, what in REFUSED_KEYS.items():
         if hf.get(key) and not (what == "a mixture of experts" and model_type in EXPERT_COUNT_KEYS):
-            raise SftplugError(f"{where}: {key} ({what}) is not supported; sftplug runs dense decoders")
+            raise SftplugError(f"{where}: {key} ({what}) is not supported; sftplug cannot run it exactly")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(key), int):
             raise SftplugError(f"{where}: {key} is missing or not an integer")
