@@ -16,12 +16,11 @@ from sftplug import dtypes
 from sftplug.data.records import FORMATS
 from sftplug.errors import SftplugError
 from sftplug.fused.choice import parse_fused
-from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets
+from sftplug.model.lora_targets import DEFAULT_LORA_TARGETS, LORA_VARIANTS, hf_targets
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_DATA = ASSETS / "default_train.jsonl"
 DEFAULT_EVAL = ASSETS / "default_eval.jsonl"
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OVERLONG = ("truncate", "drop")
@@ -91,8 +90,10 @@ class TrainConfig:
     lora_dropout: float = option(0.0, "LoRA dropout.", "lora")
     lora_targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "Comma-separated HF projections (q_proj, k_proj, "
                                            "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), trained as "
-                                           "PEFT trains them; the fused layers' names qkv, o, gate_up, down work too.",
-                                           "lora")
+                                           "PEFT trains them; the fused layers' names qkv, o, gate_up, down work too. "
+                                           "A mixture's experts: experts.gate_up_proj, experts.down_proj (PEFT's "
+                                           "target_parameters; the default's experts apply where the model has "
+                                           "them).", "lora")
     lora_variant: str = option("lora", "lora, or dora (PEFT's use_dora).", "lora", choices=LORA_VARIANTS)
     rslora: bool = option(False, "Rank-stabilized scale alpha / sqrt(r) (PEFT's use_rslora).", "lora")
     quantize: str = option("none", "QLoRA: keep the frozen base's block weights in 4-bit through bitsandbytes "

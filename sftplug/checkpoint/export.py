@@ -17,7 +17,9 @@ sftplug fuses q/k/v and gate/up; HF keeps them apart. sftplug's LoRA on the fuse
 PEFT's LoRA on each targeted projection, stacked (sftplug.hf.peft_adapter): projection i's lora_A is
 its r rows of the stacked A, its lora_B the diagonal block of B (its output rows, its r
 columns), its DoRA magnitude its rows. Merging adds scaling * B @ A to the base weight in fp32
-before casting (DoRA: and scales each row by magnitude / its norm, as PEFT merges).
+before casting (DoRA: and scales each row by magnitude / its norm, as PEFT merges). A LoRA on a
+mixture's experts (PEFT's target_parameters) merges per expert, W_e + scaling * B_e @ A_e, in the
+layout the family stores them (transposed for gpt-oss), also in fp32.
 
 A LoRA trained on a 4-bit base (QLoRA, ``--quantize``) is exported on the base it trained on:
 the block linears dequantized (quantized again from the base model exactly as the run did),
@@ -44,6 +46,7 @@ from sftplug.hf.config import check_exportable, config_to_hf
 from sftplug.hf.load import source_dtype
 from sftplug.hf.names import map_names_to_model, to_hf_state_dict
 from sftplug.hf.peft_adapter import write_peft_adapter
+from sftplug.model.experts_lora import experts_lora_names, experts_loras, merged_experts_weight
 from sftplug.model.quantize import dequantize_model
 from sftplug.model.transformer import ModelConfig, Transformer
 
@@ -140,11 +143,11 @@ def plain_weights(model: torch.nn.Module, merge: bool) -> dict[str, torch.Tensor
     with torch.device("meta"):
         reference = Transformer(model.config)
     mapping = map_names_to_model(state.keys(), reference)
-    plain, stray = {}, []
+    plain, stray, experts_adapters = {}, [], experts_lora_names(model)
     for key, target in mapping.items():
         if target is not None:
             plain[target] = state[key]
-        elif ".lora_" not in key:
+        elif ".lora_" not in key and key not in experts_adapters:
             stray.append(key)
     if stray:
         raise SftplugError(f"cannot export: weights {stray[:3]} belong to no layer of the model")
@@ -154,6 +157,9 @@ def plain_weights(model: torch.nn.Module, merge: bool) -> dict[str, torch.Tensor
                 if isinstance(module, LoraLayer) and "default" in module.lora_A:
                     weight = f"{name}.weight"
                     plain[weight] = merged_lora_weight(module, plain[weight])
+            for name, projection, _ in experts_loras(model):
+                weight = f"{name}.{projection}"
+                plain[weight] = merged_experts_weight(model.get_submodule(name), projection, plain[weight])
     return plain
 
 

@@ -5,7 +5,8 @@ sftplug's LoRA on a fused layer stacks one PEFT LoRA per targeted projection
 (sftplug.model.lora): projection i's lora_A is rows [i·r, (i+1)·r) of the stacked A, its
 lora_B the diagonal block of B (its output rows, those r columns), its DoRA magnitude its
 rows. :func:`adapter_views` is that map, one view per PEFT tensor name; reading an adapter
-copies into the views, writing one copies them out.
+copies into the views, writing one copies them out. A LoRA on a mixture's experts is PEFT's
+``target_parameters`` LoRA, under its names and in its layout (sftplug.model.experts_lora).
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import torch.nn as nn
 
 from sftplug.errors import SftplugError
 from sftplug.hf.names import hf_pieces
+from sftplug.model.experts_lora import peft_experts_keys, peft_experts_tensors, peft_factors, set_peft_factors
 from sftplug.model.lora import apply_lora, lora_layers
-from sftplug.model.lora_targets import LORA_TARGETS, lora_layout
+from sftplug.model.lora_targets import EXPERTS_TARGETS, LORA_TARGETS, lora_layout
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # adapter_config.json keys sftplug reads or that do not change the model; any other key must keep its default
 _ADAPTER_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "peft_type",
                  "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
                  "auto_mapping", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
-                 "lora_ga_config", "megatron_core"}
+                 "lora_ga_config", "megatron_core", "target_parameters"}
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
+_EXPERTS = re.compile(r"\.mlp\.experts(\.base_layer)*\.lora_[AB]\.weight$")  # PEFT's ParamWrapper on the experts
 
 
 def peft_modules(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -75,7 +78,7 @@ def peft_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             outside -= int(b[start:end, i * r:(i + 1) * r].count_nonzero())
         if outside + int(b.count_nonzero()):
             raise SftplugError(f"{name}.lora_B has values outside its diagonal blocks; it is no PEFT adapter")
-    return {key: view.detach() for key, view in adapter_views(model).items()}
+    return {key: view.detach() for key, view in adapter_views(model).items()} | peft_experts_tensors(model)
 
 
 def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
@@ -85,7 +88,8 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
 
     spec = model.lora_spec
     tensors = peft_tensors(model)
-    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors})
+    dense = set(tensors) - set(peft_experts_keys(model))
+    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in dense})
     folder.mkdir(parents=True)
     save_file({k: t.float().contiguous().clone() for k, t in tensors.items()}, str(folder / ADAPTER_WEIGHTS))
     LoraConfig(
@@ -94,7 +98,8 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
         lora_dropout=spec.dropout,
         use_rslora=spec.rslora,
         use_dora=spec.variant == "dora",
-        target_modules=targets,
+        target_modules=targets or None,
+        target_parameters=model.lora_config.target_parameters,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base_path),
@@ -103,7 +108,7 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
     # every process: sorted, the same run exports the same bytes
     config_path = folder / ADAPTER_CONFIG
     saved = json.loads(config_path.read_text())
-    saved["target_modules"] = sorted(saved["target_modules"])
+    saved["target_modules"] = sorted(saved["target_modules"] or []) or None
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
@@ -133,7 +138,8 @@ def read_peft_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
         default = defaults.get(key)
         if key not in _ADAPTER_KEYS and value != default and not (value in empty and default in empty):
             raise SftplugError(f"{config_path}: '{key}' is {value!r}; sftplug's LoRA cannot represent it "
-                               "(it takes r, lora_alpha, lora_dropout, target_modules, use_rslora and use_dora)")
+                               "(it takes r, lora_alpha, lora_dropout, target_modules, target_parameters, "
+                               "use_rslora and use_dora)")
     r = config.get("r")
     if not isinstance(r, int) or r < 1 or not isinstance(config.get("lora_alpha"), (int, float)):
         raise SftplugError(f"{config_path}: 'r' and 'lora_alpha' must be a positive integer and a number")
@@ -150,27 +156,46 @@ def load_peft_adapter(model: nn.Module, folder) -> nn.Module:
     weights_path = Path(folder) / ADAPTER_WEIGHTS
     known = {hf: part for hf, (_, part) in peft_modules(model).items()}  # which HF module names this model has
     modules = {_PEFT_KEY.match(key).group(1) for key in tensors}
-    unknown = sorted(k for k in tensors if _PEFT_KEY.match(k).group(1) not in known)
+    unknown = sorted(k for k in tensors if _PEFT_KEY.match(k).group(1) not in known and not _EXPERTS.search(k))
     if unknown:
         raise SftplugError(f"{weights_path}: tensor '{unknown[0]}' belongs to no linear layer of the model "
                            f"(targets: {', '.join(LORA_TARGETS)})")
-    targets = sorted({known[hf] for hf in modules})
+    targets = sorted({known[hf] for hf in modules if hf in known}) + _experts_targets(config, Path(folder))
     variant = "dora" if config.get("use_dora") else "lora"
     model = apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets, variant,
                        bool(config.get("use_rslora")))
     expected, r = adapter_views(model), config["r"]
-    for key in sorted(set(expected) | set(tensors)):
+    experts = peft_experts_keys(model)
+    shapes = {key: tuple(view.shape) for key, view in expected.items()}
+    shapes.update({key: tuple(peft_factors(lora)[which].shape) for key, (lora, which) in experts.items()})
+    for key in sorted(set(shapes) | set(tensors)):
         if key not in tensors:
             raise SftplugError(f"{weights_path}: no tensor '{key}'; sftplug's LoRA targets a projection in "
                                "every layer or in none")
-        if key not in expected:
+        if key not in shapes:
             raise SftplugError(f"{weights_path}: tensor '{key}' does not match the adapter's config "
-                               f"(use_dora={config.get('use_dora', False)})")
-        if tuple(tensors[key].shape) != tuple(expected[key].shape):
+                               f"(use_dora={config.get('use_dora', False)}, "
+                               f"target_parameters={config.get('target_parameters')})")
+        if tuple(tensors[key].shape) != shapes[key]:
             raise SftplugError(f"{weights_path}: tensor '{key}' has shape {list(tensors[key].shape)}, expected "
-                               f"{list(expected[key].shape)} (r={r} on this base)")
+                               f"{list(shapes[key])} (r={r} on this base)")
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
+    for key, (lora, which) in experts.items():
+        if which == 0:  # lora_A; its lora_B beside it
+            set_peft_factors(lora, tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")])
     model.adapter_source = str(folder)
     return model
+
+
+def _experts_targets(config: dict, folder: Path) -> list[str]:
+    """The experts' projections the adapter's ``target_parameters`` names, as --lora-targets names them."""
+    targets = []
+    for name in config.get("target_parameters") or []:
+        target = ".".join(str(name).split(".")[-2:])
+        if target not in EXPERTS_TARGETS:
+            raise SftplugError(f"{folder / ADAPTER_CONFIG}: 'target_parameters' names {name!r}; sftplug's LoRA on "
+                               f"parameters takes a mixture's {' and '.join(EXPERTS_TARGETS)}")
+        targets.append(target)
+    return targets

@@ -14,7 +14,8 @@ as PEFT's separate layers do.
 
 Each plain LoRA linear layer is computed as one matmul with the merged weight W + s·B·A where
 that is exact (sftplug.model.merged_lora). Which projections can be targeted, and their rows in
-the fused layers: sftplug.model.lora_targets.
+the fused layers: sftplug.model.lora_targets. A mixture's experts are no linear layers: their
+LoRA is PEFT's target_parameters LoRA (sftplug.model.experts_lora).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch.nn as nn
 
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
-from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets, lora_layout, targeted
+from sftplug.model.experts_lora import add_experts_lora, experts_lora_count, experts_targets_for
+from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets, layer_parts, lora_layout, targeted
 from sftplug.model.merged_lora import use_merged_forward
 from sftplug.model.quantize import bitsandbytes_dequantizes_exactly, is_quantized
 
@@ -62,10 +64,15 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
 
     if variant not in LORA_VARIANTS:
         raise SftplugError(f"--lora-variant must be one of {', '.join(LORA_VARIANTS)}, got {variant!r}")
-    spec = LoraSpec(int(r), float(alpha), float(dropout), hf_targets(targets), variant, bool(rslora))
+    targets = experts_targets_for(model, hf_targets(targets), float(dropout), variant)
+    spec = LoraSpec(int(r), float(alpha), float(dropout), targets, variant, bool(rslora))
     layout = lora_layout(model.config)
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     plan = {layer: tuple(p for p in parts if targeted(p[0], spec.targets)) for layer, parts in layout.items()}
-    plan = {layer: parts for layer, parts in plan.items() if parts}
+    plan = {layer: parts for layer, parts in plan.items() if parts and layer in present}
+    experts = [f"mlp.{t}" for t in spec.targets if t.startswith("experts.")]  # PEFT's target_parameters
+    if not plan and not experts:
+        raise SftplugError(f"--lora-targets {','.join(spec.targets)}: this model has none of them")
     stacked = {layer: len(parts) for layer, parts in plan.items() if len(parts) > 1}
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=sorted(plan), bias="none",
@@ -76,10 +83,14 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
     )  # fmt: skip
     if variant == "dora":
         _check_dora_base(model, plan)
-    model = inject_adapter_in_model(config, model)
+    if plan:
+        model = inject_adapter_in_model(config, model)
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
-            _prepare_layer(module, plan[name.rsplit(".", 1)[-1]], spec)
+            parts = layer_parts(layout, name.rsplit(".", 1)[-1], module.out_features)
+            _prepare_layer(module, tuple(p for p in parts if targeted(p[0], spec.targets)), spec)
+    add_experts_lora(model, spec.r, spec.scaling, spec.targets)  # after PEFT, which freezes all but its own
+    config.target_parameters = experts or None  # recorded only: PEFT would wrap sftplug's own experts
     model.lora_config, model.lora_spec = config, spec
     use_merged_forward(model)
     return model
@@ -139,7 +150,8 @@ def lora_param_counts(model: nn.Module) -> tuple[int, int]:
             rows = end - start
             as_peft += spec.r * a.shape[1] + rows * spec.r + (rows if spec.variant == "dora" else 0)
         stored += sum(p.numel() for n, p in layer.named_parameters() if ".default" in n and "lora_" in n)
-    return as_peft, stored
+    experts = experts_lora_count(model)  # stored as PEFT stores them
+    return as_peft + experts, stored + experts
 
 
 def describe_lora(model: nn.Module) -> str:

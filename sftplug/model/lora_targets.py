@@ -5,6 +5,10 @@ sftplug keeps q/k/v fused in ``qkv`` (rows [q; k; v]) and gate/up in ``gate_up``
 :func:`lora_layout` says which rows of which layer each projection is: the model's own
 layout, which sftplug.hf.names spells out as HF tensor names. ``--lora-targets`` names
 projections, the fused names (``qkv``) standing for all they hold (:func:`hf_targets`).
+
+A mixture of experts keeps its experts' projections as stacked 3-D parameters, not linear
+layers: ``experts.gate_up_proj`` and ``experts.down_proj`` (transformers' parameter names, which
+PEFT's ``target_parameters`` names) target them (sftplug.model.experts_lora).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ LORA_PARTS = {
 }
 LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  # HF order
 LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
+EXPERTS_TARGETS = ("experts.gate_up_proj", "experts.down_proj")  # an MoE's stacked experts (PEFT target_parameters)
+# --lora-targets' default: every block projection; on a model with experts also the experts (none on a dense one)
+DEFAULT_LORA_TARGETS = LORA_TARGETS[:-1] + EXPERTS_TARGETS
 # Projections some checkpoints store fused (Phi-3/4): PEFT's LoRA there is one layer, one A for all parts.
 STORED_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -37,15 +44,16 @@ def hf_targets(targets) -> tuple[str, ...]:
     names = set()
     aliases = {**LORA_ALIASES, **STORED_FUSED}
     for name in targets:
-        if name not in LORA_TARGETS and name not in aliases:
+        name = name.removeprefix("mlp.")  # mlp.experts.down_proj, as PEFT's target_parameters may spell it
+        if name not in LORA_TARGETS and name not in EXPERTS_TARGETS and name not in aliases:
             raise SftplugError(
                 f"--lora-targets: no linear layer named {name}; this model has {', '.join(LORA_TARGETS)} "
-                f"(or the fused {', '.join(aliases)})"
+                f"(or the fused {', '.join(aliases)}; the experts of a mixture: {', '.join(EXPERTS_TARGETS)})"
             )
         names.update(aliases.get(name, (name,)))
     if not names:
         raise SftplugError("--lora-targets: name at least one linear layer")
-    return tuple(t for t in LORA_TARGETS if t in names)
+    return tuple(t for t in LORA_TARGETS + EXPERTS_TARGETS if t in names)
 
 
 def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ...]]:
@@ -58,6 +66,18 @@ def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ..
     if config.architecture == "phi3":  # one HF projection each, as the checkpoint stores them
         layout.update(qkv=(("qkv_proj", 0, q + 2 * kv),), gate_up=(("gate_up_proj", 0, 2 * inter),))
     return layout
+
+
+def layer_parts(layout, layer: str, out_features: int) -> tuple[tuple[str, int, int], ...]:
+    """:func:`lora_layout`'s parts of one linear layer with ``out_features`` rows: a gated MLP's
+    gate/up halves are those of its own width (an MoE's shared expert is narrower than a dense MLP)."""
+    parts = layout[layer]
+    if layer != "gate_up":
+        return parts
+    if len(parts) == 1:  # Phi-3's one gate_up_proj
+        return ((parts[0][0], 0, out_features),)
+    half = out_features // 2
+    return ((parts[0][0], 0, half), (parts[1][0], half, out_features))
 
 
 def targeted(part: str, targets) -> bool:
