@@ -35,6 +35,7 @@ from sftplug.model.contract import LoadedModel
 from sftplug.model.quantize import (
     QuantSpec,
     block_linear_names,
+    check_quantizable,
     describe_quantized,
     mark_quantized,
     numel,
@@ -73,6 +74,8 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     folder = Path(folder)
     device = torch.device(device)
     config = read_hf_config(folder)
+    if quantize is not None:
+        check_quantizable(config, quantize.kind, str(folder))
     weights = open_weights(folder)  # validates every file before anything is allocated
     # MXFP4 experts (gpt-oss) are read dense: the loaded model, and so its export, is not quantized
     weights = dequantized_weights(weights, config.extra.pop("quantization_config", None))

@@ -86,9 +86,17 @@ def quantize_linear(linear: nn.Linear, weight: torch.Tensor, spec: QuantSpec) ->
     return layer
 
 
+def check_quantizable(config, kind: str, where: str) -> None:
+    """Refuse, in one line, a model whose weights --quantize would not quantize as it quantizes a dense model's."""
+    if config.has_experts:
+        raise SftplugError(f"--quantize {kind}: {where} is a mixture of experts, and sftplug does not quantize its "
+                           "stacked experts (most of its weights) in 4-bit; train it with LoRA in bf16, or --full")
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec) -> None:
     """Quantize a loaded model's block linears in place, one at a time (each dense weight is freed
     as its layer is replaced)."""
+    check_quantizable(model.config, spec.kind, "the model")
     names = block_linear_names(model)
     if not names:
         raise SftplugError(f"--quantize {spec.kind}: the model has no dense block linears ({', '.join(BLOCK_LINEARS)} "
