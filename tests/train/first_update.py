@@ -20,7 +20,8 @@ def main(out, data, result, *options):
     settings = dict(out=out, data=data, steps=1, seq_len=64, accum=2, max_grad_norm=0.0, eval_data=None)
     for key, value in zip(options[::2], options[1::2]):
         settings[key.removeprefix("--").replace("-", "_")] = value
-    settings.update(micro_bsz=int(settings.get("micro_bsz", 8)), full=settings.get("full") == "1")
+    settings.update(micro_bsz=int(settings.get("micro_bsz", 8)), accum=int(settings["accum"]),
+                    full=settings.get("full") == "1")
     run = build_run(TrainConfig(**settings), build_registry(entrypoints=False), echo=lambda *a: None)
     grads = {}
 

@@ -207,3 +207,21 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SftplugError, match=r"local rank 1 has no GPU of its own \(this machine has 1\)"):
         distributed.init_world("cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [[], ["--strategy", "fsdp"]], ids=["ddp", "fsdp"])
+def test_a_mixture_of_experts_in_two_processes_equals_one(tmp_path, strategy, make_hf_folder):
+    """Full fine-tuning with the load-balancing loss (a mean over micro-batches and ranks): one process's 4
+    micro-batches of 2 rows are the two ranks' 2 each, so loss, aux loss and gradients agree."""
+    data, model = data_file(tmp_path), tmp_path / "moe"
+    make_hf_folder(model, config_class="Qwen3MoeConfig", num_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=32, head_dim=16, router_aux_loss_coef=0.1)
+    options = ["--model", str(model), "--micro-bsz", "2", "--full", "1"]
+    one = first_update(tmp_path / "one", data, 1, *options, "--accum", "4")
+    two = first_update(tmp_path / "two", data, 2, *options, "--accum", "2", *strategy)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert two["grads"].keys() == one["grads"].keys() and any("experts" in name for name in one["grads"])
+    for name, grad in one["grads"].items():  # as in test_two_processes_equal_one_with_the_same_global_batch
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
