@@ -143,3 +143,22 @@ def test_compiles_without_spills_and_with_wgmma_on_hopper(target):
     assert len(rows) == 2 and all(r.ok and r.spills == 0 for r in rows), format_report(rows)
     if target == "sm_90a":
         assert all(r.wgmma for r in rows), format_report(rows)
+
+
+@interpreted
+def test_under_autocast_computes_in_its_dtype_and_trains_the_fp32_weights(assert_close_to_float64):
+    # fp32 master weights and bias, fp16 products: as the PyTorch form, the bias adds in fp32
+    tensors, groups, grad_out = _case([6, 0, 11], 32, 48, bias=True, transposed=True, seed=11)
+    trained = ["x", "weight", "bias"]
+
+    def autocast(form):
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.float16):
+                return form(*args)
+        return run
+
+    got = _grads(autocast(_triton_form), tensors, groups, grad_out, torch.float32, trained)
+    same = _grads(autocast(pytorch_form), tensors, groups, grad_out, torch.float32, trained)
+    ref64 = _grads(pytorch_form, tensors, groups, grad_out, torch.float64, trained)
+    assert [t.dtype for t in got] == [t.dtype for t in same] == [torch.float32] * 4
+    assert_close_to_float64(got, ref64, same, torch.float16, "autocast fp16", ["out", *trained])
