@@ -89,3 +89,16 @@ def test_multi_head_latent_attention_families_are_refused_naming_model_type():
     with pytest.raises(SftplugError, match="^config.json: model_type 'deepseek_v3' is not supported"):
         config_from_hf(dict(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=16,
                             num_hidden_layers=1, num_attention_heads=4))
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_generation_gives_transformers_greedy_answer(tmp_path, family, make_hf_folder):
+    """Past the 16-token window, with sinks (gpt-oss) in the cached attention."""
+    from sftplug.model.generate import generate_ids
+
+    reference = make_hf_folder(tmp_path, **FAMILIES[family])
+    model = load_model(str(tmp_path), dtype=torch.float32).model
+    prompt = IDS[0, :12].tolist()
+    want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, 12:].tolist()
+    assert generate_ids(model, prompt, 12, eos_id=None) == want
