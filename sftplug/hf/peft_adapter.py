@@ -88,8 +88,11 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
 
     spec = model.lora_spec
     tensors = peft_tensors(model)
-    dense = set(tensors) - set(peft_experts_keys(model))
-    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in dense})
+    modules = {key.removeprefix("base_model.model.").split(".lora_")[0] for key in set(tensors) - set(
+        peft_experts_keys(model))}
+    # PEFT reads gate_proj/up_proj/down_proj of a transformers 4 MoE as its experts (v5's gate_up_proj at rank
+    # 2r, down_proj): on a model with experts the linear layers are named in full, which it leaves as they are
+    targets = sorted(modules if model.config.has_experts else {m.rsplit(".", 1)[-1] for m in modules})
     folder.mkdir(parents=True)
     save_file({k: t.float().contiguous().clone() for k, t in tensors.items()}, str(folder / ADAPTER_WEIGHTS))
     LoraConfig(
@@ -193,8 +196,9 @@ def _experts_targets(config: dict, folder: Path) -> list[str]:
     """The experts' projections the adapter's ``target_parameters`` names, as --lora-targets names them."""
     targets = []
     for name in config.get("target_parameters") or []:
-        target = ".".join(str(name).split(".")[-2:])
-        if target not in EXPERTS_TARGETS:
+        parts = str(name).split(".")  # mlp.experts.down_proj, or down_proj as PEFT's v4 conversion writes it
+        target = f"experts.{parts[-1]}"
+        if target not in EXPERTS_TARGETS or parts[-2:-1] not in ([], ["experts"]):
             raise SftplugError(f"{folder / ADAPTER_CONFIG}: 'target_parameters' names {name!r}; sftplug's LoRA on "
                                f"parameters takes a mixture's {' and '.join(EXPERTS_TARGETS)}")
         targets.append(target)
