@@ -157,13 +157,14 @@ def load_peft_adapter(model: nn.Module, folder) -> nn.Module:
     """Inject LoRA into ``model`` (its base) as the PEFT adapter in ``folder`` defines it, and fill it."""
     config, tensors = read_peft_adapter(folder)
     weights_path = Path(folder) / ADAPTER_WEIGHTS
+    experts_targets = _experts_targets(config, Path(folder))
     known = {hf: part for hf, (_, part) in peft_modules(model).items()}  # which HF module names this model has
     modules = {_PEFT_KEY.match(key).group(1) for key in tensors}
     unknown = sorted(k for k in tensors if _PEFT_KEY.match(k).group(1) not in known and not _EXPERTS.search(k))
     if unknown:
         raise SftplugError(f"{weights_path}: tensor '{unknown[0]}' belongs to no linear layer of the model "
                            f"(targets: {', '.join(LORA_TARGETS)})")
-    targets = sorted({known[hf] for hf in modules if hf in known}) + _experts_targets(config, Path(folder))
+    targets = sorted({known[hf] for hf in modules if hf in known}) + experts_targets
     variant = "dora" if config.get("use_dora") else "lora"
     model = apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets, variant,
                        bool(config.get("use_rslora")))
