@@ -26,17 +26,24 @@ from dataclasses import dataclass, field, replace
 from sftplug.config import DEFAULT_LORA_TARGETS
 from sftplug.errors import SftplugError
 from sftplug.model.config import ModelConfig
-from sftplug.model.lora_targets import lora_layout
-from sftplug.model.quantize import BLOCKSIZE as QUANT_BLOCK
+from sftplug.train import memory_shapes as shapes
 from sftplug.train.loss import CHUNK_ROWS as LOSS_CHUNK
+from sftplug.train.memory_experts import balance_saved, experts_saved
+from sftplug.train.memory_shapes import (
+    Saved,
+    buffer_bytes,
+    linear_shapes,
+    lora_shapes,
+    model_params,
+    quantized_bytes,  # noqa: F401 - public here since the split
+    root_params,
+)
 
 FP32, BF16, INT64 = 4, 2, 8
 BYTES = {"fp32": FP32, "bf16": BF16}
 MODES = ("full", "lora", "nf4", "fp4")  # nf4/fp4: QLoRA, LoRA on a 4-bit base
 OPTIMIZERS = ("adamw", "adamw8bit")
 ATTENTION = ("flash", "chunked")  # SDPA's flash kernel (GPU and CPU), sftplug's chunked CPU kernel
-QUANT_SCALE_BLOCK = 256  # double quantization's blocks of scales (of QUANT_BLOCK-weight blocks)
-QUANT_CODE, SCALE_CODE = 16, 256  # the 4-bit code's values; the 8-bit code of the scales
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bitsandbytes' 8-bit state: blocks, and the size below which it is fp32
 OFFLOAD_BLOCKS = 3  # blocks whose saved tensors are on the device at once with --offload-activations
 
@@ -67,6 +74,7 @@ class Setting:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     double_quant: bool = True
+    aux_loss: bool = True  # a mixture's load-balancing loss is trained (--router-aux-loss-coef not 0)
 
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("dtype", tuple(BYTES)), ("optimizer", OPTIMIZERS),
@@ -85,19 +93,6 @@ class Setting:
     @property
     def quantized(self) -> bool:
         return self.mode in ("nf4", "fp4")
-
-
-@dataclass
-class Saved:
-    """One tensor autograd keeps for backward: elements per token (or in all, ``per_token=False``), bytes each."""
-
-    what: str
-    elements: int
-    bytes: int
-    per_token: bool = True
-
-    def total(self, tokens: int) -> int:
-        return self.elements * self.bytes * (tokens if self.per_token else 1)
 
 
 @dataclass
@@ -126,99 +121,16 @@ class Estimate:
         return part / self.params
 
 
-# -- the model's tensors -------------------------------------------------------------
-
-
-def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each block linear, sftplug's fused layers."""
-    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    return {"qkv": (c.hidden_size, q + 2 * kv), "o": (q, c.hidden_size),
-            "gate_up": (c.hidden_size, 2 * c.intermediate_size), "down": (c.intermediate_size, c.hidden_size)}
-
-
-def block_linear_params(c: ModelConfig) -> int:
-    biases = linear_shapes(c)["qkv"][1] if c.attention.qkv_bias else 0
-    return sum(i * o for i, o in linear_shapes(c).values()) + biases
-
-
-def norm_params(c: ModelConfig) -> int:
-    """Per block: the RMSNorm scales (and q/k norms)."""
-    return sum(norm_sizes(c))
-
-
-def root_params(c: ModelConfig) -> int:
-    """Embeddings, the final norm and the LM head (once when tied)."""
-    return c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2) + c.hidden_size
-
-
-def model_params(c: ModelConfig) -> int:
-    return c.n_layers * (block_linear_params(c) + norm_params(c)) + root_params(c)
-
-
-def buffer_bytes(c: ModelConfig) -> int:
-    """The RoPE frequencies (fp32), once per base."""
-    return (c.rotary.dims // 2) * FP32 * (2 if c.rotary.local_theta else 1)
-
-
-def lora_shapes(c: ModelConfig, s: Setting) -> dict[str, tuple[int, int, int]]:
-    """Per LoRA layer: (in, out, n) with n the projections it targets; A is [n r, in], B [out, n r], stored whole."""
-    shapes = {**linear_shapes(c), "lm_head": (c.hidden_size, c.vocab_size)}
-    layers = {}
-    for layer, parts in lora_layout(c).items():
-        n = sum(part in s.lora_targets for part, _, _ in parts)
-        if n:
-            layers[layer] = (*shapes[layer], n)
-    return layers
-
-
-def lora_tensors(c: ModelConfig, s: Setting) -> list[int]:
-    """Elements of every adapter tensor (A and B of each layer)."""
-    sizes = []
-    for layer, (i, o, n) in lora_shapes(c, s).items():
-        sizes += [n * s.lora_r * i, o * n * s.lora_r] * (1 if layer == "lm_head" else c.n_layers)
-    return sizes
-
-
-def quantized_bytes(elements: int, double_quant: bool) -> int:
-    """One weight as bitsandbytes' 4-bit: two values a byte, its 16 code values (fp32), and a scale per
-    block of 64 (fp32, or with double quantization one byte each, with an fp32 scale per 256 blocks, one
-    fp32 offset and the scales' own 256-value fp32 code)."""
-    blocks = math.ceil(elements / QUANT_BLOCK)
-    packed = math.ceil(elements / 2) + QUANT_CODE * FP32
-    if not double_quant:
-        return packed + blocks * FP32
-    return packed + blocks + (math.ceil(blocks / QUANT_SCALE_BLOCK) + 1 + SCALE_CODE) * FP32
-
-
-def packed_bytes(c: ModelConfig) -> int:
-    """The 4-bit data alone of every block linear (what FSDP shards of a 4-bit base)."""
-    return c.n_layers * sum(math.ceil(i * o / 2) for i, o in linear_shapes(c).values())
-
-
-def quantized_linear_bytes(c: ModelConfig, s: Setting) -> int:
-    """Every block linear's 4-bit weight (biases stay dense)."""
-    return c.n_layers * sum(quantized_bytes(i * o, s.double_quant) for i, o in linear_shapes(c).values())
+# -- the model's tensors (counted in sftplug.train.memory_shapes) ----------------------------
 
 
 def trainable_tensors(c: ModelConfig, s: Setting) -> list[int]:
     """Elements of every trainable tensor: the adapters, or (full) every weight."""
-    if s.lora:
-        return lora_tensors(c, s)
-    per_block = [i * o for i, o in linear_shapes(c).values()] + norm_sizes(c)
-    if c.attention.qkv_bias:
-        per_block.append(linear_shapes(c)["qkv"][1])
-    root = [c.vocab_size * c.hidden_size] * (1 if c.tie_embeddings else 2) + [c.hidden_size]
-    return per_block * c.n_layers + root
+    return shapes.trainable_tensors(c, s.lora, s.lora_r, s.lora_targets)
 
 
-def norm_sizes(c: ModelConfig) -> list[int]:
-    """Per block: each RMSNorm's scale (and the q/k norms')."""
-    sizes = [c.hidden_size] * {"pre": 2, "sandwich": 4, "post": 2}[c.norm.placement]
-    if c.attention.qk_norm == "head":
-        sizes += [c.head_dim] * 2
-    elif c.attention.qk_norm == "projection":
-        sizes += [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim]
-    return sizes
+def lora_tensors(c: ModelConfig, s: Setting) -> list[int]:
+    return shapes.lora_tensors(c, s.lora_r, s.lora_targets)
 
 
 def optimizer_bytes(sizes: list[int], optimizer: str) -> int:
@@ -237,36 +149,37 @@ def base_bytes(c: ModelConfig, s: Setting) -> int:
     if not s.lora:
         return buffer_bytes(c)
     dtype = BYTES[s.dtype]
-    linears = c.n_layers * block_linear_params(c)
-    linear_bytes = linears * dtype
-    if s.quantized:
-        biases = c.n_layers * linear_shapes(c)["qkv"][1] if c.attention.qkv_bias else 0
-        linear_bytes = quantized_linear_bytes(c, s) + biases * dtype
-    return linear_bytes + (model_params(c) - linears) * dtype + buffer_bytes(c)
+    if not s.quantized:
+        return model_params(c) * dtype + buffer_bytes(c)
+    linears = c.n_layers * sum(i * o for i, o in linear_shapes(c).values())
+    return (shapes.quantized_linear_bytes(c, s.double_quant) + (model_params(c) - linears) * dtype
+            + buffer_bytes(c))
 
 
 # -- activations -----------------------------------------------------------------------
 
 
-def block_saved(c: ModelConfig, s: Setting) -> list[Saved]:
-    """What autograd keeps for one block whose input needs a gradient, per token.
+def block_saved(c: ModelConfig, s: Setting, layer: int = 0) -> list[Saved]:
+    """What autograd keeps for block ``layer`` whose input needs a gradient, per token.
 
     The residual stream is fp32 unless a LoRA base is bf16; each RMSNorm keeps its input in
     fp32 and the reciprocal RMS (full fine-tuning also the normalized input, for its scale's
     gradient); each linear keeps its input in the compute dtype (LoRA also x A^T); SwiGLU keeps
-    the gate/up output and silu(gate).
+    the gate/up output and silu(gate). A mixture of experts: sftplug.train.memory_experts.
     """
     a = BYTES[s.dtype]
-    inter, hidden = c.intermediate_size, c.hidden_size
-    adapters = {layer: n * s.lora_r for layer, (_, _, n) in lora_shapes(c, s).items()} if s.lora else {}
-    saved = []
-    for norm, linear in (("attn_norm", "qkv"), ("mlp_norm", "gate_up")):
-        saved += norm_saved(norm, c, s) + [Saved(f"{linear} input", hidden, a)]
-        saved += lora_saved(linear, adapters, a)
-    saved += attention_saved(c, s)
-    saved += lora_saved("o", adapters, a)
-    saved += [Saved("gate_up output", 2 * inter, a), Saved("silu(gate)", inter, a), Saved("down input", inter, a)]
-    saved += lora_saved("down", adapters, a)
+    lora_layers = lora_shapes(c, s.lora_targets, layer) if s.lora else {}
+    adapters = {name: n * s.lora_r for name, (_, _, n) in lora_layers.items()}
+    saved = norm_saved("attn_norm", c, s) + [Saved("qkv input", c.hidden_size, a)] + lora_saved("qkv", adapters, a)
+    saved += qk_norm_saved(c, s) + attention_saved(c, s) + lora_saved("o", adapters, a)
+    saved += norm_saved("mlp_norm", c, s)
+    if shapes.is_moe(c, layer):
+        saved += experts_saved(c, s, layer)
+    else:
+        inter = c.intermediate_size
+        saved += [Saved("gate_up input", c.hidden_size, a)] + lora_saved("gate_up", adapters, a)
+        saved += [Saved("gate_up output", 2 * inter, a), Saved("silu(gate)", inter, a), Saved("down input", inter, a)]
+        saved += lora_saved("down", adapters, a)
     return [x for x in saved if x.elements]
 
 
@@ -279,6 +192,20 @@ def norm_saved(name: str, c: ModelConfig, s: Setting) -> list[Saved]:
 
 def lora_saved(layer: str, adapters: dict[str, int], a: int) -> list[Saved]:
     return [Saved(f"{layer} x A^T", adapters[layer], a)] if layer in adapters else []
+
+
+def qk_norm_saved(c: ModelConfig, s: Setting) -> list[Saved]:
+    """The q/k RMSNorms' input in fp32 (in fp32 compute: views of the qkv output, all of it kept), their
+    1/rms (per head, or per token over the projection) and, full, their normalized input."""
+    if not c.attention.qk_norm:
+        return []
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    a = BYTES[s.dtype]
+    rms = c.n_heads + c.n_kv_heads if c.attention.qk_norm == "head" else 2
+    saved = [Saved("q, k in fp32", q + 2 * kv if a == FP32 else q + kv, FP32), Saved("q, k 1/rms", rms, FP32)]
+    if not s.lora:
+        saved.append(Saved("q, k normalized", q + kv, a))
+    return saved
 
 
 def attention_saved(c: ModelConfig, s: Setting) -> list[Saved]:
@@ -298,15 +225,19 @@ def residual_bytes(s: Setting) -> int:
 
 def outside_saved(c: ModelConfig, s: Setting, targets: int) -> list[Saved]:
     """Saved outside the blocks: RoPE's cos and sin (shared by every layer), the embedding's indices (full),
-    the final norm, and the loss: target indices and the hidden states' gradient (and the LM head's, full)."""
+    the final norm, and the loss: target indices and the hidden states' gradient (and the LM head's, full);
+    a mixture's router logits and load-balancing loss (sftplug.train.memory_experts)."""
     a, r = BYTES[s.dtype], residual_bytes(s)
     saved = [Saved("cos, sin", c.rotary.dims, a)] + norm_saved("norm", c, s)
     saved += [Saved("target indices", targets, INT64, per_token=False),
               Saved("hidden-state gradient of the targets", targets * c.hidden_size, r, per_token=False)]
     if not s.lora:
         saved += [Saved("input ids", 1, INT64), Saved("LM head gradient", c.vocab_size * c.hidden_size, FP32, False)]
-        if s.dtype == "bf16":  # autocast keeps a bf16 copy of each block weight until the forward ends
-            saved.append(Saved("autocast's bf16 weight copies", c.n_layers * block_linear_params(c), BF16, False))
+        if s.dtype == "bf16":  # autocast (and the experts' grouped products) keep a bf16 copy of each block weight
+            matrices = sum(shapes.block_matrices(c, i) for i in range(c.n_layers))
+            saved.append(Saved("bf16 copies of the block weights", matrices, BF16, False))
+    if c.has_experts:
+        saved += balance_saved(c, s)
     return saved
 
 
@@ -317,16 +248,16 @@ def first_block_unsaved(c: ModelConfig, s: Setting) -> int:
 
 
 def activation_bytes(c: ModelConfig, s: Setting) -> int:
-    """Saved bytes at the forward's end, or (checkpointed) while the last block is recomputed in backward."""
+    """Saved bytes at the forward's end, or (checkpointed) while the largest block is recomputed in backward."""
     tokens, targets = s.tokens, s.tokens if s.targets is None else s.targets
-    block = sum(x.total(tokens) for x in block_saved(c, s))
+    blocks = sorted((sum(x.total(tokens) for x in block_saved(c, s, i)) for i in range(c.n_layers)), reverse=True)
     outside = sum(x.total(tokens) for x in outside_saved(c, s, targets))
     # Offloaded (sftplug.model.offload), at most three blocks' tensors are on the device at once: two in
-    # flight and the last block's, which backward needs first.
-    blocks = min(c.n_layers, OFFLOAD_BLOCKS) if s.offload else c.n_layers
+    # flight and the last block's, which backward needs first (counted here as the three largest).
+    kept = blocks[:OFFLOAD_BLOCKS] if s.offload else blocks
     if s.grad_ckpt:  # checkpoint keeps each block's input; backward recomputes one block at a time
-        return outside + blocks * c.hidden_size * residual_bytes(s) * tokens + block
-    return outside + blocks * block - (first_block_unsaved(c, s) * tokens if blocks == c.n_layers else 0)
+        return outside + len(kept) * c.hidden_size * residual_bytes(s) * tokens + blocks[0]
+    return outside + sum(kept) - (first_block_unsaved(c, s) * tokens if len(kept) == c.n_layers else 0)
 
 
 def loss_chunk_bytes(c: ModelConfig, s: Setting) -> int:
@@ -345,27 +276,44 @@ def loss_chunk_bytes(c: ModelConfig, s: Setting) -> int:
 def estimate(c: ModelConfig, s: Setting | None = None, **options) -> Estimate:
     """The memory of one training step of ``c`` under ``s`` (or a Setting made of ``options``)."""
     s = replace(s, **options) if s is not None else Setting(**options)
+    shapes.check_modelled(c)
+    if s.quantized and c.has_experts:  # as sftplug.model.quantize.check_quantizable refuses it
+        raise SftplugError(f"memory model: sftplug refuses --quantize {s.mode} on a mixture of experts (its stacked "
+                           "experts are not quantized in 4-bit); use lora or full")
     shard = s.world
     trainable = [math.ceil(n / shard) for n in trainable_tensors(c, s)]  # FSDP: each rank's shard of each tensor
     base = base_bytes(c, s)
     if s.quantized:  # the packed 4-bit data is sharded; the scales stay whole on every process
-        scales = quantized_linear_bytes(c, s) - packed_bytes(c)
+        scales = shapes.quantized_linear_bytes(c, s.double_quant) - shapes.packed_bytes(c)
         base = scales + (base - scales) // shard
     else:
         base //= shard
     weights = sum(trainable) * FP32
     in_flight = 0
     if shard > 1:  # the root's weights stay gathered through the step; blocks are gathered one at a time
-        dtype = FP32 if not s.lora else BYTES[s.dtype]
-        block = (0 if s.quantized else block_linear_params(c)) + norm_params(c)
-        packed = packed_bytes(c) // c.n_layers if s.quantized else 0  # one block's 4-bit data
-        adapters = sum(lora_tensors(c, s)) // c.n_layers if s.lora else 0
-        in_flight = root_params(c) * dtype + block * dtype + packed + adapters * FP32
+        in_flight = root_params(c) * (FP32 if not s.lora else BYTES[s.dtype]) + gathered_block_bytes(c, s)
     return Estimate(
         params=model_params(c), base=base, trainable=weights, gradients=weights,
         optimizer=optimizer_bytes(trainable, s.optimizer), in_flight=in_flight,
         activations=activation_bytes(c, s), loss_chunk=loss_chunk_bytes(c, s), saved=block_saved(c, s),
     )  # fmt: skip
+
+
+def gathered_block_bytes(c: ModelConfig, s: Setting) -> int:
+    """FSDP: the largest block's weights gathered whole (a 4-bit base: its packed data and dense rest; LoRA:
+    also its fp32 adapters)."""
+    dtype = FP32 if not s.lora else BYTES[s.dtype]
+    largest = 0
+    for layer in range(c.n_layers):
+        params = shapes.block_params(c, layer)
+        if s.quantized:  # the block linears as their 4-bit data, the rest dense
+            linear = linear_shapes(c).values()
+            gathered = (params - sum(i * o for i, o in linear)) * dtype + sum(math.ceil(i * o / 2) for i, o in linear)
+        else:
+            gathered = params * dtype
+        adapters = sum(shapes.block_lora_tensors(c, s.lora_r, s.lora_targets, layer)) if s.lora else 0
+        largest = max(largest, gathered + adapters * FP32)
+    return largest
 
 
 # -- the README's table ------------------------------------------------------------------

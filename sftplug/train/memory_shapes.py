@@ -1,0 +1,202 @@
+"""The model's tensors counted from its config, as sftplug builds them (for sftplug.train.memory).
+
+Each block is a token mixer (attention) and a feed-forward of its layer's kind: a dense gated
+MLP, or a mixture of experts (router, experts stacked per projection, biases where the family
+has them). The root is the embeddings, the final norm and the LM head. LoRA adapters: A [n r, in]
+and B [out, n r] per targeted linear layer (n its targeted projections, stacked as
+sftplug.model.lora stores them), and per targeted expert projection A [E, r, in] and B [E, out, r]
+(sftplug.model.experts_lora). tests/train/test_memory.py checks the names and sizes against a
+built model's parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sftplug.errors import SftplugError
+from sftplug.model.config import ModelConfig
+from sftplug.model.lora_targets import hf_targets, lora_layout
+from sftplug.model.quantize import BLOCKSIZE as QUANT_BLOCK
+
+FP32 = 4
+QUANT_SCALE_BLOCK = 256  # double quantization's blocks of scales (of QUANT_BLOCK-weight blocks)
+QUANT_CODE, SCALE_CODE = 16, 256  # the 4-bit code's values; the 8-bit code of the scales
+
+
+@dataclass
+class Saved:
+    """One tensor autograd keeps for backward: elements per token (or in all, ``per_token=False``), bytes each."""
+
+    what: str
+    elements: int
+    bytes: int
+    per_token: bool = True
+
+    def total(self, tokens: int) -> int:
+        return self.elements * self.bytes * (tokens if self.per_token else 1)
+
+
+def check_modelled(c: ModelConfig) -> None:
+    """Refuse, in one line, the mixtures whose parts the memory model does not count."""
+    o = c.experts
+    if not c.has_experts:
+        return
+    if o.shared_size or o.shared_gate:
+        raise SftplugError(f"memory model: {c.architecture}'s shared expert is not modelled yet (Qwen3-MoE and "
+                           "gpt-oss are)")
+    if o.router == "sigmoid_groups":
+        raise SftplugError(f"memory model: {c.architecture}'s group-limited sigmoid router is not modelled yet "
+                           "(Qwen3-MoE's and gpt-oss's routers are)")
+
+
+def is_moe(c: ModelConfig, layer: int) -> bool:
+    return c.layer_type(layer).feed_forward == "experts"
+
+
+def moe_layers(c: ModelConfig) -> int:
+    return sum(is_moe(c, i) for i in range(c.n_layers))
+
+
+def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each dense block's linear layers, sftplug's fused layers."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return {"qkv": (c.hidden_size, q + 2 * kv), "o": (q, c.hidden_size),
+            "gate_up": (c.hidden_size, 2 * c.intermediate_size), "down": (c.intermediate_size, c.hidden_size)}
+
+
+def expert_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each expert's projections."""
+    inter = c.experts.intermediate_size
+    return {"gate_up_proj": (c.hidden_size, 2 * inter), "down_proj": (inter, c.hidden_size)}
+
+
+def norm_sizes(c: ModelConfig) -> list[int]:
+    """Per block: each RMSNorm's scale (and the q/k norms')."""
+    sizes = [c.hidden_size] * {"pre": 2, "sandwich": 4, "post": 2}[c.norm.placement]
+    if c.attention.qk_norm == "head":
+        sizes += [c.head_dim] * 2
+    elif c.attention.qk_norm == "projection":
+        sizes += [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim]
+    return sizes
+
+
+def block_tensors(c: ModelConfig, layer: int) -> dict[str, int]:
+    """Elements of each parameter of block ``layer``, by its name in the model (norms apart: norm_sizes)."""
+    shapes, a = linear_shapes(c), c.attention
+    tensors = {f"attn.{name}.weight": i * o for name, (i, o) in shapes.items() if name in ("qkv", "o")}
+    if a.qkv_bias:
+        tensors["attn.qkv.bias"] = shapes["qkv"][1]
+    if a.o_bias:
+        tensors["attn.o.bias"] = c.hidden_size
+    if a.sinks:
+        tensors["attn.sinks"] = c.n_heads
+    if not is_moe(c, layer):
+        tensors.update({f"mlp.{name}.weight": i * o for name, (i, o) in shapes.items() if name in ("gate_up", "down")})
+        return tensors
+    experts = c.experts
+    tensors["mlp.router.weight"] = experts.count * c.hidden_size
+    if experts.router_bias:
+        tensors["mlp.router.bias"] = experts.count
+    for name, (i, o) in expert_shapes(c).items():
+        tensors[f"mlp.experts.{name}"] = experts.count * i * o
+        if experts.bias:
+            tensors[f"mlp.experts.{name}_bias"] = experts.count * o
+    return tensors
+
+
+def block_matrices(c: ModelConfig, layer: int) -> int:
+    """Elements of block ``layer``'s weight matrices (the linear layers', the router's, the experts'):
+    what full fine-tuning under bf16 autocast copies to bf16 and keeps for backward."""
+    return sum(n for name, n in block_tensors(c, layer).items() if not name.endswith(("bias", "sinks")))
+
+
+def block_params(c: ModelConfig, layer: int) -> int:
+    return sum(block_tensors(c, layer).values()) + sum(norm_sizes(c))
+
+
+def root_params(c: ModelConfig) -> int:
+    """Embeddings, the final norm and the LM head (once when tied)."""
+    return c.vocab_size * c.hidden_size * (1 if c.tie_embeddings else 2) + c.hidden_size
+
+
+def model_params(c: ModelConfig) -> int:
+    return sum(block_params(c, i) for i in range(c.n_layers)) + root_params(c)
+
+
+def buffer_bytes(c: ModelConfig) -> int:
+    """The RoPE frequencies (fp32), once per base."""
+    return (c.rotary.dims // 2) * FP32 * (2 if c.rotary.local_theta else 1)
+
+
+def trainable_tensors(c: ModelConfig, lora: bool, r: int, targets) -> list[int]:
+    """Elements of every trainable tensor: the adapters, or (full) every parameter."""
+    if lora:
+        return lora_tensors(c, r, targets)
+    blocks = [n for i in range(c.n_layers) for n in [*block_tensors(c, i).values(), *norm_sizes(c)]]
+    return blocks + [c.vocab_size * c.hidden_size] * (1 if c.tie_embeddings else 2) + [c.hidden_size]
+
+
+# -- LoRA ----------------------------------------------------------------------------------
+
+
+def lora_shapes(c: ModelConfig, targets, layer: int | None = 0) -> dict[str, tuple[int, int, int]]:
+    """Per LoRA linear layer of block ``layer`` (None: the LM head): (in, out, n), n the projections it
+    targets; A is [n r, in], B [out, n r], stored whole."""
+    targets = hf_targets(targets)
+    shapes = {**linear_shapes(c), "lm_head": (c.hidden_size, c.vocab_size)}
+    present = ("lm_head",) if layer is None else ("qkv", "o") if is_moe(c, layer) else ("qkv", "o", "gate_up", "down")
+    layers = {}
+    for name, parts in lora_layout(c).items():
+        n = sum(part in targets for part, _, _ in parts)
+        if n and name in present:
+            layers[name] = (*shapes[name], n)
+    return layers
+
+
+def expert_lora_shapes(c: ModelConfig, targets, layer: int) -> dict[str, tuple[int, int]]:
+    """Block ``layer``'s targeted expert projections: (in, out); A is [E, r, in], B [E, out, r]."""
+    if not is_moe(c, layer):
+        return {}
+    targets = hf_targets(targets)
+    return {name: shape for name, shape in expert_shapes(c).items() if f"experts.{name}" in targets}
+
+
+def block_lora_tensors(c: ModelConfig, r: int, targets, layer: int | None) -> list[int]:
+    """Elements of block ``layer``'s adapter tensors (None: the LM head's)."""
+    sizes = []
+    for i, o, n in lora_shapes(c, targets, layer).values():
+        sizes += [n * r * i, o * n * r]
+    if layer is not None:
+        for i, o in expert_lora_shapes(c, targets, layer).values():
+            sizes += [c.experts.count * r * i, c.experts.count * o * r]
+    return sizes
+
+
+def lora_tensors(c: ModelConfig, r: int, targets) -> list[int]:
+    """Elements of every adapter tensor."""
+    return [n for layer in [*range(c.n_layers), None] for n in block_lora_tensors(c, r, targets, layer)]
+
+
+# -- 4-bit weights -------------------------------------------------------------------------
+
+
+def quantized_bytes(elements: int, double_quant: bool) -> int:
+    """One weight as bitsandbytes' 4-bit: two values a byte, its 16 code values (fp32), and a scale per
+    block of 64 (fp32, or with double quantization one byte each, with an fp32 scale per 256 blocks, one
+    fp32 offset and the scales' own 256-value fp32 code)."""
+    blocks = math.ceil(elements / QUANT_BLOCK)
+    packed = math.ceil(elements / 2) + QUANT_CODE * FP32
+    if not double_quant:
+        return packed + blocks * FP32
+    return packed + blocks + (math.ceil(blocks / QUANT_SCALE_BLOCK) + 1 + SCALE_CODE) * FP32
+
+
+def packed_bytes(c: ModelConfig) -> int:
+    """The 4-bit data alone of every block linear (what FSDP shards of a 4-bit base)."""
+    return c.n_layers * sum(math.ceil(i * o / 2) for i, o in linear_shapes(c).values())
+
+
+def quantized_linear_bytes(c: ModelConfig, double_quant: bool) -> int:
+    """Every block linear's 4-bit weight (biases stay dense)."""
+    return c.n_layers * sum(quantized_bytes(i * o, double_quant) for i, o in linear_shapes(c).values())
