@@ -16,7 +16,15 @@ import torch
 from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.experts_config import EXPERT_COUNT_KEYS, experts_from_hf
-from sftplug.model.config import AttentionConfig, FeedForwardConfig, ModelConfig, NormConfig, RotaryConfig
+from sftplug.hf.hybrid_config import HYBRID, linear_attention_from_hf
+from sftplug.model.config import (
+    AttentionConfig,
+    FeedForwardConfig,
+    LayerType,
+    ModelConfig,
+    NormConfig,
+    RotaryConfig,
+)
 
 # model_type -> the transformers class that loads it.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -24,7 +32,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
                  "granite": "GraniteForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+                 "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                 "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+                 "qwen3_next": "Qwen3NextForCausalLM"}
 GEMMA = ("gemma2", "gemma3_text")
 # Keys of configurations sftplug cannot run exactly: key -> what it means (experts only in the MoE families).
 REFUSED_KEYS = {"num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
@@ -64,7 +74,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     n_heads = hf["num_attention_heads"]
     try:
         options = _family_options(model_type, hf, where)
-        experts, layer_types = experts_from_hf(model_type, hf, where)
+        experts, feed_forwards = experts_from_hf(model_type, hf, where)
+        linear_attention, mixers = linear_attention_from_hf(model_type, hf, where)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -83,11 +94,20 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
                                       o_bias=_has_bias(O_BIAS, model_type, hf), **options.pop("attention")),
             feed_forward=FeedForwardConfig(activation=ACTIVATIONS[act]),
             experts=experts,
-            layer_types=layer_types,
+            linear_attention=linear_attention,
+            layer_types=_layer_types(mixers, feed_forwards, hf["num_hidden_layers"]),
             **options,  # the residual stream's and LM head's scales
         )
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
+
+
+def _layer_types(mixers: tuple[str, ...], feed_forwards: tuple[str, ...], n_layers: int) -> tuple[LayerType, ...]:
+    """Each layer's mixer and feed-forward kinds; () where every layer is attention and an MLP."""
+    if not (mixers or feed_forwards):
+        return ()
+    mixers, feed_forwards = mixers or ("attention",) * n_layers, feed_forwards or ("mlp",) * n_layers
+    return tuple(LayerType(mixer=m, feed_forward=f) for m, f in zip(mixers, feed_forwards))
 
 
 def _has_bias(table: dict, model_type: str, hf: dict) -> bool:
@@ -112,8 +132,12 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
                          softcap=float(hf.get("attn_logit_softcapping") or 0.0))
         scales.update(embed_scale=hf["hidden_size"] ** 0.5,
                       logit_softcap=float(hf.get("final_logit_softcapping") or 0.0))
-    if model_type in ("qwen3", "gemma3_text", "qwen3_moe") or (model_type == "glm4_moe" and hf.get("use_qk_norm")):
+    if model_type in ("qwen3", "gemma3_text", "qwen3_moe", *HYBRID) or (model_type == "glm4_moe"
+                                                                         and hf.get("use_qk_norm")):
         attention["qk_norm"] = "head"
+    if model_type in HYBRID:  # (1 + w) RMSNorms, q_proj carrying each head's output gate
+        norm["gemma"] = True
+        attention["output_gate"] = True
     if model_type == "gpt_oss":
         attention["sinks"] = True
     if model_type == "gemma3_text":

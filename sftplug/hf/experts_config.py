@@ -5,16 +5,19 @@ feed-forward kind (dense MLP or experts)."""
 from __future__ import annotations
 
 from sftplug.errors import SftplugError
-from sftplug.model.config import ExpertsConfig, LayerType
+from sftplug.model.config import ExpertsConfig
 
 # model_type -> the config.json key that counts its routed experts (Qwen3-MoE's changed in transformers 5)
 EXPERT_COUNT_KEYS = {"qwen3_moe": "num_local_experts", "qwen2_moe": "num_experts", "olmoe": "num_experts",
-                     "mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "glm4_moe": "n_routed_experts"}
+                     "mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "glm4_moe": "n_routed_experts",
+                     "qwen3_next": "num_experts", "qwen3_5_moe_text": "num_experts"}
+# Families whose MoE layers add a shared expert behind a sigmoid gate
+GATED_SHARED_EXPERT = ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text")
 EARLIER_COUNT_KEYS = {"qwen3_moe": "num_experts"}
 
 
-def experts_from_hf(model_type: str, hf: dict, where: str) -> tuple[ExpertsConfig, tuple[LayerType, ...]]:
-    """The experts' options and each layer's kinds; a dense family gets no experts and no layer kinds."""
+def experts_from_hf(model_type: str, hf: dict, where: str) -> tuple[ExpertsConfig, tuple[str, ...]]:
+    """The experts' options and each layer's feed-forward kind; a dense family gets neither."""
     if model_type not in EXPERT_COUNT_KEYS:
         return ExpertsConfig(), ()
     key = EXPERT_COUNT_KEYS[model_type]
@@ -28,12 +31,12 @@ def experts_from_hf(model_type: str, hf: dict, where: str) -> tuple[ExpertsConfi
                            "input in training) is not supported; set it to 0.0")
     n_layers = hf["num_hidden_layers"]
     moe_layers = [True] * n_layers
-    if model_type in ("qwen3_moe", "qwen2_moe"):
+    if model_type in ("qwen3_moe", "qwen2_moe", "qwen3_next"):
         step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
         moe_layers = [i not in dense and (i + 1) % step == 0 for i in range(n_layers)]
-    if model_type == "qwen2_moe":
+    if model_type in GATED_SHARED_EXPERT:
         options.update(shared_size=_int(hf, "shared_expert_intermediate_size", where), shared_gate=True)
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "qwen3_5_moe_text"):
         options["norm_top_k"] = True
     if model_type == "glm4_moe":
         first_dense = hf.get("first_k_dense_replace") or 0
@@ -49,8 +52,7 @@ def experts_from_hf(model_type: str, hf: dict, where: str) -> tuple[ExpertsConfi
         experts = ExpertsConfig(**options)
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
-    kinds = tuple(LayerType(feed_forward="experts" if moe else "mlp") for moe in moe_layers)
-    return experts, kinds
+    return experts, tuple("experts" if moe else "mlp" for moe in moe_layers)
 
 
 def _int(hf: dict, key: str, where: str) -> int:

@@ -52,7 +52,10 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         plan["lm_head.weight"] = ("lm_head.weight", 0, config.vocab_size)
     for i in range(config.n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        plan.update(_attention_names(config, f"{hf}self_attn.", f"{ours}attn."))
+        if config.layer_type(i).mixer == "linear_attention":
+            plan.update(linear_attention_names(config, f"{hf}linear_attn.", f"{ours}attn."))
+        else:
+            plan.update(_attention_names(config, f"{hf}self_attn.", f"{ours}attn."))
         if config.layer_type(i).feed_forward == "experts":
             plan.update(experts_names(config, hf, f"{ours}mlp."))
         else:
@@ -79,6 +82,22 @@ def _attention_names(config: ModelConfig, hf: str, ours: str) -> dict[str, tuple
     return plan
 
 
+def linear_attention_names(config: ModelConfig, hf: str, ours: str) -> dict[str, tuple[str, int, int]]:
+    """A Gated DeltaNet layer's tensors: the same names as the family stores them."""
+    o, hidden = config.linear_attention, config.hidden_size
+    key, value = o.key_heads * o.key_head_dim, o.value_heads * o.value_head_dim
+    rows = {"conv1d": 2 * key + value, "out_proj": hidden}
+    if o.projections == "grouped":
+        rows.update(in_proj_qkvz=2 * key + 2 * value, in_proj_ba=2 * o.value_heads)
+    else:
+        rows.update(in_proj_qkv=2 * key + value, in_proj_z=value, in_proj_b=o.value_heads, in_proj_a=o.value_heads)
+    plan = {f"{hf}{name}.weight": (f"{ours}{name}.weight", 0, n) for name, n in rows.items()}
+    plan[f"{hf}norm.weight"] = (f"{ours}norm.weight", 0, o.value_head_dim)
+    for name in ("dt_bias", "A_log"):
+        plan[f"{hf}{name}"] = (f"{ours}{name}", 0, o.value_heads)
+    return plan
+
+
 def _mlp_names(config: ModelConfig, hf: str, ours: str, gate_up) -> dict[str, tuple[str, int, int]]:
     """A gated MLP's projections: ``gate_up`` the (HF projection, first row, end row) its gate_up holds."""
     plan = {f"{hf}{part}.weight": (f"{ours}gate_up.weight", start, end) for part, start, end in gate_up}
@@ -93,6 +112,8 @@ MOE_NAMES = {
     "gpt_oss": ("mlp", "router", None, None, None),
     "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
     "glm4_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
+    "qwen3_next": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
+    "qwen3_5_moe_text": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
 }
 DEFAULT_MOE_NAMES = ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None, None)  # Qwen3-MoE, OLMoE
 

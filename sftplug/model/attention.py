@@ -34,7 +34,9 @@ class Attention(nn.Module):
         super().__init__()
         options = config.attention
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        qkv_out = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        # Qwen3.5 / Qwen3-Next: each query head's rows are followed by its output gate's
+        self.gated = options.output_gate
+        qkv_out = ((2 if self.gated else 1) * config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.hidden_size, qkv_out, bias=options.qkv_bias)
         self.o = nn.Linear(config.n_heads * config.head_dim, config.hidden_size, bias=options.o_bias)
         # gpt-oss: a learned logit per query head joins each softmax's denominator (a key no query
@@ -54,7 +56,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, doc_ids=None, cache=None):
         b, t, _ = x.shape
         heads = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
-        qkv = self.qkv(x).view(b, t, sum(heads), self.head_dim)  # [B, T, Hq + 2 Hkv, D]
+        qkv = self.qkv(x).view(b, t, -1, self.head_dim)  # [B, T, Hq + 2 Hkv, D] (2 Hq with gates)
+        gate = None
+        if self.gated:  # per head [q; gate]: the gates set aside, the output times their sigmoid
+            q_and_gate, kv = qkv.split([2 * self.n_heads, 2 * self.n_kv_heads], dim=2)
+            q, gate = q_and_gate.view(b, t, self.n_heads, 2, self.head_dim).unbind(3)
+            qkv = torch.cat((q, kv), dim=2)
         if self.qk_norm:
             qkv = self.normed_qk(qkv, heads)
         if self.uses_rope:
@@ -65,7 +72,10 @@ class Attention(nn.Module):
         else:  # generation: keys and values of earlier tokens come from the cache
             k, v = cache.append(k, v)  # [B, Hkv, T_past + T, D]
             y = cached_attention(q, k, v, self.window, self.softcap, self.scale, self.sinks)
-        return self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        y = y.transpose(1, 2)  # [B, T, Hq, D]
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
+        return self.o(y.reshape(b, t, self.n_heads * self.head_dim))
 
     def normed_qk(self, qkv, heads):
         q, k, v = qkv.split(heads, dim=2)  # [B, T, H, D] each

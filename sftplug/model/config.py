@@ -49,6 +49,7 @@ class AttentionConfig:
     qkv_bias: bool = False  # Qwen2
     o_bias: bool = False  # a bias on the output projection too (gpt-oss)
     sinks: bool = False  # a learned logit per head in the softmax's denominator (gpt-oss)
+    output_gate: bool = False  # q_proj also gives a gate per head: output times its sigmoid (Qwen3.5, Qwen3-Next)
     qk_norm: str = ""  # RMSNorm of q and k: "head" per head (Qwen3, Gemma 3), "projection" whole (OLMo 2)
     windows: tuple[int, ...] = ()  # each layer's sliding window, 0 for full attention; (): none
     scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Gemma's query_pre_attn_scalar, Granite)
@@ -108,17 +109,39 @@ class ExpertsConfig:
                              "are searched")
 
 
+@dataclass
+class LinearAttentionConfig:
+    """The Gated DeltaNet token mixer (Qwen3.5, Qwen3-Next): its heads, the causal convolution before
+    the gated delta rule, and how its input projections are stored."""
+
+    key_heads: int = 0  # q/k heads; 0: the model has no linear-attention layers
+    value_heads: int = 0  # a multiple of key_heads
+    key_head_dim: int = 128
+    value_head_dim: int = 128
+    conv_kernel: int = 4  # the depthwise causal convolution's width
+    # "split": in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (Qwen3.5); "grouped": in_proj_qkvz and
+    # in_proj_ba, interleaved per key head (Qwen3-Next)
+    projections: str = "split"
+
+    def __post_init__(self):
+        _check_choice("linear attention projections", self.projections, ("split", "grouped"))
+        if self.key_heads and self.value_heads % self.key_heads:
+            raise ValueError(f"linear attention: {self.value_heads} value heads are not a multiple of "
+                             f"{self.key_heads} key heads")
+
+
 @dataclass(frozen=True)
 class LayerType:
     """One layer's token mixer and feed-forward, by kind (sftplug.model.transformer maps kinds to modules)."""
 
-    mixer: str = "attention"  # softmax attention, full or sliding as AttentionConfig.windows says
+    mixer: str = "attention"  # softmax attention, full or sliding as AttentionConfig.windows says,
+    # or "linear_attention": Gated DeltaNet (ModelConfig.linear_attention)
     feed_forward: str = "mlp"  # the gated MLP, or "experts": a mixture of experts (ModelConfig.experts)
 
 
 # ModelConfig's groups: field -> its dataclass.
 GROUPS = {"rotary": RotaryConfig, "norm": NormConfig, "attention": AttentionConfig,
-          "feed_forward": FeedForwardConfig, "experts": ExpertsConfig}
+          "feed_forward": FeedForwardConfig, "experts": ExpertsConfig, "linear_attention": LinearAttentionConfig}
 # The flat keys of checkpoints saved before the groups: key -> (group, field).
 FLAT_KEYS = {
     "rope_theta": ("rotary", "theta"), "rope_scaling": ("rotary", "scaling"), "rotary_dim": ("rotary", "dims"),
@@ -150,6 +173,7 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     feed_forward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    linear_attention: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
     layer_types: tuple[LayerType, ...] = ()  # each layer's mixer and feed-forward; (): attention and mlp
     # The residual stream's and the LM head's scales.
     embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden); Granite: embedding_multiplier)
@@ -176,6 +200,8 @@ class ModelConfig:
         for name, values in per_layer.items():
             if len(values) not in (0, self.n_layers):
                 raise ValueError(f"{name} has {len(values)} entries for {self.n_layers} layers")
+        if any(t.mixer == "linear_attention" for t in self.layer_types) and not self.linear_attention.key_heads:
+            raise ValueError("layer_types name linear_attention, but its config has no heads")
         if self.has_experts and not self.experts.count:
             raise ValueError("layer_types name experts, but the experts config has none (experts.count is 0)")
 

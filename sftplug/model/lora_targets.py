@@ -59,6 +59,7 @@ def hf_targets(targets) -> tuple[str, ...]:
 def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ...]]:
     """sftplug layer name -> (HF projection, first row, end row) of each projection it holds."""
     q, kv, inter = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size
+    q *= 2 if config.attention.output_gate else 1  # each query head followed by its output gate (Qwen3.5)
     rows = {"qkv": (0, q, q + kv, q + 2 * kv), "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
             "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size)}
     layout = {layer: tuple((part, rows[layer][i], rows[layer][i + 1]) for i, part in enumerate(parts))

@@ -20,6 +20,7 @@ from sftplug.model.attention import Attention, attend, cached_attention
 from sftplug.model.config import PRESETS, ModelConfig
 from sftplug.model.experts import MoE
 from sftplug.model.feed_forward import MLP
+from sftplug.model.gated_deltanet import GatedDeltaNet
 from sftplug.model.norm import RMSNorm, rms_norm_of
 from sftplug.model.offload import ActivationOffloader
 from sftplug.model.rope import rope_attention_factor, rope_inv_freq, rope_longest_rows
@@ -29,7 +30,7 @@ __all__ = ["MIXERS", "FEED_FORWARDS", "Block", "Transformer", "logits_of", "Mode
            "cached_attention", "MLP"]
 
 # LayerType's kinds -> their modules: a mixer is built from (config, layer), a feed-forward from (config).
-MIXERS = {"attention": Attention}
+MIXERS = {"attention": Attention, "linear_attention": GatedDeltaNet}
 FEED_FORWARDS = {"mlp": MLP, "experts": MoE}
 
 
@@ -94,10 +95,11 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
+        norms = {f"{name}.weight": m for name, m in self.named_modules() if hasattr(m, "eps") and hasattr(m, "weight")}
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.zeros_(p) if self.config.norm.gemma else nn.init.ones_(p)
-            elif name.endswith("bias"):  # nn.Linear's, and the experts' gate_up_proj_bias
+            if name in norms:  # (1 + w) RMSNorms start at 0; the rest, a gated one too, at 1
+                nn.init.zeros_(p) if getattr(norms[name], "gemma", False) else nn.init.ones_(p)
+            elif name.endswith("bias") and not name.endswith("dt_bias"):  # nn.Linear's, the experts'
                 nn.init.zeros_(p)
             else:
                 with torch.no_grad():
@@ -111,8 +113,10 @@ class Transformer(nn.Module):
             self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def set_attention(self, backend) -> None:
-        for block in self.layers:
-            block.attn.backend = backend
+        """The softmax-attention backend of every layer whose mixer is attention (linear attention has its own)."""
+        for i, block in enumerate(self.layers):
+            if self.config.layer_type(i).mixer != "linear_attention":
+                block.attn.backend = backend
 
     def attention_options(self, seq_len: int = 0) -> dict:
         """The attention request's options (sftplug.attention.AttentionRequest) this model needs
