@@ -243,4 +243,16 @@ PRESETS = {
     # The benchmark workloads' models (W0, W1: BENCHMARKS.md); w1 is TinyLlama-1.1B's shape.
     "w0": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, n_layers=6, n_heads=8, n_kv_heads=4),
     "w1": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, n_layers=22, n_heads=32, n_kv_heads=4),
+    # W0-MoE: w0's sizes and attention (plus Qwen3's q/k norms), every feed-forward 8 experts of 512, top 2
+    "w0-moe": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, n_layers=6, n_heads=8, n_kv_heads=4,
+                   architecture="qwen3_moe", attention=dict(qk_norm="head"),
+                   experts=dict(count=8, top_k=2, intermediate_size=512, norm_top_k=True),
+                   layer_types=(dict(feed_forward="experts"),) * 6),
+    # W1-MoE: Qwen3-30B-A3B's layer (128 experts of 768, top 8, head dim 128) cut to 16 of its 48 layers:
+    # 10.6B parameters, 21 GB in bf16, so HF + PEFT's LoRA fits one 80 GB GPU beside it
+    "w1-moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, n_layers=16, n_heads=32,
+                   n_kv_heads=4, head_dim=128, max_seq_len=40960, architecture="qwen3_moe",
+                   rotary=dict(theta=1000000.0), norm=dict(eps=1e-6), attention=dict(qk_norm="head"),
+                   experts=dict(count=128, top_k=8, intermediate_size=768, norm_top_k=True),
+                   layer_types=(dict(feed_forward="experts"),) * 16),
 }
