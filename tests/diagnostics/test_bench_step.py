@@ -1,10 +1,12 @@
 """`sftplug bench step` times sftplug, its variants and HF+PEFT on W0 and reports their ratios."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -40,6 +42,54 @@ def test_a_failing_side_is_reported_and_the_others_still_count(monkeypatch):
     assert list(result["sides"]) == ["sftplug", "hf+peft"] and result["tps_ratio"] == 2.0
     assert result["errors"] == {"sftplug+compile": "sftplug+compile failed: RuntimeError: out of memory"}
     assert "failed: sftplug+compile failed: RuntimeError: out of memory" in step_bench.format_step_table(result)
+
+
+def test_w0_moe_sides_build_the_same_model(tmp_path):
+    """The peer's Qwen3-MoE config reads back as the w0-moe preset; on the peer's weights both sides
+    count the same parameters and the same trainable LoRA values and start from the same loss."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from sftplug.config import ASSETS
+    from sftplug.diagnostics import step_bench
+    from sftplug.hf.config import config_from_hf
+    from sftplug.loading import load_model
+    from sftplug.model.config import ModelConfig
+    from sftplug.model.lora import apply_lora, lm_head_weight, lora_param_counts
+    from sftplug.model.transformer import Transformer
+    from sftplug.train.loss import IGNORE, target_loss_sum
+
+    preset = ModelConfig.preset("w0-moe")
+    assert preset.has_experts and step_bench.WORKLOADS["W0-MoE"]["preset"] == "w0-moe"
+    hf_config = step_bench.peer_config(preset)
+    assert hf_config.model_type == "qwen3_moe" and not hf_config.output_router_logits
+    assert dataclasses.replace(config_from_hf(hf_config.to_dict()), extra={}) == preset
+
+    base, _ = step_bench.peer_model("W0-MoE", full=True)  # the peer's seeded fp32 model, before PEFT
+    base.save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(ASSETS).save_pretrained(tmp_path)  # a folder needs a tokenizer
+    ours = load_model(str(tmp_path), dtype=torch.float32).model
+    assert dataclasses.replace(ours.config, extra={}) == preset
+    count = lambda model, trainable=False: sum(p.numel() for p in model.parameters()  # noqa: E731
+                                               if p.requires_grad or not trainable)
+    assert count(ours) == count(base) == count(Transformer(preset))  # the bench's sftplug side builds the preset
+
+    ids = step_bench.synthetic_tokens(preset.vocab_size, 2, 64)[:, :-1]
+    modules, parameters = step_bench.peft_targets(preset)
+    theirs = get_peft_model(base, LoraConfig(r=step_bench.LORA["r"], lora_alpha=step_bench.LORA["alpha"],
+                                             target_modules=modules, target_parameters=parameters))
+    ours.requires_grad_(False)
+    ours = apply_lora(ours, step_bench.LORA["r"], step_bench.LORA["alpha"], 0.0, (*modules, *parameters))
+    assert lora_param_counts(ours)[0] == count(theirs, trainable=True) == theirs.get_nb_trainable_parameters()[0]
+
+    with torch.no_grad():
+        labels = ids.clone()
+        labels[:, :16] = IGNORE  # HF shifts labels inside: sftplug's first 15 targets masked alike
+        ref = theirs(input_ids=ids, labels=labels).loss
+        ours_labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], dim=1)
+        ours_labels[:, :15] = IGNORE
+        total, n = target_loss_sum(ours(ids, hidden_only=True), ours_labels, lm_head_weight(ours))
+    assert float((total / n - ref).abs() / ref.abs()) <= 1e-5  # fp32: the same model up to rounding
 
 
 @pytest.mark.slow
