@@ -46,4 +46,6 @@ step compare 110 "$PY" benchmarks/gpu_steps.py compare "$OUT"
 step syncs 50 "$PY" benchmarks/gpu_steps.py syncs "$OUT"
 # sftplug (fused ops auto) and sftplug --fused none against HF + PEFT
 step bench-step 140 "$PY" -m sftplug bench step --workload W1 --rounds 1 --steps 5 --variant unfused --json
+# W1-MoE (Qwen3-30B-A3B's layer, 16 layers, bf16) against Qwen3-MoE + PEFT target_parameters; beyond the 600 s above
+step bench-step-moe 300 "$PY" -m sftplug bench step --workload W1-MoE --rounds 1 --steps 3 --warmup 1 --json
 echo "done; results in $OUT"
