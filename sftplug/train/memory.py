@@ -12,6 +12,9 @@ Two parts, each counted as sftplug stores it:
   ``--offload-activations`` only three blocks' worth stays on the device (sftplug.model.offload);
   and the loss's largest transient, one chunk of logits (sftplug.train.loss).
 
+The model's tensors are counted in sftplug.train.memory_shapes, a mixture of experts' saved
+tensors (k rows per token through the experts) in sftplug.train.memory_experts.
+
 The peak is their sum: an upper bound that counts every gradient beside every activation
 (for LoRA the gradients are small). tests/train/test_memory.py checks each part against a
 built run: parameters, gradients and optimizer state byte for byte, and the unique storages
@@ -39,11 +42,12 @@ from sftplug.train.memory_shapes import (
     root_params,
 )
 
-FP32, BF16, INT64 = 4, 2, 8
+FP32, BF16, INT64, INT32 = 4, 2, 8, 4
 BYTES = {"fp32": FP32, "bf16": BF16}
 MODES = ("full", "lora", "nf4", "fp4")  # nf4/fp4: QLoRA, LoRA on a 4-bit base
 OPTIMIZERS = ("adamw", "adamw8bit")
-ATTENTION = ("flash", "chunked")  # SDPA's flash kernel (GPU and CPU), sftplug's chunked CPU kernel
+# SDPA's flash kernel (GPU and CPU), sftplug's chunked CPU kernel, sftplug's Triton kernel (sinks: gpt-oss on GPUs)
+ATTENTION = ("flash", "chunked", "triton")
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bitsandbytes' 8-bit state: blocks, and the size below which it is fp32
 OFFLOAD_BLOCKS = 3  # blocks whose saved tensors are on the device at once with --offload-activations
 
@@ -56,6 +60,30 @@ LLAMA = {
     "Llama-3.1-70B": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, n_layers=80,
                                  n_heads=64, n_kv_heads=8, head_dim=128),
 }
+# Mixtures of experts: their public config.json's shape fields, read as sftplug reads a checkpoint's.
+MOE_CONFIG_JSON = {
+    "Qwen3-30B-A3B": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0,
+                          rms_norm_eps=1e-6, max_position_embeddings=40960, router_aux_loss_coef=0.001,
+                          tie_word_embeddings=False),
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+                        rope_theta=150000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                          truncate=False, original_max_position_embeddings=4096),
+                        router_aux_loss_coef=0.9, swiglu_limit=7.0, tie_word_embeddings=False),
+}
+
+
+def moe_shapes() -> dict[str, ModelConfig]:
+    """The table's mixtures of experts as ModelConfigs (sftplug.hf.config maps their config.json)."""
+    from sftplug.hf.config import config_from_hf
+
+    return {name: config_from_hf(hf, f"{name} config.json") for name, hf in MOE_CONFIG_JSON.items()}
 
 
 @dataclass(frozen=True)
@@ -171,7 +199,7 @@ def block_saved(c: ModelConfig, s: Setting, layer: int = 0) -> list[Saved]:
     lora_layers = lora_shapes(c, s.lora_targets, layer) if s.lora else {}
     adapters = {name: n * s.lora_r for name, (_, _, n) in lora_layers.items()}
     saved = norm_saved("attn_norm", c, s) + [Saved("qkv input", c.hidden_size, a)] + lora_saved("qkv", adapters, a)
-    saved += qk_norm_saved(c, s) + attention_saved(c, s) + lora_saved("o", adapters, a)
+    saved += qk_norm_saved(c, s) + attention_saved(c, s, layer) + lora_saved("o", adapters, a)
     saved += norm_saved("mlp_norm", c, s)
     if shapes.is_moe(c, layer):
         saved += experts_saved(c, s, layer)
@@ -208,13 +236,18 @@ def qk_norm_saved(c: ModelConfig, s: Setting) -> list[Saved]:
     return saved
 
 
-def attention_saved(c: ModelConfig, s: Setting) -> list[Saved]:
+def attention_saved(c: ModelConfig, s: Setting, layer: int = 0) -> list[Saved]:
     """The attention kernel's saved tensors and the o projection's input."""
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     a = BYTES[s.dtype]
     if s.attention == "flash":  # q, k, v (views of RoPE's output), the output (o's input) and the log-sum-exp
         return [Saved("q, k, v after RoPE", q + 2 * kv, a), Saved("attention output (o input)", q, a),
                 Saved("log-sum-exp", c.n_heads, FP32)]
+    if s.attention == "triton":  # its output is head-major: o's input is a copy; a window's rows get ranges
+        ranges = [Saved("each row's key ranges (a window shorter than the row)", 4, INT32)] if c.attention.window(
+            layer) else []
+        return [Saved("q, k, v after RoPE", q + 2 * kv, a), Saved("attention output", q, a),
+                Saved("log-sum-exp", c.n_heads, FP32), Saved("o input", q, a)] + ranges
     return [Saved("scaled q", q, FP32), Saved("k, v (grouped copies)", 2 * kv, FP32),
             Saved("attention output", q, FP32), Saved("o input", q, FP32)]
 
@@ -319,7 +352,7 @@ def gathered_block_bytes(c: ModelConfig, s: Setting) -> int:
 # -- the README's table ------------------------------------------------------------------
 
 TABLE_MODES = {"full (bf16 autocast, fp32 weights)": dict(mode="full"), "LoRA bf16": dict(mode="lora"),
-               "QLoRA nf4": dict(mode="nf4")}
+               "QLoRA nf4": dict(mode="nf4")}  # QLoRA: dense models only (sftplug refuses it on a mixture)
 TABLE_SETTING = Setting(tokens=4096)  # one row of 4096 tokens per micro-batch, every token trained
 TABLE_WORLD = 8
 
@@ -330,9 +363,13 @@ def table(setting: Setting = TABLE_SETTING, world: int = TABLE_WORLD) -> str:
     lines = [f"| model | mode | persistent B/param | peak GiB | + offload | + grad-ckpt | + grad-ckpt + offload | "
              f"FSDP x{world} + grad-ckpt: B/param, peak GiB per GPU |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, config in LLAMA.items():
+    for name, config in {**LLAMA, **moe_shapes()}.items():
         for label, options in TABLE_MODES.items():
+            if config.has_experts and options["mode"] == "nf4":
+                continue
             s = replace(setting, **options)
+            if config.attention.sinks:  # no flash kernel applies sinks: sftplug's Triton kernel does
+                s = replace(s, attention="triton")
             plain = estimate(config, s)
             peaks = [estimate(config, s, offload=offload, grad_ckpt=ckpt).peak / gib
                      for ckpt, offload in ((False, False), (False, True), (True, False), (True, True))]

@@ -38,7 +38,9 @@ class Saved:
 
 
 def check_modelled(c: ModelConfig) -> None:
-    """Refuse, in one line, the mixtures whose parts the memory model does not count."""
+    """Refuse, in one line, the models whose parts the memory model does not count."""
+    if getattr(c.attention, "output_gate", False):
+        raise SftplugError("memory model: attention's output gate is not modelled yet")
     o = c.experts
     if not c.has_experts:
         return

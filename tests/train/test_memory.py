@@ -1,7 +1,11 @@
 """sftplug.train.memory against built runs on the CPU: persistent bytes byte for byte (parameters, 4-bit
 weights and their scales, gradients, optimizer state) and the unique storages autograd saves in a forward."""
 
+import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,10 +13,14 @@ import torch
 
 from sftplug.data.packing import IGNORE, Rows
 from sftplug.errors import SftplugError
-from sftplug.train import memory
+from sftplug.loading import load_model
+from sftplug.model.experts import MoE
+from sftplug.model.lora import apply_lora
+from sftplug.train import memory, memory_experts, memory_shapes
 from sftplug.train.setup import build_run
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- memory-table: python -m sftplug.train.memory -->", "<!-- /memory-table -->"
 
 
@@ -44,14 +52,19 @@ def model_storages(model) -> dict[int, int]:
 
 def setting_of(run, mb, targets: int) -> memory.Setting:
     c = run.config
+    aux_loss = run.balance is not None and run.balance.has_aux and bool(run.balance.coef)
     return memory.Setting(mode="full" if c.full else ("lora" if c.quantize == "none" else c.quantize),
                           dtype=run.precision.name, optimizer=c.optimizer, tokens=mb["input_ids"].numel(),
                           targets=targets, grad_ckpt=c.grad_ckpt, attention=run.attention.backend.name,
-                          lora_r=c.lora_r, lora_targets=c.lora_targets, double_quant=c.double_quant)
+                          lora_r=c.lora_r, lora_targets=c.lora_targets, double_quant=c.double_quant,
+                          aux_loss=aux_loss)
 
 
 def saved_bytes(run, mb) -> tuple[int, int]:
-    """(bytes of the unique storages autograd saves in one training forward, parameters' excluded; targets)."""
+    """(bytes of the unique storages autograd saves in one training forward, the load-balancing loss's
+    included, and of the router logits each MoE layer keeps; parameters' excluded; targets)."""
+    with torch.no_grad():  # kernels' one-time probes (which compute with autograd) run here, not measured
+        run.loss_sum(mb)
     persistent, saved = model_storages(run.model), {}
 
     def pack(t):
@@ -62,7 +75,10 @@ def saved_bytes(run, mb) -> tuple[int, int]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         total, targets = run.loss_sum(mb)
-    return sum(saved.values()), targets
+        if run.balance is not None:
+            run.balance.after_forward(run.model, mb)
+    kept = [m.routing.logits for m in run.model.modules() if isinstance(m, MoE)]
+    return sum({**saved, **storage_bytes(kept)}.values()), targets
 
 
 CASES = {
@@ -187,3 +203,137 @@ def test_the_readme_table_is_the_functions():
     found = re.search(re.escape(TABLE_START) + r"\n(.*?)\n" + re.escape(TABLE_END), text, re.S)
     assert found, f"README.md: {TABLE_START} without {TABLE_END}"
     assert found.group(1).strip() == memory.table()
+
+
+# -- mixtures of experts --------------------------------------------------------------------
+
+MOE_FAMILIES = {  # make_hf_folder options (tests/conftest.py): 8 experts of 32, top 2
+    "qwen3_moe": dict(config_class="Qwen3MoeConfig", num_experts=8, moe_intermediate_size=32, norm_topk_prob=True,
+                      mlp_only_layers=[1], num_experts_per_tok=2, head_dim=16),  # q/k norms; layer 1 a dense MLP
+    "gpt_oss": dict(config_class="GptOssConfig", num_local_experts=8, intermediate_size=32, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"], num_experts_per_tok=2,
+                    head_dim=16),  # router and expert biases, clamped SwiGLU, sinks, q/k/v/o biases, YaRN
+}
+
+
+@pytest.fixture(scope="module")
+def moe_folders(tmp_path_factory, make_hf_folder):
+    folders = {}
+    for family, options in MOE_FAMILIES.items():
+        folders[family] = tmp_path_factory.mktemp(family)
+        make_hf_folder(folders[family], **options)
+    return folders
+
+
+# gpt-oss's sinks have no bf16 attention kernel on the CPU: its bf16 experts are checked module by module below
+MOE_RUNS = {"qwen3_moe lora fp32": ("qwen3_moe", dict(dtype="fp32", attention="chunked")),
+            "qwen3_moe full fp32": ("qwen3_moe", dict(dtype="fp32", attention="chunked", full=True)),
+            "qwen3_moe lora bf16": ("qwen3_moe", dict(dtype="bf16", attention="flash")),
+            "qwen3_moe full bf16": ("qwen3_moe", dict(dtype="bf16", attention="flash", full=True)),
+            "gpt_oss lora fp32": ("gpt_oss", dict(dtype="fp32", attention="chunked")),
+            "gpt_oss full fp32": ("gpt_oss", dict(dtype="fp32", attention="chunked", full=True))}
+
+
+@pytest.mark.parametrize("case", MOE_RUNS)
+def test_a_built_moe_run_has_the_modelled_bytes(case, moe_folders, small_config, registry, quiet):
+    """A tiny Qwen3-MoE-like and gpt-oss-like checkpoint, LoRA (experts included, the default targets) and
+    full: parameters, gradients and optimizer state byte for byte, and the storages autograd saves
+    (N·k rows through the experts, the load-balancing loss on, as the models' coefficients say)."""
+    family, options = MOE_RUNS[case]
+    run = build_run(small_config(model=str(moe_folders[family]), **options), registry, echo=quiet,
+                    rows=one_document_rows())
+    assert run.model.config.has_experts and run.balance is not None and run.balance.coef
+    if not run.config.full:
+        assert any(".experts.lora." in name for name, p in run.model.named_parameters() if p.requires_grad)
+    check_run(run)
+
+
+TRITON_CHILD = """
+import sys, tempfile
+sys.path.insert(0, ".")
+from sftplug.config import TrainConfig
+from sftplug.registry import build_registry
+from sftplug.train.setup import build_run
+from tests.train.test_memory import check_run, one_document_rows
+
+config = TrainConfig(model=sys.argv[1], out=tempfile.mkdtemp(), steps=6, micro_bsz=2, seq_len=64, eval_data=None,
+                     dtype="fp32", attention="triton", full=sys.argv[2] == "full")
+run = build_run(config, build_registry(entrypoints=False), echo=lambda *a, **k: None, rows=one_document_rows())
+assert run.attention.backend.name == "triton"
+check_run(run)
+"""
+
+
+@pytest.mark.slow
+def test_gpt_oss_with_the_triton_kernel_has_the_modelled_bytes(moe_folders, mode="lora"):
+    """gpt-oss's attention on GPUs is sftplug's Triton kernel (sinks): its saved tensors (a copy for o's
+    input, each row's ranges in a window's layers) as a built run keeps them, under the interpreter in fp32."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(moe_folders["gpt_oss"]), mode], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
+def moe_setting(config, mode: str, dtype: str, tokens: int) -> memory.Setting:
+    return memory.Setting(mode=mode, dtype=dtype, tokens=tokens, attention="flash" if dtype == "bf16" else "chunked")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("mode, dtype", [("full", "fp32"), ("lora", "fp32"), ("full", "bf16"), ("lora", "bf16")])
+def test_one_moe_feed_forward_saves_the_modelled_tensors(family, mode, dtype, moe_folders):
+    """The experts' entries alone, in every precision (gpt-oss in bf16 too): one MoE feed-forward under
+    autocast as the runs compute it (full: fp32 weights; LoRA: the base in the compute dtype, fp32 adapters),
+    its input needing a gradient as a block's does."""
+    base = torch.float32 if mode == "full" or dtype == "fp32" else torch.bfloat16
+    model = load_model(str(moe_folders[family]), dtype=base, attention=None).model  # the experts alone
+    if mode == "lora":
+        model = apply_lora(model, 16, 32, 0.0, memory.Setting().lora_targets)
+    layer = next(i for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE))
+    tokens = 37  # not a multiple of anything: N·k rows, some experts maybe without any
+    x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(base)
+    x.requires_grad_(True)
+    persistent, saved = model_storages(model), {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in persistent:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.layers[layer].mlp(x).sum().backward()
+    modelled = memory_experts.experts_saved(model.config, moe_setting(model.config, mode, dtype, tokens), layer)
+    expected = sum(x.total(tokens) for x in modelled)
+    if mode == "full" and dtype == "bf16":  # the router's and experts' bf16 weight copies (outside_saved counts them)
+        tensors = memory_shapes.block_tensors(model.config, layer).items()
+        expected += 2 * sum(n for name, n in tensors if name.startswith("mlp.") and not name.endswith("bias"))
+    assert sum(saved.values()) == expected
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_blocks_have_the_models_parameters(family, moe_folders):
+    """Each block's parameters by name and size, as memory_shapes counts them (norms apart)."""
+    model = load_model(str(moe_folders[family]), dtype=torch.float32, attention=None).model
+    config = model.config
+    for i, block in enumerate(model.layers):
+        params = {name: p.numel() for name, p in block.named_parameters()}
+        norms = sorted(n for name, n in params.items() if "norm" in name)
+        assert {k: v for k, v in params.items() if "norm" not in k} == memory_shapes.block_tensors(config, i)
+        assert norms == sorted(memory_shapes.norm_sizes(config))
+    assert sum(p.numel() for p in model.parameters()) == memory.model_params(config)
+
+
+def test_the_moe_shapes_have_their_parameter_counts():
+    """The published sizes of Qwen3-30B-A3B (30.5B) and gpt-oss-20b (20.9B), from their config.json."""
+    counts = {name: memory.model_params(config) for name, config in memory.moe_shapes().items()}
+    assert counts == {"Qwen3-30B-A3B": 30_532_122_624, "gpt-oss-20b": 20_914_757_184}
+
+
+def test_what_the_moe_model_does_not_count_is_refused():
+    config = memory.moe_shapes()["Qwen3-30B-A3B"]
+    with pytest.raises(SftplugError, match="^memory model: sftplug refuses --quantize nf4 on a mixture of experts"):
+        memory.estimate(config, mode="nf4")
+    shared = dataclasses.replace(config, experts=dataclasses.replace(config.experts, shared_size=64))
+    with pytest.raises(SftplugError, match="^memory model: qwen3_moe's shared expert is not modelled yet"):
+        memory.estimate(shared)
