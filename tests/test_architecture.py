@@ -199,7 +199,7 @@ def test_top_level_folders_install_under_sftplug_and_hide_no_package(package):
     assert link.is_symlink() and link.resolve() == folder.resolve()
 
 
-LOWER_ROOMS = ["model", "hf", "data", "attention", "fused"]
+LOWER_ROOMS = ["model", "hf", "data", "attention", "fused", "linear_attention"]
 UPPER_ROOMS = ["sftplug.loading", "sftplug.registry", "sftplug.train", "sftplug.checkpoint", "sftplug.cli",
                "sftplug.diagnostics"]
 
