@@ -68,6 +68,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, cos=None, sin=None, doc_ids=None, cache: LinearCache | None = None):
         b, t, _ = x.shape
+        if doc_ids is not None:  # the attention layers' backend may keep them on the host
+            doc_ids = doc_ids.to(x.device, non_blocking=True)
         qkv, z, beta_in, a = self.projections(x)
         qkv = self.convolve(qkv, doc_ids, cache)
         q, k, v = qkv.split([self.hk * self.dk, self.hk * self.dk, self.hv * self.dv], dim=-1)

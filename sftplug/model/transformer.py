@@ -118,6 +118,13 @@ class Transformer(nn.Module):
             if self.config.layer_type(i).mixer != "linear_attention":
                 block.attn.backend = backend
 
+    def attention_backend(self):
+        """The softmax-attention backend (None before one is set, or where every layer is linear attention)."""
+        for i, block in enumerate(self.layers):
+            if self.config.layer_type(i).mixer != "linear_attention":
+                return block.attn.backend
+        return None
+
     def attention_options(self, seq_len: int = 0) -> dict:
         """The attention request's options (sftplug.attention.AttentionRequest) this model needs
         for rows of ``seq_len`` (0: unknown): none for a Llama model."""
@@ -162,7 +169,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # [B, T, C]
         if self.config.embed_scale != 1.0:  # the scale in the embeddings' dtype, as HF rounds it
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
-        if doc_ids is not None and not getattr(self.layers[0].attn.backend, "host_doc_ids", False):
+        if doc_ids is not None and not getattr(self.attention_backend(), "host_doc_ids", False):
             doc_ids = doc_ids.to(x.device, non_blocking=True)  # once for every layer
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ropes = {False: self.rope(positions, dtype)}  # keyed by "a sliding-window layer"

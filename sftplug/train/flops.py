@@ -7,7 +7,12 @@ its multiply-adds, forward plus backward, for the work the loss needs:
   for trained weights (LoRA's frozen base has none; its adapters do);
 - attention's scores and weighted sum: 4 * heads * head_dim FLOPs per token and key seen
   forward, twice that backward; causal, so a token sees half a row on average;
-- the LM head on target positions only (sftplug applies it nowhere else).
+- the LM head on target positions only (sftplug applies it nowhere else);
+- a mixture of experts: the router, the k experts a token reaches and the shared expert; an
+  experts' LoRA counts k / E of its adapters per token;
+- a Gated DeltaNet layer: its projections and convolution, and the chunked gated delta rule's
+  products (sftplug.linear_attention.pytorch: within a chunk of C tokens q k^T, the two triangular
+  solves and the weighted values; across chunks three products with the Dk x Dv state).
 
 Rows are counted as one document each: packed documents see fewer keys, so for packed
 rows the attention part is an upper bound.
@@ -19,6 +24,8 @@ import os
 
 import torch
 
+from sftplug.linear_attention.pytorch import CHUNK
+
 PEAK_ENV = "SFTPLUG_PEAK_TFLOPS"
 # Dense bf16/fp16 tensor-core peaks from the vendors' data sheets, by a piece of the name
 # torch.cuda.get_device_name() gives; the first match wins. SFTPLUG_PEAK_TFLOPS overrides.
@@ -29,17 +36,51 @@ PEAK_TFLOPS = (
 )  # fmt: skip
 
 
-def update_flops(config, tokens: int, targets: int, seq_len: int, full: bool, adapter_params: int = 0) -> float:
-    """Model FLOPs of one update over ``tokens`` positions with ``targets`` of them trained."""
-    h, q, kv, inter = config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, (
-        config.intermediate_size
-    )
-    block_weights = config.n_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+def update_flops(config, tokens: int, targets: int, seq_len: int, full: bool, adapter_params: float = 0) -> float:
+    """Model FLOPs of one update over ``tokens`` positions with ``targets`` of them trained
+    (``adapter_params``: the LoRA values a token passes through, :func:`active_adapter_params`)."""
     passes = 6 if full else 4  # forward, input gradient, weight gradient (full fine-tuning only)
-    linear = passes * block_weights * tokens + 6 * adapter_params * tokens
-    attention = 3 * 4 * config.n_layers * q * (seq_len / 2) * tokens
-    head = (6 if full else 4) * h * config.vocab_size * targets
-    return float(linear + attention + head)
+    linear = passes * block_weights_per_token(config) * tokens + 6 * adapter_params * tokens
+    mixing = 3 * sum(_mixing_per_token(config, i, seq_len) for i in range(config.n_layers)) * tokens
+    head = (6 if full else 4) * config.hidden_size * config.vocab_size * targets
+    return float(linear + mixing + head)
+
+
+def block_weights_per_token(config) -> int:
+    """The block weights one token multiplies through, layer by layer of its kinds."""
+    h, q, kv = config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    total = 0
+    for i in range(config.n_layers):
+        kind = config.layer_type(i)
+        if kind.mixer == "linear_attention":
+            o = config.linear_attention
+            key, value = o.key_heads * o.key_head_dim, o.value_heads * o.value_head_dim
+            total += h * (2 * key + 2 * value + 2 * o.value_heads) + value * h + (2 * key + value) * o.conv_kernel
+        else:
+            total += h * ((2 if config.attention.output_gate else 1) * q + 2 * kv) + q * h
+        if kind.feed_forward == "experts":
+            e = config.experts
+            total += h * e.count + e.top_k * 3 * h * e.intermediate_size + 3 * h * e.shared_size + h * e.shared_gate
+        else:
+            total += 3 * h * config.intermediate_size
+    return total
+
+
+def _mixing_per_token(config, layer: int, seq_len: int) -> float:
+    """Forward FLOPs per token of the mixing itself (no weights): attention's scores and weighted sum over
+    half a row on average (causal), or the chunked gated delta rule's products."""
+    if config.layer_type(layer).mixer == "linear_attention":
+        o, chunk = config.linear_attention, CHUNK
+        dk, dv = o.key_head_dim, o.value_head_dim
+        per_head = chunk * (2 * dk + dv) + chunk * (dk + dv) / 2 + 3 * dk * dv  # multiply-adds
+        return 2 * o.value_heads * per_head
+    return 4 * config.n_heads * config.head_dim * (seq_len / 2)
+
+
+def active_adapter_params(named_params, config) -> float:
+    """LoRA values a token passes through: all of a linear layer's, k / E of an experts' adapters."""
+    share = config.experts.top_k / config.experts.count if config.experts.count else 1.0
+    return sum(p.numel() * (share if ".experts.lora." in name else 1.0) for name, p in named_params)
 
 
 def peak_flops(device: torch.device, half: bool) -> float | None:

@@ -28,7 +28,7 @@ from sftplug.errors import SftplugError
 from sftplug.fused.choice import FusedChoice
 from sftplug.model.lora import lm_head_weight
 from sftplug.train.balance import Balance
-from sftplug.train.flops import update_flops
+from sftplug.train.flops import active_adapter_params, update_flops
 from sftplug.train.loss import target_loss_sum
 from sftplug.train.precision import PrecisionPolicy
 from sftplug.train.schedule import Schedule
@@ -182,7 +182,8 @@ class Run:
             record["skipped"] = skipped
         if self.peak_flops:
             config = self.config
-            adapters = 0 if config.full else sum(p.numel() for p in self.params)
+            trained = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            adapters = 0 if config.full else active_adapter_params(trained, self.model.config)
             model_flops = update_flops(self.model.config, counts.tokens, counts.target_tokens, config.seq_len,
                                        config.full, adapters)
             record["mfu"] = model_flops / seconds / (self.peak_flops * self.world.size)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sftplug.model.transformer import ModelConfig
-from sftplug.train.flops import PEAK_ENV, peak_flops, update_flops
+from sftplug.train.flops import PEAK_ENV, active_adapter_params, peak_flops, update_flops
 
 CONFIG = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=12, n_layers=2, n_heads=2, n_kv_heads=1)
 
@@ -17,6 +17,34 @@ def test_update_flops_by_hand():
     lora = 4 * 960 * tokens + 6 * 50 * tokens + 1536 * tokens + 4 * 8 * 100 * targets
     assert update_flops(CONFIG, tokens, targets, seq_len, full=True) == full
     assert update_flops(CONFIG, tokens, targets, seq_len, full=False, adapter_params=50) == lora
+
+
+def test_a_mixture_of_experts_counts_the_experts_a_token_reaches():
+    moe = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=12, n_layers=2, n_heads=2, n_kv_heads=1,
+                      experts=dict(count=4, top_k=2, intermediate_size=6, shared_size=5, shared_gate=True),
+                      layer_types=[dict(feed_forward="experts"), dict()])
+    # layer 0: attention 192, router 8x4=32, 2 experts x 3x8x6=288, shared 3x8x5=120, its gate 8 -> 640
+    # layer 1: attention 192 + MLP 288 = 480
+    tokens, targets, seq_len = 32, 10, 16
+    assert update_flops(moe, tokens, targets, seq_len, full=True) == (6 * 1120 * tokens + 1536 * tokens
+                                                                      + 6 * 8 * 100 * targets)
+    adapters = [("layers.0.mlp.experts.lora.down_proj.A", torch.zeros(4, 2, 6)),
+                ("layers.0.attn.qkv.lora_A", torch.zeros(2, 8))]
+    assert active_adapter_params(adapters, moe) == 48 * 2 / 4 + 16  # k / E of the experts' adapters
+
+
+def test_a_linear_attention_layer_counts_its_projections_and_the_chunked_rule():
+    hybrid = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=12, n_layers=2, n_heads=2, n_kv_heads=1,
+                         attention=dict(output_gate=True),
+                         linear_attention=dict(key_heads=1, value_heads=2, key_head_dim=4, value_head_dim=2,
+                                               conv_kernel=4),
+                         layer_types=[dict(mixer="linear_attention"), dict()])
+    # layer 0: in_proj 8x(4+4+4+4+2+2)=160, out_proj 4x8=32, conv (4+4+4)x4=48, MLP 288 -> 528
+    # layer 1: gated attention 8x(2x8+4+4)=192 + o 64 + MLP 288 -> 544
+    # the rule per token: 2 heads x 2 x (64x(8+2) + 64x(4+2)/2 + 3x4x2) = 3424; attention 4x8x8 = 256
+    tokens, targets, seq_len = 32, 10, 16
+    assert update_flops(hybrid, tokens, targets, seq_len, full=True) == (6 * 1072 * tokens + 3 * (3424 + 256) * tokens
+                                                                         + 6 * 8 * 100 * targets)
 
 
 def test_peak_is_stated_or_known(monkeypatch):
