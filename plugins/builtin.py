@@ -9,6 +9,7 @@ BUILTIN_PLUGINS = [
     ("triton", "sftplug.plugins.triton_attention:triton"),
     ("chunked", "sftplug.plugins.chunked:chunked"),
     ("flex", "sftplug.plugins.flex_attention:flex"),
+    ("linear", "sftplug.plugins.linear_attention:linear"),
     ("triton-ops", "sftplug.plugins.triton_ops:triton_ops"),
     ("precision", "sftplug.plugins.precision:precision"),
     ("hf", "sftplug.plugins.loaders:hf_checkpoint"),

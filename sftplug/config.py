@@ -109,6 +109,8 @@ class TrainConfig:
                         choices=("auto",) + dtypes.TRAINING)
     tf32: bool = option(False, "TF32 matmuls for fp32 on Ampere+ GPUs.", "runtime")
     attention: str = option("auto", "Attention backend (see `sftplug plugins`).", "runtime")
+    linear_attention: str = option("auto", "Backend of the gated delta rule in a hybrid model's linear-attention "
+                                   "layers (Qwen3.5, Qwen3-Next; see `sftplug plugins`).", "runtime")
     fused: str = option("auto", "Fused forms of RMSNorm, the gated MLP, RoPE and the loss: auto (where faster "
                         "here), none, all, or ops to fuse: rmsnorm,glu,rope,cross_entropy (OP=FORM names a form).",
                         "runtime")

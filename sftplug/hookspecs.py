@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from sftplug.attention import AttentionBackend, AttentionRequest
     from sftplug.config import TrainConfig
     from sftplug.fused import FusedOp, FusedOpsRequest
+    from sftplug.linear_attention.backend import LinearAttentionBackend, LinearAttentionRequest
     from sftplug.model.contract import LoadedModel
     from sftplug.model.quantize import QuantSpec
     from sftplug.train.loggers import Logger
@@ -97,6 +98,18 @@ def select_attention(request: AttentionRequest) -> AttentionBackend | None:
 
     :param request: the name asked for, device, dtype, head dim, query and key/value heads,
         whether rows are packed, and the model's attention options (window, soft-cap, scale).
+    """
+
+
+@hookspec
+def select_linear_attention(request: LinearAttentionRequest) -> list[LinearAttentionBackend] | None:
+    """Offer this plugin's backends of the gated delta rule (Gated DeltaNet layers), or return None.
+
+    Every plugin is asked; the core takes the backend named by ``--linear-attention``, or for
+    ``auto`` the highest ``priority_for(request)`` whose ``check(request)`` passes. Asked only
+    for models with linear-attention layers. Not firstresult: all offers are collected.
+
+    :param request: the name asked for, device, dtype, key/value heads and head dims, packed rows.
     """
 
 

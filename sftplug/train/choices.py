@@ -27,6 +27,9 @@ from sftplug.errors import SftplugError
 from sftplug.fused.choice import choose_fused_ops, fused_skipped
 from sftplug.fused.op import FusedOpsRequest
 from sftplug.hf.load import CONFIG, read_hf_config
+from sftplug.linear_attention.backend import LinearAttentionRequest
+from sftplug.linear_attention.choice import choose_linear_attention, linear_attention_skipped
+from sftplug.model.config import LinearAttentionConfig
 from sftplug.model.lora_targets import EXPERTS_TARGETS
 from sftplug.model.transformer import PRESETS, ModelConfig
 from sftplug.train.loggers import check_log_to
@@ -44,11 +47,25 @@ def check_choices(config: TrainConfig, registry, device: torch.device, compute_d
         probes.import_bitsandbytes(f"--quantize {config.quantize}")
     shape = model_shape(config.model)
     check_attention(registry, config, device, compute_dtype, shape)
+    check_linear_attention(registry, config, device, compute_dtype, shape)
     if shape is not None and config.fused not in ("auto", "none"):  # auto and none always have an answer
         choose_fused_ops(registry.hook, fused_request_for(shape, config, device, compute_dtype), config.fused,
                          config.torch_compile, fused_skipped(registry))
     if config.resume and config.resume != "auto":  # auto's checkpoint is OUT's, checked once OUT is held
         check_resumable(resume_folder(config.resume, Path(config.out)), config)
+
+
+def check_linear_attention(registry, config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                           shape: ModelConfig | None) -> None:
+    """``--linear-attention``: for a hybrid model of known shape, whether it runs here; else whether it is offered."""
+    if config.linear_attention == "auto" and shape is None:
+        return
+    hybrid = shape is not None and any(t.mixer == "linear_attention" for t in shape.layer_types)
+    o = shape.linear_attention if hybrid else LinearAttentionConfig(key_heads=1, value_heads=1)
+    request = LinearAttentionRequest(config.linear_attention, device, dtype, o.key_heads, o.value_heads,
+                                     o.key_head_dim, o.value_head_dim, seq_len=config.seq_len)
+    if hybrid or config.linear_attention != "auto":  # a dense model: only whether the name is known
+        choose_linear_attention(registry.hook, request, linear_attention_skipped(registry))
 
 
 def check_attention(registry, config: TrainConfig, device: torch.device, dtype: torch.dtype,

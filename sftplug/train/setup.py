@@ -25,6 +25,7 @@ from sftplug.errors import SftplugError
 from sftplug.fused.choice import attach_fused
 from sftplug.fused.op import FusedOpsRequest
 from sftplug.hf.peft_adapter import load_peft_adapter
+from sftplug.linear_attention.choice import attach_linear_attention
 from sftplug.loading import load_model
 from sftplug.model.lora import apply_lora, describe_lora
 from sftplug.model.offload import describe_offload
@@ -83,15 +84,19 @@ def assemble_run(config: TrainConfig, registry, world: distributed.World, echo, 
     replicated = distributed.replicate(model, world) if world.active and not distributed.is_sharded(model) else None
     data = Prepared(rows, None) if rows is not None else load_data(config, tokenizer, world, out, echo)
     compute_dtype = precision.autocast_dtype or torch.float32
-    attention = attach(model, registry, config.attention, device, compute_dtype,
-                       packed=bool(int(data.train.docs_per_row.max()) > 1), seq_len=config.seq_len)
+    packed = bool(int(data.train.docs_per_row.max()) > 1)
+    attention = attach(model, registry, config.attention, device, compute_dtype, packed=packed,
+                       seq_len=config.seq_len)
+    linear = attach_linear_attention(model, registry, config.linear_attention, device, compute_dtype, packed=packed,
+                                     seq_len=config.seq_len)
     fused = attach_fused(model, registry, fused_request(model, config, device, compute_dtype), config.fused,
                          compiled=config.torch_compile)
     mode = f"full fine-tune, {sum(p.numel() for p in params):,} trainable params" if config.full else (
         ("adapter " + config.adapter + ": " if config.adapter else "") + describe_lora(model))
     echo(f"model: {loaded.description}; {mode} on {device}")
     precision_line = precision.name + (f" ({precision_why_chosen})" if precision_why_chosen else "")
-    echo(f"precision: {precision_line}; attention: {attention.why_chosen}")
+    echo(f"precision: {precision_line}; attention: {attention.why_chosen}"
+         + (f"; linear attention: {linear.why_chosen}" if linear else ""))
     echo(f"fused ops: {fused.describe()}")
     if config.offload_activations:
         echo(f"activations: {describe_offload(device, config.grad_ckpt)}")
