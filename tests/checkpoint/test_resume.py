@@ -140,3 +140,19 @@ def test_fp16_scaler_state_comes_back(small_config, tmp_path, registry, quiet):
     assert second.precision.scaler.get_scale() == 65536.0
     resume(second, "auto")
     assert second.precision.scaler.get_scale() == 32768.0 and second.step == 3
+
+
+def test_a_dense_run_saved_before_the_experts_targets_resumes_under_todays_default(small_config, tmp_path, registry,
+                                                                                   quiet):
+    """The default --lora-targets gained experts.gate_up_proj/down_proj; to a model without experts they mean
+    nothing, so a checkpoint whose config lists the seven projections alone still resumes."""
+    out = tmp_path / "run"
+    train(small_config(out=str(out), steps=2), registry, echo=quiet)
+    manifest = out / "checkpoints" / "step-2" / "run.json"
+    saved = json.loads(manifest.read_text())
+    assert "experts.gate_up_proj" in saved["config"]["lora_targets"]
+    saved["config"]["lora_targets"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    manifest.write_text(json.dumps(saved))
+    train(small_config(out=str(out), steps=3, resume="auto"), registry, echo=quiet)
+    with pytest.raises(SftplugError, match="--lora-targets is .* but .* trained with .*; it cannot change on resume"):
+        train(small_config(out=str(out), steps=4, lora_targets=("q_proj",), resume="auto"), registry, echo=quiet)
