@@ -21,7 +21,8 @@ and S0 carries into S1 only if that document began before the chunk.
 
 Kernels: ``_prepare`` (per chunk: gc, T, W, U), ``_scan`` (per row, head and Dv block: the
 state across chunks in fp32, O; in backward it saves each chunk's S0 and Vn), ``_state_grad``
-(the same scan backwards: dS per chunk and dVn) and ``_grads`` (per chunk: dq, dk, dv, dbeta, dg).
+(the same scan backwards: dS per chunk and dVn), ``_grads_through_t`` and ``_grads`` (per chunk:
+dv, dbeta and dk's and dg's parts through T, W and U; then dq and the rest of dk and dg).
 Products of the inputs (Q K^T, K K^T) run in the inputs' dtype; products with derived fp32 values
 (T, W, U, S) in fp32 (IEEE for fp32 inputs, TF32 on a GPU for fp16 / bf16), accumulated in fp32.
 q and k heads serve Hv / Hk consecutive v heads; their gradients are summed over the group.
@@ -41,8 +42,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128)  # Dk and Dv: powers of two tl.dot takes (16 and 32 for tests)
 # (chunk BT, Dv block BV, warps, stages) by target and Dk
 _CONFIGS = {
-    "hopper": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2)},
-    "ampere": {64: (64, 64, 4, 2), 128: (64, 32, 8, 2)},
+    "hopper": {64: (32, 64, 8, 1), 128: (32, 16, 8, 1)},
+    "ampere": {64: (32, 64, 8, 1), 128: (32, 16, 8, 1)},
     # the interpreter: small chunks, so short test rows span several of them
     "interpreter": {d: (16, 16, 1, 1) for d in HEAD_DIMS},
 }
@@ -215,45 +216,106 @@ if triton is not None:
             d_state -= tl.dot(tl.trans(w), d_vn, input_precision=PRECISION)
 
     @triton.jit
+    def _chunk_setup(DOCS, GC, bh, HK, HV, T, HAS_DOCS: tl.constexpr, BT: tl.constexpr):
+        """What both gradient kernels know of their chunk: (chunk, row, v head, q/k head, positions,
+        token rows, head rows, masks..., gc, gc_last)."""
+        n, t0 = tl.program_id(0), tl.program_id(0) * BT
+        b, h = bh // HV, bh % HV
+        pos = t0 + tl.arange(0, BT)
+        valid, same, reads, writes, carries = _chunk_masks(DOCS, b, t0, T, HAS_DOCS, BT)
+        head_rows = bh.to(tl.int64) * T + pos
+        gc = tl.load(GC + head_rows, mask=valid, other=0.0)
+        gc_last = tl.load(GC + bh.to(tl.int64) * T + tl.minimum(t0 + BT, T) - 1)
+        return (n, h, h // (HV // HK), pos, b.to(tl.int64) * T + pos, head_rows, valid, same, reads, writes,
+                carries, gc, gc_last)
+
+    @triton.jit
+    def _grads_through_t_kernel(
+        K, V, BETA, DOCS, GC, TINV, H, DVN,  # as the kernels above wrote them
+        DK_, DV_, DBETA, DGC,  # written: dk's part [B, T, HV, DK], dv, dbeta, dgc's part fp32 [B, T, HV]
+        T, HK, HV,
+        HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+    ):
+        """The gradients through U = T diag(beta) V and W = T diag(beta exp(gc)) K (T = (I + A)^-1).
+        Dk is taken in blocks of BK (few [BT, Dk] tiles live at once)."""
+        bh = tl.program_id(1)
+        n, h, hk, pos, token, head_rows, valid, same, reads, _, _, gc, _ = _chunk_setup(
+            DOCS, GC, bh, HK, HV, T, HAS_DOCS, BT)
+        i = tl.arange(0, BT)
+        states = H + (bh.to(tl.int64) * tl.cdiv(T, BT) + n) * DK * DV  # this chunk's S0 [DK, DV]
+        beta = tl.load(BETA + token * HV + h, mask=valid, other=0.0)
+        tinv = _rows(TINV, head_rows, valid, BT, i, BT)
+        read_decay = tl.where(reads, tl.exp(gc), 0.0)
+        d_t = tl.zeros((BT, BT), dtype=tl.float32)
+        d_beta = tl.zeros((BT,), dtype=tl.float32)
+        d_gc = tl.zeros((BT,), dtype=tl.float32)
+        for v0 in range(0, DV, BV):  # U = T Vb: dU = dVn
+            cols = v0 + tl.arange(0, BV)
+            d_vn = _rows(DVN, head_rows, valid, DV, cols, DV)
+            v = _rows(V + h * DV, token, valid, HV * DV, cols, DV).to(tl.float32)
+            d_vb = tl.dot(tl.trans(tinv), d_vn, input_precision=PRECISION)
+            _put_rows(DV_ + h * DV, token, valid, HV * DV, cols, DV, beta[:, None] * d_vb)
+            d_beta += tl.sum(d_vb * v, 1)
+            d_t += tl.dot(d_vn, tl.trans(beta[:, None] * v), input_precision=PRECISION)
+        for k0 in range(0, DK, BK):  # W = T Kb: dW = -dVn S0^T (Vn = U - W S0)
+            kcols = k0 + tl.arange(0, BK)
+            d_w = tl.zeros((BT, BK), dtype=tl.float32)
+            for v0 in range(0, DV, BV):
+                cols = v0 + tl.arange(0, BV)
+                s0 = tl.load(states + kcols[:, None] * DV + cols[None, :], mask=(cols < DV)[None, :], other=0.0)
+                d_w -= tl.dot(_rows(DVN, head_rows, valid, DV, cols, DV), tl.trans(s0), input_precision=PRECISION)
+            k = _rows(K + hk * DK, token, valid, HK * DK, kcols, DK).to(tl.float32)
+            d_t += tl.dot(d_w, tl.trans((beta * read_decay)[:, None] * k), input_precision=PRECISION)
+            d_kb = tl.dot(tl.trans(tinv), d_w, input_precision=PRECISION)
+            d_kb_k = tl.sum(d_kb * k, 1)
+            d_beta += read_decay * d_kb_k
+            d_gc += beta * read_decay * d_kb_k  # sum(dKb o Kb)
+            _put_rows(DK_ + h * DK, token, valid, HV * DK, kcols, DK, (beta * read_decay)[:, None] * d_kb)
+        # dA = -T^T dT T^T on A's strictly lower, same-document part; A = diag(beta) KK, KK = (K K^T) o Gamma
+        kk = tl.zeros((BT, BT), dtype=tl.float32)
+        for k0 in range(0, DK, BK):
+            k = _rows(K + hk * DK, token, valid, HK * DK, k0 + tl.arange(0, BK), DK)
+            kk += tl.dot(k, tl.trans(k), input_precision=PRECISION)
+        strict_decay = _decay(gc, same, BT, True)
+        kk *= strict_decay
+        d_a = -tl.dot(tl.dot(tl.trans(tinv), d_t, input_precision=PRECISION), tl.trans(tinv),
+                      input_precision=PRECISION)
+        d_a = tl.where(same & (i[:, None] > i[None, :]), d_a, 0.0)
+        d_beta += tl.sum(d_a * kk, 1)
+        d_kk = d_a * beta[:, None]
+        by_pair = d_kk * kk
+        d_gc += tl.sum(by_pair, 1) - tl.sum(by_pair, 0)
+        d_kkk = d_kk * strict_decay
+        tl.debug_barrier()  # dk's part through Kb, stored above, is read back below by other threads
+        for k0 in range(0, DK, BK):
+            kcols = k0 + tl.arange(0, BK)
+            k = _rows(K + hk * DK, token, valid, HK * DK, kcols, DK).to(tl.float32)
+            d_k = _rows(DK_ + h * DK, token, valid, HV * DK, kcols, DK)
+            d_k += tl.dot(d_kkk, k, input_precision=PRECISION) + tl.dot(tl.trans(d_kkk), k, input_precision=PRECISION)
+            _put_rows(DK_ + h * DK, token, valid, HV * DK, kcols, DK, d_k)
+        tl.store(DBETA + token * HV + h, d_beta, mask=valid)
+        tl.store(DGC + token * HV + h, d_gc, mask=valid)
+
+    @triton.jit
     def _grads_kernel(
-        Q, K, V, BETA, DOCS, GC, TINV, H, VN, DH, DVN, DO,  # as the kernels above wrote them
-        DQ, DK_, DV_, DBETA, DG,  # written: dq, dk fp32 [B, T, HV, DK] (per v head), dv [B, T, HV, DV],
-        # dbeta and dg fp32 [B, T, HV]
+        Q, K, DOCS, GC, H, VN, DH, DO,  # as the kernels above wrote them
+        DQ, DK_, DG,  # written: dq fp32 [B, T, HV, DK] (per v head); dk and dg: _grads_through_t's parts
+        # completed
         T, HK, HV, scale,
         HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
         DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     ):
-        n, bh = tl.program_id(0), tl.program_id(1)
-        t0 = n * BT
-        b, h = bh // HV, bh % HV
-        hk = h // (HV // HK)
+        """The gradients through O = diag(exp(gc)) Q S0 + (Q K^T o Gamma) Vn and S1's K^T diag(...) Vn,
+        added to _grads_through_t's; then dg from dgc."""
+        bh = tl.program_id(1)
+        n, h, hk, pos, token, head_rows, valid, same, reads, writes, carries, gc, gc_last = _chunk_setup(
+            DOCS, GC, bh, HK, HV, T, HAS_DOCS, BT)
+        t0, dk = n * BT, tl.arange(0, DK)
         n_chunks = tl.cdiv(T, BT)
-        pos = t0 + tl.arange(0, BT)
-        i, dk = tl.arange(0, BT), tl.arange(0, DK)
-        valid, same, reads, writes, carries = _chunk_masks(DOCS, b, t0, T, HAS_DOCS, BT)
-        token = b.to(tl.int64) * T + pos
-        head_rows = bh.to(tl.int64) * T + pos
-        q = _rows(Q + hk * DK, token, valid, HK * DK, dk, DK)
-        k = _rows(K + hk * DK, token, valid, HK * DK, dk, DK)
-        k32, qs = k.to(tl.float32), q.to(tl.float32) * scale
-        beta = tl.load(BETA + token * HV + h, mask=valid, other=0.0)
-        gc = tl.load(GC + head_rows, mask=valid, other=0.0)
-        gc_last = tl.load(GC + bh.to(tl.int64) * T + tl.minimum(t0 + BT, T) - 1)
-        tinv = _rows(TINV, head_rows, valid, BT, i, BT)
-        decay = _decay(gc, same, BT, False)
-        strict = same & (i[:, None] > i[None, :])
-        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale * decay
-        kk = tl.where(strict, tl.dot(k, tl.trans(k), input_precision=PRECISION) * decay, 0.0)
-        read_decay = tl.where(reads, tl.exp(gc), 0.0)
-        kb = (beta * read_decay)[:, None] * k32
-        write_decay = tl.where(writes, tl.exp(gc_last - gc), 0.0)
-
         d_read = tl.zeros((BT, DK), dtype=tl.float32)  # d(qd) where qd = read_decay * qs
         d_p = tl.zeros((BT, BT), dtype=tl.float32)
-        d_w = tl.zeros((BT, DK), dtype=tl.float32)
         d_kd = tl.zeros((BT, DK), dtype=tl.float32)  # d(kd) where kd = write_decay * k
-        d_t = tl.zeros((BT, BT), dtype=tl.float32)
-        d_beta = tl.zeros((BT,), dtype=tl.float32)
         d_carry = 0.0  # sum(dS1 o S0): the gradient of S0's carried decay
         for v0 in range(0, DV, BV):
             cols = v0 + tl.arange(0, BV)
@@ -262,47 +324,32 @@ if triton is not None:
             d_s1 = tl.load(DH + chunk_state, mask=(cols < DV)[None, :], other=0.0)
             d_o = _rows(DO + h * DV, token, valid, HV * DV, cols, DV).to(tl.float32)
             vn = _rows(VN, head_rows, valid, DV, cols, DV)
-            d_vn = _rows(DVN, head_rows, valid, DV, cols, DV)
-            v = _rows(V + h * DV, token, valid, HV * DV, cols, DV).to(tl.float32)
             d_read += tl.dot(d_o, tl.trans(s0), input_precision=PRECISION)
             d_p += tl.dot(d_o, tl.trans(vn), input_precision=PRECISION)
-            d_w -= tl.dot(d_vn, tl.trans(s0), input_precision=PRECISION)  # Vn = U - W S0
             d_kd += tl.dot(vn, tl.trans(d_s1), input_precision=PRECISION)
             d_carry += tl.sum(tl.sum(d_s1 * s0, 1), 0)
-            d_vb = tl.dot(tl.trans(tinv), d_vn, input_precision=PRECISION)  # U = T Vb, dU = dVn
-            _put_rows(DV_ + h * DV, token, valid, HV * DV, cols, DV, beta[:, None] * d_vb)
-            d_beta += tl.sum(d_vb * v, 1)
-            d_t += tl.dot(d_vn, tl.trans(beta[:, None] * v), input_precision=PRECISION)
-        # W = T Kb, T = (I + A)^-1: dA = -T^T dT T^T on A's strictly lower, same-document part
-        d_t += tl.dot(d_w, tl.trans(kb), input_precision=PRECISION)
-        d_kb = tl.dot(tl.trans(tinv), d_w, input_precision=PRECISION)
-        d_a = tl.dot(tl.dot(tl.trans(tinv), d_t, input_precision=PRECISION), tl.trans(tinv),
-                     input_precision=PRECISION)
-        d_kk = tl.where(strict, -d_a, 0.0) * beta[:, None]  # A = diag(beta) KK
-        d_beta += tl.sum(tl.where(strict, -d_a, 0.0) * kk, 1)
-
-        # k and q, through P = (qs K^T) o Gamma, KK = (K K^T) o Gamma, Kb, kd and qd
+        q = _rows(Q + hk * DK, token, valid, HK * DK, dk, DK)
+        k = _rows(K + hk * DK, token, valid, HK * DK, dk, DK)
+        k32, qs = k.to(tl.float32), q.to(tl.float32) * scale
+        decay = _decay(gc, same, BT, False)
+        p = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale * decay
+        read_decay = tl.where(reads, tl.exp(gc), 0.0)
+        write_decay = tl.where(writes, tl.exp(gc_last - gc), 0.0)
         d_pk = d_p * decay
-        d_kkk = d_kk * tl.where(strict, decay, 0.0)
         d_qs = tl.dot(d_pk, k32, input_precision=PRECISION) + read_decay[:, None] * d_read
-        d_k = tl.dot(tl.trans(d_pk), qs, input_precision=PRECISION)
-        d_k += tl.dot(d_kkk, k32, input_precision=PRECISION) + tl.dot(tl.trans(d_kkk), k32, input_precision=PRECISION)
-        d_k += (beta * read_decay)[:, None] * d_kb + write_decay[:, None] * d_kd
-        d_beta += read_decay * tl.sum(d_kb * k32, 1)
-
+        d_k = _rows(DK_ + h * DK, token, valid, HV * DK, dk, DK)
+        d_k += tl.dot(tl.trans(d_pk), qs, input_precision=PRECISION) + write_decay[:, None] * d_kd
         # the cumulative decay gc: every exp(gc_i - gc_j), exp(gc_i) and exp(gc_last - gc_j) it enters
-        by_pair = d_p * p + d_kk * kk
-        d_gc = tl.sum(by_pair, 1) - tl.sum(by_pair, 0)
-        d_gc += read_decay * tl.sum(d_read * qs, 1) + tl.sum(d_kb * kb, 1)
+        by_pair = d_p * p
+        d_gc = tl.load(DG + token * HV + h, mask=valid, other=0.0)
+        d_gc += tl.sum(by_pair, 1) - tl.sum(by_pair, 0) + read_decay * tl.sum(d_read * qs, 1)
         by_write = write_decay * tl.sum(d_kd * k32, 1)
         d_gc -= by_write
         d_last = tl.sum(by_write, 0) + tl.where(carries, tl.exp(gc_last), 0.0) * d_carry
         d_gc += tl.where(pos == tl.minimum(t0 + BT, T) - 1, d_last, 0.0)
         d_g = tl.cumsum(d_gc, 0, reverse=True)  # gc_i sums g over the chunk's positions <= i
-
         _put_rows(DQ + h * DK, token, valid, HV * DK, dk, DK, d_qs * scale)
         _put_rows(DK_ + h * DK, token, valid, HV * DK, dk, DK, d_k)
-        tl.store(DBETA + token * HV + h, d_beta, mask=valid)
         tl.store(DG + token * HV + h, d_g, mask=valid)
 
     _jit_interpreted = interpreted(_prepare_kernel)  # the mode @triton.jit chose at this import
@@ -383,9 +430,12 @@ def _backward(q, k, v, g, beta, docs, d_out, lay: _Layout):
     dv = torch.empty_like(v)
     dbeta = lay.fp32(lay.batch, T, lay.heads_v, device=device)
     dg = torch.empty_like(dbeta)
+    _grads_through_t_kernel[(lay.chunks, lay.rows)](
+        k, v, beta, docs, gc, tinv, states, d_new_values, dk, dv, dbeta, dg, T, lay.heads_k, lay.heads_v,
+        BV=lay.block_v, BK=min(32, lay.dim_k), **lay.constexprs)
     _grads_kernel[(lay.chunks, lay.rows)](
-        q, k, v, beta, docs, gc, tinv, states, new_values, d_states, d_new_values, d_out, dq, dk, dv, dbeta, dg,
-        T, lay.heads_k, lay.heads_v, lay.scale, BV=lay.block_v, **lay.constexprs)
+        q, k, docs, gc, states, new_values, d_states, d_out, dq, dk, dg, T, lay.heads_k, lay.heads_v, lay.scale,
+        BV=lay.block_v, **lay.constexprs)
     group = lay.heads_v // lay.heads_k
     dq, dk = (x.view(lay.batch, T, lay.heads_k, group, lay.dim_k).sum(3) for x in (dq, dk))
     return dq, dk, dv, dg, dbeta
@@ -457,7 +507,7 @@ def _check(q, k, v, g, beta, doc_ids) -> None:
 # Compile report
 # ---------------------------------------------------------------------------------------
 
-_FP32_POINTERS = {"G", "BETA", "GC", "W", "U", "TINV", "H", "VN", "DH", "DVN", "DQ", "DK_", "DBETA", "DG"}
+_FP32_POINTERS = {"G", "BETA", "GC", "W", "U", "TINV", "H", "VN", "DH", "DVN", "DQ", "DK_", "DBETA", "DG", "DGC"}
 COMPILED_HEAD_DIMS = ((64, 64), (128, 128))  # (Dk, Dv): Qwen3.5 and Qwen3-Next take 128, 128
 
 
@@ -476,6 +526,7 @@ def compile_specs(dtype: str, head_dims=COMPILED_HEAD_DIMS) -> list[dict]:
                 "scan": (_scan_kernel, dict(WRITE_OUT=True, STORE_STATES=False, BV=min(block_v, dim_v))),
                 "rescan": (_scan_kernel, dict(WRITE_OUT=False, STORE_STATES=True, BV=min(block_v, dim_v))),
                 "state_grad": (_state_grad_kernel, dict(BV=min(block_v, dim_v))),
+                "grads_t": (_grads_through_t_kernel, dict(BV=min(block_v, dim_v), BK=min(32, dim_k))),
                 "grads": (_grads_kernel, dict(BV=min(block_v, dim_v))),
             }
             for name, (fn, extra) in kernels.items():
@@ -491,7 +542,7 @@ def _spec(name, fn, target, dtype, constexprs, warps, stages, dim_v) -> dict:
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg[0].isupper() and arg != "T":
+        elif arg[0].isupper() and arg not in ("T", "HK", "HV"):
             signature[arg] = "*i32" if arg == "DOCS" else "*fp32" if arg in _FP32_POINTERS else "*" + dtype
             divisible.append(arg)
         else:
