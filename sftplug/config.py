@@ -94,6 +94,8 @@ class TrainConfig:
                                            "A mixture's experts: experts.gate_up_proj, experts.down_proj (PEFT's "
                                            "target_parameters; the default's experts apply where the model has "
                                            "them).", "lora")
+    train_router: bool = option(False, "Mixtures of experts under LoRA: train every router in full too (its "
+                                "weight and bias, in fp32); they stay frozen otherwise.", "lora")
     lora_variant: str = option("lora", "lora, or dora (PEFT's use_dora).", "lora", choices=LORA_VARIANTS)
     rslora: bool = option(False, "Rank-stabilized scale alpha / sqrt(r) (PEFT's use_rslora).", "lora")
     quantize: str = option("none", "QLoRA: keep the frozen base's block weights in 4-bit through bitsandbytes "
@@ -163,6 +165,8 @@ class TrainConfig:
         parse_fused(self.fused)
         if self.adapter and self.full:
             raise SftplugError("--adapter continues a LoRA adapter; it cannot be combined with --full")
+        if self.train_router and self.full:
+            raise SftplugError("--train-router trains the routers beside LoRA adapters; --full trains them already")
         if self.quantize != "none" and self.full:
             raise SftplugError(f"--quantize {self.quantize} keeps the frozen base quantized under LoRA adapters "
                                "(QLoRA); it cannot be combined with --full")

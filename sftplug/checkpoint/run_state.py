@@ -26,9 +26,10 @@ from sftplug.model.lora_targets import EXPERTS_TARGETS, hf_targets
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "lora_variant", "rslora", "data", "field_map",
-          "seq_len", "pack", "seed", "micro_bsz", "strategy", "quantize", "double_quant", "optimizer")
+          "seq_len", "pack", "seed", "micro_bsz", "strategy", "quantize", "double_quant", "optimizer", "train_router")
 # what a checkpoint saved before these settings existed ran
-ADDED_LATER = {"lora_variant": "lora", "rslora": False, "quantize": "none", "double_quant": True, "optimizer": "adamw"}
+ADDED_LATER = {"lora_variant": "lora", "rslora": False, "quantize": "none", "double_quant": True, "optimizer": "adamw",
+               "train_router": False}
 
 
 def save_checkpoint(run) -> Path:

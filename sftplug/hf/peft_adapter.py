@@ -86,6 +86,9 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    if getattr(model, "trained_routers", False):
+        raise SftplugError("cannot export a PEFT adapter: this run trained the routers in full (--train-router), "
+                           "which a LoRA adapter does not hold; export it merged (without --adapter)")
     spec = model.lora_spec
     tensors = peft_tensors(model)
     modules = {key.removeprefix("base_model.model.").split(".lora_")[0] for key in set(tensors) - set(

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from sftplug.errors import SftplugError
-from sftplug.model.experts import PROJECTIONS, Experts, ExpertsLoRA
+from sftplug.model.experts import PROJECTIONS, Experts, ExpertsLoRA, MoE
 from sftplug.model.lora_targets import DEFAULT_LORA_TARGETS, EXPERTS_TARGETS, hf_targets
 
 
@@ -122,3 +122,16 @@ def merged_experts_weight(experts: Experts, projection: str, weight: torch.Tenso
     a, b, scaling = experts.lora[projection].factors()
     delta = torch.bmm(b.float(), a.float()) * scaling  # [E, out, in]
     return weight.float() + (delta.transpose(1, 2) if experts.options.transposed else delta)
+
+
+def train_routers(model: nn.Module) -> int:
+    """``--train-router``: every MoE layer's router trained in full beside the LoRA (its weight, and its
+    bias where it has one; GLM-4.5's correction bias is a buffer, not trained); the parameters it trains."""
+    routers = [m.router for m in model.modules() if isinstance(m, MoE)]
+    if not routers:
+        raise SftplugError("--train-router: this model has no mixture of experts, so no router to train")
+    for router in routers:
+        router.requires_grad_(True)
+        router.float()  # trained in fp32, as the adapters are
+    model.trained_routers = True
+    return sum(p.numel() for r in routers for p in r.parameters())

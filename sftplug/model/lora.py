@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
-from sftplug.model.experts_lora import add_experts_lora, experts_lora_count, experts_targets_for
+from sftplug.model.experts_lora import add_experts_lora, experts_lora_count, experts_targets_for, train_routers
 from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets, layer_parts, lora_layout, targeted
 from sftplug.model.merged_lora import use_merged_forward
 from sftplug.model.quantize import bitsandbytes_dequantizes_exactly, is_quantized
@@ -164,6 +164,9 @@ def describe_lora(model: nn.Module) -> str:
     text = f"{kind} r={spec.r} ({scale}) on {','.join(spec.targets)}, {as_peft:,} trainable params as PEFT counts them"
     if fused:
         text += f" (stored as {stored:,}: A stacked per projection, B block-diagonal in {'/'.join(fused)})"
+    if getattr(model, "trained_routers", False):
+        routers = sum(p.numel() for n, p in model.named_parameters() if ".router." in n and p.requires_grad)
+        text += f"; the routers trained in full ({routers:,} params)"
     if fused and spec.dropout and spec.variant == "dora":
         text += f"; DoRA dropout: one mask shared by the projections of {'/'.join(fused)} (PEFT draws one each)"
     return text
@@ -176,6 +179,8 @@ def lora_settings(model: nn.Module) -> dict | None:
     if spec is None:
         return None
     settings = spec.settings()
+    if getattr(model, "trained_routers", False):
+        settings["train_router"] = True
     quantized = getattr(model, "quantized_base", None)
     if quantized is not None:
         settings["base_dtype"] = dtype_name(quantized.dtype)
@@ -188,9 +193,12 @@ def shared_a_layout(settings: dict) -> bool:
 
 
 def apply_lora_settings(model: nn.Module, settings: dict) -> nn.Module:
-    """:func:`apply_lora` with a checkpoint's recorded settings."""
-    return apply_lora(model, settings["r"], settings["alpha"], settings["dropout"], settings["targets"],
-                      settings.get("variant", "lora"), settings.get("rslora", False))
+    """:func:`apply_lora` with a checkpoint's recorded settings (and its routers trained, if they were)."""
+    model = apply_lora(model, settings["r"], settings["alpha"], settings["dropout"], settings["targets"],
+                       settings.get("variant", "lora"), settings.get("rslora", False))
+    if settings.get("train_router"):
+        train_routers(model)
+    return model
 
 
 def upgrade_shared_a(model: nn.Module, weights: dict) -> dict:

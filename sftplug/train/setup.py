@@ -27,6 +27,7 @@ from sftplug.fused.op import FusedOpsRequest
 from sftplug.hf.peft_adapter import load_peft_adapter
 from sftplug.linear_attention.choice import attach_linear_attention
 from sftplug.loading import load_model
+from sftplug.model.experts_lora import train_routers
 from sftplug.model.lora import apply_lora, describe_lora
 from sftplug.model.offload import describe_offload
 from sftplug.model.quantize import quant_spec
@@ -156,6 +157,8 @@ def trainable_model(model: torch.nn.Module, config: TrainConfig, world: distribu
         else:
             model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets,
                                config.lora_variant, config.rslora)
+        if config.train_router:
+            train_routers(model)
     if config.strategy == "fsdp":  # LoRA: the frozen base and the adapters, after the adapters' hooks are set
         shard_model(model, world, echo)
     model.train()

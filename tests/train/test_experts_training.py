@@ -3,6 +3,7 @@
 its metrics, and what sftplug refuses in one line."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from sftplug.model.transformer import Transformer
 from sftplug.train.balance import balance_of
 from sftplug.train.loop import train
 from sftplug.train.loss import target_loss_sum
+
+transformers = pytest.importorskip("transformers")
 
 MOE = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, n_layers=2, n_heads=4, n_kv_heads=2,
            architecture="qwen3_moe", experts=dict(count=8, top_k=2, intermediate_size=32, norm_top_k=True,
@@ -127,3 +130,42 @@ def test_quantizing_the_experts_is_refused_in_one_line(moe_folder):
     with pytest.raises(SftplugError, match="^--quantize nf4: .* is a mixture of experts, and sftplug does not "
                                            "quantize its stacked experts"):
         load_model(str(moe_folder), quantize=quant_spec("nf4"))
+
+
+def test_train_router_trains_the_routers_in_full_beside_the_lora(tmp_path, moe_folder, registry, quiet):
+    from sftplug.checkpoint.export import export_checkpoint
+    from sftplug.loading import load_model
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join((ASSETS / "default_train.jsonl").read_text().splitlines(keepends=True)[:64]))
+    options = dict(model=str(moe_folder), data=str(data), micro_bsz=2, seq_len=48, eval_data=None, warmup=0,
+                   log_every=100, lr=0.05, train_router=True)
+    train(TrainConfig(out=str(tmp_path / "a"), steps=3, save_every=1, **options), registry, echo=quiet)
+    base = load_model(str(moe_folder), dtype=torch.float32).model.state_dict()
+    trained = load_model(str(tmp_path / "a"), dtype=torch.float32).model
+    weights = trained.state_dict()
+    assert not torch.equal(weights["layers.0.mlp.router.weight"], base["layers.0.mlp.router.weight"])
+    assert torch.equal(weights["layers.0.mlp.experts.gate_up_proj"], base["layers.0.mlp.experts.gate_up_proj"])
+    # resumed from step 2, the routers come back trained: the same weights as the straight run
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", tmp_path / "b" / "checkpoints" / "step-2")
+    train(TrainConfig(out=str(tmp_path / "b"), steps=3, resume="auto", **options), registry, echo=quiet)
+    resumed = load_model(str(tmp_path / "b"), dtype=torch.float32).model.state_dict()
+    assert all(torch.equal(resumed[name], weights[name]) for name in weights if ".router." in name)
+    with pytest.raises(SftplugError, match="^cannot export a PEFT adapter: this run trained the routers in full"):
+        export_checkpoint(str(tmp_path / "a"), tmp_path / "adapter", merge=False, registry=registry)
+    export_checkpoint(str(tmp_path / "a"), tmp_path / "merged", registry=registry)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(trained(ids), reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_train_router_on_a_dense_model_or_with_full_is_refused():
+    with pytest.raises(SftplugError, match="^--train-router trains the routers beside LoRA adapters; --full trains"):
+        TrainConfig(full=True, train_router=True)
+    from sftplug.model.experts_lora import train_routers
+
+    with pytest.raises(SftplugError, match="^--train-router: this model has no mixture of experts"):
+        train_routers(Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, n_layers=1,
+                                              n_heads=4, n_kv_heads=2)))
