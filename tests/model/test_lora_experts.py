@@ -16,6 +16,7 @@ from sftplug.loading import load_model
 from sftplug.model.experts_lora import experts_loras
 from sftplug.model.lora import apply_lora, lm_head_weight, lora_param_counts
 from sftplug.model.lora_targets import hf_targets
+from sftplug.model.routing import load_balancing_loss, routings
 from sftplug.train.loop import train
 from sftplug.train.loss import IGNORE, target_loss_sum
 
@@ -26,8 +27,9 @@ R, ALPHA = 4, 8.0
 IDS = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(3))
 # The load-balancing loss is left out on both sides until sftplug adds it: the hook to extend
 # (turn these on, add sftplug's auxiliary loss to its side) when it lands.
-NO_AUX_LOSS = dict(output_router_logits=False, router_aux_loss_coef=0.0)
-EXPERTS = dict(num_experts_per_tok=2, head_dim=16, **NO_AUX_LOSS)
+# the load-balancing loss on, with a coefficient large enough that a wrong one would show in the gradients
+AUX_LOSS = dict(output_router_logits=True, router_aux_loss_coef=0.05)
+EXPERTS = dict(num_experts_per_tok=2, head_dim=16, **AUX_LOSS)
 CASES = {  # make_hf_folder options (tests/conftest.py): 8 experts of 32, top 2
     "qwen3_moe": dict(config_class="Qwen3MoeConfig", num_experts=8, moe_intermediate_size=32, norm_topk_prob=True,
                       mlp_only_layers=[1], **EXPERTS),  # layer 1 a dense MLP
@@ -96,13 +98,17 @@ def labels_of(ids):
 
 
 def sftplug_loss(model):
-    """The mean over targets of sftplug's training loss (sftplug.train.run's loss_sum, fp32)."""
+    """sftplug's training loss of one micro-batch (fp32): the mean over targets of its cross-entropy
+    (sftplug.train.run's loss_sum) plus the coefficient times the load-balancing loss (sftplug.train.balance)."""
     total, n = target_loss_sum(model(IDS, hidden_only=True), labels_of(IDS), lm_head_weight(model))
-    return total / n
+    real = torch.ones(IDS.shape, dtype=torch.bool)
+    aux = load_balancing_loss(routings(model), model.config.experts.count, real)
+    return total / n + AUX_LOSS["router_aux_loss_coef"] * aux
 
 
 def hf_loss(model):
-    """transformers' cross-entropy mean over the same targets (its labels are shifted inside)."""
+    """transformers' cross-entropy mean over the same targets (its labels are shifted inside), plus its
+    router_aux_loss_coef times its load-balancing loss (output_router_logits)."""
     labels = IDS.clone()
     labels[:, :6] = IGNORE
     return model(input_ids=IDS, labels=labels).loss
