@@ -16,7 +16,9 @@ variant: a constexpr switch, compiled apart, with one more tile live). The fused
 the gated MLP, RoPE, the loss) are compiled as their modules' ``compile_specs`` say a W1
 run launches them; they have no matrix products, so wgmma is not asked of them. The
 experts' grouped GEMM (kernels/grouped_gemm.py) is the exception: its specs name their
-target (each has its own tile config) and ask for wgmma on sm_90a.
+target (each has its own tile config) and ask for wgmma on sm_90a. The gated delta rule's
+kernels (kernels/gated_delta_rule.py: Gated DeltaNet's linear attention) name their targets too,
+at Dk = Dv = 64 and 128, packed documents on.
 
 Public API: :data:`TARGETS`, :func:`compile_config`, :func:`compile_spec`, :func:`report`.
 """
@@ -30,10 +32,10 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from sftplug.kernels import attention, cross_entropy, glu, grouped_gemm, rms_norm, rope
+from sftplug.kernels import attention, cross_entropy, gated_delta_rule, glu, grouped_gemm, rms_norm, rope
 
 # modules with compile_specs(dtype); a spec naming its "targets" is compiled for those only
-FUSED_KERNELS = (rms_norm, glu, rope, cross_entropy, grouped_gemm)
+FUSED_KERNELS = (rms_norm, glu, rope, cross_entropy, grouped_gemm, gated_delta_rule)
 
 # name -> (compute capability, warp size, shared memory a block may use in bytes: A100's
 # 163 KB, Hopper's 227 KB)

@@ -373,6 +373,11 @@ def _config(device: torch.device, head_dim_k: int, head_dim_v: int) -> tuple[int
     return chunk, min(block_v, head_dim_v), warps, stages
 
 
+def _dk_block(head_dim_k: int) -> int:
+    """_grads_through_t's block of Dk: 128 in blocks of 32 (whole, or in 64s, it spills), 64 whole."""
+    return head_dim_k if head_dim_k <= 64 else 32
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 values of half inputs' products: TF32
 
@@ -432,7 +437,7 @@ def _backward(q, k, v, g, beta, docs, d_out, lay: _Layout):
     dg = torch.empty_like(dbeta)
     _grads_through_t_kernel[(lay.chunks, lay.rows)](
         k, v, beta, docs, gc, tinv, states, d_new_values, dk, dv, dbeta, dg, T, lay.heads_k, lay.heads_v,
-        BV=lay.block_v, BK=min(32, lay.dim_k), **lay.constexprs)
+        BV=lay.block_v, BK=_dk_block(lay.dim_k), **lay.constexprs)
     _grads_kernel[(lay.chunks, lay.rows)](
         q, k, docs, gc, states, new_values, d_states, d_out, dq, dk, dg, T, lay.heads_k, lay.heads_v, lay.scale,
         BV=lay.block_v, **lay.constexprs)
@@ -526,7 +531,7 @@ def compile_specs(dtype: str, head_dims=COMPILED_HEAD_DIMS) -> list[dict]:
                 "scan": (_scan_kernel, dict(WRITE_OUT=True, STORE_STATES=False, BV=min(block_v, dim_v))),
                 "rescan": (_scan_kernel, dict(WRITE_OUT=False, STORE_STATES=True, BV=min(block_v, dim_v))),
                 "state_grad": (_state_grad_kernel, dict(BV=min(block_v, dim_v))),
-                "grads_t": (_grads_through_t_kernel, dict(BV=min(block_v, dim_v), BK=min(32, dim_k))),
+                "grads_t": (_grads_through_t_kernel, dict(BV=min(block_v, dim_v), BK=_dk_block(dim_k))),
                 "grads": (_grads_kernel, dict(BV=min(block_v, dim_v))),
             }
             for name, (fn, extra) in kernels.items():
