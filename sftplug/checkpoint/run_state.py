@@ -22,7 +22,7 @@ from sftplug.config import flag
 from sftplug.errors import SftplugError
 from sftplug.hf.names import load_state_dict_exact
 from sftplug.model.lora import lora_settings, shared_a_layout, trainable_state_dict
-from sftplug.model.lora_targets import EXPERTS_TARGETS, hf_targets
+from sftplug.model.lora_targets import EXPERTS_TARGETS, LINEAR_ATTENTION_TARGETS, hf_targets
 
 # Settings a resumed run must share with the checkpoint: they define the model or the data.
 FROZEN = ("model", "full", "lora_r", "lora_alpha", "lora_targets", "lora_variant", "rslora", "data", "field_map",
@@ -88,8 +88,10 @@ def check_resumable(folder: Path, config, data_sha256: str | None = None) -> dic
             "and continue with --adapter DIR/adapter"
         )
     layer_types = (manifest.get("model_config") or {}).get("layer_types") or []
-    experts = any(t.get("feed_forward") == "experts" for t in layer_types)
-    check_settings(manifest["config"], config.to_dict(), manifest.get("data_sha256"), data_sha256, folder, experts)
+    absent = () if any(t.get("feed_forward") == "experts" for t in layer_types) else EXPERTS_TARGETS
+    if not any(t.get("mixer") == "linear_attention" for t in layer_types):
+        absent += LINEAR_ATTENTION_TARGETS
+    check_settings(manifest["config"], config.to_dict(), manifest.get("data_sha256"), data_sha256, folder, absent)
     return manifest
 
 
@@ -139,15 +141,14 @@ def manifest_fields(run) -> dict:
     }
 
 
-def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, folder, experts: bool = True) -> None:
-    """Refuse a resume whose frozen settings differ from the checkpoint's; ``experts``: whether its model
-    has experts (the experts' LoRA targets, in the default since MoE support, mean nothing to one without)."""
+def check_settings(saved: dict, current: dict, saved_sha256, current_sha256, folder, absent=()) -> None:
+    """Refuse a resume whose frozen settings differ from the checkpoint's; ``absent``: LoRA targets its model
+    does not have (the default gained the experts' and linear attention's: they mean nothing to it)."""
     for key in FROZEN:
         old, new = saved.get(key, ADDED_LATER.get(key)), current.get(key)
         if key == "lora_targets" and not current.get("full"):  # aliases (qkv) and HF names compare as HF names
             old, new = hf_targets(old), hf_targets(new)
-            if not experts:
-                old, new = (tuple(t for t in names if t not in EXPERTS_TARGETS) for names in (old, new))
+            old, new = (tuple(t for t in names if t not in absent) for names in (old, new))
         if isinstance(old, list):
             old = list(old)
             new = list(new)

@@ -20,6 +20,7 @@ LoRA is PEFT's target_parameters LoRA (sftplug.model.experts_lora).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -30,7 +31,16 @@ import torch.nn as nn
 from sftplug.dtypes import dtype_name
 from sftplug.errors import SftplugError
 from sftplug.model.experts_lora import add_experts_lora, experts_lora_count, experts_targets_for, train_routers
-from sftplug.model.lora_targets import LORA_VARIANTS, hf_targets, layer_parts, lora_layout, targeted
+from sftplug.model.lora_targets import (
+    DEFAULT_LORA_TARGETS,
+    EXPERTS_TARGETS,
+    LORA_VARIANTS,
+    STORED_FUSED,
+    hf_targets,
+    layer_parts,
+    lora_layout,
+    targeted,
+)
 from sftplug.model.merged_lora import use_merged_forward
 from sftplug.model.quantize import bitsandbytes_dequantizes_exactly, is_quantized
 
@@ -64,12 +74,15 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
 
     if variant not in LORA_VARIANTS:
         raise SftplugError(f"--lora-variant must be one of {', '.join(LORA_VARIANTS)}, got {variant!r}")
+    default = hf_targets(targets) == hf_targets(DEFAULT_LORA_TARGETS)
     targets = experts_targets_for(model, hf_targets(targets), float(dropout), variant)
     spec = LoraSpec(int(r), float(alpha), float(dropout), targets, variant, bool(rslora))
     layout = lora_layout(model.config)
     present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     plan = {layer: tuple(p for p in parts if targeted(p[0], spec.targets)) for layer, parts in layout.items()}
     plan = {layer: parts for layer, parts in plan.items() if parts and layer in present}
+    available = [part for layer, parts in layout.items() if layer in present for part, _, _ in parts]
+    spec = _present_targets(spec, plan, default, available)
     experts = [f"mlp.{t}" for t in spec.targets if t.startswith("experts.")]  # PEFT's target_parameters
     if not plan and not experts:
         raise SftplugError(f"--lora-targets {','.join(spec.targets)}: this model has none of them")
@@ -94,6 +107,19 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, 
     model.lora_config, model.lora_spec = config, spec
     use_merged_forward(model)
     return model
+
+
+def _present_targets(spec: LoraSpec, plan: dict, default: bool, available: list[str]) -> LoraSpec:
+    """The spec with the targets the model has: the default names every family's projections and keeps
+    this model's; a projection named that the model lacks is refused in one line."""
+    covered = {m for parts in plan.values() for part, _, _ in parts for m in STORED_FUSED.get(part, (part,))}
+    absent = [t for t in spec.targets if t not in EXPERTS_TARGETS and t not in covered]
+    if not absent:
+        return spec
+    if not default:
+        raise SftplugError(f"--lora-targets {','.join(absent)}: this model has no such linear layer; its "
+                           f"projections: {','.join(available)}")
+    return dataclasses.replace(spec, targets=tuple(t for t in spec.targets if t not in absent))
 
 
 def _check_dora_base(model: nn.Module, layers) -> None:

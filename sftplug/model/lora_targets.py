@@ -28,12 +28,16 @@ LORA_PARTS = {
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
+    # a Gated DeltaNet layer's (Qwen3.5: in_proj_qkv, z, b, a; Qwen3-Next: in_proj_qkvz, ba), as stored
+    **{name: (name,) for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "in_proj_qkvz", "in_proj_ba",
+                                  "out_proj")},
     "lm_head": ("lm_head",),
 }
 LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  # HF order
+LINEAR_ATTENTION_TARGETS = LORA_TARGETS[LORA_TARGETS.index("in_proj_qkv"):LORA_TARGETS.index("lm_head")]
 LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
 EXPERTS_TARGETS = ("experts.gate_up_proj", "experts.down_proj")  # an MoE's stacked experts (PEFT target_parameters)
-# --lora-targets' default: every block projection; on a model with experts also the experts (none on a dense one)
+# --lora-targets' default: every block projection (each model has some of them); the experts where it has them
 DEFAULT_LORA_TARGETS = LORA_TARGETS[:-1] + EXPERTS_TARGETS
 # Projections some checkpoints store fused (Phi-3/4): PEFT's LoRA there is one layer, one A for all parts.
 STORED_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -60,8 +64,13 @@ def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ..
     """sftplug layer name -> (HF projection, first row, end row) of each projection it holds."""
     q, kv, inter = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.intermediate_size
     q *= 2 if config.attention.output_gate else 1  # each query head followed by its output gate (Qwen3.5)
+    linear = config.linear_attention
+    key, value = linear.key_heads * linear.key_head_dim, linear.value_heads * linear.value_head_dim
+    hv = linear.value_heads
     rows = {"qkv": (0, q, q + kv, q + 2 * kv), "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
-            "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size)}
+            "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size),
+            "in_proj_qkv": (0, 2 * key + value), "in_proj_z": (0, value), "in_proj_b": (0, hv), "in_proj_a": (0, hv),
+            "in_proj_qkvz": (0, 2 * key + 2 * value), "in_proj_ba": (0, 2 * hv), "out_proj": (0, config.hidden_size)}
     layout = {layer: tuple((part, rows[layer][i], rows[layer][i + 1]) for i, part in enumerate(parts))
               for layer, parts in LORA_PARTS.items()}
     if config.architecture == "phi3":  # one HF projection each, as the checkpoint stores them
