@@ -2,12 +2,23 @@
 
 - ``pytorch``: the chunked PyTorch form (sftplug.linear_attention.pytorch), the reference; it runs
   everywhere, with memory of the chunked tensors.
+- ``triton``: sftplug's Triton chunked kernel (kernels/gated_delta_rule.py), forward and backward,
+  documents restarting inside the kernel. On a CUDA GPU of compute capability 8.0+ (or under
+  TRITON_INTERPRET=1, for tests); before it is offered for a dtype and head dims it runs once
+  there, forward and backward, and is compared with the PyTorch form (once per process). auto
+  takes it on a GPU: the PyTorch form's chunk loop launches a handful of kernels per chunk.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
+
 from sftplug import hookimpl
+from sftplug.dtypes import dtype_name
 from sftplug.linear_attention.backend import LinearAttentionBackend, LinearAttentionRequest
+from sftplug.offers import Priority
 
 
 class PyTorchChunked(LinearAttentionBackend):
@@ -21,10 +32,76 @@ class PyTorchChunked(LinearAttentionBackend):
         return gated_delta_rule(q, k, v, g, beta, doc_ids)
 
 
+class TritonChunked(LinearAttentionBackend):
+    name = "triton"
+    description = "sftplug's Triton chunked gated delta rule (fp32 state, documents restart in the kernel)"
+    priority = 20
+
+    def priority_for(self, request: LinearAttentionRequest) -> Priority:
+        if request.device.type != "cuda":
+            return Priority(-10, "the CPU interpreter is for tests")  # only when asked for by name
+        return Priority(self.priority)
+
+    def check(self, request: LinearAttentionRequest) -> str | None:
+        from sftplug import probes
+        from sftplug.kernels.gated_delta_rule import HEAD_DIMS
+        from sftplug.kernels.runtime import triton_available
+
+        ok, why = triton_available("sftplug.kernels.gated_delta_rule")
+        if not ok:
+            return f"triton: {why}"
+        dims = (request.key_head_dim, request.value_head_dim)
+        if not set(dims) <= set(HEAD_DIMS):
+            return f"triton's gated delta rule takes head dims {HEAD_DIMS}, not {dims[0]}/{dims[1]}"
+        if request.device.type != "cuda" and not probes.triton_interpreter():
+            return f"triton's gated delta rule runs on CUDA GPUs, not {request.device.type}"
+        if request.device.type != "cuda" and request.dtype == torch.bfloat16:
+            return "the Triton interpreter computes bf16 wrongly; use fp32 or fp16 on the CPU"
+        return first_run(str(request.device), request.dtype, *dims)
+
+    def __call__(self, q, k, v, g, beta, doc_ids=None):
+        from sftplug.kernels.gated_delta_rule import gated_delta_rule
+
+        return gated_delta_rule(q.to(v.dtype), k.to(v.dtype), v, g, beta, doc_ids)  # q, k: normalised in fp32
+
+
+@functools.cache
+def first_run(device: str, dtype: torch.dtype, dim_k: int, dim_v: int) -> str | None:
+    """None when one packed forward and backward (two documents, GQA) match the PyTorch form here, else why not."""
+    from sftplug.kernels.gated_delta_rule import gated_delta_rule as kernel
+    from sftplug.linear_attention.pytorch import gated_delta_rule as reference
+
+    gen = torch.Generator().manual_seed(0)
+    t = 40
+    q, k = (torch.nn.functional.normalize(torch.randn(1, t, 1, dim_k, generator=gen), dim=-1) for _ in range(2))
+    v, grad = torch.randn(1, t, 2, dim_v, generator=gen), torch.randn(1, t, 2, dim_v, generator=gen)
+    g, beta = -torch.rand(1, t, 2, generator=gen), torch.rand(1, t, 2, generator=gen)
+    doc_ids = (torch.arange(t) >= 23).int()[None]
+    inputs = (q, k, v, g, beta)
+    what = f"{dtype_name(dtype)}, head dims {dim_k}/{dim_v} on {device}"
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+        try:
+            x = [a.to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, a in enumerate(inputs)]
+            out = kernel(*x, doc_ids.to(device))
+            got = [out, *torch.autograd.grad(out, x, grad.to(device, dtype))]
+        except Exception as exc:  # compilation, launch or a driver error: why unavailable, not a crash
+            return f"triton's gated delta rule failed its first run for {what}: {type(exc).__name__}: {exc}"
+        x = [a.double().requires_grad_() for a in inputs]
+        out = reference(*x, doc_ids)
+        ref = [out, *torch.autograd.grad(out, x, grad.double())]
+    # relative to the largest value: a few roundings of the dtype over a 40-token recurrence; a wrong kernel is O(1) off
+    tolerance = max(32 * torch.finfo(dtype).eps, 1e-4)
+    for name, a, r in zip(("output", "dq", "dk", "dv", "dg", "dbeta"), got, ref):
+        error = float((a.detach().double().cpu() - r.detach()).abs().max() / r.detach().abs().max())
+        if not error <= tolerance:
+            return f"triton's gated delta rule's first run for {what} is wrong: {name} off by {error:.1e}"
+    return None
+
+
 class LinearAttentionPlugin:
     @hookimpl
     def select_linear_attention(self, request: LinearAttentionRequest):
-        return [PyTorchChunked()]
+        return [PyTorchChunked(), TritonChunked()]
 
 
 linear = LinearAttentionPlugin()
