@@ -89,11 +89,12 @@ class TrainConfig:
     lora_alpha: float = option(32.0, "LoRA alpha (scale alpha / r).", "lora")
     lora_dropout: float = option(0.0, "LoRA dropout.", "lora")
     lora_targets: tuple[str, ...] = option(DEFAULT_LORA_TARGETS, "Comma-separated HF projections (q_proj, k_proj, "
-                                           "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), trained as "
-                                           "PEFT trains them; the fused layers' names qkv, o, gate_up, down work too. "
-                                           "A mixture's experts: experts.gate_up_proj, experts.down_proj (PEFT's "
-                                           "target_parameters; the default's experts apply where the model has "
-                                           "them).", "lora")
+                                           "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head; a Gated DeltaNet "
+                                           "layer's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, in_proj_qkvz, "
+                                           "in_proj_ba, out_proj), trained as PEFT trains them; the fused layers' "
+                                           "names qkv, o, gate_up, down work too. A mixture's experts: "
+                                           "experts.gate_up_proj, experts.down_proj (PEFT's target_parameters). The "
+                                           "default takes every block projection the model has.", "lora")
     train_router: bool = option(False, "Mixtures of experts under LoRA: train every router in full too (its "
                                 "weight and bias, in fp32); they stay frozen otherwise.", "lora")
     lora_variant: str = option("lora", "lora, or dora (PEFT's use_dora).", "lora", choices=LORA_VARIANTS)
