@@ -30,6 +30,26 @@ FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
                     eos_token_id=2),
     "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
                     attention_multiplier=0.05, logits_scaling=8.0),
+    # mixtures of experts (LoRA on the experts too, the load-balancing loss on) and hybrids, as
+    # tests/hf/test_moe_families.py and test_hybrid_families.py have them
+    "qwen3_moe": dict(config_class="Qwen3MoeConfig", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, mlp_only_layers=[1], head_dim=16),
+    "qwen2_moe": dict(config_class="Qwen2MoeConfig", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, head_dim=16),
+    "mixtral": dict(config_class="MixtralConfig", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                    sliding_window=16, head_dim=16),
+    "olmoe": dict(config_class="OlmoeConfig", num_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                  head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "glm4_moe": dict(config_class="Glm4MoeConfig", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=1, n_group=4, topk_group=2, n_shared_experts=1, use_qk_norm=True,
+                     partial_rotary_factor=0.5, routed_scaling_factor=2.5, attention_bias=True, head_dim=16),
+    "gpt_oss": dict(config_class="GptOssConfig", num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                    sliding_window=16, layer_types=["sliding_attention", "full_attention"], head_dim=16),
+    "qwen3_5_text": dict(config_class="Qwen3_5TextConfig", num_hidden_layers=4, head_dim=16, linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8),
+    "qwen3_next": dict(config_class="Qwen3NextConfig", num_hidden_layers=4, head_dim=16, linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
 }
 IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
 CHAT = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
