@@ -39,12 +39,13 @@ def grouped_linear(x, groups: Groups, weight, bias=None, lora=None):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         lora = None if lora is None else (lora[0].to(dtype), lora[1].to(dtype), lora[2])
-    y = _grouped_mm(x, weight, groups)
+    y = _grouped_mm(x, weight, groups)  # its backward needs x and W, not y: the sums below go in place
     if bias is not None:
-        y = y + bias[groups.expert]
+        y = y.add_(bias[groups.expert])
     if lora is not None:
         a, b, scale = lora
-        y = y + _grouped_mm(_grouped_mm(x, a, groups), b, groups) * scale
+        u = _grouped_mm(x, a, groups) * scale  # [M, r]: scaled where it is small
+        y = y.add_(_grouped_mm(u, b, groups))
     return y
 
 
