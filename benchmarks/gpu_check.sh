@@ -2,7 +2,10 @@
 # The prepared device run, for a bare GPU machine with its own torch (nothing is installed:
 # sftplug runs from this checkout). Every step is independent, with its own time budget and
 # its full log in $OUT; a failing step does not stop the others. About 6 minutes on an H200,
-# cold compiles included; 10 minutes at the very most (the budgets' sum, 600 s).
+# cold compiles included; 10 minutes at the very most for the steps up to bench-step (their
+# budgets' sum, 600 s), and 5 more for W1-MoE's (300 s): a device call limited to 10 minutes
+# runs it alone in a second call (GPU_CHECK_ONLY=bench-step-moe), or leaves it out in the first
+# (GPU_CHECK_SKIP=bench-step-moe).
 # Without a GPU it runs the preflight and skips each GPU step with one line.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -19,6 +22,11 @@ export TRITON_DEFAULT_FP_FUSION=1
 step() {  # step NAME BUDGET_S COMMAND...: the full log in $OUT/NAME.log, one line of verdict here
     local name=$1 budget=$2 start=$SECONDS
     shift 2
+    if [[ -n "${GPU_CHECK_ONLY:-}" && $name != preflight && " $GPU_CHECK_ONLY " != *" $name "* ]] \
+        || [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+        echo "[$name] not asked for (GPU_CHECK_ONLY / GPU_CHECK_SKIP)" | tee -a "$OUT/steps.txt"
+        return
+    fi
     if [[ $name != preflight && -e "$OUT/skip" ]]; then
         echo "[$name] skipped: $(cat "$OUT/skip")" | tee -a "$OUT/steps.txt"
         return
