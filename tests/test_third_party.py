@@ -174,7 +174,8 @@ def test_a_third_party_fused_form_wins_auto_and_computes_the_model(installed):
     assert norm.calls - calls == 2 * len(model.layers) + 1  # every norm of the model went through it
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # float64 vs fp32 norms: fp32 rounding
     pinned = attach_fused(model, installed, request, "rmsnorm=hello")
-    assert pinned.forms == {"rmsnorm": "hello", "glu": "pytorch", "rope": "pytorch", "cross_entropy": "pytorch"}
+    assert pinned.forms == {"rmsnorm": "hello", "glu": "pytorch", "rope": "pytorch", "cross_entropy": "pytorch",
+                            "grouped_linear": "pytorch"}
 
 
 def test_a_third_party_architecture_trains_resumes_and_generates_through_the_model_contract(installed, tmp_path):

@@ -39,9 +39,9 @@ def grouped_linear(x, groups: Groups, weight, bias=None, lora=None):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         lora = None if lora is None else (lora[0].to(dtype), lora[1].to(dtype), lora[2])
-    y = _grouped_mm(x, weight, groups)  # its backward needs x and W, not y: the sums below go in place
-    if bias is not None:
-        y = y.add_(bias[groups.expert])
+    y = _grouped_mm(x, weight, groups)  # its backward needs x and W, not y: the LoRA's sum goes in place
+    if bias is not None:  # as transformers adds it (gpt-oss): under autocast an fp32 bias makes the sum fp32
+        y = y + bias[groups.expert]
     if lora is not None:
         a, b, scale = lora
         u = _grouped_mm(x, a, groups) * scale  # [M, r]: scaled where it is small
