@@ -16,7 +16,7 @@ import torch
 from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.experts_config import EXPERT_COUNT_KEYS, experts_from_hf
-from sftplug.hf.hybrid_config import HYBRID, linear_attention_from_hf
+from sftplug.hf.hybrid_config import HYBRID, LANGUAGE_MODEL_OF, language_model_config, linear_attention_from_hf
 from sftplug.model.config import (
     AttentionConfig,
     FeedForwardConfig,
@@ -50,6 +50,8 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """The ModelConfig of an HF config.json (Llama 2/3/3.1, Mistral, Qwen2); the source is kept in ``extra``."""
+    if hf.get("model_type") in LANGUAGE_MODEL_OF:  # its language model; the vision tower is left out
+        hf = language_model_config(hf, where)
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise SftplugError(
@@ -237,7 +239,8 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
     arch = config.architecture
     if config.attention.qkv_bias and arch not in QKV_BIAS or config.attention.o_bias and arch not in O_BIAS:
         raise SftplugError(f"cannot export a {arch} model with biases on its attention projections: {arch} has none")
-    hf = {k: v for k, v in config.extra.items() if k not in ("transformers_version", "_name_or_path")}
+    hf = {k: v for k, v in config.extra.items()
+          if k not in ("transformers_version", "_name_or_path", "language_model_of")}
     hf.update(
         architectures=[ARCHITECTURES[arch]],
         model_type=arch,

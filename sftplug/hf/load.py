@@ -17,6 +17,7 @@ at most one layer's buffers are alive at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ from sftplug.data.tokenizer import Tokenizer
 from sftplug.dtypes import as_dtype, dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.config import config_from_hf
+from sftplug.hf.hybrid_config import LANGUAGE_MODEL_OF
 from sftplug.hf.mxfp4 import dequantized_weights
 from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error, rows_of
 from sftplug.hf.weights import WeightFiles, open_weights, read_into
@@ -79,6 +81,9 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     weights = open_weights(folder)  # validates every file before anything is allocated
     # MXFP4 experts (gpt-oss) are read dense: the loaded model, and so its export, is not quantized
     weights = dequantized_weights(weights, config.extra.pop("quantization_config", None))
+    tower = []
+    if config.extra.get("language_model_of"):  # a vision-language folder: its language model's tensors alone
+        weights, tower = language_model_weights(weights, LANGUAGE_MODEL_OF[config.extra["language_model_of"]])
     tokenizer = Tokenizer(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise SftplugError(
@@ -97,6 +102,9 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     if ignored:
         info["ignored"] = ignored
         notes.append(f"ignored {len(ignored)} derived tensor(s) such as {ignored[0]}")
+    if tower:
+        notes.append(f"the language model of a {config.extra['language_model_of']} folder: its vision tower "
+                     f"({len(tower)} tensors such as {tower[0]}) is left out, and exports hold the language model")
     window = config.extra.get("sliding_window")
     if window and (config.architecture == "mistral" or config.extra.get("use_sliding_window")):
         notes.append(f"sliding_window {window} not applied: exact for sequences up to {window} tokens")
@@ -174,6 +182,21 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
                     ours, start, end = plan[entry.key]
                     read_into(entry, rows_of(own[names[ours]].data)[start:end], handle)
     return sorted(ignored)
+
+
+def language_model_weights(weights: WeightFiles, prefix: str) -> tuple[WeightFiles, list[str]]:
+    """The tensors under ``prefix`` renamed as a language model of its own stores them (``model.``), lm_head
+    as it is; and the names of the rest (the vision tower's), which are left out."""
+    kept, left_out = {}, []
+    for key, entry in weights.entries.items():
+        if key.startswith(prefix):
+            key = "model." + key[len(prefix):]
+            kept[key] = dataclasses.replace(entry, key=key)
+        elif key.startswith("lm_head."):
+            kept[key] = entry
+        else:
+            left_out.append(key)
+    return dataclasses.replace(weights, entries=kept), sorted(left_out)
 
 
 def _is_lora(name: str) -> bool:

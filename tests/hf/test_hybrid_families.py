@@ -60,3 +60,36 @@ def test_packed_documents_equal_each_document_alone(family):
         packed = model(ids, positions, doc_ids)
         alone = torch.cat([model(ids[:, :37]), model(ids[:, 37:])], dim=1)
     assert relative_error(packed, alone) <= 1e-5
+
+
+def test_a_vision_language_folder_trains_its_language_model_and_exports_it(tmp_path, registry, quiet):
+    """Qwen3.5 as published: a vision tower beside the language model. sftplug trains the language model,
+    says the tower is left out, and exports the language model as a folder transformers loads."""
+    from sftplug.checkpoint.export import export_checkpoint
+    from sftplug.config import ASSETS, DEFAULT_DATA, TrainConfig
+    from sftplug.train.loop import train
+
+    text = dict(vocab_size=1024, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, **LINEAR)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  num_position_embeddings=16)
+    torch.manual_seed(0)
+    reference = transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text, vision_config=vision)).eval()
+    base = tmp_path / "qwen3_5"
+    reference.save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(str(ASSETS)).save_pretrained(base)
+    loaded = load_model(str(base), dtype=torch.float32)
+    assert "its vision tower (21 tensors such as model.visual." in loaded.description
+    with torch.no_grad():
+        assert relative_error(loaded.model(IDS), reference(input_ids=IDS).logits) <= 1e-4
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:16]))
+    train(TrainConfig(model=str(base), data=str(data), out=str(tmp_path / "run"), steps=1, micro_bsz=2, seq_len=48,
+                      eval_data=None, full=True, lr=3e-2, warmup=0), registry, echo=quiet)
+    exported = export_checkpoint(str(tmp_path / "run"), tmp_path / "export")["model"]
+    language_model = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    assert language_model.config.model_type == "qwen3_5_text"
+    with torch.no_grad():
+        trained = load_model(str(tmp_path / "run"), dtype=torch.float32).model(IDS)
+        assert relative_error(language_model(IDS).logits, trained) <= 1e-4
