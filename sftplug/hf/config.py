@@ -16,7 +16,13 @@ import torch
 from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.experts_config import EXPERT_COUNT_KEYS, experts_from_hf
-from sftplug.hf.hybrid_config import HYBRID, LANGUAGE_MODEL_OF, language_model_config, linear_attention_from_hf
+from sftplug.hf.hybrid_config import (
+    HYBRID,
+    LANGUAGE_MODEL_OF,
+    UNSUPPORTED_MIXERS,
+    language_model_config,
+    linear_attention_from_hf,
+)
 from sftplug.model.config import (
     AttentionConfig,
     FeedForwardConfig,
@@ -53,6 +59,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("model_type") in LANGUAGE_MODEL_OF:  # its language model; the vision tower is left out
         hf = language_model_config(hf, where)
     model_type = hf.get("model_type")
+    if model_type in UNSUPPORTED_MIXERS:
+        raise SftplugError(f"{where}: model_type {model_type!r} has {UNSUPPORTED_MIXERS[model_type]}, which sftplug "
+                           "does not run; its hybrids are Qwen3.5 and Qwen3-Next (Gated DeltaNet)")
     if model_type not in ARCHITECTURES:
         raise SftplugError(
             f"{where}: model_type {model_type!r} is not supported; sftplug loads {', '.join(ARCHITECTURES)}"

@@ -23,6 +23,10 @@ def language_model_config(hf: dict, where: str) -> dict:
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     return {**text, "tie_word_embeddings": tie, "language_model_of": hf["model_type"]}
 MIXERS = {"linear_attention": "linear_attention", "full_attention": "attention"}
+# hybrids with token mixers sftplug does not run yet: model_type -> the layer type
+UNSUPPORTED_MIXERS = {"nemotron_h": "Mamba-2 layers", "falcon_h1": "Mamba-2 layers",
+                      "granitemoehybrid": "Mamba-2 layers", "jamba": "Mamba layers", "lfm2": "short convolution layers",
+                      "lfm2_moe": "short convolution layers", "kimi_linear": "Kimi Delta Attention layers"}
 
 
 def linear_attention_from_hf(model_type: str, hf: dict, where: str) -> tuple[LinearAttentionConfig, tuple[str, ...]]:

@@ -93,3 +93,14 @@ def test_a_vision_language_folder_trains_its_language_model_and_exports_it(tmp_p
     with torch.no_grad():
         trained = load_model(str(tmp_path / "run"), dtype=torch.float32).model(IDS)
         assert relative_error(language_model(IDS).logits, trained) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type, layers", [("nemotron_h", "Mamba-2 layers"), ("lfm2", "short convolution layers"),
+                                                ("kimi_linear", "Kimi Delta Attention layers")])
+def test_other_hybrids_are_refused_naming_their_layer_type(model_type, layers):
+    from sftplug.errors import SftplugError
+    from sftplug.hf.config import config_from_hf
+
+    with pytest.raises(SftplugError, match=f"^config.json: model_type '{model_type}' has {layers}, which sftplug "
+                                           "does not run"):
+        config_from_hf({"model_type": model_type, "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2})
