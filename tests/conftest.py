@@ -111,3 +111,24 @@ def hf_folder(tmp_path_factory, make_hf_folder):
     folder = tmp_path_factory.mktemp("hf")
     make_hf_folder(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def grads_as_peft():
+    """``grads_as_peft(model)``: sftplug's LoRA gradients in PEFT's tensor names (``base_model.model.``
+    dropped) and layout, split by the adapter export's own code (sftplug.hf.peft_adapter.peft_tensors)."""
+    from sftplug.hf.peft_adapter import peft_tensors
+
+    def split(model) -> dict:
+        saved = {id(p): p.data for p in model.parameters()}
+        for p in model.parameters():
+            if p.grad is not None:
+                p.data = p.grad
+        try:
+            grads = peft_tensors(model)
+        finally:
+            for p in model.parameters():
+                p.data = saved[id(p)]
+        return {k.replace("base_model.model.", "", 1): v.clone() for k, v in grads.items()}
+
+    return split

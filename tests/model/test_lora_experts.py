@@ -119,22 +119,8 @@ def peft_grads(theirs) -> dict:
             for n, p in theirs.named_parameters() if p.requires_grad}
 
 
-def grads_as_peft(ours) -> dict:
-    """sftplug's gradients in PEFT's names and layout: the adapter export's own code applied to them."""
-    saved = {id(p): p.data for p in ours.parameters()}
-    for p in ours.parameters():
-        if p.grad is not None:
-            p.data = p.grad
-    try:
-        grads = peft_tensors(ours)
-    finally:
-        for p in ours.parameters():
-            p.data = saved[id(p)]
-    return {k.replace("base_model.model.", "", 1): v.clone() for k, v in grads.items()}
-
-
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_one_update_equals_transformers_and_peft(moe_folder, tmp_path, family):
+def test_one_update_equals_transformers_and_peft(moe_folder, tmp_path, family, grads_as_peft):
     folder = moe_folder(family)
     theirs = peft_model(folder)
     ours = ours_from(theirs, folder, tmp_path)

@@ -62,20 +62,6 @@ def peft_grads(theirs) -> dict:
             for n, p in theirs.named_parameters() if p.requires_grad}
 
 
-def split_grads(ours) -> dict:
-    """sftplug's gradients split as its export splits the adapter (the same code as the weights)."""
-    saved = {id(p): p.data for p in ours.parameters()}
-    for p in ours.parameters():
-        if p.grad is not None:
-            p.data = p.grad
-    try:
-        grads = peft_tensors(ours)
-    finally:
-        for p in ours.parameters():
-            p.data = saved[id(p)]
-    return {k.replace("base_model.model.", "", 1): v.clone() for k, v in grads.items()}
-
-
 def one_update(model, forward):
     model.train()
     loss = loss_of(forward(model))
@@ -84,13 +70,13 @@ def one_update(model, forward):
 
 
 @pytest.mark.parametrize("targets", [ALL, ("q_proj", "v_proj")], ids=["default", "q-v"])
-def test_one_update_equals_hf_peft(hf_folder, tmp_path, targets):
+def test_one_update_equals_hf_peft(hf_folder, tmp_path, targets, grads_as_peft):
     theirs = peft_model(hf_folder, targets)
     ours = ours_from(theirs, hf_folder, tmp_path)
     ref_loss = one_update(theirs, lambda m: m(IDS).logits)
     loss = one_update(ours, lambda m: m(IDS))
     assert relative_error(loss, ref_loss) <= 1e-5
-    ref, got = peft_grads(theirs), split_grads(ours)
+    ref, got = peft_grads(theirs), grads_as_peft(ours)
     assert set(got) == set(ref) and len(ref) == 2 * 2 * len(targets)
     for name in ref:
         assert relative_error(got[name], ref[name]) <= 1e-5, name
@@ -111,7 +97,7 @@ def test_one_update_equals_hf_peft(hf_folder, tmp_path, targets):
     assert int((b != 0).sum()) == in_blocks < b.numel()
 
 
-def test_dropout_masks_are_drawn_per_projection_as_peft_draws_them(hf_folder, tmp_path):
+def test_dropout_masks_are_drawn_per_projection_as_peft_draws_them(hf_folder, tmp_path, grads_as_peft):
     theirs = peft_model(hf_folder, dropout=0.3)
     ours = ours_from(theirs, hf_folder, tmp_path)
     torch.manual_seed(7)
@@ -119,14 +105,14 @@ def test_dropout_masks_are_drawn_per_projection_as_peft_draws_them(hf_folder, tm
     torch.manual_seed(7)
     loss = one_update(ours, lambda m: m(IDS))
     assert relative_error(loss, ref_loss) <= 1e-5  # the same masks: drawn in HF's module order
-    ref, got = peft_grads(theirs), split_grads(ours)
+    ref, got = peft_grads(theirs), grads_as_peft(ours)
     for name in ref:
         assert relative_error(got[name], ref[name]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("options", [{"use_rslora": True}, {"use_dora": True}], ids=["rslora", "dora"])
 @pytest.mark.parametrize("targets", [ALL, ("q_proj", "v_proj", "up_proj")], ids=["default", "subset"])
-def test_rslora_and_dora_equal_peft(hf_folder, tmp_path, options, targets):
+def test_rslora_and_dora_equal_peft(hf_folder, tmp_path, options, targets, grads_as_peft):
     theirs = peft_model(hf_folder, targets, **options)
     ours = ours_from(theirs, hf_folder, tmp_path)
     assert ours.lora_spec.rslora == options.get("use_rslora", False)
@@ -134,7 +120,7 @@ def test_rslora_and_dora_equal_peft(hf_folder, tmp_path, options, targets):
     ref_loss = one_update(theirs, lambda m: m(IDS).logits)
     loss = one_update(ours, lambda m: m(IDS))
     assert relative_error(loss, ref_loss) <= 1e-5
-    ref, got = peft_grads(theirs), split_grads(ours)
+    ref, got = peft_grads(theirs), grads_as_peft(ours)
     assert set(got) == set(ref)
     for name in ref:
         assert relative_error(got[name], ref[name]) <= 1e-5, name
