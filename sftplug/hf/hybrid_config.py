@@ -22,7 +22,8 @@ def language_model_config(hf: dict, where: str) -> dict:
                            "language model")
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     return {**text, "tie_word_embeddings": tie, "language_model_of": hf["model_type"]}
-MIXERS = {"linear_attention": "linear_attention", "full_attention": "attention"}
+# HF layer_types -> sftplug mixer kinds
+LAYER_TYPES = {"linear_attention": "linear_attention", "full_attention": "attention"}
 # hybrids with token mixers sftplug does not run yet: model_type -> the layer type
 UNSUPPORTED_MIXERS = {"nemotron_h": "Mamba-2 layers", "falcon_h1": "Mamba-2 layers",
                       "granitemoehybrid": "Mamba-2 layers", "jamba": "Mamba layers", "lfm2": "short convolution layers",
@@ -38,7 +39,7 @@ def linear_attention_from_hf(model_type: str, hf: dict, where: str) -> tuple[Lin
     if types is None:  # transformers' default: every fourth layer full attention
         interval = hf.get("full_attention_interval", 4)
         types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
-    if len(types) != n_layers or not set(types) <= set(MIXERS):
+    if len(types) != n_layers or not set(types) <= set(LAYER_TYPES):
         raise SftplugError(f"{where}: layer_types must name linear_attention or full_attention for each of the "
                            f"{n_layers} layers")
     try:
@@ -49,4 +50,4 @@ def linear_attention_from_hf(model_type: str, hf: dict, where: str) -> tuple[Lin
             projections="grouped" if model_type == "qwen3_next" else "split")
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
-    return options, tuple(MIXERS[t] for t in types)
+    return options, tuple(LAYER_TYPES[t] for t in types)
