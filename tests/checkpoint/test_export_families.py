@@ -50,6 +50,10 @@ FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
     "qwen3_next": dict(config_class="Qwen3NextConfig", num_hidden_layers=4, head_dim=16, linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8, num_experts=8,
                        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "qwen3_5_moe_text": dict(config_class="Qwen3_5MoeTextConfig", num_hidden_layers=4, head_dim=16,
+                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                             linear_value_head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=48),
 }
 IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
 CHAT = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
