@@ -29,6 +29,7 @@ from sftplug.model.config import (
     LayerType,
     ModelConfig,
     NormConfig,
+    Rope,
     RotaryConfig,
 )
 
@@ -153,7 +154,7 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
         attention["sinks"] = True
     if model_type == "gemma3_text":
         local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
-        rotary["local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+        rotary["sliding"] = Rope(theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))))
     if model_type == "olmo2":
         norm["placement"] = "post"
     if model_type in ("olmo2", "olmoe"):

@@ -12,22 +12,52 @@ from dataclasses import asdict, dataclass, field, replace
 
 from sftplug.fused import pytorch
 
+# The kinds of attention layer RoPE is set per (sftplug.model.rope.rope_kind): HF's layer_types names.
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass
+class Rope:
+    """One RoPE: its base frequency, its scaling and the dims of each head it rotates."""
+
+    theta: float = 10000.0
+    scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "longrope" | "yarn", ...}; None: unscaled
+    dims: int = 0  # 0: the model's rotary dims (ModelConfig sets them)
+
 
 @dataclass
 class RotaryConfig:
-    """RoPE: its base frequency and scaling, the dims of each head it rotates, the layers it rotates in."""
+    """RoPE: its base frequency and scaling, the dims of each head it rotates and the layers it rotates
+    in; the sliding-window layers may have a RoPE of their own (Gemma 3, OLMo 3).
+
+    ``theta``, ``scaling`` and ``dims`` are the full-attention layers' RoPE, and every layer's
+    where ``sliding`` is None; :meth:`of` gives each kind's as a :class:`Rope`.
+    """
 
     theta: float = 10000.0
     scaling: dict | None = None  # Llama-3.1 style {"rope_type": "llama3", ...}
     dims: int = 0  # dims of each head RoPE rotates (partial_rotary_factor); 0: head_dim
-    local_theta: float = 0.0  # RoPE base of the sliding-window layers (Gemma 3); 0: theta
     layers: tuple[bool, ...] = ()  # which layers apply RoPE (SmolLM3 has layers without); (): all
+    sliding: Rope | None = None  # the sliding-window layers' own RoPE (a saved config holds a dict)
 
     def __post_init__(self):
         self.layers = tuple(self.layers)
+        if isinstance(self.sliding, dict):
+            self.sliding = Rope(**self.sliding)
 
     def applies_to(self, layer: int) -> bool:
         return self.layers[layer] if self.layers else True
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of layer with a RoPE of their own."""
+        return (FULL, SLIDING) if self.sliding else (FULL,)
+
+    def of(self, kind: str) -> Rope:
+        """The RoPE of the layers of this kind (FULL or SLIDING)."""
+        if kind == SLIDING and self.sliding:
+            return self.sliding
+        return Rope(self.theta, self.scaling, self.dims)
 
 
 @dataclass
@@ -193,8 +223,12 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         self.rotary = replace(self.rotary, dims=self.rotary.dims or self.head_dim)
-        if self.rotary.dims % 2 or self.rotary.dims > self.head_dim:
-            raise ValueError(f"rotary dims {self.rotary.dims} must be even and at most head_dim {self.head_dim}")
+        if self.rotary.sliding:
+            self.rotary.sliding = replace(self.rotary.sliding, dims=self.rotary.sliding.dims or self.rotary.dims)
+        for kind in self.rotary.kinds:
+            dims = self.rotary.of(kind).dims
+            if dims % 2 or dims > self.head_dim:
+                raise ValueError(f"rotary dims {dims} must be even and at most head_dim {self.head_dim}")
         per_layer = {"attention windows": self.attention.windows, "rotary layers": self.rotary.layers,
                      "layer_types": self.layer_types}
         for name, values in per_layer.items():
@@ -226,6 +260,13 @@ class ModelConfig:
         for key, (group, name) in FLAT_KEYS.items():
             if key in fields:
                 groups.setdefault(group, {})[name] = fields.pop(key)
+        rotary = groups.get("rotary", fields.get("rotary"))
+        if isinstance(rotary, dict) and "local_theta" in rotary:  # saved before RoPE per layer kind
+            rotary = dict(rotary)
+            local_theta = rotary.pop("local_theta")  # Gemma 3's sliding layers: their own base, unscaled
+            rotary["sliding"] = {"theta": local_theta} if local_theta else None
+            groups["rotary"] = rotary
+            fields.pop("rotary", None)
         return cls(**fields, **groups)
 
     def to_dict(self) -> dict:

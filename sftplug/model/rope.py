@@ -1,5 +1,6 @@
-"""RoPE's frequencies: the base, Llama 3.1's, linear, LongRoPE and YaRN scaling, and the
-sliding-window layers' own base (Gemma 3). The rotation itself is a fused op (sftplug.fused)."""
+"""RoPE's frequencies: the base, Llama 3.1's, linear, LongRoPE and YaRN scaling, each kind of
+layer's own (the sliding-window layers' of Gemma 3 and OLMo 3: RotaryConfig.sliding). The rotation
+itself is a fused op (sftplug.fused)."""
 
 from __future__ import annotations
 
@@ -7,45 +8,57 @@ import math
 
 import torch
 
-from sftplug.model.config import ModelConfig
+from sftplug.model.config import FULL, SLIDING, ModelConfig, Rope
 
 
-def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
-    """Each rotated pair's frequency; ``local``: the sliding-window layers' (Gemma 3: their own base, unscaled)."""
-    rotary = config.rotary
-    d = rotary.dims
-    theta = rotary.local_theta if local else rotary.theta
+def rope_kind(config: ModelConfig, layer: int) -> str:
+    """The kind of RoPE this layer takes: SLIDING for a sliding-window layer, else FULL."""
+    return SLIDING if config.attention.window(layer) else FULL
+
+
+def rope_inv_freq(config: ModelConfig, kind: str = FULL) -> torch.Tensor:
+    """Each rotated pair's frequency in the layers of this kind."""
+    rope = config.rotary.of(kind)
+    d, theta = rope.dims, rope.theta
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    scaling = {} if local else rotary.scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "llama3":
+    scaling, scaled_by = rope.scaling or {}, _scaling_kind(rope)
+    if scaled_by == "llama3":
         inv_freq = _llama3_scaled(inv_freq, scaling)
-    elif kind == "linear":
+    elif scaled_by == "linear":
         inv_freq = inv_freq / scaling["factor"]
-    elif kind == "longrope":  # rows up to original_max_position_embeddings: the short factors (Phi-3/4)
+    elif scaled_by == "longrope":  # rows up to original_max_position_embeddings: the short factors (Phi-3/4)
         inv_freq = inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float64)
-    elif kind == "yarn":
+    elif scaled_by == "yarn":
         return _yarn_inv_freq(theta, d, scaling)
-    elif kind not in (None, "default"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, linear, longrope, yarn)")
+    elif scaled_by == "proportional":  # Gemma 4: the first pairs of the whole head rotated, the rest at frequency 0
+        angles = int(scaling["partial_rotary_factor"] * d // 2)
+        inv_freq = torch.cat([inv_freq[:angles], inv_freq.new_zeros(d // 2 - angles)]) / scaling["factor"]
+    elif scaled_by not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {scaled_by!r} (supported: llama3, linear, longrope, yarn)")
     return inv_freq.float()
 
 
-def rope_attention_factor(config: ModelConfig) -> float:
-    """LongRoPE and YaRN scale cos and sin by this (1 for every other kind)."""
-    scaling = config.rotary.scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "longrope":
+def rope_attention_factor(config: ModelConfig, kind: str = FULL) -> float:
+    """LongRoPE and YaRN scale cos and sin by this in the layers of this kind (1 for every other scaling)."""
+    rope = config.rotary.of(kind)
+    scaling, scaled_by = rope.scaling or {}, _scaling_kind(rope)
+    if scaled_by == "longrope":
         return float(scaling.get("attention_factor", 1.0))
-    if kind == "yarn":
+    if scaled_by == "yarn":
         return _yarn_attention_factor(scaling)
     return 1.0
 
 
 def rope_longest_rows(config: ModelConfig) -> int | None:
     """The longest rows RoPE is computed for exactly (LongRoPE switches factors beyond), or None."""
-    scaling = config.rotary.scaling or {}
-    return scaling.get("original_max_position_embeddings") if scaling.get("rope_type") == "longrope" else None
+    lengths = [rope.scaling["original_max_position_embeddings"] for rope in map(config.rotary.of, config.rotary.kinds)
+               if _scaling_kind(rope) == "longrope"]
+    return min(lengths) if lengths else None
+
+
+def _scaling_kind(rope: Rope) -> str | None:
+    scaling = rope.scaling or {}
+    return scaling.get("rope_type", scaling.get("type"))
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:

@@ -17,13 +17,13 @@ import torch.nn as nn
 from sftplug.errors import SftplugError
 from sftplug.fused.op import OpSet
 from sftplug.model.attention import Attention, attend, cached_attention
-from sftplug.model.config import PRESETS, ModelConfig
+from sftplug.model.config import FULL, PRESETS, ModelConfig
 from sftplug.model.experts import MoE
 from sftplug.model.feed_forward import MLP
 from sftplug.model.gated_deltanet import GatedDeltaNet
 from sftplug.model.norm import RMSNorm, rms_norm_of
 from sftplug.model.offload import ActivationOffloader
-from sftplug.model.rope import rope_attention_factor, rope_inv_freq, rope_longest_rows
+from sftplug.model.rope import rope_attention_factor, rope_inv_freq, rope_kind, rope_longest_rows
 
 __all__ = ["MIXERS", "FEED_FORWARDS", "Block", "Transformer", "logits_of", "ModelConfig", "PRESETS", "RMSNorm",
            "rms_norm_of", "rope_inv_freq", "rope_attention_factor", "rope_longest_rows", "Attention", "attend",
@@ -86,9 +86,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        if config.rotary.local_theta:
-            self.register_buffer("inv_freq_local", rope_inv_freq(config, local=True), persistent=False)
+        for kind in config.rotary.kinds:  # inv_freq (full attention), inv_freq_sliding_attention (their own)
+            self.register_buffer(_inv_freq_name(kind), rope_inv_freq(config, kind), persistent=False)
         self.checkpoint_blocks = False  # activation checkpointing (--grad-ckpt)
         self.offload_activations = False  # saved activations kept in CPU memory (--offload-activations)
         self.offloader = None  # its sftplug.model.offload.ActivationOffloader, made at the first such forward
@@ -108,9 +107,8 @@ class Transformer(nn.Module):
 
     def reset_rope(self, device) -> None:
         """Compute the RoPE frequencies (non-persistent fp32 buffers, never loaded) on ``device``."""
-        self.inv_freq = rope_inv_freq(self.config).to(device)
-        if self.config.rotary.local_theta:
-            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
+        for kind in self.config.rotary.kinds:
+            setattr(self, _inv_freq_name(kind), rope_inv_freq(self.config, kind).to(device))
 
     def set_attention(self, backend) -> None:
         """The softmax-attention backend of every layer whose mixer is attention (linear attention has its own)."""
@@ -152,11 +150,11 @@ class Transformer(nn.Module):
             block.attn.set_fused_ops(ops)
             block.mlp.set_fused_ops(ops)
 
-    def rope(self, positions, dtype, inv_freq=None):
-        # positions: [B, T] -> cos, sin: [B, T, 1, R/2]
-        freqs = positions[..., None].float() * (self.inv_freq if inv_freq is None else inv_freq)  # [B, T, R/2]
+    def rope(self, positions, dtype, kind: str = FULL):
+        """cos, sin [B, T, 1, R/2] at positions [B, T] in the layers of this kind (sftplug.model.rope.rope_kind)."""
+        freqs = positions[..., None].float() * getattr(self, _inv_freq_name(kind))  # [B, T, R/2]
         freqs = freqs[:, :, None, :]
-        factor = rope_attention_factor(self.config)
+        factor = rope_attention_factor(self.config, kind)
         if factor != 1.0:
             return (freqs.cos() * factor).to(dtype), (freqs.sin() * factor).to(dtype)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
@@ -172,14 +170,10 @@ class Transformer(nn.Module):
         if doc_ids is not None and not getattr(self.attention_backend(), "host_doc_ids", False):
             doc_ids = doc_ids.to(x.device, non_blocking=True)  # once for every layer
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        ropes = {False: self.rope(positions, dtype)}  # keyed by "a sliding-window layer"
-        if self.config.rotary.local_theta:
-            ropes[True] = self.rope(positions, dtype, self.inv_freq_local)
-        else:
-            ropes[True] = ropes[False]
-        offload = self.offload_pass(x.device, [*ropes[False], *ropes[True], doc_ids]) if caches is None else None
+        ropes = {kind: self.rope(positions, dtype, kind) for kind in self.config.rotary.kinds}  # kind -> cos, sin
+        offload = self.offload_pass(x.device, [*sum(ropes.values(), ()), doc_ids]) if caches is None else None
         for i, block in enumerate(self.layers):
-            cos, sin = ropes[bool(self.config.attention.window(i))]
+            cos, sin = ropes.get(rope_kind(self.config, i), ropes[FULL])
             if caches is not None:
                 x = block(x, cos, sin, cache=caches[i])
             else:
@@ -211,6 +205,10 @@ class Transformer(nn.Module):
         if hidden_only:
             return hidden
         return logits_of(self.lm_head(hidden), self.config.logit_scale, self.config.logit_softcap)
+
+
+def _inv_freq_name(kind: str) -> str:
+    return "inv_freq" if kind == FULL else f"inv_freq_{kind}"
 
 
 def logits_of(raw, scale: float = 1.0, softcap: float = 0.0):

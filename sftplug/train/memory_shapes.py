@@ -127,8 +127,8 @@ def model_params(c: ModelConfig) -> int:
 
 
 def buffer_bytes(c: ModelConfig) -> int:
-    """The RoPE frequencies (fp32), once per base."""
-    return (c.rotary.dims // 2) * FP32 * (2 if c.rotary.local_theta else 1)
+    """The RoPE frequencies (fp32), once per kind of layer with a RoPE of its own."""
+    return sum(c.rotary.of(kind).dims // 2 for kind in c.rotary.kinds) * FP32
 
 
 def trainable_tensors(c: ModelConfig, lora: bool, r: int, targets) -> list[int]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from sftplug.model import transformer
-from sftplug.model.config import AttentionConfig, LayerType, ModelConfig, NormConfig, RotaryConfig
+from sftplug.model.config import AttentionConfig, LayerType, ModelConfig, NormConfig, Rope, RotaryConfig
 from sftplug.model.generate import generate_ids
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, n_layers=2, n_heads=4, n_kv_heads=2)
@@ -21,7 +21,7 @@ FLAT = {**SMALL, "head_dim": 8, "rope_theta": 10000.0, "rope_scaling": None, "rm
 
 def test_an_old_flat_config_reads_into_the_groups():
     config = ModelConfig.from_dict(FLAT)
-    assert config.rotary == RotaryConfig(theta=10000.0, dims=8, local_theta=1000.0)
+    assert config.rotary == RotaryConfig(theta=10000.0, dims=8, sliding=Rope(theta=1000.0, dims=8))
     assert config.norm == NormConfig(eps=1e-6, placement="sandwich", gemma=True)
     assert config.attention == AttentionConfig(qk_norm="head", windows=(16, 0), scale=0.25)
     assert config.feed_forward.activation == "gelu_tanh" and config.embed_scale == 5.0 and config.tie_embeddings
@@ -87,3 +87,12 @@ def test_a_new_mixer_kind_is_a_module_and_a_config_value(monkeypatch):
     with torch.no_grad():
         whole = model(torch.tensor([prompt[0].tolist() + new]))
     assert new == whole[0, 8:-1].argmax(-1).tolist()  # the same tokens as one forward over all of them
+
+
+def test_a_grouped_config_saved_before_rope_per_layer_kind_keeps_its_sliding_layers_base():
+    saved = json.loads(json.dumps(ModelConfig.from_dict(FLAT).to_dict()))
+    saved["rotary"] = {"theta": 10000.0, "scaling": None, "dims": 8, "local_theta": 1000.0, "layers": []}
+    want = RotaryConfig(theta=10000.0, dims=8, sliding=Rope(theta=1000.0, dims=8))
+    assert ModelConfig.from_dict(saved).rotary == want
+    saved["rotary"]["local_theta"] = 0.0  # no base of their own
+    assert ModelConfig.from_dict(saved).rotary == RotaryConfig(theta=10000.0, dims=8)
