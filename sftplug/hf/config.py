@@ -16,6 +16,7 @@ import torch
 from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.experts_config import EXPERT_COUNT_KEYS, experts_from_hf
+from sftplug.hf.gemma4_config import gemma4_config
 from sftplug.hf.hybrid_config import (
     HYBRID,
     LANGUAGE_MODEL_OF,
@@ -41,8 +42,8 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
                  "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
-                 "qwen3_next": "Qwen3NextForCausalLM"}
-GEMMA = ("gemma2", "gemma3_text")
+                 "qwen3_next": "Qwen3NextForCausalLM", "gemma4_text": "Gemma4ForCausalLM"}
+GEMMA = ("gemma2", "gemma3_text", "gemma4_text")
 # Keys of configurations sftplug cannot run exactly: key -> what it means (experts only in the MoE families).
 REFUSED_KEYS = {"num_experts": "a mixture of experts", "num_local_experts": "a mixture of experts",
                 "n_routed_experts": "a mixture of experts", "vision_config": "a vision tower",
@@ -60,6 +61,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if hf.get("model_type") in LANGUAGE_MODEL_OF:  # its language model; the vision tower is left out
         hf = language_model_config(hf, where)
     model_type = hf.get("model_type")
+    if model_type == "gemma4_text":  # its own options (sftplug.hf.gemma4_config)
+        return gemma4_config(hf, where)
     if model_type in UNSUPPORTED_MIXERS:
         raise SftplugError(f"{where}: model_type {model_type!r} has {UNSUPPORTED_MIXERS[model_type]}, which sftplug "
                            "does not run; its hybrids are Qwen3.5 and Qwen3-Next (Gated DeltaNet)")

@@ -44,6 +44,10 @@ def hf_layout(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     The rows of an experts' 3-D parameter are those of its first two dims flattened
     (:func:`rows_of`): expert e's gate_proj is rows [e·2I, e·2I + I) of gate_up_proj [E, 2I, H].
     """
+    if config.architecture == "gemma4_text":  # q, k, v apart, per-layer inputs: a table of its own
+        from sftplug.hf.gemma4_names import gemma4_layout
+
+        return gemma4_layout(config)
     plan = {
         "model.embed_tokens.weight": ("embed_tokens.weight", 0, config.vocab_size),
         "model.norm.weight": ("norm.weight", 0, config.hidden_size),

@@ -160,6 +160,21 @@ class LinearAttentionConfig:
                              f"{self.key_heads} key heads")
 
 
+@dataclass
+class Gemma4Options:
+    """Gemma 4's block options (sftplug.model.gemma4): each layer's own input embedding, the
+    full-attention layers' own head shape, keys used as values there, and the last layers reusing
+    the keys and values of an earlier layer. All off by default."""
+
+    per_layer_input_size: int = 0  # hidden_size_per_layer_input; 0: no per-layer inputs
+    per_layer_input_vocab: int = 0  # vocab_size_per_layer_input
+    full_head_dim: int = 0  # the full-attention layers' head_dim (global_head_dim); 0: head_dim
+    full_kv_heads: int = 0  # their key/value heads (num_global_key_value_heads); 0: n_kv_heads
+    full_k_eq_v: bool = False  # their values are their keys, before the norms (attention_k_eq_v)
+    kv_shared_layers: int = 0  # the last layers reuse the keys/values of the last earlier layer of their kind
+    double_wide_shared_mlp: bool = False  # those layers' MLPs are twice as wide (use_double_wide_mlp)
+
+
 @dataclass(frozen=True)
 class LayerType:
     """One layer's token mixer and feed-forward, by kind (sftplug.model.transformer maps kinds to modules)."""
@@ -171,7 +186,8 @@ class LayerType:
 
 # ModelConfig's groups: field -> its dataclass.
 GROUPS = {"rotary": RotaryConfig, "norm": NormConfig, "attention": AttentionConfig,
-          "feed_forward": FeedForwardConfig, "experts": ExpertsConfig, "linear_attention": LinearAttentionConfig}
+          "feed_forward": FeedForwardConfig, "experts": ExpertsConfig, "linear_attention": LinearAttentionConfig,
+          "gemma4": Gemma4Options}
 # The flat keys of checkpoints saved before the groups: key -> (group, field).
 FLAT_KEYS = {
     "rope_theta": ("rotary", "theta"), "rope_scaling": ("rotary", "scaling"), "rotary_dim": ("rotary", "dims"),
@@ -204,6 +220,7 @@ class ModelConfig:
     feed_forward: FeedForwardConfig = field(default_factory=FeedForwardConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     linear_attention: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
+    gemma4: Gemma4Options = field(default_factory=Gemma4Options)
     layer_types: tuple[LayerType, ...] = ()  # each layer's mixer and feed-forward; (): attention and mlp
     # The residual stream's and the LM head's scales.
     embed_scale: float = 1.0  # embeddings times this (Gemma: sqrt(hidden); Granite: embedding_multiplier)
@@ -227,8 +244,9 @@ class ModelConfig:
             self.rotary.sliding = replace(self.rotary.sliding, dims=self.rotary.sliding.dims or self.rotary.dims)
         for kind in self.rotary.kinds:
             dims = self.rotary.of(kind).dims
-            if dims % 2 or dims > self.head_dim:
-                raise ValueError(f"rotary dims {dims} must be even and at most head_dim {self.head_dim}")
+            head_dim = self.gemma4.full_head_dim or self.head_dim if kind == FULL else self.head_dim  # Gemma 4's own
+            if dims % 2 or dims > head_dim:
+                raise ValueError(f"rotary dims {dims} must be even and at most head_dim {head_dim}")
         per_layer = {"attention windows": self.attention.windows, "rotary layers": self.rotary.layers,
                      "layer_types": self.layer_types}
         for name, values in per_layer.items():

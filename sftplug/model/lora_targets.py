@@ -25,6 +25,7 @@ LORA_VARIANTS = ("lora", "dora")  # PEFT's LoRA, and DoRA (its use_dora)
 # sftplug layer -> the HF projections it holds, in row order.
 LORA_PARTS = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
+    **{name[0]: (name,) for name in ("q_proj", "k_proj", "v_proj")},  # kept apart (Gemma 4: q, k, v)
     "o": ("o_proj",),
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
@@ -33,7 +34,7 @@ LORA_PARTS = {
                                   "out_proj")},
     "lm_head": ("lm_head",),
 }
-LORA_TARGETS = tuple(part for parts in LORA_PARTS.values() for part in parts)  # HF order
+LORA_TARGETS = tuple(dict.fromkeys(part for parts in LORA_PARTS.values() for part in parts))  # HF order
 LINEAR_ATTENTION_TARGETS = LORA_TARGETS[LORA_TARGETS.index("in_proj_qkv"):LORA_TARGETS.index("lm_head")]
 LORA_ALIASES = {layer: parts for layer, parts in LORA_PARTS.items() if layer != "lm_head"}  # earlier names
 EXPERTS_TARGETS = ("experts.gate_up_proj", "experts.down_proj")  # an MoE's stacked experts (PEFT target_parameters)
@@ -67,7 +68,8 @@ def lora_layout(config: ModelConfig) -> dict[str, tuple[tuple[str, int, int], ..
     linear = config.linear_attention
     key, value = linear.key_heads * linear.key_head_dim, linear.value_heads * linear.value_head_dim
     hv = linear.value_heads
-    rows = {"qkv": (0, q, q + kv, q + 2 * kv), "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
+    rows = {"qkv": (0, q, q + kv, q + 2 * kv), "q": (0, q), "k": (0, kv), "v": (0, kv),
+            "o": (0, config.hidden_size), "gate_up": (0, inter, 2 * inter),
             "down": (0, config.hidden_size), "lm_head": (0, config.vocab_size),
             "in_proj_qkv": (0, 2 * key + value), "in_proj_z": (0, value), "in_proj_b": (0, hv), "in_proj_a": (0, hv),
             "in_proj_qkvz": (0, 2 * key + 2 * value), "in_proj_ba": (0, 2 * hv), "out_proj": (0, config.hidden_size)}
@@ -82,10 +84,10 @@ def layer_parts(layout, layer: str, out_features: int) -> tuple[tuple[str, int, 
     """:func:`lora_layout`'s parts of one linear layer with ``out_features`` rows: a gated MLP's
     gate/up halves are those of its own width (an MoE's shared expert is narrower than a dense MLP)."""
     parts = layout[layer]
+    if len(parts) == 1:  # all its rows (Phi-3's one gate_up_proj; Gemma 4's q, k, v, whose sizes vary by layer)
+        return ((parts[0][0], 0, out_features),)
     if layer != "gate_up":
         return parts
-    if len(parts) == 1:  # Phi-3's one gate_up_proj
-        return ((parts[0][0], 0, out_features),)
     half = out_features // 2
     return ((parts[0][0], 0, half), (parts[1][0], half, out_features))
 

@@ -21,8 +21,10 @@ from sftplug.model.config import FULL, PRESETS, ModelConfig
 from sftplug.model.experts import MoE
 from sftplug.model.feed_forward import MLP
 from sftplug.model.gated_deltanet import GatedDeltaNet
+from sftplug.model.gemma4 import Gemma4Block, block_inputs, is_gemma4
 from sftplug.model.norm import RMSNorm, rms_norm_of
 from sftplug.model.offload import ActivationOffloader
+from sftplug.model.per_layer_inputs import PerLayerInputs
 from sftplug.model.rope import rope_attention_factor, rope_inv_freq, rope_kind, rope_longest_rows
 
 __all__ = ["MIXERS", "FEED_FORWARDS", "Block", "Transformer", "logits_of", "ModelConfig", "PRESETS", "RMSNorm",
@@ -81,7 +83,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        block = Gemma4Block if is_gemma4(config) else Block
+        self.layers = nn.ModuleList(block(config, i) for i in range(config.n_layers))
+        self.per_layer_inputs = PerLayerInputs(config) if config.gemma4.per_layer_input_size else None  # Gemma 4
         self.norm = rms_norm_of(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -172,19 +176,25 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ropes = {kind: self.rope(positions, dtype, kind) for kind in self.config.rotary.kinds}  # kind -> cos, sin
         offload = self.offload_pass(x.device, [*sum(ropes.values(), ()), doc_ids]) if caches is None else None
+        extras = self.block_inputs(input_ids, x)
         for i, block in enumerate(self.layers):
             cos, sin = ropes.get(rope_kind(self.config, i), ropes[FULL])
             if caches is not None:
-                x = block(x, cos, sin, cache=caches[i])
+                x = block(x, cos, sin, cache=caches[i], **extras[i])
             else:
                 with offload.saving(i) if offload is not None else contextlib.nullcontext():
-                    x = self.run_block(block, x, cos, sin, doc_ids)
+                    x = self.run_block(block, x, cos, sin, doc_ids, extras[i])
         return self.norm(x)
 
-    def run_block(self, block, x, cos, sin, doc_ids):
+    def block_inputs(self, input_ids, embeddings) -> list[dict]:
+        """Each block's keyword inputs beyond x and RoPE: none, but Gemma 4's (sftplug.model.gemma4)."""
+        return block_inputs(self, input_ids, embeddings) if is_gemma4(self.config) else [{}] * len(self.layers)
+
+    def run_block(self, block, x, cos, sin, doc_ids, extras=None):
+        extras = extras or {}
         if self.checkpoint_blocks and self.training:
-            return torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False)
-        return block(x, cos, sin, doc_ids)
+            return torch.utils.checkpoint.checkpoint(block, x, cos, sin, doc_ids, use_reentrant=False, **extras)
+        return block(x, cos, sin, doc_ids, **extras)
 
     def offload_pass(self, device, shared):
         """This forward's activation offloading (sftplug.model.offload), or None: only training with grad."""
