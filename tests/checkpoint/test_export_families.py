@@ -54,6 +54,10 @@ FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
                              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
                              linear_value_head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                              shared_expert_intermediate_size=48),
+    "gemma4_text": dict(config_class="Gemma4TextConfig", num_hidden_layers=4, head_dim=16, global_head_dim=32,
+                        num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=16, num_kv_shared_layers=2,
+                        use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1024,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
 }
 IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
 CHAT = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
