@@ -11,6 +11,11 @@ as the conversation grows gives one example per turn (:meth:`Tokenizer.render_sp
 The model's template is read wherever transformers keeps it (sftplug.data.chat_templates); a
 folder without one gets the built-in ``sftplug`` template and a warning.
 ``--chat-template NAME|FILE|FOLDER`` overrides either (:meth:`Tokenizer.set_chat_template`).
+
+A turn may end with another token than the tokenizer's EOS (Gemma's ``<end_of_turn>``, Llama 3's
+``<|eot_id|>``): the folder's generation_config.json lists every id generation stops at. Those
+tokens, beside EOS, end assistant turns in the labels (:attr:`Tokenizer.stop_tokens`) and stop
+generation (:attr:`Tokenizer.stop_ids`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from sftplug.data.chat_templates import (
     resolve_with_source,
 )
 from sftplug.errors import SftplugError
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _token_text(value) -> str | None:
@@ -83,6 +90,10 @@ class Tokenizer:
         self.pad_id = self.token_id(self.pad_token)
         if self.pad_id is None:
             self.pad_id = 0
+        # EOS first, then the other ids generate() stops at (those this tokenizer has)
+        ids = [self.eos_id] + [i for i in generation_eos_ids(folder) if self.backend.id_to_token(i) is not None]
+        self.stop_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
+        self.stop_tokens = tuple(self.backend.id_to_token(i) for i in self.stop_ids)
         self._file_hash = None
         self._template_for = None  # the template source _compiled() last compiled
 
@@ -109,7 +120,8 @@ class Tokenizer:
         """A hash of everything that decides tokens and masks: tokenizer.json, template, specials."""
         if self._file_hash is None:
             self._file_hash = hashlib.sha256((self.folder / "tokenizer.json").read_bytes()).hexdigest()
-        parts = [self._file_hash, self.chat_template, self.bos_token, self.eos_token, self.pad_token, self.pad_id]
+        parts = [self._file_hash, self.chat_template, self.bos_token, self.eos_token, self.pad_token, self.pad_id,
+                 self.stop_tokens]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     # -- encoding ------------------------------------------------------------------
@@ -193,7 +205,8 @@ class Tokenizer:
         Assistant turn k is trained in the context the template shows when it is generated:
         its span runs from the end of messages[:k] rendered with the generation prompt to
         the end of messages[:k + 1] rendered (whitespace the template puts after the turn's
-        EOS token is not trained). Turns whose renders extend one text share one example.
+        last stop token, EOS or another of :attr:`stop_tokens`, is not trained). Turns whose
+        renders extend one text share one example.
         A template that renders earlier turns differently once later ones are added (Qwen3
         drops the reasoning of earlier turns) starts a new example there, in which the
         earlier turns are context only. train_turns "last" trains only the final assistant
@@ -206,7 +219,6 @@ class Tokenizer:
         if train_turns == "last":
             turns = turns[-1:]
         examples, text, spans, without_eos = [], "", [], 0
-        eos = self.eos_token
         for i in turns:
             prompt = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])
@@ -216,10 +228,10 @@ class Tokenizer:
                 text, spans = "", []
             start = len(prompt) if upto.startswith(prompt) else _common_prefix(prompt, upto)
             start, end = max(start, len(text)), len(upto)
-            if eos:
-                k = upto.rfind(eos, start, end)
-                if k >= 0 and not upto[k + len(eos) : end].strip():
-                    end = k + len(eos)  # the template's separator after EOS is not a target
+            if self.stop_tokens:
+                turn_end = _turn_end(upto, start, end, self.stop_tokens)
+                if turn_end is not None:
+                    end = turn_end  # the template's separator after the turn's end is not a target
                 else:
                     without_eos += 1
             if end > start:
@@ -232,6 +244,40 @@ class Tokenizer:
         if spans or not examples:
             examples.append((text, spans))
         return examples, without_eos
+
+
+def generation_eos_ids(folder: Path) -> list[int]:
+    """The ids transformers' generate() stops at for a model folder: generation_config.json's
+    ``eos_token_id`` (an id or a list) where the folder has that file, else config.json's (a
+    vision-language one's in its text_config)."""
+    path = folder / GENERATION_CONFIG
+    config = _json_object(path) if path.is_file() else _json_object(folder / "config.json")
+    value = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
+    return [i for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)]
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file's content ({} where there is no such file)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SftplugError(f"{path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise SftplugError(f"{path}: not a JSON object")
+    return config
+
+
+def _turn_end(text: str, start: int, end: int, stop_tokens) -> int | None:
+    """Where the assistant turn in text[start:end] ends: after its last stop token, where only
+    whitespace follows it; None when no stop token ends it."""
+    ends = []
+    for token in stop_tokens:
+        k = text.rfind(token, start, end)
+        if k >= 0 and not text[k + len(token) : end].strip():
+            ends.append(k + len(token))
+    return max(ends, default=None)
 
 
 def _covering_token(encoding, chars) -> int | None:

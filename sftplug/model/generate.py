@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from sftplug.model.attention import KVCache
@@ -11,8 +13,9 @@ __all__ = ["KVCache", "generate_ids", "answer"]  # KVCache lived here; the atten
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled blocks have training shapes; a growing cache would recompile
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
-    """Greedy continuation of ``prompt_ids``."""
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | Collection[int] | None) -> list[int]:
+    """Greedy continuation of ``prompt_ids``, up to the first of the ``eos_id`` (one id or several)."""
+    stop = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -24,7 +27,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
     for _ in range(max_new_tokens):
         logits = model(ids, positions, caches=caches)  # [1, T, vocab]
         next_id = int(logits[0, -1].argmax())
-        if next_id == eos_id:
+        if next_id in stop:
             break
         out.append(next_id)
         positions = positions[:, -1:] + 1
@@ -36,5 +39,5 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """The model's greedy answer to one user prompt, rendered with the chat template."""
     text = tokenizer.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.eos_id)
+    new = generate_ids(model, tokenizer.encode(text), max_new_tokens, tokenizer.stop_ids)
     return tokenizer.decode(new).strip()
