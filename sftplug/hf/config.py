@@ -17,13 +17,8 @@ from sftplug.dtypes import hf_dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.experts_config import EXPERT_COUNT_KEYS, experts_from_hf
 from sftplug.hf.gemma4_config import gemma4_config
-from sftplug.hf.hybrid_config import (
-    HYBRID,
-    LANGUAGE_MODEL_OF,
-    UNSUPPORTED_MIXERS,
-    language_model_config,
-    linear_attention_from_hf,
-)
+from sftplug.hf.hybrid_config import HYBRID, UNSUPPORTED_MIXERS, linear_attention_from_hf
+from sftplug.hf.language_model import LANGUAGE_MODEL_OF, language_model_config
 from sftplug.model.config import (
     AttentionConfig,
     FeedForwardConfig,

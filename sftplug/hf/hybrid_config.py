@@ -8,20 +8,6 @@ from sftplug.errors import SftplugError
 from sftplug.model.config import LinearAttentionConfig
 
 HYBRID = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
-# vision-language folders whose language model sftplug trains (the vision tower left out): model_type -> where
-# their language model's tensors are stored
-LANGUAGE_MODEL_OF = {"qwen3_5": "model.language_model.", "qwen3_5_moe": "model.language_model."}
-
-
-def language_model_config(hf: dict, where: str) -> dict:
-    """A vision-language config.json's text_config as a config.json of its own (the tied embeddings are the
-    outer config's), remembering the folder it came from."""
-    text = hf.get("text_config")
-    if not isinstance(text, dict) or "model_type" not in text:
-        raise SftplugError(f"{where}: a {hf['model_type']} config without a text_config; sftplug trains its "
-                           "language model")
-    tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return {**text, "tie_word_embeddings": tie, "language_model_of": hf["model_type"]}
 # HF layer_types -> sftplug mixer kinds
 LAYER_TYPES = {"linear_attention": "linear_attention", "full_attention": "attention"}
 # hybrids with token mixers sftplug does not run yet: model_type -> the layer type

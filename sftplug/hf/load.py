@@ -29,7 +29,7 @@ from sftplug.data.tokenizer import Tokenizer
 from sftplug.dtypes import as_dtype, dtype_name
 from sftplug.errors import SftplugError
 from sftplug.hf.config import config_from_hf
-from sftplug.hf.hybrid_config import LANGUAGE_MODEL_OF
+from sftplug.hf.language_model import LANGUAGE_MODEL_OF, language_model_name
 from sftplug.hf.mxfp4 import dequantized_weights
 from sftplug.hf.names import IGNORABLE, hf_layout, map_names_to_model, mismatch_error, rows_of
 from sftplug.hf.weights import WeightFiles, open_weights, read_into
@@ -82,8 +82,8 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     # MXFP4 experts (gpt-oss) are read dense: the loaded model, and so its export, is not quantized
     weights = dequantized_weights(weights, config.extra.pop("quantization_config", None))
     tower = []
-    if config.extra.get("language_model_of"):  # a vision-language folder: its language model's tensors alone
-        weights, tower = language_model_weights(weights, LANGUAGE_MODEL_OF[config.extra["language_model_of"]])
+    if config.extra.get("language_model_of"):  # a folder with towers: its language model's tensors alone
+        weights, tower = language_model_weights(weights)
     tokenizer = Tokenizer(folder)
     if tokenizer.vocab_size > config.vocab_size:
         raise SftplugError(
@@ -103,7 +103,8 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
         info["ignored"] = ignored
         notes.append(f"ignored {len(ignored)} derived tensor(s) such as {ignored[0]}")
     if tower:
-        notes.append(f"the language model of a {config.extra['language_model_of']} folder: its vision tower "
+        towers = LANGUAGE_MODEL_OF[config.extra["language_model_of"]]
+        notes.append(f"the language model of a {config.extra['language_model_of']} folder: its {towers} "
                      f"({len(tower)} tensors such as {tower[0]}) is left out, and exports hold the language model")
     window = config.extra.get("sliding_window")
     if window and (config.architecture == "mistral" or config.extra.get("use_sliding_window")):
@@ -184,18 +185,16 @@ def load_hf_weights(model: torch.nn.Module, weights: WeightFiles, quantize: Quan
     return sorted(ignored)
 
 
-def language_model_weights(weights: WeightFiles, prefix: str) -> tuple[WeightFiles, list[str]]:
-    """The tensors under ``prefix`` renamed as a language model of its own stores them (``model.``), lm_head
-    as it is; and the names of the rest (the vision tower's), which are left out."""
+def language_model_weights(weights: WeightFiles) -> tuple[WeightFiles, list[str]]:
+    """The language model's tensors renamed as it stores them alone (sftplug.hf.language_model); and the
+    names of the rest (the towers'), which are left out."""
     kept, left_out = {}, []
     for key, entry in weights.entries.items():
-        if key.startswith(prefix):
-            key = "model." + key[len(prefix):]
-            kept[key] = dataclasses.replace(entry, key=key)
-        elif key.startswith("lm_head."):
-            kept[key] = entry
-        else:
+        name = language_model_name(key)
+        if name is None:
             left_out.append(key)
+        else:
+            kept[name] = dataclasses.replace(entry, key=name)
     return dataclasses.replace(weights, entries=kept), sorted(left_out)
 
 
