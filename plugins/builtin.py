@@ -10,6 +10,7 @@ BUILTIN_PLUGINS = [
     ("chunked", "sftplug.plugins.chunked:chunked"),
     ("flex", "sftplug.plugins.flex_attention:flex"),
     ("linear", "sftplug.plugins.linear_attention:linear"),
+    ("fla", "sftplug.plugins.fla_linear_attention:fla"),
     ("triton-ops", "sftplug.plugins.triton_ops:triton_ops"),
     ("precision", "sftplug.plugins.precision:precision"),
     ("hf", "sftplug.plugins.loaders:hf_checkpoint"),

@@ -2,7 +2,8 @@
 
 :func:`doctor_report` gathers versions (torch, CUDA, cuDNN, Triton), the GPU and its
 compute capability, which attention backends run bf16, fp16 and fp32 here (and why not,
-in PyTorch's words, for each that does not), what ``auto`` would pick per dtype, and the
+in PyTorch's words, for each that does not), what ``auto`` would pick per dtype, which
+linear-attention backends run Qwen3.5's Gated DeltaNet shape per dtype, and the
 environment variables and global SDPA switches that try to steer attention kernels.
 :func:`format_doctor` renders it for people; the dict itself is the ``--json`` output, whose
 keys scripts read (its "reason" and "no_gpu_reason" say why something is unavailable).
@@ -19,6 +20,8 @@ from sftplug.attention import AttentionRequest
 from sftplug.attention.choice import attention_skipped, choose_from, steering_env, survey
 from sftplug.dtypes import BY_NAME, TRAINING
 from sftplug.errors import SftplugError
+from sftplug.linear_attention import choice as linear_choice
+from sftplug.linear_attention.backend import LinearAttentionRequest
 
 
 def doctor_report(registry, device: torch.device | str | None = None, head_dim: int = 64,
@@ -61,6 +64,7 @@ def doctor_report(registry, device: torch.device | str | None = None, head_dim: 
         "shape": {"head_dim": head_dim, "n_heads": n_heads, "n_kv_heads": n_kv_heads},
         "attention": _attention_rows(registry, device, head_dim, n_heads, n_kv_heads),
         "auto": _auto_picks(registry, device, head_dim, n_heads, n_kv_heads),
+        "linear_attention": _linear_attention_rows(registry, device),
         "environment": steering_env(),
         "sdpa_global_flags": probes.sdpa_global_flags(),
     }
@@ -132,11 +136,27 @@ def _auto_picks(registry, device, head_dim, n_heads, n_kv_heads) -> dict:
     return picks
 
 
+LINEAR_SHAPE = (16, 32, 128, 128)  # Qwen3.5's Gated DeltaNet: q/k heads, value heads, their dims
+
+
+def _linear_attention_rows(registry, device) -> list[dict]:
+    """Each linear-attention backend for Qwen3.5's shape per dtype (None: runs), or why its plugin is skipped."""
+    answers = {d: {o.name: o.why_unavailable for o in linear_choice.survey(
+        registry.hook, LinearAttentionRequest("auto", device, BY_NAME[d], *LINEAR_SHAPE))} for d in TRAINING}
+    rows = [{"name": name, "available": True, "reason": "",
+             "dtypes": {d: answers[d].get(name, f"not offered for {d}") for d in TRAINING}} for name in answers["fp32"]]
+    for name, why_unavailable in linear_choice.linear_attention_skipped(registry).items():
+        rows.append({"name": name, "available": False, "reason": why_unavailable,
+                     "dtypes": {d: why_unavailable for d in TRAINING}})
+    return rows
+
+
 def format_doctor(report: dict) -> str:
     """The human-readable doctor report (what `sftplug doctor` prints without --json)."""
     # What this machine has, then what attention can run on it, then what tries to steer that.
     lines = _machine_lines(report)
     lines += ["", *_attention_lines(report)]
+    lines += ["", *_linear_attention_lines(report)]
     lines += ["", *_steering_lines(report)]
     return "\n".join(lines)
 
@@ -194,6 +214,23 @@ def _attention_lines(r: dict) -> list[str]:
         else:
             lines.append(f"  {key:<11} nothing: {pick['reason']}")
     return lines
+
+
+def _linear_attention_lines(r: dict) -> list[str]:
+    """A row per linear-attention backend (a cell per dtype), and why each 'no' is one."""
+    lines = [f"linear attention on {r['device']} (Gated DeltaNet, {LINEAR_SHAPE[0]}/{LINEAR_SHAPE[1]} heads of "
+             f"{LINEAR_SHAPE[2]}/{LINEAR_SHAPE[3]}):"]
+    width = max([len(a["name"]) for a in r["linear_attention"]] + [7])
+    lines.append(f"  {'backend':<{width}}  " + "  ".join(f"{d:<4}" for d in TRAINING))
+    why_not = []
+    for a in r["linear_attention"]:
+        if not a["available"]:
+            lines.append(f"  {a['name']:<{width}}  unavailable: {a['reason']}")
+            continue
+        cells = "  ".join(f"{'ok' if a['dtypes'][d] is None else 'no':<4}" for d in TRAINING)
+        lines.append(f"  {a['name']:<{width}}  {cells}")
+        why_not += [f"  {a['name']} {d}: {a['dtypes'][d]}" for d in TRAINING if a["dtypes"][d] is not None]
+    return lines + (["why not:"] + why_not if why_not else [])
 
 
 def _steering_lines(r: dict) -> list[str]:
