@@ -1,5 +1,7 @@
 """config.json <-> ModelConfig for the HF families sftplug loads: Llama 2/3/3.1, Mistral,
-Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3/4, OLMo 2, SmolLM3, Granite 3.
+Ministral 3, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3/4, OLMo 2, OLMo 3, SmolLM3,
+Granite 3; the MoE families (sftplug.hf.experts_config), the hybrids (sftplug.hf.hybrid_config),
+and the language model of folders with towers beside it (sftplug.hf.language_model).
 
 Each family's options become ModelConfig options (in its rotary, norm, attention and
 feed-forward groups); a key sftplug cannot run exactly (a MoE, a vision tower, an unknown RoPE
@@ -20,6 +22,8 @@ from sftplug.hf.gemma4_config import gemma4_config
 from sftplug.hf.hybrid_config import HYBRID, UNSUPPORTED_MIXERS, linear_attention_from_hf
 from sftplug.hf.language_model import LANGUAGE_MODEL_OF, language_model_config
 from sftplug.model.config import (
+    FULL,
+    SLIDING,
     AttentionConfig,
     FeedForwardConfig,
     LayerType,
@@ -36,6 +40,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "granite": "GraniteForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
                  "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                 "olmo3": "Olmo3ForCausalLM", "ministral3": "Ministral3ForCausalLM",
                  "qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
                  "qwen3_next": "Qwen3NextForCausalLM", "gemma4_text": "Gemma4ForCausalLM"}
 GEMMA = ("gemma2", "gemma3_text", "gemma4_text")
@@ -48,6 +53,8 @@ REFUSED_KEYS = {"num_experts": "a mixture of experts", "num_local_experts": "a m
 QKV_BIAS = {"qwen2": "always", "qwen2_moe": "qkv_bias", "glm4_moe": "attention_bias", "gpt_oss": "attention_bias"}
 O_BIAS = {"gpt_oss": "attention_bias"}
 QWEN_WINDOWS = ("qwen2", "qwen3", "smollm3", "qwen3_moe", "qwen2_moe")  # use_sliding_window, max_window_layers
+# Families whose sliding-window layers have a RoPE of their own -> its base where the file gives none
+SLIDING_THETA = {"gemma3_text": 10000.0, "olmo3": 500000.0}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -133,7 +140,7 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     rotary, norm, scales = {}, {}, {}
     attention: dict = {"windows": _layer_windows(model_type, hf, n_layers, where)}
-    partial = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    partial = _rope_parameters(hf, FULL).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         rotary["dims"] = int(head_dim * partial)
     if model_type in GEMMA:
@@ -150,13 +157,14 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
         attention["output_gate"] = True
     if model_type == "gpt_oss":
         attention["sinks"] = True
-    if model_type == "gemma3_text":
-        local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
-        rotary["sliding"] = Rope(theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))))
-    if model_type == "olmo2":
+    if model_type in SLIDING_THETA:  # Gemma 3, OLMo 3
+        rotary["sliding"] = _sliding_rope(model_type, hf, head_dim, bool(attention["windows"]), where)
+    if model_type in ("olmo2", "olmo3"):
         norm["placement"] = "post"
-    if model_type in ("olmo2", "olmoe"):
+    if model_type in ("olmo2", "olmoe", "olmo3"):
         attention["qk_norm"] = "projection"
+    if model_type == "ministral3":
+        attention.update(_query_scale(hf, where))
     if model_type == "smollm3" and hf.get("no_rope_layers"):
         rotary["layers"] = tuple(bool(x) for x in hf["no_rope_layers"])
     if model_type == "granite":
@@ -169,12 +177,16 @@ def _family_options(model_type: str, hf: dict, where: str) -> dict:
 
 def _layer_windows(model_type: str, hf: dict, n_layers: int, where: str) -> tuple[int, ...]:
     """Each layer's sliding window (0: full attention), from ``layer_types`` where the file has them."""
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096 if model_type == "olmo3" else None)  # Olmo3Config's default
     if model_type in QWEN_WINDOWS and not hf.get("use_sliding_window", False):
         window = None
     if not window:
         return ()
     types = hf.get("layer_types")
+    if model_type == "ministral3" and types is not None and set(types) != {"sliding_attention"}:
+        raise SftplugError(f"{where}: layer_types name full_attention layers beside sliding_window {window}, but "
+                           "transformers' Ministral 3 applies the window to every layer (and cannot generate with "
+                           "such layer_types); sftplug does not guess which is meant")
     if types is None:  # files written before layer_types: each family's own rule
         if model_type in QWEN_WINDOWS:
             first = hf.get("max_window_layers", 0)
@@ -184,6 +196,8 @@ def _layer_windows(model_type: str, hf: dict, n_layers: int, where: str) -> tupl
         elif model_type == "gemma3_text":
             pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        elif model_type == "olmo3":  # every fourth layer full attention
+            types = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(n_layers)]
         else:  # Mistral, Phi-3: every layer
             types = ["sliding_attention"] * n_layers
     if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
@@ -192,27 +206,77 @@ def _layer_windows(model_type: str, hf: dict, n_layers: int, where: str) -> tupl
     return tuple(int(window) if kind == "sliding_attention" else 0 for kind in types)
 
 
-def _rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
-    params = hf.get("rope_parameters")  # transformers 5: rope_theta lives inside
-    if isinstance(params, dict) and "full_attention" in params:  # per layer type (Gemma 3)
-        params = params["full_attention"]
-    if isinstance(params, dict) and params:
+def _rope_parameters(hf: dict, kind: str) -> dict:
+    """config.json's rope_parameters (transformers 5) for the layers of this kind: the family's one
+    dict, or the kind's own where it has one per layer kind; {} in files of transformers 4."""
+    params = hf.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    return (params.get(kind) or {}) if _per_kind(hf) else params
+
+
+def _per_kind(hf: dict) -> bool:
+    """Whether rope_parameters holds one dict per layer kind (Gemma 3, OLMo 3)."""
+    params = hf.get("rope_parameters")
+    return isinstance(params, dict) and (FULL in params or SLIDING in params)
+
+
+def _sliding_rope(model_type: str, hf: dict, head_dim: int, has_windows: bool, where: str) -> Rope | None:
+    """The sliding-window layers' own RoPE, or None where it is the full-attention layers'."""
+    if _per_kind(hf):
+        theta, scaling = _rope_from_hf(hf, where, SLIDING)
+        partial = _rope_parameters(hf, SLIDING).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    else:  # transformers 4's files: unscaled, at a base of their own (OLMo 3: transformers' default, whatever
+        # rope_theta says, as transformers 5 reads these files)
+        theta, scaling = hf.get("rope_local_base_freq", SLIDING_THETA[model_type]), None
+        partial = hf.get("partial_rotary_factor", 1.0)
+    full_partial = _rope_parameters(hf, FULL).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if (theta, scaling, partial) == (*_rope_from_hf(hf, where), full_partial):
+        return None
+    if not has_windows:  # sftplug tells the kinds apart by their windows
+        raise SftplugError(f"{where}: layer_types name sliding_attention layers with a RoPE of their own, but "
+                           "sliding_window is not set; sftplug cannot tell those layers apart")
+    return Rope(theta=float(theta), scaling=scaling, dims=int(head_dim * partial))
+
+
+def _query_scale(hf: dict, where: str) -> dict:
+    """Ministral 3's queries scaled by 1 + beta * log(1 + floor(position / original_max_position_embeddings))
+    after RoPE (Llama 4's), with rope_parameters' llama_4_scaling_beta and original length."""
+    params = _rope_parameters(hf, FULL) or hf.get("rope_scaling") or {}  # transformers 5's, or 4's
+    beta = params.get("llama_4_scaling_beta")
+    _, scaling = _rope_from_hf(hf, where)
+    period = (scaling or {}).get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if beta is None or not period:
+        raise SftplugError(f"{where}: ministral3's rope_parameters need llama_4_scaling_beta and "
+                           "original_max_position_embeddings (transformers scales its queries with them)")
+    return {"query_scale_beta": float(beta), "query_scale_period": int(period)}
+
+
+def _rope_from_hf(hf: dict, where: str, kind: str = FULL) -> tuple[float, dict | None]:
+    """The RoPE base and scaling of the layers of this kind (FULL: every layer's, unless the family
+    has a RoPE per layer kind)."""
+    params = _rope_parameters(hf, kind)  # transformers 5: rope_theta lives inside
+    if params:
         theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        if _per_kind(hf):  # transformers reads YaRN's truncate at rope_parameters' top, never in a kind's dict
+            scaling.pop("truncate", None)
     else:  # transformers 4: rope_theta + rope_scaling
         theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if kind in (None, "default"):
+    scaling = {k: v for k, v in (scaling or {}).items() if k != "llama_4_scaling_beta"}  # the queries' (Ministral 3)
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type in (None, "default"):
         return theta, None
-    if kind not in ("llama3", "linear", "longrope", "yarn"):
-        raise SftplugError(f"{where}: rope type {kind!r} is not supported (supported: default, llama3, linear, "
+    if rope_type not in ("llama3", "linear", "longrope", "yarn"):
+        raise SftplugError(f"{where}: rope type {rope_type!r} is not supported (supported: default, llama3, linear, "
                            "longrope, yarn)")
     scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    if kind == "longrope":
+    if rope_type == "longrope":
         scaling = _longrope(scaling, hf, where)
-    if kind == "yarn":  # made explicit as transformers standardises it: a top-level original length wins
-        original = (hf.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
-                    or hf.get("max_position_embeddings"))
+    if rope_type == "yarn":  # made explicit as transformers standardises it: a top-level original length wins,
+        # but not over a layer kind's own dict
+        top = None if _per_kind(hf) else hf.get("original_max_position_embeddings")
+        original = top or scaling.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
         if "factor" not in scaling or not original:
             raise SftplugError(f"{where}: rope type 'yarn' needs factor and original_max_position_embeddings")
         scaling["original_max_position_embeddings"] = original
@@ -268,15 +332,18 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, tokenizer=None) -> dic
         hf["head_dim"] = config.head_dim
     if arch == "llama":
         hf.update(attention_bias=False, mlp_bias=False)
-    if "full_attention" in (hf.get("rope_parameters") or {}):  # per layer type (Gemma 3): as the source has it
+    # Ministral 3 keeps its queries' scale among RoPE's parameters
+    queries = {"llama_4_scaling_beta": config.attention.query_scale_beta} if config.attention.query_scale_beta else {}
+    if _per_kind(hf):  # per layer kind (Gemma 3, OLMo 3): as the source has it, which sftplug read whole
         pass
     elif "rope_parameters" in hf:  # keep the source's config style (transformers 5)
         rotary = config.rotary
         partial = {"partial_rotary_factor": rotary.dims / config.head_dim} if rotary.dims != config.head_dim else {}
         hf["rope_parameters"] = {"rope_type": "default", **(rotary.scaling or {}), "rope_theta": rotary.theta,
-                                 **partial}
+                                 **partial, **queries}
     else:
-        hf.update(rope_theta=config.rotary.theta, rope_scaling=config.rotary.scaling)
+        scaling = {**(config.rotary.scaling or {}), **queries} or None
+        hf.update(rope_theta=config.rotary.theta, rope_scaling=scaling)
     hf["dtype" if "dtype" in hf else "torch_dtype"] = hf_dtype_name(dtype)
     if tokenizer is not None:
         for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):

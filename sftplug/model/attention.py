@@ -1,5 +1,6 @@
-"""The softmax attention token mixer: fused qkv, q/k norms, RoPE, grouped-query heads, sliding
-windows, soft-capped scores, attention sinks; its generation cache is a KV cache.
+"""The softmax attention token mixer: fused qkv, q/k norms, RoPE, queries scaled by position,
+grouped-query heads, sliding windows, soft-capped scores, attention sinks; its generation cache
+is a KV cache.
 
 Attention itself is a pluggable backend (see sftplug.attention): the mixer computes q, k, v and
 hands them over. Module names (qkv, o) are what LoRA targets.
@@ -53,7 +54,8 @@ class Attention(nn.Module):
         self.backend = None  # set by Transformer.set_attention
         self.rope = pytorch.rope  # or a fused form (set_fused_ops)
 
-    def forward(self, x, cos, sin, doc_ids=None, cache=None):
+    def forward(self, x, cos, sin, doc_ids=None, cache=None, query_scale=None):
+        """``query_scale`` [B, 1, T, 1]: each query's scale after RoPE (Ministral 3: position_query_scale), or None."""
         b, t, _ = x.shape
         heads = [self.n_heads, self.n_kv_heads, self.n_kv_heads]
         qkv = self.qkv(x).view(b, t, -1, self.head_dim)  # [B, T, Hq + 2 Hkv, D] (2 Hq with gates)
@@ -67,6 +69,8 @@ class Attention(nn.Module):
         if self.uses_rope:
             qkv = self.rope(qkv, cos, sin, self.n_heads + self.n_kv_heads)  # q and k rotated
         q, k, v = (z.transpose(1, 2) for z in qkv.split(heads, dim=2))  # [B, H, T, D]
+        if query_scale is not None:
+            q = q * query_scale.to(q.dtype)
         if cache is None:
             y = attend(self.backend, q, k, v, doc_ids, self.options(t))  # [B, Hq, T, D]
         else:  # generation: keys and values of earlier tokens come from the cache
@@ -104,6 +108,13 @@ class Attention(nn.Module):
 
     def set_fused_ops(self, ops: OpSet) -> None:
         self.rope = ops.rope  # the q/k norms are RMSNorms, set with the model's others
+
+
+def position_query_scale(positions, beta: float, period: int):
+    """Llama 4's query scale at positions [B, T]: 1 + beta * log(1 + floor(position / period)), as
+    [B, 1, T, 1] in fp32 (transformers' operations in its order). It grows by steps every ``period``
+    positions; the positions restart with each packed document, as they do in a row of its own."""
+    return (1 + beta * torch.log(1 + torch.floor(positions / period)))[:, None, :, None]
 
 
 @torch.compiler.disable

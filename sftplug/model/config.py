@@ -84,10 +84,15 @@ class AttentionConfig:
     windows: tuple[int, ...] = ()  # each layer's sliding window, 0 for full attention; (): none
     scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5 (Gemma's query_pre_attn_scalar, Granite)
     softcap: float = 0.0  # attention scores soft-capped at this (Gemma 2); 0: none
+    # queries times 1 + beta * log(1 + floor(position / period)) after RoPE (Llama 4's, Ministral 3); 0: none
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 0  # original_max_position_embeddings
 
     def __post_init__(self):
         self.windows = tuple(self.windows)
         _check_choice("qk_norm", self.qk_norm, ("", "head", "projection"))
+        if self.query_scale_beta and self.query_scale_period <= 0:
+            raise ValueError(f"query_scale_beta {self.query_scale_beta} needs a query_scale_period of at least 1")
 
     def window(self, layer: int) -> int:
         return self.windows[layer] if self.windows else 0

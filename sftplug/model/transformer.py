@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from sftplug.errors import SftplugError
 from sftplug.fused.op import OpSet
-from sftplug.model.attention import Attention, attend, cached_attention
+from sftplug.model.attention import Attention, attend, cached_attention, position_query_scale
 from sftplug.model.config import FULL, PRESETS, ModelConfig
 from sftplug.model.experts import MoE
 from sftplug.model.feed_forward import MLP
@@ -55,9 +55,11 @@ class Block(nn.Module):
         self.mlp_post_norm = rms_norm_of(config) if after else None
         self.residual_scale = config.residual_scale
 
-    def forward(self, x, cos, sin, doc_ids=None, cache=None):
-        x = x + self.scaled(_normed(self.attn_post_norm, self.attn(_normed(self.attn_norm, x), cos, sin, doc_ids,
-                                                                     cache)))
+    def forward(self, x, cos, sin, doc_ids=None, cache=None, query_scale=None):
+        # query_scale: the queries' scale by position (Ministral 3), for an attention mixer; given only where set
+        scaled_queries = {} if query_scale is None else {"query_scale": query_scale}
+        mixed = self.attn(_normed(self.attn_norm, x), cos, sin, doc_ids, cache, **scaled_queries)
+        x = x + self.scaled(_normed(self.attn_post_norm, mixed))
         return x + self.scaled(_normed(self.mlp_post_norm, self.mlp(_normed(self.mlp_norm, x))))
 
     def scaled(self, h):
@@ -163,6 +165,15 @@ class Transformer(nn.Module):
             return (freqs.cos() * factor).to(dtype), (freqs.sin() * factor).to(dtype)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
+    def query_scales(self, positions) -> dict:
+        """{"query_scale": [B, 1, T, 1]} at positions [B, T] where the queries are scaled by position
+        (Llama 4's, Ministral 3); {} elsewhere."""
+        attention = self.config.attention
+        if not attention.query_scale_beta:
+            return {}
+        return {"query_scale": position_query_scale(positions, attention.query_scale_beta,
+                                                    attention.query_scale_period)}
+
     def hidden_states(self, input_ids, positions=None, doc_ids=None, caches=None):
         """Final-norm hidden states [B, T, C] for input_ids [B, T]; caches: each block's new_cache(), per layer."""
         b, t = input_ids.shape
@@ -175,15 +186,18 @@ class Transformer(nn.Module):
             doc_ids = doc_ids.to(x.device, non_blocking=True)  # once for every layer
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ropes = {kind: self.rope(positions, dtype, kind) for kind in self.config.rotary.kinds}  # kind -> cos, sin
-        offload = self.offload_pass(x.device, [*sum(ropes.values(), ()), doc_ids]) if caches is None else None
+        scales = self.query_scales(positions)
+        shared = [*sum(ropes.values(), ()), *scales.values(), doc_ids]  # every layer's inputs
+        offload = self.offload_pass(x.device, shared) if caches is None else None
         extras = self.block_inputs(input_ids, x)
         for i, block in enumerate(self.layers):
             cos, sin = ropes.get(rope_kind(self.config, i), ropes[FULL])
+            inputs = {**extras[i], **scales}
             if caches is not None:
-                x = block(x, cos, sin, cache=caches[i], **extras[i])
+                x = block(x, cos, sin, cache=caches[i], **inputs)
             else:
                 with offload.saving(i) if offload is not None else contextlib.nullcontext():
-                    x = self.run_block(block, x, cos, sin, doc_ids, extras[i])
+                    x = self.run_block(block, x, cos, sin, doc_ids, inputs)
         return self.norm(x)
 
     def block_inputs(self, input_ids, embeddings) -> list[dict]:

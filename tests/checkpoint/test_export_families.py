@@ -30,6 +30,16 @@ FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
                     eos_token_id=2),
     "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
                     attention_multiplier=0.05, logits_scaling=8.0),
+    "olmo3": dict(config_class="Olmo3Config", sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                   "full_attention": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 16}},
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "ministral3": dict(config_class="Ministral3Config", head_dim=16, sliding_window=16,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                        "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2),
     # mixtures of experts (LoRA on the experts too, the load-balancing loss on) and hybrids, as
     # tests/hf/test_moe_families.py and test_hybrid_families.py have them
     "qwen3_moe": dict(config_class="Qwen3MoeConfig", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,

@@ -1,6 +1,7 @@
 """The dense families sftplug loads, each from a random HF checkpoint saved by transformers:
 logits equal to transformers' (fp32, 1e-4 of their scale) with the family's options on
-(sliding windows shorter than the sequence, partial rotary, soft-capping, multipliers)."""
+(sliding windows shorter than the sequence, partial rotary, RoPE per layer kind, queries scaled
+by position, soft-capping, multipliers)."""
 
 import pytest
 import torch
@@ -33,6 +34,18 @@ FAMILIES = {  # make_hf_folder options (tests/conftest.py); windows of 16 < 40 t
                     eos_token_id=2),  # layer 1 has no RoPE
     "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
                     attention_multiplier=0.05, logits_scaling=8.0),
+    # layer 0 sliding with a RoPE of its own, layer 1 full with YaRN (as OLMo 3's long-context configs)
+    "olmo3": dict(config_class="Olmo3Config", sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                   "full_attention": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 16}},
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Ministral-3's RoPE parameters, but queries scaled up every 8 positions (its original length)
+    "ministral3": dict(config_class="Ministral3Config", head_dim=16, sliding_window=16,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                        "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 
@@ -79,3 +92,41 @@ def test_what_cannot_run_exactly_is_refused_naming_the_key(key, value, message):
     with pytest.raises(SftplugError) as info:
         config_from_hf(hf, where="ckpt/config.json")
     assert str(info.value).startswith("ckpt/config.json: ") and message in str(info.value)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(layer_types=["sliding_attention", "full_attention"]), "transformers' Ministral 3 applies the window to "
+                                                                 "every layer"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "ministral3's rope_parameters need "
+                                                                         "llama_4_scaling_beta"),
+])
+def test_ministral3_configs_transformers_runs_otherwise_are_refused(options, message):
+    hf = dict(model_type="ministral3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, sliding_window=8, rope_parameters=FAMILIES["ministral3"]["rope_parameters"])
+    with pytest.raises(SftplugError) as info:
+        config_from_hf({**hf, **options}, where="ckpt/config.json")
+    assert str(info.value).startswith("ckpt/config.json: ") and message in str(info.value)
+
+
+def test_olmo3_files_of_transformers_4_get_transformers_5s_rope_per_layer_kind():
+    """OLMo 3's published config.json: rope_theta and a YaRN rope_scaling, which transformers 5 gives the
+    full-attention layers only; the sliding layers get OLMo 3's default base, whatever rope_theta says."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from sftplug.model.rope import rope_attention_factor, rope_inv_freq
+
+    hf = dict(model_type="olmo3", vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+              num_attention_heads=4, max_position_embeddings=256, sliding_window=16, rope_theta=20000.0,
+              rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                            "attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1})
+    config = config_from_hf(dict(hf))
+    reference = transformers.Olmo3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    assert config.attention.windows == (16, 16, 16, 0)  # every fourth layer full, as reference.layer_types
+    for kind in ("full_attention", "sliding_attention"):
+        rope_type = reference.rope_parameters[kind]["rope_type"]
+        init = ROPE_INIT_FUNCTIONS[rope_type] if rope_type != "default" else None
+        inv_freq, factor = (init(reference, "cpu", layer_type=kind) if init else
+                            (1.0 / reference.rope_parameters[kind]["rope_theta"] ** (torch.arange(0, 16, 2) / 16), 1.0))
+        assert torch.allclose(rope_inv_freq(config, kind), inv_freq.float(), rtol=1e-6, atol=0), kind
+        assert rope_attention_factor(config, kind) == factor, kind
+    assert config.rotary.sliding.theta == 500000.0 and config.rotary.sliding.scaling is None
