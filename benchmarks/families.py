@@ -35,6 +35,16 @@ FAMILIES = {
     "phi3": dict(config_class="Phi3Config", partial_rotary_factor=0.75, sliding_window=128, pad_token_id=0,
                  bos_token_id=1, eos_token_id=2),
     "olmo2": dict(config_class="Olmo2Config", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # OLMo 3's long-context RoPE (YaRN on the full layer, the sliding layers' own) with lengths cut to 128
+    "olmo3": dict(config_class="Olmo3Config", sliding_window=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                                   "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 128}}),
+    # Ministral-3's RoPE and query scale, its original length cut to 64 (the scale steps up 3 times)
+    "ministral3": dict(config_class="Ministral3Config", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                        "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}),
     "smollm3": dict(config_class="SmolLM3Config", pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
                     attention_multiplier=0.015625, logits_scaling=8.0),
