@@ -4,7 +4,8 @@ Sliding-window and full-attention layers as ``layer_types`` says (the last layer
 transformers forces it), each kind with its own RoPE (the full layers' "proportional": the
 first angles of their own head_dim rotated, the rest with frequency 0), the full layers' own
 head shape from ``per_layer_config`` (or ``global_head_dim`` and ``num_global_key_value_heads``
-as transformers reads them), and the options of sftplug.model.config.Gemma4Options. What
+as transformers reads them), the options of sftplug.model.config.Gemma4Options, and the experts
+beside each MLP where ``enable_moe_block`` (ModelConfig.experts, router "gemma4"). What
 sftplug does not run exactly is refused in one line naming the key.
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 from sftplug.errors import SftplugError
 from sftplug.model.config import (
     AttentionConfig,
+    ExpertsConfig,
     FeedForwardConfig,
     Gemma4Options,
+    LayerType,
     ModelConfig,
     NormConfig,
     Rope,
@@ -23,8 +26,7 @@ from sftplug.model.config import (
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 # keys sftplug cannot run exactly when set: key -> what it means
-REFUSED = {"use_bidirectional_attention": "bidirectional attention", "attention_bias": "biases on q/k/v/o",
-           "enable_moe_block": "the MoE block beside each MLP"}
+REFUSED = {"use_bidirectional_attention": "bidirectional attention", "attention_bias": "biases on q/k/v/o"}
 LAYER_KINDS = ("sliding_attention", "full_attention")
 
 
@@ -52,6 +54,7 @@ def gemma4_config(hf: dict, where: str) -> ModelConfig:
     full_head_dim, full_kv_heads = full_head_shape(hf, kinds, where)
     local, full = rope_of_kinds(hf, where)
     per_layer_size = int(hf.get("hidden_size_per_layer_input") or 0)
+    experts, layer_types = experts_of(hf, where)
     try:
         return ModelConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
@@ -63,7 +66,7 @@ def gemma4_config(hf: dict, where: str) -> ModelConfig:
             norm=NormConfig(eps=float(hf.get("rms_norm_eps", 1e-6)), placement="sandwich"),
             attention=AttentionConfig(qk_norm="head", scale=1.0, windows=tuple(
                 int(hf.get("sliding_window") or 512) if kind == "sliding_attention" else 0 for kind in kinds)),
-            feed_forward=FeedForwardConfig(activation="gelu_tanh"),
+            feed_forward=FeedForwardConfig(activation="gelu_tanh"), experts=experts, layer_types=layer_types,
             gemma4=Gemma4Options(
                 per_layer_input_size=per_layer_size,
                 per_layer_input_vocab=int(hf.get("vocab_size_per_layer_input") or hf["vocab_size"]) * bool(
@@ -76,6 +79,22 @@ def gemma4_config(hf: dict, where: str) -> ModelConfig:
         )
     except ValueError as exc:
         raise SftplugError(f"{where}: {exc}") from None
+
+
+def experts_of(hf: dict, where: str) -> tuple[ExpertsConfig, tuple[LayerType, ...]]:
+    """Where enable_moe_block: the experts beside every layer's MLP (sftplug.model.gemma4_moe), and the layers'
+    feed-forward kind "experts"; else none."""
+    if not hf.get("enable_moe_block"):
+        return ExpertsConfig(), ()
+    for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+        if not isinstance(hf.get(key), int) or hf[key] < 1:
+            raise SftplugError(f"{where}: enable_moe_block needs {key} as a positive integer, got {hf.get(key)!r}")
+    if hf["top_k_experts"] > hf["num_experts"]:
+        raise SftplugError(f"{where}: top_k_experts {hf['top_k_experts']} exceeds num_experts {hf['num_experts']}")
+    experts = ExpertsConfig(count=hf["num_experts"], top_k=hf["top_k_experts"],
+                            intermediate_size=hf["moe_intermediate_size"], router="gemma4", norm_top_k=True,
+                            activation="gelu_tanh")
+    return experts, (LayerType(feed_forward="experts"),) * hf["num_hidden_layers"]
 
 
 def layer_kinds(hf: dict, n_layers: int, where: str) -> list[str]:

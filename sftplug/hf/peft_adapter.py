@@ -20,7 +20,13 @@ import torch.nn as nn
 
 from sftplug.errors import SftplugError
 from sftplug.hf.names import hf_pieces
-from sftplug.model.experts_lora import peft_experts_keys, peft_experts_tensors, peft_factors, set_peft_factors
+from sftplug.model.experts_lora import (
+    hf_experts_module,
+    peft_experts_keys,
+    peft_experts_tensors,
+    peft_factors,
+    set_peft_factors,
+)
 from sftplug.model.lora import apply_lora, lora_layers
 from sftplug.model.lora_targets import EXPERTS_TARGETS, LORA_TARGETS, lora_layout
 
@@ -31,7 +37,7 @@ _ADAPTER_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "use_dora"
                  "auto_mapping", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
                  "lora_ga_config", "megatron_core", "target_parameters"}
 _PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
-_EXPERTS = re.compile(r"\.mlp\.experts(\.base_layer)*\.lora_[AB]\.weight$")  # PEFT's ParamWrapper on the experts
+_EXPERTS = re.compile(r"\.experts(\.base_layer)*\.lora_[AB]\.weight$")  # PEFT's ParamWrapper on the experts
 
 
 def peft_modules(model: nn.Module) -> dict[str, tuple[str, str]]:
@@ -105,7 +111,8 @@ def write_peft_adapter(folder: Path, model: nn.Module, base_path: Path) -> None:
         use_rslora=spec.rslora,
         use_dora=spec.variant == "dora",
         target_modules=targets or None,
-        target_parameters=model.lora_config.target_parameters,
+        target_parameters=[hf_experts_module(model.config, p) for p in model.lora_config.target_parameters or ()]
+        or None,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=str(base_path),

@@ -117,7 +117,8 @@ class ExpertsConfig:
     top_k: int = 0  # experts per token
     intermediate_size: int = 0  # of each expert
     # "softmax": softmax, then the top k (Qwen, Mixtral, OLMoE); "logits": the top k logits, then
-    # their softmax (gpt-oss); "sigmoid_groups": sigmoid scores, top k within the best groups, in fp32 (GLM-4.5)
+    # their softmax (gpt-oss); "sigmoid_groups": sigmoid scores, top k within the best groups, in fp32 (GLM-4.5);
+    # "gemma4": Gemma 4's, which norms and scales its input and scales each expert's weight (sftplug.model.gemma4_moe)
     router: str = "softmax"
     norm_top_k: bool = False  # the chosen weights renormalised to sum to 1
     router_bias: bool = False  # the router has a bias (gpt-oss)
@@ -125,7 +126,8 @@ class ExpertsConfig:
     top_groups: int = 1  # ... of which the best top_groups are searched
     scale: float = 1.0  # the chosen weights times this (GLM-4.5's routed_scaling_factor)
     bias: bool = False  # the experts' projections have biases (gpt-oss)
-    # "silu": SwiGLU over gate_up's halves; "clamped_swiglu": gpt-oss's, over interleaved gate/up columns
+    # "silu": SwiGLU over gate_up's halves, "gelu_tanh": GeGLU (Gemma 4); "clamped_swiglu": gpt-oss's, over
+    # interleaved gate/up columns
     activation: str = "silu"
     swiglu_alpha: float = 1.702  # clamped_swiglu: gate * sigmoid(alpha * gate) ...
     swiglu_limit: float = 7.0  # ... with gate and up clamped at this
@@ -135,8 +137,8 @@ class ExpertsConfig:
     aux_loss_coef: float = 0.0  # the load-balancing loss's coefficient the model was trained with
 
     def __post_init__(self):
-        _check_choice("router", self.router, ("softmax", "logits", "sigmoid_groups"))
-        _check_choice("experts activation", self.activation, ("silu", "clamped_swiglu"))
+        _check_choice("router", self.router, ("softmax", "logits", "sigmoid_groups", "gemma4"))
+        _check_choice("experts activation", self.activation, ("silu", "gelu_tanh", "clamped_swiglu"))
         if self.count and not 0 < self.top_k <= self.count:
             raise ValueError(f"experts top_k {self.top_k} must be between 1 and the {self.count} experts")
         if self.count % self.groups or not 0 < self.top_groups <= self.groups:

@@ -143,16 +143,18 @@ class Experts(nn.Module):
             gate = h[..., ::2].clamp(max=o.swiglu_limit)
             up = h[..., 1::2].clamp(min=-o.swiglu_limit, max=o.swiglu_limit)
             return (up + 1) * (gate * torch.sigmoid(gate * o.swiglu_alpha))
-        return self.glu(h, "silu")
+        return self.glu(h, o.activation)
 
 
 class MoE(nn.Module):
     """The feed-forward kind "experts": router, routed experts, and the shared expert where the family has one."""
 
+    router_class = Router  # a family's own router (Gemma 4's) is a subclass
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         o = config.experts
-        self.router = Router(config)
+        self.router = self.router_class(config)
         self.experts = Experts(config)
         self.shared = MLP(config, o.shared_size) if o.shared_size else None
         self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False) if o.shared_gate else None

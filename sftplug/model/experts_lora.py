@@ -105,10 +105,16 @@ def peft_experts_keys(model: nn.Module) -> dict[str, tuple[ExpertsLoRA, int]]:
     for name, projection, lora in experts_loras(model):
         nested = [p for p in PROJECTIONS if p in model.get_submodule(name).lora]
         outer = len(nested) - 1 - nested.index(projection)  # wrappers around this one
-        module = f"base_model.model.model.{name}" + ".base_layer" * outer
+        module = f"base_model.model.model.{hf_experts_module(model.config, name)}" + ".base_layer" * outer
         keys[f"{module}.lora_A.weight"] = (lora, 0)
         keys[f"{module}.lora_B.weight"] = (lora, 1)
     return keys
+
+
+def hf_experts_module(config, name: str) -> str:
+    """An experts module's (or its parameter's) name in transformers: Gemma 4's sit on the decoder layer
+    beside its MLP (sftplug keeps them in the layer's feed-forward, sftplug.model.gemma4_moe)."""
+    return name.replace("mlp.experts", "experts") if config.architecture == "gemma4_text" else name
 
 
 def peft_experts_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

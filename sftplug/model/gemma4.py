@@ -8,6 +8,7 @@ earlier layer of their kind (full or sliding), passed from block to block in one
 forward (with activation checkpointing the consumer's gradient reaches the producer through
 the tensors themselves; in generation the producer's cache holds them). Each block ends with
 its per-layer input (sftplug.model.per_layer_inputs) and a stored scalar times the whole stream.
+Where ``enable_moe_block``, experts run beside each MLP (sftplug.model.gemma4_moe).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sftplug.fused.op import OpSet
 from sftplug.model.attention import KVCache, attend, cached_attention
 from sftplug.model.config import ModelConfig
 from sftplug.model.feed_forward import MLP
+from sftplug.model.gemma4_moe import Gemma4MoE
 from sftplug.model.norm import rms_norm_of
 from sftplug.model.per_layer_inputs import LayerInput
 
@@ -140,14 +142,17 @@ class Gemma4Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn, self.attn_post_norm = rms_norm_of(config), Gemma4Attention(config, layer), \
             rms_norm_of(config)
-        self.mlp_norm, self.mlp, self.mlp_post_norm = rms_norm_of(config), MLP(config, mlp_size(config, layer)), \
-            rms_norm_of(config)
+        self.mlp_norm, self.mlp_post_norm = rms_norm_of(config), rms_norm_of(config)
+        # enable_moe_block: the MLP and the experts side by side (sftplug.model.gemma4_moe)
+        self.moe = config.has_experts
+        self.mlp = (Gemma4MoE if self.moe else MLP)(config, mlp_size(config, layer))
         self.layer_input = LayerInput(config) if config.gemma4.per_layer_input_size else None
         self.register_buffer("layer_scalar", torch.ones(1))  # stored with the weights, not trained
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None, layer_input=None, shared_kv=None):
         x = x + self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, doc_ids, cache, shared_kv))
-        x = x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
+        normed = self.mlp_norm(x)
+        x = x + self.mlp_post_norm(self.mlp(normed, x) if self.moe else self.mlp(normed))
         if self.layer_input is not None:
             x = self.layer_input(x, layer_input)
         return x * self.layer_scalar

@@ -16,6 +16,10 @@ import torch
 from sftplug.errors import SftplugError
 from sftplug.model.routing import expert_loads, load_balancing_loss, load_extremes, routings
 
+# routers of families trained without a load-balancing loss -> how they balance their experts
+NO_AUX_LOSS = {"sigmoid_groups": "balances its experts with e_score_correction_bias",
+               "gemma4": "scales each expert's weight (per_expert_scale)"}
+
 
 class Balance:
     """One run's bookkeeping of the experts' balance (None for a model without experts: :func:`balance_of`)."""
@@ -59,8 +63,8 @@ def balance_of(model, coef: float | None, accum: int, device: torch.device) -> B
     experts = config.experts
     if coef is None:
         coef = experts.aux_loss_coef
-    if coef and experts.router == "sigmoid_groups":
-        raise SftplugError(f"--router-aux-loss-coef {coef}: {config.architecture} balances its experts with "
-                           "e_score_correction_bias, and transformers defines no load-balancing loss for it; use 0")
+    if coef and experts.router in NO_AUX_LOSS:
+        raise SftplugError(f"--router-aux-loss-coef {coef}: {config.architecture} {NO_AUX_LOSS[experts.router]}, "
+                           "and transformers defines no load-balancing loss for it; use 0")
     n_layers = sum(config.layer_type(i).feed_forward == "experts" for i in range(config.n_layers))
-    return Balance(experts.count, n_layers, coef, accum, device, has_aux=experts.router != "sigmoid_groups")
+    return Balance(experts.count, n_layers, coef, accum, device, has_aux=experts.router not in NO_AUX_LOSS)

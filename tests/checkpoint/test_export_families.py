@@ -68,6 +68,10 @@ FAMILIES = {  # make_hf_folder options, as tests/hf/test_families.py has them
                         num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=16, num_kv_shared_layers=2,
                         use_double_wide_mlp=True, hidden_size_per_layer_input=8, vocab_size_per_layer_input=1024,
                         layer_types=["sliding_attention", "full_attention"] * 2),
+    "gemma4_text-moe": dict(config_class="Gemma4TextConfig", head_dim=16, global_head_dim=32, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=8,
+                            vocab_size_per_layer_input=1024, enable_moe_block=True, num_experts=8, top_k_experts=2,
+                            moe_intermediate_size=32),
 }
 IDS = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
 CHAT = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
