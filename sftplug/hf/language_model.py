@@ -14,7 +14,7 @@ from sftplug.errors import SftplugError
 
 # model_type of such a folder -> its towers, as the load description names them
 LANGUAGE_MODEL_OF = {"qwen3_5": "vision tower", "qwen3_5_moe": "vision tower", "gemma3": "vision tower",
-                     "mistral3": "Pixtral vision tower"}
+                     "mistral3": "Pixtral vision tower", "gemma4": "vision and audio towers"}
 # where the language model's tensors are stored -> where the language model alone stores them
 PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
             "language_model.lm_head.": "lm_head.", "lm_head.": "lm_head."}

@@ -105,7 +105,8 @@ def load_hf_folder(folder, dtype=None, device="cpu", quantize: QuantSpec | None 
     if tower:
         towers = LANGUAGE_MODEL_OF[config.extra["language_model_of"]]
         notes.append(f"the language model of a {config.extra['language_model_of']} folder: its {towers} "
-                     f"({len(tower)} tensors such as {tower[0]}) is left out, and exports hold the language model")
+                     f"({len(tower)} tensors such as {tower[0]}) {'are' if towers.endswith('s') else 'is'} left out, "
+                     "and exports hold the language model")
     window = config.extra.get("sliding_window")
     if window and (config.architecture == "mistral" or config.extra.get("use_sliding_window")):
         notes.append(f"sliding_window {window} not applied: exact for sequences up to {window} tokens")

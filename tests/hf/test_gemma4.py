@@ -220,3 +220,40 @@ def test_adapter_and_merged_exports_give_sftplugs_logits(lora_pair, tmp_path):
     with torch.no_grad():
         assert relative_error(reloaded(IDS).logits, want) <= tolerance
         assert relative_error(merged.eval()(IDS).logits, want) <= 1e-5
+
+
+def test_a_gemma4_folder_trains_its_language_model_and_exports_it(tmp_path, registry, quiet):
+    """Gemma 4 as published: a gemma4 folder, vision and audio towers beside the gemma4_text language model.
+    sftplug trains the language model, says both towers are left out, and exports the language model as a
+    gemma4_text folder transformers loads."""
+    from sftplug.checkpoint.export import export_checkpoint
+    from sftplug.config import DEFAULT_DATA, TrainConfig
+    from sftplug.train.loop import train
+
+    text = {k: v for k, v in GEMMA4.items() if not k.endswith("token_id")}
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64)
+    audio = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                 output_proj_dims=32)
+    torch.manual_seed(0)
+    reference = transformers.Gemma4ForConditionalGeneration(
+        transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=audio)).eval()
+    base = tmp_path / "gemma4"
+    reference.save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(str(ASSETS)).save_pretrained(base)
+    loaded = load_model(str(base), dtype=torch.float32)
+    assert re.search(r"its vision and audio towers \(\d+ tensors such as model\.audio_tower\.\S+\) are left out",
+                     loaded.description)
+    with torch.no_grad():
+        assert relative_error(loaded.model(IDS), reference(input_ids=IDS).logits) <= 1e-4
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:16]))
+    train(TrainConfig(model=str(base), data=str(data), out=str(tmp_path / "run"), steps=1, micro_bsz=2, seq_len=48,
+                      eval_data=None, full=True, lr=3e-2, warmup=0), registry, echo=quiet)
+    exported = export_checkpoint(str(tmp_path / "run"), tmp_path / "export")["model"]
+    language_model = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    assert type(language_model).__name__ == "Gemma4ForCausalLM" and language_model.config.tie_word_embeddings
+    with torch.no_grad():
+        trained = load_model(str(tmp_path / "run"), dtype=torch.float32).model(IDS)
+        assert relative_error(language_model(IDS).logits, trained) <= 1e-4
+        assert relative_error(trained, reference(input_ids=IDS).logits) > 1e-3  # the update changed it
