@@ -23,6 +23,9 @@ from pathlib import Path
 SHAPE = dict(vocab_size=16384, hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=8, head_dim=64, max_position_embeddings=2048)
 IDS_TOKENS = 256
+GEMMA4 = dict(global_head_dim=128, num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=128,
+              layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, use_double_wide_mlp=True,
+              hidden_size_per_layer_input=64, vocab_size_per_layer_input=16384, final_logit_softcapping=30.0)
 FAMILIES = {
     "llama": dict(config_class="LlamaConfig"),
     "mistral": dict(config_class="MistralConfig", sliding_window=128),
@@ -45,6 +48,11 @@ FAMILIES = {
                        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
                                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}),
+    # Gemma 4: per-layer inputs, full layers with their own head shape and keys as values, the last two layers
+    # reusing earlier layers' keys and values with double-wide MLPs; and with experts beside each MLP
+    "gemma4": dict(config_class="Gemma4TextConfig", **GEMMA4),
+    "gemma4-moe": dict(config_class="Gemma4TextConfig", **GEMMA4, enable_moe_block=True, num_experts=8,
+                       top_k_experts=2, moe_intermediate_size=256),
     "smollm3": dict(config_class="SmolLM3Config", pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "granite": dict(config_class="GraniteConfig", embedding_multiplier=12.0, residual_multiplier=0.22,
                     attention_multiplier=0.015625, logits_scaling=8.0),
