@@ -1,7 +1,9 @@
 """Model FLOPs of an update and the GPU's peak: MFU next to tokens/s.
 
 Counted from the model's shapes, as PaLM's appendix B does: every matrix product twice
-its multiply-adds, forward plus backward, for the work the loss needs:
+its multiply-adds, forward plus backward, for the work the loss needs. The weights are read
+off the model built on the meta device, so each family counts as its modules are built (Gemma 4's
+layers differ in head shape, some reuse keys and values, its per-layer inputs add products):
 
 - the blocks' linear layers: forward, the input gradient, and the weight gradient only
   for trained weights (LoRA's frozen base has none; its adapters do);
@@ -20,11 +22,15 @@ rows the attention part is an upper bound.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import torch
 
 from sftplug.linear_attention.pytorch import CHUNK
+from sftplug.model.config import ModelConfig
+from sftplug.model.transformer import Transformer
 
 PEAK_ENV = "SFTPLUG_PEAK_TFLOPS"
 # Dense bf16/fp16 tensor-core peaks from the vendors' data sheets, by a piece of the name
@@ -47,23 +53,9 @@ def update_flops(config, tokens: int, targets: int, seq_len: int, full: bool, ad
 
 
 def block_weights_per_token(config) -> int:
-    """The block weights one token multiplies through, layer by layer of its kinds."""
-    h, q, kv = config.hidden_size, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    total = 0
-    for i in range(config.n_layers):
-        kind = config.layer_type(i)
-        if kind.mixer == "linear_attention":
-            o = config.linear_attention
-            key, value = o.key_heads * o.key_head_dim, o.value_heads * o.value_head_dim
-            total += h * (2 * key + 2 * value + 2 * o.value_heads) + value * h + (2 * key + value) * o.conv_kernel
-        else:
-            total += h * ((2 if config.attention.output_gate else 1) * q + 2 * kv) + q * h
-        if kind.feed_forward == "experts":
-            e = config.experts
-            total += h * e.count + e.top_k * 3 * h * e.intermediate_size + 3 * h * e.shared_size + h * e.shared_gate
-        else:
-            total += 3 * h * config.intermediate_size
-    return total
+    """The weights one token multiplies through: every matrix of the blocks (and of Gemma 4's per-layer
+    inputs), k / E of each mixture of experts' stacked experts; not the embeddings, norms or biases."""
+    return _per_token_counts(_config_key(config))[0]
 
 
 def _mixing_per_token(config, layer: int, seq_len: int) -> float:
@@ -74,7 +66,31 @@ def _mixing_per_token(config, layer: int, seq_len: int) -> float:
         dk, dv = o.key_head_dim, o.value_head_dim
         per_head = chunk * (2 * dk + dv) + chunk * (dk + dv) / 2 + 3 * dk * dv  # multiply-adds
         return 2 * o.value_heads * per_head
-    return 4 * config.n_heads * config.head_dim * (seq_len / 2)
+    query_width = _per_token_counts(_config_key(config))[1][layer]  # heads x head_dim: Gemma 4's differ by layer
+    return 4 * query_width * (seq_len / 2)
+
+
+def _config_key(config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=8)
+def _per_token_counts(key: str) -> tuple[int, tuple[int, ...]]:
+    """(block weights per token, each layer's query heads x head_dim), read off the model built on the
+    meta device (no memory), so every family's shapes count as its modules have them."""
+    config = ModelConfig.from_dict(json.loads(key))
+    with torch.device("meta"):
+        model = Transformer(config)
+    not_products = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    not_products.add(id(model.lm_head.weight))  # counted on target positions only
+    share = config.experts.top_k / config.experts.count if config.experts.count else 1.0
+    weights = 0.0
+    for name, p in model.named_parameters():
+        if id(p) in not_products or p.dim() < 2:
+            continue
+        weights += p.numel() * (share if ".experts." in name and p.dim() == 3 else 1.0)
+    widths = tuple(getattr(block.attn, "n_heads", 0) * getattr(block.attn, "head_dim", 0) for block in model.layers)
+    return round(weights), widths
 
 
 def active_adapter_params(named_params, config) -> float:

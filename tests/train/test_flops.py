@@ -63,3 +63,33 @@ def test_mfu_is_recorded_against_the_stated_peak(small_config, registry, monkeyp
     adapters = sum(p.numel() for p in run.params)
     flops = update_flops(run.model.config, record["tokens"], record["target_tokens"], 64, False, adapters)
     assert record["mfu"] == pytest.approx(flops / record["s_per_update"] / 1e12)
+
+
+def test_gemma4_counts_each_layer_as_built():
+    pytest.importorskip("transformers")
+    from transformers import Gemma4TextConfig
+
+    from sftplug.hf.config import config_from_hf
+
+    hf = Gemma4TextConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                          num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+                          num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+                          vocab_size_per_layer_input=100,
+                          layer_types=["sliding_attention", "full_attention"] * 2).to_dict()
+    # sliding layer 0: q 64x64, k and v 64x32, o 64x64 = 12288; full layer 1 (head_dim 32, 1 kv head, values
+    # are keys): q 64x128, k 64x32, o 128x64 = 18432; the shared layers 2 and 3 only q and o (8192, 16384)
+    # and double-wide MLPs 3x64x192; MLPs 3x64x96; per-layer inputs 1024 a layer and their projection 64x32
+    weights = 12288 + 18432 + 8192 + 16384 + 2 * 18432 + 2 * 36864 + 4 * 1024 + 2048
+    widths = [64, 128, 64, 128]  # query heads x head_dim: the full layers' own head_dim
+    tokens, targets, seq_len = 32, 10, 16
+    mixing = 3 * sum(4 * w * seq_len / 2 for w in widths)
+    dense = config_from_hf(hf)
+    assert update_flops(dense, tokens, targets, seq_len, full=True) == (6 * weights * tokens + mixing * tokens
+                                                                        + 6 * 64 * 100 * targets)
+    # experts beside each MLP: its router 64x4 and 2 of 4 experts of 3x64x16
+    moe = config_from_hf({**hf, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                          "moe_intermediate_size": 16})
+    weights += 4 * (64 * 4 + 2 * 3 * 64 * 16)
+    assert update_flops(moe, tokens, targets, seq_len, full=True) == (6 * weights * tokens + mixing * tokens
+                                                                      + 6 * 64 * 100 * targets)
