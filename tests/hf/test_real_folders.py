@@ -83,6 +83,11 @@ FAMILIES = {
     "qwen3_5_text": ("Qwen3_5TextConfig", dict(**LINEAR, tie_word_embeddings=True)),
     "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(**LINEAR, **EXPERTS, shared_expert_intermediate_size=48)),
     "qwen3_next": ("Qwen3NextConfig", dict(**LINEAR, **EXPERTS, shared_expert_intermediate_size=48)),
+    "olmo3": ("Olmo3Config", dict(**SLIDING)),
+    "ministral3": ("Ministral3Config", dict(head_dim=16)),
+    "gemma4_text": ("Gemma4TextConfig", dict(head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                                             attention_k_eq_v=True, num_kv_shared_layers=0, **SLIDING,
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=1032)),
     "gemma3": ("Gemma3Config", dict(text_config=dict(head_dim=32, **SLIDING), mm_tokens_per_image=4,
                                     image_token_index=1026, vision_config=dict(
                                         hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -90,6 +95,19 @@ FAMILIES = {
     "qwen3_5": ("Qwen3_5Config", dict(text_config=dict(LINEAR), vision_config=dict(
         depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
         num_position_embeddings=16))),
+    "mistral3": ("Mistral3Config", dict(  # Ministral 3 as published: its language model beside a Pixtral tower
+        text_config=dict(model_type="ministral3", head_dim=16), image_token_index=1026, vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            patch_size=8, head_dim=16))),
+    "gemma4": ("Gemma4Config", dict(  # vision and audio towers
+        text_config=dict(head_dim=16, global_head_dim=32, hidden_size_per_layer_input=8,
+                         vocab_size_per_layer_input=1032, **SLIDING),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16),
+        audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=32,
+                          subsampling_conv_channels=[8, 4]),
+        image_token_id=1026, audio_token_id=1027, boi_token_id=1028, eoi_token_id=1029, boa_token_id=1030,
+        eoa_token_index=1031, video_token_id=1031)),  # ids past the template's tokens (the vocabulary is padded)
 }
 
 
@@ -115,7 +133,9 @@ def save_as_downloaded(folder, family: str, hf_tokenizer):
     else:
         config = getattr(transformers, config_class)(**{**TEXT, **options})
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    # transformers registers Mistral 3's full model for image-text-to-text only
+    auto = transformers.AutoModelForImageTextToText if family == "mistral3" else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, dtype=torch.bfloat16).eval()
     model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=EOS_IDS, pad_token_id=0,
                                                             do_sample=True, temperature=0.6, top_p=0.9)
     model.save_pretrained(folder, max_shard_size="100KB")
@@ -161,7 +181,7 @@ def test_a_downloaded_folder_trains_and_exports_as_it_came(tmp_path, family, hf_
     base = tmp_path / "download"
     reference = save_as_downloaded(base, family, hf_tokenizer)
     source_keys = stored_keys(base)
-    tied = reference.config.get_text_config().tie_word_embeddings
+    tied = reference.config.tie_word_embeddings  # a folder with towers: the outer config ties (as transformers)
     assert json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"] > 0
     shards = len(list(base.glob("model-*-of-*.safetensors")))
     assert shards >= 2 and tied == (not any(k.endswith("lm_head.weight") for k in source_keys))
