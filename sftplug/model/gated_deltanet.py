@@ -100,28 +100,66 @@ class GatedDeltaNet(nn.Module):
         """The depthwise causal convolution and SiLU over x [B, T, D]: each token sees the kernel's width of
         earlier tokens of its own document (and, generating, the cached inputs before them)."""
         width = self.conv1d.kernel_size[0]
-        weight = self.conv1d.weight[:, 0]  # [D, width]; tap width-1 is the token itself
         past = x.new_zeros(x.shape[0], width - 1, x.shape[2]) if cache is None or cache.conv is None else cache.conv
         padded = torch.cat([past.to(x.dtype), x], dim=1)  # [B, width - 1 + T, D]
         if cache is not None:
             cache.conv = padded[:, -(width - 1):]
-        if doc_ids is not None:
+        same = None
+        if doc_ids is not None:  # same[..., back - 1]: the token `back` places before is of the token's document
             docs = F.pad(doc_ids.long(), (width - 1, 0), value=-1)
-        out = torch.zeros_like(x)
-        t = x.shape[1]
-        for back in range(width):  # the token `back` places before
-            term = padded[:, width - 1 - back: width - 1 - back + t] * weight[:, width - 1 - back]
-            if doc_ids is not None and back:
-                same = (docs[:, width - 1 - back: width - 1 - back + t] == doc_ids.long())[..., None]
-                term = term * same
-            out = out + term
-        return F.silu(out)
+            t = x.shape[1]
+            same = torch.stack([docs[:, width - 1 - back: width - 1 - back + t] == doc_ids.long()
+                                for back in range(1, width)], dim=-1)
+        return CausalConvSiLU.apply(padded, self.conv1d.weight[:, 0], same)
 
     def new_cache(self) -> LinearCache:
         return LinearCache()
 
     def set_fused_ops(self, ops) -> None:
         pass  # its norm is gated, not one of the fused RMSNorm's forms
+
+
+class CausalConvSiLU(torch.autograd.Function):
+    """SiLU(Σ_back w[:, width-1-back] · x[t - back] · same[t, back - 1]) over ``padded`` [B, width-1 + T, D]
+    (x after width - 1 leading inputs), weight [D, width], same [B, T, width - 1] or None (all 1).
+
+    Written out so that backward keeps the pre-activation (and the input, where the weight trains) and
+    each tap accumulates in place: autograd of the taps as tensor operations makes and keeps a tensor
+    per tap and per mask."""
+
+    @staticmethod
+    def forward(ctx, padded, weight, same):
+        width = weight.shape[1]
+        t = padded.shape[1] - (width - 1)
+        pre = padded[:, width - 1:] * weight[:, width - 1]
+        for back in range(1, width):
+            earlier = padded[:, width - 1 - back: width - 1 - back + t]
+            pre.addcmul_(earlier if same is None else earlier * same[..., back - 1:back], weight[:, width - 1 - back])
+        ctx.padded_length, ctx.dtype = padded.shape[1], padded.dtype
+        ctx.save_for_backward(padded if ctx.needs_input_grad[1] else None, weight, same, pre)  # the input: for w's
+        return F.silu(pre)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weight, same, pre = ctx.saved_tensors
+        width = weight.shape[1]
+        t = pre.shape[1]
+        grad_pre = torch.ops.aten.silu_backward(grad_out, pre)
+        grad_padded = grad_weight = None
+        if ctx.needs_input_grad[0]:  # summed in the pre-activation's dtype
+            grad_padded = grad_pre.new_zeros(grad_pre.shape[0], ctx.padded_length, grad_pre.shape[2])
+            grad_padded[:, width - 1:] = grad_pre * weight[:, width - 1]
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.empty_like(weight)
+            grad_weight[:, width - 1] = (grad_pre * padded[:, width - 1:]).sum((0, 1))
+        for back in range(1, width):
+            masked = grad_pre if same is None else grad_pre * same[..., back - 1:back]
+            earlier = slice(width - 1 - back, width - 1 - back + t)
+            if grad_padded is not None:
+                grad_padded[:, earlier].addcmul_(masked, weight[:, width - 1 - back])
+            if grad_weight is not None:
+                grad_weight[:, width - 1 - back] = (masked * padded[:, earlier]).sum((0, 1))
+        return None if grad_padded is None else grad_padded.to(ctx.dtype), grad_weight, None
 
 
 def _l2norm(x, eps: float = 1e-6):
