@@ -215,13 +215,14 @@ def bench_ops(as_json, device, dtype, workload, repeats):
 @bench.command("step", context_settings=CONTEXT, short_help="Time sftplug against HF transformers + PEFT.")
 @click.option(
     "--workload",
-    type=click.Choice(["W0", "W1", "W0-MoE", "W1-MoE"]),
+    type=click.Choice(["W0", "W1", "W0-MoE", "W1-MoE", "W0-Hybrid"]),
     default="W0",
     show_default=True,
     help="W0: CPU, fp32, preset w0 (hidden 512, 6 layers), 4 rows of 512 tokens; W1: GPU, bf16, preset w1 "
     "(TinyLlama-1.1B's shape), 8 rows of 2048 tokens. Both: LoRA r=16 on every projection (BENCHMARKS.md). "
     "W0-MoE / W1-MoE: mixtures of experts (presets w0-moe, w1-moe) against Qwen3-MoE + PEFT, LoRA on the "
-    "attention projections and the experts.",
+    "attention projections and the experts. W0-Hybrid: W0's sizes as Qwen3.5 (preset w0-hybrid, 8 layers, three "
+    "Gated DeltaNet layers to one gated attention layer) against Qwen3.5 + PEFT, LoRA on every projection.",
 )
 @click.option("--full", is_flag=True, help="Full fine-tuning instead of LoRA.")
 @click.option("--rounds", type=int, default=2, show_default=True, help="Alternating rounds of both sides.")

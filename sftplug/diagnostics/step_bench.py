@@ -2,11 +2,12 @@
 
 Each side runs in a child process of its own (so peak memory is its own), in rounds that
 alternate the order; both see the same synthetic rows, shapes, LoRA and optimizer.
-Workloads W0 (CPU) and W1 (GPU), and their mixtures of experts W0-MoE and W1-MoE, are defined
-in WORKLOADS below and in BENCHMARKS.md. The peer of a dense workload is LlamaForCausalLM, of an
-MoE workload Qwen3MoeForCausalLM with transformers' fastest experts implementation on the device
+Workloads W0 (CPU) and W1 (GPU), their mixtures of experts W0-MoE and W1-MoE, and the hybrid W0-Hybrid
+are defined in WORKLOADS below and in BENCHMARKS.md. The peer of a dense workload is LlamaForCausalLM;
+of an MoE workload Qwen3MoeForCausalLM with transformers' fastest experts implementation on the device
 (timed first: :func:`pick_experts_implementation`) and PEFT's ``target_parameters`` LoRA on the
-experts. No load-balancing loss on either side (coefficient 0; HF's output_router_logits off).
+experts, no load-balancing loss on either side (coefficient 0; HF's output_router_logits off); of
+W0-Hybrid Qwen3_5ForCausalLM (its PyTorch gated delta rule where flash-linear-attention is absent).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ WORKLOADS = {
     "W1": dict(preset="w1", seq_len=2048, micro_bsz=8, dtype="bf16", device="cuda"),
     "W0-MoE": dict(preset="w0-moe", seq_len=512, micro_bsz=4, dtype="fp32", device="cpu"),
     "W1-MoE": dict(preset="w1-moe", seq_len=2048, micro_bsz=4, dtype="bf16", device="cuda"),
+    "W0-Hybrid": dict(preset="w0-hybrid", seq_len=512, micro_bsz=4, dtype="fp32", device="cpu"),
 }
 LORA = dict(r=16, alpha=32.0, dropout=0.0)
 # sftplug with one option on (`--variant`), timed as a side of its own
@@ -35,6 +37,7 @@ VARIANTS = {"compile": {"torch_compile": True}, "workers2": {"workers": 2}, "fus
             "unfused": {"fused": "none"}}
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 HF_TARGETS = ATTENTION_TARGETS + ["gate_proj", "up_proj", "down_proj"]
+LINEAR_ATTENTION_TARGETS = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]  # Qwen3.5's
 EXPERTS_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # PEFT's target_parameters
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")  # transformers' on any device
 PROMPT_FRACTION = 0.25  # labels masked on the first 25% of each row
@@ -103,14 +106,18 @@ def workload_config(workload: str):
 
 
 def peft_targets(config) -> tuple[list[str], list[str]]:
-    """PEFT's target_modules and target_parameters: every block projection, or, in a mixture of
-    experts, the attention projections and the experts' stacked projections."""
-    return (ATTENTION_TARGETS, EXPERTS_PARAMETERS) if config.has_experts else (HF_TARGETS, [])
+    """PEFT's target_modules and target_parameters: every block projection (the linear-attention
+    layers' too), or, in a mixture of experts, the attention projections and the experts' stacked ones."""
+    if config.has_experts:
+        return ATTENTION_TARGETS, EXPERTS_PARAMETERS
+    hybrid = config.linear_attention.key_heads > 0
+    return HF_TARGETS + (LINEAR_ATTENTION_TARGETS if hybrid else []), []
 
 
 def peer_config(config, experts_implementation: str | None = None):
-    """transformers' config of the model ``config`` describes: a Llama, or a Qwen3-MoE with every layer MoE."""
-    from transformers import LlamaConfig, Qwen3MoeConfig
+    """transformers' config of the model ``config`` describes: a Llama, a Qwen3-MoE with every layer MoE,
+    or a Qwen3.5 (text) with its layers' mixers."""
+    from transformers import LlamaConfig, Qwen3_5TextConfig, Qwen3MoeConfig
 
     common = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                   intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layers,
@@ -118,6 +125,14 @@ def peer_config(config, experts_implementation: str | None = None):
                   head_dim=config.head_dim, rms_norm_eps=config.norm.eps, max_position_embeddings=config.max_seq_len,
                   rope_parameters={"rope_type": "default", "rope_theta": config.rotary.theta},
                   tie_word_embeddings=config.tie_embeddings, attn_implementation="sdpa")
+    if config.architecture == "qwen3_5_text":
+        o, rotary = config.linear_attention, common["rope_parameters"]
+        rotary["partial_rotary_factor"] = config.rotary.dims / config.head_dim
+        mixers = {"linear_attention": "linear_attention", "attention": "full_attention"}
+        return Qwen3_5TextConfig(**common, linear_num_key_heads=o.key_heads, linear_num_value_heads=o.value_heads,
+                                 linear_key_head_dim=o.key_head_dim, linear_value_head_dim=o.value_head_dim,
+                                 linear_conv_kernel_dim=o.conv_kernel,
+                                 layer_types=[mixers[config.layer_type(i).mixer] for i in range(config.n_layers)])
     if not config.has_experts:
         return LlamaConfig(**common)
     e = config.experts

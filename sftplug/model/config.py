@@ -321,4 +321,12 @@ PRESETS = {
                    rotary=dict(theta=1000000.0), norm=dict(eps=1e-6), attention=dict(qk_norm="head"),
                    experts=dict(count=128, top_k=8, intermediate_size=768, norm_top_k=True),
                    layer_types=(dict(feed_forward="experts"),) * 16),
+    # W0-Hybrid: w0's sizes as Qwen3.5 (qwen3_5_text) builds them, 8 layers so its pattern of three Gated
+    # DeltaNet layers to one gated attention layer holds twice; 4 key / 8 value heads of 64 in the linear layers
+    "w0-hybrid": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, n_layers=8, n_heads=8, n_kv_heads=4,
+                      architecture="qwen3_5_text", rotary=dict(dims=16), norm=dict(eps=1e-6, gemma=True),
+                      attention=dict(output_gate=True, qk_norm="head"),
+                      linear_attention=dict(key_heads=4, value_heads=8, key_head_dim=64, value_head_dim=64),
+                      layer_types=(dict(mixer="linear_attention"),) * 3 + (dict(),)
+                      + (dict(mixer="linear_attention"),) * 3 + (dict(),)),
 }

@@ -124,7 +124,7 @@ def test_the_header_says_where_the_template_came_from_and_warns_without_one(tmp_
     (["--data", "{tmp}/missing.jsonl"], "missing.jsonl: data file not found"),
     (["--format", "csv"], "--format must be one of auto, chat, prompt, alpaca, text, got 'csv'"),
     (["--field-map", "question"], "--field-map question: expected FIELD=NAME pairs"),
-    (["--model", "{tmp}/nowhere"], "--model {tmp}/nowhere: not a preset (tiny, w0, w1, w0-moe, w1-moe)"),
+    (["--model", "{tmp}/nowhere"], "--model {tmp}/nowhere: not a preset (tiny, w0, w1, w0-moe, w1-moe, w0-hybrid)"),
     (["--model", "{tmp}"], "no tokenizer.json"),
     (["--data", "{tmp}/bad.jsonl"], "bad.jsonl:2: invalid JSON"),
     (["--chat-template", "nosuch"], "--chat-template nosuch: no such file and not a built-in template"),

@@ -44,9 +44,11 @@ def test_a_failing_side_is_reported_and_the_others_still_count(monkeypatch):
     assert "failed: sftplug+compile failed: RuntimeError: out of memory" in step_bench.format_step_table(result)
 
 
-def test_w0_moe_sides_build_the_same_model(tmp_path):
-    """The peer's Qwen3-MoE config reads back as the w0-moe preset; on the peer's weights both sides
-    count the same parameters and the same trainable LoRA values and start from the same loss."""
+@pytest.mark.parametrize("workload", ["W0-MoE", "W0-Hybrid"])
+def test_the_sides_build_the_same_model(workload, tmp_path):
+    """The peer's config (Qwen3-MoE; Qwen3.5 with its Gated DeltaNet layers) reads back as the workload's
+    preset; on the peer's weights both sides count the same parameters and the same trainable LoRA values
+    and start from the same loss."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -59,13 +61,12 @@ def test_w0_moe_sides_build_the_same_model(tmp_path):
     from sftplug.model.transformer import Transformer
     from sftplug.train.loss import IGNORE, target_loss_sum
 
-    preset = ModelConfig.preset("w0-moe")
-    assert preset.has_experts and step_bench.WORKLOADS["W0-MoE"]["preset"] == "w0-moe"
+    preset = ModelConfig.preset(step_bench.WORKLOADS[workload]["preset"])
     hf_config = step_bench.peer_config(preset)
-    assert hf_config.model_type == "qwen3_moe" and not hf_config.output_router_logits
+    assert hf_config.model_type == preset.architecture and not getattr(hf_config, "output_router_logits", False)
     assert dataclasses.replace(config_from_hf(hf_config.to_dict()), extra={}) == preset
 
-    base, _ = step_bench.peer_model("W0-MoE", full=True)  # the peer's seeded fp32 model, before PEFT
+    base, _ = step_bench.peer_model(workload, full=True)  # the peer's seeded fp32 model, before PEFT
     base.save_pretrained(tmp_path)
     transformers.AutoTokenizer.from_pretrained(ASSETS).save_pretrained(tmp_path)  # a folder needs a tokenizer
     ours = load_model(str(tmp_path), dtype=torch.float32).model
@@ -81,6 +82,8 @@ def test_w0_moe_sides_build_the_same_model(tmp_path):
     ours.requires_grad_(False)
     ours = apply_lora(ours, step_bench.LORA["r"], step_bench.LORA["alpha"], 0.0, (*modules, *parameters))
     assert lora_param_counts(ours)[0] == count(theirs, trainable=True) == theirs.get_nb_trainable_parameters()[0]
+    if preset.linear_attention.key_heads:  # the Gated DeltaNet layers' projections take LoRA too
+        assert any(".linear_attn.in_proj_qkv.lora_A" in name for name, _ in theirs.named_parameters())
 
     with torch.no_grad():
         labels = ids.clone()
