@@ -107,7 +107,7 @@ def _case_rows(bench: _Bench, dtype_name: str, shape: tuple, is_packed: bool) ->
     B, H, Hkv, S, D = shape
     dtype = BY_NAME[dtype_name]
     request = AttentionRequest("auto", bench.device, dtype, D, H, Hkv, is_packed, S)
-    doc_ids = _doc_ids(B, S, bench.device, seed=S) if is_packed else None
+    doc_ids = packed_doc_ids(B, S, bench.device, seed=S) if is_packed else None
     flops = attention_flops(B, H, S, D, bench.causal, doc_ids)
     rows = []
     for offer in survey(bench.registry.hook, request):
@@ -188,7 +188,7 @@ def _case_name(B, H, Hkv, S, D) -> str:
     return f"B{B} H{heads} S{S} D{D}"
 
 
-def _doc_ids(B: int, S: int, device, seed: int) -> torch.Tensor:
+def packed_doc_ids(B: int, S: int, device, seed: int) -> torch.Tensor:
     """Rows filled with documents of S/32 .. S/2 tokens (deterministic)."""
     rng = random.Random(seed)
     rows = []
