@@ -3,9 +3,10 @@
 # sftplug runs from this checkout). Every step is independent, with its own time budget and
 # its full log in $OUT; a failing step does not stop the others. About 6 minutes on an H200,
 # cold compiles included; 10 minutes at the very most for the steps up to bench-step (their
-# budgets' sum, 600 s), and 5 more for W1-MoE's (300 s): a device call limited to 10 minutes
-# runs it alone in a second call (GPU_CHECK_ONLY=bench-step-moe), or leaves it out in the first
-# (GPU_CHECK_SKIP=bench-step-moe).
+# budgets' sum, 600 s), and 7 more for linear-attention's (120 s) and W1-MoE's (300 s): a device
+# call limited to 10 minutes runs those two in a second call
+# (GPU_CHECK_ONLY="linear-attention bench-step-moe"), or leaves them out of the first
+# (GPU_CHECK_SKIP="linear-attention bench-step-moe").
 # Without a GPU it runs the preflight and skips each GPU step with one line.
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -54,6 +55,9 @@ step compare 110 "$PY" benchmarks/gpu_steps.py compare "$OUT"
 step syncs 50 "$PY" benchmarks/gpu_steps.py syncs "$OUT"
 # sftplug (fused ops auto) and sftplug --fused none against HF + PEFT
 step bench-step 140 "$PY" -m sftplug bench step --workload W1 --rounds 1 --steps 5 --variant unfused --json
+# the gated delta rule of Qwen3.5's linear-attention layers (2 x 4096 tokens, 16/32 heads of 128, bf16, plain and
+# packed): sftplug's Triton kernel against the PyTorch form, and flash-linear-attention where it imports
+step linear-attention 120 "$PY" -m sftplug bench linear-attention --budget 90 --jsonl "$OUT/linear_attention.jsonl"
 # W1-MoE (Qwen3-30B-A3B's layer, 16 layers, bf16) against Qwen3-MoE + PEFT target_parameters; beyond the 600 s above
 step bench-step-moe 300 "$PY" -m sftplug bench step --workload W1-MoE --rounds 1 --steps 3 --warmup 1 --json
 echo "done; results in $OUT"

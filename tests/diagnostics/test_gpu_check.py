@@ -13,7 +13,8 @@ import torch
 pytestmark = pytest.mark.slow  # every test here starts a process
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_STEPS = ("doctor", "kernels", "attention", "ops", "compare", "syncs", "bench-step", "bench-step-moe")
+GPU_STEPS = ("doctor", "kernels", "attention", "ops", "compare", "syncs", "bench-step", "linear-attention",
+             "bench-step-moe")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for minutes: run it by hand")
