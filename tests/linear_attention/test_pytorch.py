@@ -64,3 +64,17 @@ def test_a_state_handed_on_continues_the_sequence():
     first, state = gated_delta_rule(*(x[:, :100] for x in (q, k, v, g, beta)), final_state=True)
     rest = gated_delta_rule(*(x[:, 100:] for x in (q, k, v, g, beta)), initial_state=state)
     torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [64, 48])  # doubling blocks; a size not a power of two: a triangular solve
+def test_the_ut_inverse_inverts_the_unit_lower_triangle(size):
+    from sftplug.linear_attention.pytorch import unit_lower_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(3, 2, size, 8, generator=gen, dtype=torch.float64), dim=-1)
+    system = keys @ keys.transpose(-1, -2) * torch.rand(3, 2, size, 1, generator=gen, dtype=torch.float64)
+    system = system + torch.triu(torch.full((size, size), 7.0, dtype=torch.float64))  # ignored: not below the diagonal
+    unit_lower = system.tril(-1) + torch.eye(size, dtype=torch.float64)
+    # fp64 products over `size` terms of size <= 1
+    torch.testing.assert_close(unit_lower @ unit_lower_inverse(system), torch.eye(size, dtype=torch.float64).expand(
+        3, 2, size, size), rtol=0, atol=1e-12)
