@@ -13,7 +13,9 @@ Two parts, each counted as sftplug stores it:
   and the loss's largest transient, one chunk of logits (sftplug.train.loss).
 
 The model's tensors are counted in sftplug.train.memory_shapes, a mixture of experts' saved
-tensors (k rows per token through the experts) in sftplug.train.memory_experts.
+tensors (k rows per token through the experts) in sftplug.train.memory_experts, a Gated DeltaNet
+layer's (its convolution, the gated delta rule's chunk buffers and states) in
+sftplug.train.memory_hybrid; the table's models are in sftplug.train.memory_models.
 
 The peak is their sum: an upper bound that counts every gradient beside every activation
 (for LoRA the gradients are small). tests/train/test_memory.py checks each part against a
@@ -32,6 +34,8 @@ from sftplug.model.config import ModelConfig
 from sftplug.train import memory_shapes as shapes
 from sftplug.train.loss import CHUNK_ROWS as LOSS_CHUNK
 from sftplug.train.memory_experts import balance_saved, experts_saved
+from sftplug.train.memory_hybrid import LINEAR_ATTENTION, linear_attention_saved
+from sftplug.train.memory_models import LLAMA, hybrid_shapes, moe_shapes, table_models  # noqa: F401 - public here
 from sftplug.train.memory_shapes import (
     Saved,
     buffer_bytes,
@@ -51,41 +55,6 @@ ATTENTION = ("flash", "chunked", "triton")
 ADAM8_BLOCK, ADAM8_MIN_SIZE = 256, 4096  # bitsandbytes' 8-bit state: blocks, and the size below which it is fp32
 OFFLOAD_BLOCKS = 3  # blocks whose saved tensors are on the device at once with --offload-activations
 
-# The shapes of the Llama checkpoints' config.json (hidden_size, intermediate_size, ...).
-LLAMA = {
-    "Llama-3.2-1B": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, n_layers=16, n_heads=32,
-                                n_kv_heads=8, head_dim=64, tie_embeddings=True),
-    "Llama-3.1-8B": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n_layers=32, n_heads=32,
-                                n_kv_heads=8, head_dim=128),
-    "Llama-3.1-70B": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, n_layers=80,
-                                 n_heads=64, n_kv_heads=8, head_dim=128),
-}
-# Mixtures of experts: their public config.json's shape fields, read as sftplug reads a checkpoint's.
-MOE_CONFIG_JSON = {
-    "Qwen3-30B-A3B": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1000000.0,
-                          rms_norm_eps=1e-6, max_position_embeddings=40960, router_aux_loss_coef=0.001,
-                          tie_word_embeddings=False),
-    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
-                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
-                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
-                        layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
-                        rope_theta=150000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
-                                          truncate=False, original_max_position_embeddings=4096),
-                        router_aux_loss_coef=0.9, swiglu_limit=7.0, tie_word_embeddings=False),
-}
-
-
-def moe_shapes() -> dict[str, ModelConfig]:
-    """The table's mixtures of experts as ModelConfigs (sftplug.hf.config maps their config.json)."""
-    from sftplug.hf.config import config_from_hf
-
-    return {name: config_from_hf(hf, f"{name} config.json") for name, hf in MOE_CONFIG_JSON.items()}
-
-
 @dataclass(frozen=True)
 class Setting:
     """What a run trains and how: the options of ``sftplug train`` that change its memory."""
@@ -99,6 +68,8 @@ class Setting:
     offload: bool = False  # --offload-activations
     world: int = 1  # FSDP over this many processes (1: none)
     attention: str = "flash"
+    linear_attention: str = "triton"  # the gated delta rule's backend (--linear-attention): triton or pytorch
+    seq_len: int = 0  # tokens per row (--seq-len); 0: the micro-batch is one row
     lora_r: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     double_quant: bool = True
@@ -106,13 +77,15 @@ class Setting:
 
     def __post_init__(self):
         for name, allowed in (("mode", MODES), ("dtype", tuple(BYTES)), ("optimizer", OPTIMIZERS),
-                              ("attention", ATTENTION)):
+                              ("attention", ATTENTION), ("linear_attention", LINEAR_ATTENTION)):
             if getattr(self, name) not in allowed:
                 raise SftplugError(f"memory model: {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.attention == "chunked" and self.dtype != "fp32":
             raise SftplugError("memory model: chunked attention computes in fp32 only; use dtype fp32 or flash")
         if self.world < 1 or self.tokens < 1:
             raise SftplugError("memory model: world and tokens must be at least 1")
+        if self.seq_len < 0 or (self.seq_len and self.tokens % self.seq_len):
+            raise SftplugError(f"memory model: {self.tokens} tokens are not rows of seq_len {self.seq_len}")
 
     @property
     def lora(self) -> bool:
@@ -198,8 +171,12 @@ def block_saved(c: ModelConfig, s: Setting, layer: int = 0) -> list[Saved]:
     a = BYTES[s.dtype]
     lora_layers = lora_shapes(c, s.lora_targets, layer) if s.lora else {}
     adapters = {name: n * s.lora_r for name, (_, _, n) in lora_layers.items()}
-    saved = norm_saved("attn_norm", c, s) + [Saved("qkv input", c.hidden_size, a)] + lora_saved("qkv", adapters, a)
-    saved += qk_norm_saved(c, s) + attention_saved(c, s, layer) + lora_saved("o", adapters, a)
+    saved = norm_saved("attn_norm", c, s)
+    if shapes.is_linear_attention(c, layer):
+        saved += linear_attention_saved(c, s, adapters)
+    else:
+        saved += [Saved("qkv input", c.hidden_size, a)] + lora_saved("qkv", adapters, a) + qk_norm_saved(c, s)
+        saved += attention_saved(c, s, layer) + lora_saved("o", adapters, a)
     saved += norm_saved("mlp_norm", c, s)
     if shapes.is_moe(c, layer):
         saved += experts_saved(c, s, layer)
@@ -212,9 +189,13 @@ def block_saved(c: ModelConfig, s: Setting, layer: int = 0) -> list[Saved]:
 
 
 def norm_saved(name: str, c: ModelConfig, s: Setting) -> list[Saved]:
+    """An RMSNorm's input in fp32 and 1/rms; Gemma's form (1 + w) also 1 + w, made in fp32 at each call;
+    full fine-tuning also the normalized input (fp32 in Gemma's form), for its scale's gradient."""
     saved = [Saved(f"{name} input in fp32", c.hidden_size, FP32), Saved(f"{name} 1/rms", 1, FP32)]
+    if c.norm.gemma:
+        saved.append(Saved(f"{name} 1 + w", c.hidden_size, FP32, per_token=False))
     if not s.lora:
-        saved.append(Saved(f"{name} normalized", c.hidden_size, residual_bytes(s)))
+        saved.append(Saved(f"{name} normalized", c.hidden_size, FP32 if c.norm.gemma else residual_bytes(s)))
     return saved
 
 
@@ -231,25 +212,35 @@ def qk_norm_saved(c: ModelConfig, s: Setting) -> list[Saved]:
     a = BYTES[s.dtype]
     rms = c.n_heads + c.n_kv_heads if c.attention.qk_norm == "head" else 2
     saved = [Saved("q, k in fp32", q + 2 * kv if a == FP32 else q + kv, FP32), Saved("q, k 1/rms", rms, FP32)]
+    if c.norm.gemma:  # q_norm's and k_norm's 1 + w
+        scales = 2 * c.head_dim if c.attention.qk_norm == "head" else q + kv
+        saved.append(Saved("q, k norms' 1 + w", scales, FP32, per_token=False))
     if not s.lora:
-        saved.append(Saved("q, k normalized", q + kv, a))
+        saved.append(Saved("q, k normalized", q + kv, FP32 if c.norm.gemma else a))
     return saved
 
 
 def attention_saved(c: ModelConfig, s: Setting, layer: int = 0) -> list[Saved]:
-    """The attention kernel's saved tensors and the o projection's input."""
+    """The attention kernel's saved tensors and the o projection's input; with output gates (Qwen3.5) also
+    their sigmoid and the attention output they scale (o's input is then their product, copied token-major)."""
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     a = BYTES[s.dtype]
+    gates = [Saved("output gates' sigmoid", q, a)] if c.attention.output_gate else []
     if s.attention == "flash":  # q, k, v (views of RoPE's output), the output (o's input) and the log-sum-exp
+        if gates:
+            return [Saved("q, k, v after RoPE", q + 2 * kv, a), Saved("attention output", q, a),
+                    Saved("log-sum-exp", c.n_heads, FP32), *gates, Saved("o input (the gated output)", q, a)]
         return [Saved("q, k, v after RoPE", q + 2 * kv, a), Saved("attention output (o input)", q, a),
                 Saved("log-sum-exp", c.n_heads, FP32)]
     if s.attention == "triton":  # its output is head-major: o's input is a copy; a window's rows get ranges
         ranges = [Saved("each row's key ranges (a window shorter than the row)", 4, INT32)] if c.attention.window(
             layer) else []
         return [Saved("q, k, v after RoPE", q + 2 * kv, a), Saved("attention output", q, a),
-                Saved("log-sum-exp", c.n_heads, FP32), Saved("o input", q, a)] + ranges
+                Saved("log-sum-exp", c.n_heads, FP32), Saved("o input", q, a)] + ranges + gates
+    if gates:  # the kernel's own output is not the tensor it returns
+        gates.append(Saved("attention output as returned", q, FP32))
     return [Saved("scaled q", q, FP32), Saved("k, v (grouped copies)", 2 * kv, FP32),
-            Saved("attention output", q, FP32), Saved("o input", q, FP32)]
+            Saved("attention output", q, FP32), Saved("o input", q, FP32)] + gates
 
 
 def residual_bytes(s: Setting) -> int:
@@ -274,10 +265,10 @@ def outside_saved(c: ModelConfig, s: Setting, targets: int) -> list[Saved]:
     return saved
 
 
-def first_block_unsaved(c: ModelConfig, s: Setting) -> int:
-    """Bytes per token the first block does not keep under LoRA: its input (the frozen embedding's output)
-    needs no gradient, so its first norm keeps nothing."""
-    return sum(x.total(1) for x in norm_saved("attn_norm", c, s)) if s.lora else 0
+def first_block_unsaved(c: ModelConfig, s: Setting, tokens: int) -> int:
+    """Bytes the first block does not keep under LoRA: its input (the frozen embedding's output) needs no
+    gradient, so its first norm keeps nothing."""
+    return sum(x.total(tokens) for x in norm_saved("attn_norm", c, s)) if s.lora else 0
 
 
 def activation_bytes(c: ModelConfig, s: Setting) -> int:
@@ -290,7 +281,7 @@ def activation_bytes(c: ModelConfig, s: Setting) -> int:
     kept = blocks[:OFFLOAD_BLOCKS] if s.offload else blocks
     if s.grad_ckpt:  # checkpoint keeps each block's input; backward recomputes one block at a time
         return outside + len(kept) * c.hidden_size * residual_bytes(s) * tokens + blocks[0]
-    return outside + sum(kept) - (first_block_unsaved(c, s) * tokens if len(kept) == c.n_layers else 0)
+    return outside + sum(kept) - (first_block_unsaved(c, s, tokens) if len(kept) == c.n_layers else 0)
 
 
 def loss_chunk_bytes(c: ModelConfig, s: Setting) -> int:
@@ -313,6 +304,9 @@ def estimate(c: ModelConfig, s: Setting | None = None, **options) -> Estimate:
     if s.quantized and c.has_experts:  # as sftplug.model.quantize.check_quantizable refuses it
         raise SftplugError(f"memory model: sftplug refuses --quantize {s.mode} on a mixture of experts (its stacked "
                            "experts are not quantized in 4-bit); use lora or full")
+    if s.quantized and shapes.is_hybrid(c):
+        raise SftplugError(f"memory model: --quantize {s.mode} on Gated DeltaNet layers is not modelled yet; use lora "
+                           "or full")
     shard = s.world
     trainable = [math.ceil(n / shard) for n in trainable_tensors(c, s)]  # FSDP: each rank's shard of each tensor
     base = base_bytes(c, s)
@@ -352,7 +346,7 @@ def gathered_block_bytes(c: ModelConfig, s: Setting) -> int:
 # -- the README's table ------------------------------------------------------------------
 
 TABLE_MODES = {"full (bf16 autocast, fp32 weights)": dict(mode="full"), "LoRA bf16": dict(mode="lora"),
-               "QLoRA nf4": dict(mode="nf4")}  # QLoRA: dense models only (sftplug refuses it on a mixture)
+               "QLoRA nf4": dict(mode="nf4")}  # QLoRA: attention-only dense models (sftplug refuses it on a mixture)
 TABLE_SETTING = Setting(tokens=4096)  # one row of 4096 tokens per micro-batch, every token trained
 TABLE_WORLD = 8
 
@@ -363,9 +357,9 @@ def table(setting: Setting = TABLE_SETTING, world: int = TABLE_WORLD) -> str:
     lines = [f"| model | mode | persistent B/param | peak GiB | + offload | + grad-ckpt | + grad-ckpt + offload | "
              f"FSDP x{world} + grad-ckpt: B/param, peak GiB per GPU |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, config in {**LLAMA, **moe_shapes()}.items():
+    for name, config in table_models().items():
         for label, options in TABLE_MODES.items():
-            if config.has_experts and options["mode"] == "nf4":
+            if (config.has_experts or shapes.is_hybrid(config)) and options["mode"] == "nf4":
                 continue
             s = replace(setting, **options)
             if config.attention.sinks:  # no flash kernel applies sinks: sftplug's Triton kernel does

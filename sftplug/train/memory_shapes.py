@@ -1,12 +1,14 @@
 """The model's tensors counted from its config, as sftplug builds them (for sftplug.train.memory).
 
-Each block is a token mixer (attention) and a feed-forward of its layer's kind: a dense gated
-MLP, or a mixture of experts (router, experts stacked per projection, biases where the family
-has them). The root is the embeddings, the final norm and the LM head. LoRA adapters: A [n r, in]
-and B [out, n r] per targeted linear layer (n its targeted projections, stacked as
-sftplug.model.lora stores them), and per targeted expert projection A [E, r, in] and B [E, out, r]
-(sftplug.model.experts_lora). tests/train/test_memory.py checks the names and sizes against a
-built model's parameters.
+Each block is a token mixer and a feed-forward of its layer's kind. The mixer is softmax attention
+(its q projection twice as wide where each head carries an output gate) or Gated DeltaNet (its
+input projections, the depthwise convolution, ``A_log`` and ``dt_bias``, the gated norm and
+``out_proj``); the feed-forward a dense gated MLP or a mixture of experts (router, experts stacked
+per projection, biases where the family has them). The root is the embeddings, the final norm and
+the LM head. LoRA adapters: A [n r, in] and B [out, n r] per targeted linear layer (n its targeted
+projections, stacked as sftplug.model.lora stores them), and per targeted expert projection
+A [E, r, in] and B [E, out, r] (sftplug.model.experts_lora). tests/train/test_memory.py checks the
+names and sizes against built models' parameters.
 """
 
 from __future__ import annotations
@@ -39,8 +41,6 @@ class Saved:
 
 def check_modelled(c: ModelConfig) -> None:
     """Refuse, in one line, the models whose parts the memory model does not count."""
-    if getattr(c.attention, "output_gate", False):
-        raise SftplugError("memory model: attention's output gate is not modelled yet")
     o = c.experts
     if not c.has_experts:
         return
@@ -56,15 +56,44 @@ def is_moe(c: ModelConfig, layer: int) -> bool:
     return c.layer_type(layer).feed_forward == "experts"
 
 
+def is_linear_attention(c: ModelConfig, layer: int) -> bool:
+    return c.layer_type(layer).mixer == "linear_attention"
+
+
+def is_hybrid(c: ModelConfig) -> bool:
+    return any(is_linear_attention(c, i) for i in range(c.n_layers))
+
+
 def moe_layers(c: ModelConfig) -> int:
     return sum(is_moe(c, i) for i in range(c.n_layers))
 
 
 def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each dense block's linear layers, sftplug's fused layers."""
+    """(in, out) features of each dense attention block's linear layers, sftplug's fused layers (q twice as
+    wide with output gates)."""
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    return {"qkv": (c.hidden_size, q + 2 * kv), "o": (q, c.hidden_size),
+    gated_q = q * (2 if c.attention.output_gate else 1)
+    return {"qkv": (c.hidden_size, gated_q + 2 * kv), "o": (q, c.hidden_size),
             "gate_up": (c.hidden_size, 2 * c.intermediate_size), "down": (c.intermediate_size, c.hidden_size)}
+
+
+def linear_attention_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of a Gated DeltaNet layer's projections, as the family stores them."""
+    o, hidden = c.linear_attention, c.hidden_size
+    key, value = o.key_heads * o.key_head_dim, o.value_heads * o.value_head_dim
+    if o.projections == "grouped":  # Qwen3-Next
+        shapes = {"in_proj_qkvz": (hidden, 2 * key + 2 * value), "in_proj_ba": (hidden, 2 * o.value_heads)}
+    else:
+        shapes = {"in_proj_qkv": (hidden, 2 * key + value), "in_proj_z": (hidden, value),
+                  "in_proj_b": (hidden, o.value_heads), "in_proj_a": (hidden, o.value_heads)}
+    return {**shapes, "out_proj": (value, hidden)}
+
+
+def block_linear_shapes(c: ModelConfig, layer: int) -> dict[str, tuple[int, int]]:
+    """(in, out) features of block ``layer``'s linear layers: its mixer's, and its MLP's unless it has experts."""
+    dense = linear_shapes(c)
+    mixer = linear_attention_shapes(c) if is_linear_attention(c, layer) else {k: dense[k] for k in ("qkv", "o")}
+    return mixer if is_moe(c, layer) else {**mixer, "gate_up": dense["gate_up"], "down": dense["down"]}
 
 
 def expert_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -73,10 +102,12 @@ def expert_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
     return {"gate_up_proj": (c.hidden_size, 2 * inter), "down_proj": (inter, c.hidden_size)}
 
 
-def norm_sizes(c: ModelConfig) -> list[int]:
-    """Per block: each RMSNorm's scale (and the q/k norms')."""
+def norm_sizes(c: ModelConfig, layer: int = 0) -> list[int]:
+    """Block ``layer``'s RMSNorm scales: the block's, and its attention's q/k norms or Gated DeltaNet's gated norm."""
     sizes = [c.hidden_size] * {"pre": 2, "sandwich": 4, "post": 2}[c.norm.placement]
-    if c.attention.qk_norm == "head":
+    if is_linear_attention(c, layer):
+        sizes.append(c.linear_attention.value_head_dim)
+    elif c.attention.qk_norm == "head":
         sizes += [c.head_dim] * 2
     elif c.attention.qk_norm == "projection":
         sizes += [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim]
@@ -85,13 +116,18 @@ def norm_sizes(c: ModelConfig) -> list[int]:
 
 def block_tensors(c: ModelConfig, layer: int) -> dict[str, int]:
     """Elements of each parameter of block ``layer``, by its name in the model (norms apart: norm_sizes)."""
-    shapes, a = linear_shapes(c), c.attention
-    tensors = {f"attn.{name}.weight": i * o for name, (i, o) in shapes.items() if name in ("qkv", "o")}
-    if a.qkv_bias:
+    shapes, a = block_linear_shapes(c, layer), c.attention
+    mixer = ("qkv", "o") if not is_linear_attention(c, layer) else tuple(linear_attention_shapes(c))
+    tensors = {f"attn.{name}.weight": i * o for name, (i, o) in shapes.items() if name in mixer}
+    if is_linear_attention(c, layer):
+        o = c.linear_attention
+        tensors.update({"attn.conv1d.weight": conv_channels(c) * o.conv_kernel, "attn.dt_bias": o.value_heads,
+                        "attn.A_log": o.value_heads})
+    elif a.qkv_bias:
         tensors["attn.qkv.bias"] = shapes["qkv"][1]
-    if a.o_bias:
+    if a.o_bias and not is_linear_attention(c, layer):
         tensors["attn.o.bias"] = c.hidden_size
-    if a.sinks:
+    if a.sinks and not is_linear_attention(c, layer):
         tensors["attn.sinks"] = c.n_heads
     if not is_moe(c, layer):
         tensors.update({f"mlp.{name}.weight": i * o for name, (i, o) in shapes.items() if name in ("gate_up", "down")})
@@ -107,14 +143,22 @@ def block_tensors(c: ModelConfig, layer: int) -> dict[str, int]:
     return tensors
 
 
+def conv_channels(c: ModelConfig) -> int:
+    """The Gated DeltaNet convolution's channels: q, k and v."""
+    o = c.linear_attention
+    return 2 * o.key_heads * o.key_head_dim + o.value_heads * o.value_head_dim
+
+
 def block_matrices(c: ModelConfig, layer: int) -> int:
     """Elements of block ``layer``'s weight matrices (the linear layers', the router's, the experts'):
-    what full fine-tuning under bf16 autocast copies to bf16 and keeps for backward."""
-    return sum(n for name, n in block_tensors(c, layer).items() if not name.endswith(("bias", "sinks")))
+    what full fine-tuning under bf16 autocast copies to bf16 and keeps for backward (the convolution is
+    elementwise products, A_log a scale: neither is cast)."""
+    skipped = ("bias", "sinks", "A_log", "conv1d.weight")
+    return sum(n for name, n in block_tensors(c, layer).items() if not name.endswith(skipped))
 
 
 def block_params(c: ModelConfig, layer: int) -> int:
-    return sum(block_tensors(c, layer).values()) + sum(norm_sizes(c))
+    return sum(block_tensors(c, layer).values()) + sum(norm_sizes(c, layer))
 
 
 def root_params(c: ModelConfig) -> int:
@@ -135,7 +179,7 @@ def trainable_tensors(c: ModelConfig, lora: bool, r: int, targets) -> list[int]:
     """Elements of every trainable tensor: the adapters, or (full) every parameter."""
     if lora:
         return lora_tensors(c, r, targets)
-    blocks = [n for i in range(c.n_layers) for n in [*block_tensors(c, i).values(), *norm_sizes(c)]]
+    blocks = [n for i in range(c.n_layers) for n in [*block_tensors(c, i).values(), *norm_sizes(c, i)]]
     return blocks + [c.vocab_size * c.hidden_size] * (1 if c.tie_embeddings else 2) + [c.hidden_size]
 
 
@@ -146,12 +190,11 @@ def lora_shapes(c: ModelConfig, targets, layer: int | None = 0) -> dict[str, tup
     """Per LoRA linear layer of block ``layer`` (None: the LM head): (in, out, n), n the projections it
     targets; A is [n r, in], B [out, n r], stored whole."""
     targets = hf_targets(targets)
-    shapes = {**linear_shapes(c), "lm_head": (c.hidden_size, c.vocab_size)}
-    present = ("lm_head",) if layer is None else ("qkv", "o") if is_moe(c, layer) else ("qkv", "o", "gate_up", "down")
+    shapes = {"lm_head": (c.hidden_size, c.vocab_size)} if layer is None else block_linear_shapes(c, layer)
     layers = {}
     for name, parts in lora_layout(c).items():
         n = sum(part in targets for part, _, _ in parts)
-        if n and name in present:
+        if n and name in shapes:
             layers[name] = (*shapes[name], n)
     return layers
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from sftplug.errors import SftplugError
 from sftplug.loading import load_model
 from sftplug.model.experts import MoE
 from sftplug.model.lora import apply_lora
-from sftplug.train import memory, memory_experts, memory_shapes
+from sftplug.train import memory, memory_experts, memory_models, memory_shapes
 from sftplug.train.setup import build_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,11 +54,30 @@ def model_storages(model) -> dict[int, int]:
 def setting_of(run, mb, targets: int) -> memory.Setting:
     c = run.config
     aux_loss = run.balance is not None and run.balance.has_aux and bool(run.balance.coef)
+    linear = [block.attn.backend.name for block in run.model.layers if hasattr(block.attn, "conv1d")]
     return memory.Setting(mode="full" if c.full else ("lora" if c.quantize == "none" else c.quantize),
                           dtype=run.precision.name, optimizer=c.optimizer, tokens=mb["input_ids"].numel(),
                           targets=targets, grad_ckpt=c.grad_ckpt, attention=run.attention.backend.name,
+                          linear_attention=linear[0] if linear else "triton", seq_len=mb["input_ids"].shape[1],
                           lora_r=c.lora_r, lora_targets=c.lora_targets, double_quant=c.double_quant,
                           aux_loss=aux_loss)
+
+
+def kept_while(run_forward, persistent: dict) -> dict[int, int]:
+    """The unique storages autograd saves in ``run_forward()`` and still holds when it returns (a part of
+    the graph no output reaches is freed with what it saved), parameters' excluded: address -> bytes."""
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in persistent:
+            saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        held = run_forward()  # its output holds the graph, as a step holds it until its backward
+    kept = storage_bytes(t for ref in saved if (t := ref()) is not None)
+    del held
+    return kept
 
 
 def saved_bytes(run, mb) -> tuple[int, int]:
@@ -65,20 +85,15 @@ def saved_bytes(run, mb) -> tuple[int, int]:
     included, and of the router logits each MoE layer keeps; parameters' excluded; targets)."""
     with torch.no_grad():  # kernels' one-time probes (which compute with autograd) run here, not measured
         run.loss_sum(mb)
-    persistent, saved = model_storages(run.model), {}
+    found = {}
 
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in persistent:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
+    def forward():  # what a step holds until its backward: the loss, and the load-balancing loss
+        found["loss"] = run.loss_sum(mb)
+        return found["loss"], run.balance.after_forward(run.model, mb) if run.balance is not None else None
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        total, targets = run.loss_sum(mb)
-        if run.balance is not None:
-            run.balance.after_forward(run.model, mb)
+    saved = kept_while(forward, model_storages(run.model))
     kept = [m.routing.logits for m in run.model.modules() if isinstance(m, MoE)]
-    return sum({**saved, **storage_bytes(kept)}.values()), targets
+    return sum({**saved, **storage_bytes(kept)}.values()), found["loss"][1]
 
 
 CASES = {
@@ -320,7 +335,7 @@ def test_moe_blocks_have_the_models_parameters(family, moe_folders):
         params = {name: p.numel() for name, p in block.named_parameters()}
         norms = sorted(n for name, n in params.items() if "norm" in name)
         assert {k: v for k, v in params.items() if "norm" not in k} == memory_shapes.block_tensors(config, i)
-        assert norms == sorted(memory_shapes.norm_sizes(config))
+        assert norms == sorted(memory_shapes.norm_sizes(config, i))
     assert sum(p.numel() for p in model.parameters()) == memory.model_params(config)
 
 
@@ -337,3 +352,122 @@ def test_what_the_moe_model_does_not_count_is_refused():
     shared = dataclasses.replace(config, experts=dataclasses.replace(config.experts, shared_size=64))
     with pytest.raises(SftplugError, match="^memory model: qwen3_moe's shared expert is not modelled yet"):
         memory.estimate(shared)
+
+
+# -- hybrids: Gated DeltaNet layers beside gated attention ------------------------------------
+
+# make_hf_folder options: layers 0-2 Gated DeltaNet, layer 3 gated attention; head dims the Triton kernel takes
+HYBRID = dict(config_class="Qwen3_5TextConfig", num_hidden_layers=4, head_dim=16, linear_num_key_heads=2,
+              linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def hybrid_folder(tmp_path_factory, make_hf_folder):
+    folder = tmp_path_factory.mktemp("qwen3_5")
+    make_hf_folder(folder, **HYBRID)
+    return folder
+
+
+def test_hybrid_blocks_have_the_models_parameters(hybrid_folder):
+    """Each block's parameters by name and size as memory_shapes counts them: the linear layers' projections,
+    convolution, A_log and dt_bias, the attention layer's q projection twice as wide (its output gates)."""
+    model = load_model(str(hybrid_folder), dtype=torch.float32, attention=None).model
+    config = model.config
+    for i, block in enumerate(model.layers):
+        params = {name: p.numel() for name, p in block.named_parameters()}
+        assert {k: v for k, v in params.items() if "norm" not in k} == memory_shapes.block_tensors(config, i)
+        assert sorted(n for name, n in params.items() if "norm" in name) == sorted(memory_shapes.norm_sizes(config, i))
+    assert sum(p.numel() for p in model.parameters()) == memory.model_params(config)
+
+
+def test_the_hybrid_shapes_have_transformers_parameter_counts():
+    """Qwen3.5-4B and -9B's language models: as many parameters as transformers builds from the same config."""
+    transformers = pytest.importorskip("transformers")
+    for name, hf in memory_models.HYBRID_CONFIG_JSON.items():
+        config = transformers.Qwen3_5TextConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+        with torch.device("meta"):
+            reference = transformers.AutoModelForCausalLM.from_config(config)
+        assert memory.model_params(memory.hybrid_shapes()[name]) == sum(p.numel() for p in reference.parameters())
+
+
+# the CPU's kernels: chunked attention in fp32, SDPA's flash kernel in bf16; the gated delta rule's PyTorch form
+HYBRID_RUNS = {"lora fp32": dict(dtype="fp32", attention="chunked"),
+               "lora bf16": dict(dtype="bf16", attention="flash"),
+               "full bf16": dict(dtype="bf16", attention="flash", full=True)}
+
+
+@pytest.mark.parametrize("case", HYBRID_RUNS)
+def test_a_built_hybrid_run_has_the_modelled_bytes(case, hybrid_folder, small_config, registry, quiet):
+    """Rows of 100 tokens: two chunks of the gated delta rule, the second padded. Parameters, gradients and
+    optimizer state byte for byte, and the storages autograd keeps: the chunks' matrices, the state entering
+    each chunk, the bf16 copies autocast makes, the gated attention's and the (1 + w) norms' tensors."""
+    config = small_config(model=str(hybrid_folder), seq_len=100, linear_attention="pytorch", **HYBRID_RUNS[case])
+    run = build_run(config, registry, echo=quiet, rows=one_document_rows(t=100))
+    check_run(run)
+
+
+TRITON_HYBRID_CHILD = """
+import sys, tempfile
+sys.path.insert(0, ".")
+from sftplug.config import TrainConfig
+from sftplug.registry import build_registry
+from sftplug.train.setup import build_run
+from sftplug.train import memory
+from tests.train.test_memory import check_triton_mixer_at_half_precision, one_document_rows, saved_bytes, setting_of
+
+config = TrainConfig(model=sys.argv[1], out=tempfile.mkdtemp(), steps=6, micro_bsz=2, seq_len=100, eval_data=None,
+                     dtype="fp32", attention="triton", linear_attention="triton")
+run = build_run(config, build_registry(entrypoints=False), echo=lambda *a, **k: None, rows=one_document_rows(t=100))
+mb = run.batches.next()
+saved, targets = saved_bytes(run, mb)
+assert saved == memory.estimate(run.model.config, setting_of(run, mb, targets)).activations
+for mode in ("lora", "full"):
+    check_triton_mixer_at_half_precision(run.model.config, mode)
+"""
+
+
+def check_triton_mixer_at_half_precision(config, mode: str):
+    """One Gated DeltaNet mixer with the Triton kernel under fp16 autocast, which keeps what bf16 autocast keeps
+    at the same sizes (the interpreter computes bf16 wrongly): its storages against the model's bf16 entries."""
+    from sftplug.model.transformer import Transformer
+    from sftplug.plugins.linear_attention import TritonChunked
+    from sftplug.train.memory_hybrid import linear_attention_saved
+
+    setting = memory.Setting(mode=mode, dtype="bf16", tokens=200, seq_len=100, linear_attention="triton")
+    base = torch.float32 if mode == "full" else torch.float16
+    model = Transformer(config).to(base)
+    if mode == "lora":
+        model = apply_lora(model, 16, 32, 0.0, setting.lora_targets)
+    mixer = model.layers[0].attn
+    mixer.backend = TritonChunked()
+    leaf = torch.randn(2, 100, config.hidden_size, generator=torch.Generator().manual_seed(0)).to(base)
+    with torch.autocast("cpu", dtype=torch.float16):
+        x = leaf.requires_grad_(True) * 1  # as the block's norm output: not a leaf, so autocast casts it per use
+        kept = kept_while(lambda: mixer(x, None, None, None), model_storages(model))
+    adapters = {name: n * 16 for name, (_, _, n) in memory_shapes.lora_shapes(config, setting.lora_targets, 0).items()}
+    expected = sum(x.total(200) for x in linear_attention_saved(config, setting, adapters if mode == "lora" else {}))
+    if mode == "full":  # the projections' bf16 weight copies (outside_saved counts them)
+        expected += 2 * sum(i * o for i, o in memory_shapes.linear_attention_shapes(config).values())
+    assert sum(kept.values()) == expected
+
+
+@pytest.mark.slow
+def test_a_hybrid_run_with_the_triton_kernel_has_the_modelled_bytes(hybrid_folder):
+    """On GPUs the gated delta rule is sftplug's Triton kernel, which keeps only its inputs (backward
+    recomputes the chunks' states), and attention sftplug's or flash: what a LoRA run with both Triton kernels
+    saves under the interpreter in fp32 (the other parts of a run are the CPU runs' above), and one mixer at
+    half precision, LoRA and full."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, "-c", TRITON_HYBRID_CHILD, str(hybrid_folder)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
+def test_what_the_hybrid_model_does_not_count_is_refused():
+    config = memory.hybrid_shapes()["Qwen3.5-9B"]
+    with pytest.raises(SftplugError, match="^memory model: --quantize nf4 on Gated DeltaNet layers is not modelled "
+                                           "yet; use lora or full$"):
+        memory.estimate(config, mode="nf4")
+    with pytest.raises(SftplugError, match="^memory model: 4096 tokens are not rows of seq_len 1000$"):
+        memory.Setting(tokens=4096, seq_len=1000)
