@@ -41,6 +41,10 @@ class Saved:
 
 def check_modelled(c: ModelConfig) -> None:
     """Refuse, in one line, the models whose parts the memory model does not count."""
+    g = c.gemma4
+    if g.per_layer_input_size or g.full_head_dim or g.full_kv_heads or g.kv_shared_layers:
+        raise SftplugError(f"memory model: {c.architecture}'s per-layer inputs, per-layer head shapes and shared "
+                           "keys/values (Gemma 4) are not modelled yet")
     o = c.experts
     if not c.has_experts:
         return

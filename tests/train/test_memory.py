@@ -354,6 +354,17 @@ def test_what_the_moe_model_does_not_count_is_refused():
         memory.estimate(shared)
 
 
+def test_gemma4_is_refused_until_modelled():
+    from transformers import Gemma4TextConfig
+
+    from sftplug.hf.config import config_from_hf
+
+    config = config_from_hf(Gemma4TextConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                                             hidden_size_per_layer_input=8).to_dict())
+    with pytest.raises(SftplugError, match="^memory model: gemma4_text's per-layer inputs, .* not modelled yet$"):
+        memory.estimate(config)
+
+
 # -- hybrids: Gated DeltaNet layers beside gated attention ------------------------------------
 
 # make_hf_folder options: layers 0-2 Gated DeltaNet, layer 3 gated attention; head dims the Triton kernel takes
