@@ -46,9 +46,12 @@ def _chunked(q, k, v, g, beta, doc_ids, chunk: int, initial_state):
 
     def chunked(x, heads):
         """[B, T, H, ...] -> [B, heads, n, C, ...] in fp32, padded with zeros to whole chunks (padding:
-        k = v = 0, β = 0, g = 0 leaves the state as it is)."""
-        x = F.pad(x.float().transpose(1, 2), (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
-        return x.reshape(b, heads, n, chunk, *x.shape[3:])
+        k = v = 0, β = 0, g = 0 leaves the state as it is); one copy, contiguous (whole rows too: the
+        products would otherwise copy their operands, and keep the copies)."""
+        x = x.float().transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
+        return x.reshape(b, heads, n, chunk, *x.shape[3:]).contiguous()
 
     # key-head tensors [B, Hk, 1, n, C, Dk] broadcast against value-head ones [B, Hk, per, n, C, ...]
     q, k = (chunked(q, hk) * dk**-0.5)[:, :, None], chunked(k, hk)[:, :, None]

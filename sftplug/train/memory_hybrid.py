@@ -90,10 +90,8 @@ def chunked_saved(c: ModelConfig, s: Setting, conv: int) -> list[Saved]:
     shared by the value heads), and per chunk the state entering it."""
     o = c.linear_attention
     hk, hv, dk, dv = o.key_heads, o.value_heads, o.key_head_dim, o.value_head_dim
-    rows, length, chunks = rows_of(s)
+    rows, _, chunks = rows_of(s)
     padded = rows * chunks * CHUNK  # tokens, the padding included
-    # unpadded (rows of whole chunks), q and k stay in their [B, T, H, D] layout: their products each copy both
-    views = 2 if length % CHUNK else 6
 
     def per_token(what: str, elements: int, size: int = FP32) -> Saved:
         return Saved(what, padded * elements, size, per_token=False)
@@ -102,7 +100,7 @@ def chunked_saved(c: ModelConfig, s: Setting, conv: int) -> list[Saved]:
         return Saved(what, rows * chunks * elements, FP32, per_token=False)
 
     found = [per_token("pairs of one document (mask)", CHUNK, BOOL), per_token("decay between pairs", hv * CHUNK),
-             per_token("q (scaled) and k (and, unpadded, the products' copies), per q/k head", views * hk * dk),
+             per_token("q (scaled) and k, per q/k head", 2 * hk * dk),
              per_token("k k^T and q k^T, per q/k head", 2 * hk * CHUNK),
              per_token("k k^T beta, the UT system's inverse, the intra-chunk scores", 3 * hv * CHUNK),
              per_token("v, the solved values and decayed keys", hv * (2 * dv + dk)),
