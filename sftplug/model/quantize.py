@@ -91,6 +91,12 @@ def check_quantizable(config, kind: str, where: str) -> None:
     if config.has_experts:
         raise SftplugError(f"--quantize {kind}: {where} is a mixture of experts, and sftplug does not quantize its "
                            "stacked experts (most of its weights) in 4-bit; train it with LoRA in bf16, or --full")
+    if any(config.layer_type(i).mixer == "linear_attention" for i in range(config.n_layers)):
+        raise SftplugError(f"--quantize {kind}: {where} has Gated DeltaNet layers, whose projections sftplug does not "
+                           "quantize in 4-bit yet; train it with LoRA in bf16, or --full")
+    if config.architecture == "gemma4_text":
+        raise SftplugError(f"--quantize {kind}: {where} is a Gemma 4, whose separate q/k/v projections sftplug does "
+                           "not quantize in 4-bit yet; train it with LoRA in bf16, or --full")
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> None:

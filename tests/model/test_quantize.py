@@ -381,3 +381,17 @@ def test_qlora_trains_on_cuda_in_bf16(hf_folder, tmp_path, registry, quiet):
     loaded = load_model(str(out), device="cuda", attention="auto")
     assert loaded.info["quantized"]["dtype"] == "bf16"
     assert loaded.model.layers[0].attn.qkv.base_layer.weight.device.type == "cuda"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(linear_attention=dict(key_heads=2, value_heads=4), layer_types=[dict(mixer="linear_attention"), {}]),
+     "has Gated DeltaNet layers, whose projections sftplug does not quantize"),
+    (dict(architecture="gemma4_text"), "is a Gemma 4, whose separate q/k/v projections sftplug does not quantize"),
+], ids=["hybrid", "gemma4"])
+def test_models_with_layers_quantize_would_leave_dense_are_refused_in_one_line(options, message):
+    from sftplug.model.config import ModelConfig
+    from sftplug.model.quantize import check_quantizable
+
+    config = ModelConfig(n_layers=2, **options)
+    with pytest.raises(SftplugError, match=f"^--quantize nf4: the model {message} in 4-bit yet; train it with LoRA"):
+        check_quantizable(config, "nf4", "the model")
