@@ -24,8 +24,7 @@ import importlib.util
 import torch
 
 from sftplug import hookimpl, probes
-from sftplug.dtypes import dtype_name
-from sftplug.linear_attention.backend import LinearAttentionBackend, LinearAttentionRequest
+from sftplug.linear_attention.backend import LinearAttentionBackend, LinearAttentionRequest, first_run_error
 
 INSTALL = "pip install 'sftplug[fla]'"
 OLDEST = (0, 5)  # value heads grouped over fewer q/k heads (GVA) and cu_seqlens_cpu
@@ -113,35 +112,20 @@ class FlaChunked(LinearAttentionBackend):
 def first_run(device: str, dtype: torch.dtype, dim_k: int, dim_v: int, kernel=None) -> str | None:
     """None when one forward and backward of fla (two rows, three documents, GQA) match sftplug's PyTorch
     form here, else why not. ``kernel``: fla's chunk_gated_delta_rule unless given (tests)."""
-    from sftplug.linear_attention.pytorch import gated_delta_rule as reference
-
     gen = torch.Generator().manual_seed(0)
     t = 40
     q, k = (torch.nn.functional.normalize(torch.randn(2, t, 1, dim_k, generator=gen), dim=-1) for _ in range(2))
     v, grad = torch.randn(2, t, 2, dim_v, generator=gen), torch.randn(2, t, 2, dim_v, generator=gen)
     g, beta = -torch.rand(2, t, 2, generator=gen), torch.rand(2, t, 2, generator=gen)
     doc_ids = torch.stack([(torch.arange(t) >= 23).int(), torch.zeros(t, dtype=torch.int32)])
-    what = f"{dtype_name(dtype)}, head dims {dim_k}/{dim_v} on {device}"
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-        try:
-            if kernel is None:
-                from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
-            x = [a.to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, a in
-                 enumerate((q, k, v, g, beta))]
-            out = fla_gated_delta_rule(kernel, *x, cu_seqlens_of(doc_ids.to(device)))
-            got = [out, *torch.autograd.grad(out, x, grad.to(device, out.dtype))]
-        except Exception as exc:  # an import, compilation or launch error: why unavailable, not a crash
-            return f"flash-linear-attention failed its first run for {what}: {type(exc).__name__}: {exc}"
-        x = [a.double().requires_grad_() for a in (q, k, v, g, beta)]
-        out = reference(*x, doc_ids)
-        ref = [out, *torch.autograd.grad(out, x, grad.double())]
-    # relative to the largest value: a few roundings of the dtype over 40 tokens; a wrong mapping is O(1) off
-    tolerance = max(32 * torch.finfo(dtype).eps, 1e-4)
-    for name, a, r in zip(("output", "dq", "dk", "dv", "dg", "dbeta"), got, ref):
-        error = float((a.detach().double().cpu() - r.detach()).abs().max() / r.detach().abs().max())
-        if not error <= tolerance:
-            return f"flash-linear-attention's first run for {what} is wrong: {name} off by {error:.1e}"
-    return None
+
+    def run(q, k, v, g, beta, doc_ids):  # fla imported here: a broken install is a failed first run
+        chunk = kernel
+        if chunk is None:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk
+        return fla_gated_delta_rule(chunk, q, k, v, g, beta, cu_seqlens_of(doc_ids))
+
+    return first_run_error(run, "flash-linear-attention", device, dtype, (q, k, v, g, beta), doc_ids, grad)
 
 
 class FlaPlugin:

@@ -16,8 +16,7 @@ import functools
 import torch
 
 from sftplug import hookimpl
-from sftplug.dtypes import dtype_name
-from sftplug.linear_attention.backend import LinearAttentionBackend, LinearAttentionRequest
+from sftplug.linear_attention.backend import LinearAttentionBackend, LinearAttentionRequest, first_run_error
 from sftplug.offers import Priority
 
 
@@ -69,33 +68,13 @@ class TritonChunked(LinearAttentionBackend):
 def first_run(device: str, dtype: torch.dtype, dim_k: int, dim_v: int) -> str | None:
     """None when one packed forward and backward (two documents, GQA) match the PyTorch form here, else why not."""
     from sftplug.kernels.gated_delta_rule import gated_delta_rule as kernel
-    from sftplug.linear_attention.pytorch import gated_delta_rule as reference
-
     gen = torch.Generator().manual_seed(0)
     t = 40
     q, k = (torch.nn.functional.normalize(torch.randn(1, t, 1, dim_k, generator=gen), dim=-1) for _ in range(2))
     v, grad = torch.randn(1, t, 2, dim_v, generator=gen), torch.randn(1, t, 2, dim_v, generator=gen)
     g, beta = -torch.rand(1, t, 2, generator=gen), torch.rand(1, t, 2, generator=gen)
     doc_ids = (torch.arange(t) >= 23).int()[None]
-    inputs = (q, k, v, g, beta)
-    what = f"{dtype_name(dtype)}, head dims {dim_k}/{dim_v} on {device}"
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
-        try:
-            x = [a.to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, a in enumerate(inputs)]
-            out = kernel(*x, doc_ids.to(device))
-            got = [out, *torch.autograd.grad(out, x, grad.to(device, dtype))]
-        except Exception as exc:  # compilation, launch or a driver error: why unavailable, not a crash
-            return f"triton's gated delta rule failed its first run for {what}: {type(exc).__name__}: {exc}"
-        x = [a.double().requires_grad_() for a in inputs]
-        out = reference(*x, doc_ids)
-        ref = [out, *torch.autograd.grad(out, x, grad.double())]
-    # relative to the largest value: a few roundings of the dtype over a 40-token recurrence; a wrong kernel is O(1) off
-    tolerance = max(32 * torch.finfo(dtype).eps, 1e-4)
-    for name, a, r in zip(("output", "dq", "dk", "dv", "dg", "dbeta"), got, ref):
-        error = float((a.detach().double().cpu() - r.detach()).abs().max() / r.detach().abs().max())
-        if not error <= tolerance:
-            return f"triton's gated delta rule's first run for {what} is wrong: {name} off by {error:.1e}"
-    return None
+    return first_run_error(kernel, "triton's gated delta rule", device, dtype, (q, k, v, g, beta), doc_ids, grad)
 
 
 class LinearAttentionPlugin:

@@ -49,3 +49,29 @@ class LinearAttentionBackend:
 
     def __repr__(self) -> str:
         return f"<linear attention backend {self.name}>"
+
+
+def first_run_error(kernel, label: str, device: str, dtype: torch.dtype, inputs, doc_ids, grad) -> str | None:
+    """None when ``kernel(q, k, v, g, beta, doc_ids)`` on ``device`` in ``dtype`` (g and beta fp32) gives the
+    float64 PyTorch form's output and gradients, else why not, beginning with ``label`` (a backend's first run)."""
+    from sftplug.dtypes import dtype_name
+    from sftplug.linear_attention.pytorch import gated_delta_rule as reference
+
+    what = f"{dtype_name(dtype)}, head dims {inputs[0].shape[-1]}/{inputs[2].shape[-1]} on {device}"
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+        try:
+            x = [a.to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, a in enumerate(inputs)]
+            out = kernel(*x, doc_ids.to(device))
+            got = [out, *torch.autograd.grad(out, x, grad.to(device, out.dtype))]
+        except Exception as exc:  # an import, compilation, launch or driver error: why unavailable, not a crash
+            return f"{label} failed its first run for {what}: {type(exc).__name__}: {exc}"
+        x = [a.double().requires_grad_() for a in inputs]
+        out = reference(*x, doc_ids)
+        ref = [out, *torch.autograd.grad(out, x, grad.double())]
+    # relative to the largest value: a few roundings of the dtype over a 40-token recurrence; a wrong kernel is O(1) off
+    tolerance = max(32 * torch.finfo(dtype).eps, 1e-4)
+    for name, a, r in zip(("output", "dq", "dk", "dv", "dg", "dbeta"), got, ref):
+        error = float((a.detach().double().cpu() - r.detach()).abs().max() / r.detach().abs().max())
+        if not error <= tolerance:
+            return f"{label}'s first run for {what} is wrong: {name} off by {error:.1e}"
+    return None
